@@ -1,0 +1,120 @@
+"""Typed, versioned configuration: frozen dataclasses validated in ``__post_init__``, JSON round-trip.
+
+CLI flags are named exactly like these fields (``--group-size`` <-> ``group_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FlexQuantError
+
+CONFIG_FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+CLIP_MODES = ("minmax", "mse")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FlexQuantError(msg)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Uniform integer grid: ``bits`` per weight, scale (and zero) per row and group of columns."""
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = False
+    # "mse": shrink the min-max range per group to minimise the rounding error (GPTQ's `mse` option).
+    clip: str = "mse"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.bits in SUPPORTED_BITS,
+            f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}",
+        )
+        _check(
+            isinstance(self.group_size, int) and self.group_size >= 8 and self.group_size % 8 == 0,
+            f"group_size={self.group_size} must be a positive multiple of 8 (e.g. 32, 64, 128)",
+        )
+        _check(self.clip in CLIP_MODES, f"clip={self.clip!r} must be one of {CLIP_MODES}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ solver settings (METHODS.md, Baselines)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0 < self.damp < 1, f"damp={self.damp} must be in (0, 1); 0.01 is the usual value")
+        _check(self.block_size >= 1, f"block_size={self.block_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens drawn with ``seed``."""
+
+    text: str = "pydoc"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.nsamples >= 1, f"nsamples={self.nsamples} must be >= 1")
+        _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that defines one quantization run."""
+
+    model: str = "smollm2-135m"
+    method: str = "gptq"
+    grid: GridConfig = field(default_factory=GridConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    device: str = "auto"
+    # Method-specific settings (validated by the method's own config class).
+    options: dict = field(default_factory=dict)
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(
+            self.format_version == CONFIG_FORMAT_VERSION,
+            f"config format_version {self.format_version} is not supported "
+            f"(this flexquant reads version {CONFIG_FORMAT_VERSION})",
+        )
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+               f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        _check(not unknown, f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        for name, sub in (("grid", GridConfig), ("gptq", GPTQConfig), ("calib", CalibConfig)):
+            if isinstance(d.get(name), dict):
+                d[name] = sub(**d[name])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> QuantConfig:
+        return cls.from_dict(json.loads(s))

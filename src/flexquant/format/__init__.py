@@ -1,0 +1,1 @@
+"""Bit packing and checkpoint I/O."""

@@ -1,0 +1,81 @@
+"""Kernels for `QuantLinear`. The reference kernel is the ground truth every other kernel is tested against."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FlexQuantError
+
+
+class Kernel:
+    """A way to compute ``QuantLinear.forward``. Subclasses declare support and a priority."""
+
+    name = "base"
+    priority = 0
+
+    def supports(self, layer, device: torch.device) -> bool:
+        return True
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceKernel(Kernel):
+    """Unpack, dequantize and matmul on every call, in plain torch (any device, any layout)."""
+
+    name = "reference"
+    priority = 0
+
+    def forward(self, layer, x):
+        W = layer.dequantized_weight(x.dtype)
+        return F.linear(x, W, layer.bias)
+
+
+class DenseCacheKernel(Kernel):
+    """Dequantize once to a dense weight in the activation dtype and reuse it (CPU default).
+
+    Costs the memory of the unquantized layer, buys the speed of the dense matmul on CPU, where
+    unpacking on every call would dominate decode time.
+    """
+
+    name = "dense-cache"
+    priority = 10
+
+    def supports(self, layer, device):
+        return device.type == "cpu"
+
+    def forward(self, layer, x):
+        W = layer._dense_cache
+        if W is None or W.dtype != x.dtype or W.device != x.device:
+            W = layer.dequantized_weight(x.dtype)
+            layer._dense_cache = W
+        return F.linear(x, W, layer.bias)
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def register(kernel: Kernel) -> Kernel:
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+register(ReferenceKernel())
+register(DenseCacheKernel())
+
+
+def select(layer, device: torch.device, prefer: str | None = None) -> Kernel:
+    """The kernel named by ``prefer`` (or $FLEXQUANT_KERNEL), else the highest-priority one that supports it."""
+    prefer = prefer or os.environ.get("FLEXQUANT_KERNEL") or None
+    if prefer:
+        if prefer not in KERNELS:
+            raise FlexQuantError(f"unknown kernel {prefer!r}; available: {sorted(KERNELS)}")
+        k = KERNELS[prefer]
+        if not k.supports(layer, device):
+            raise FlexQuantError(f"kernel {prefer!r} does not support this layer on {device}")
+        return k
+    usable = [k for k in KERNELS.values() if k.supports(layer, device)]
+    return max(usable, key=lambda k: k.priority)

@@ -1,0 +1,144 @@
+"""GPTQ (Frantar et al., 2022): column-wise rounding with OBS error compensation.
+
+Extensions the later methods rely on: a per-group bit map (``group_bits``), "kept" columns that
+are quantized at a higher precision (or kept in fp16) and ordered last so they absorb the
+compensation of all other columns, and act-order with the permutation stored in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import GPTQConfig, GridConfig
+from ..errors import FlexQuantError
+from .grid import choose_qparams, dequantize, quantize
+from .result import FP16_BITS, QuantResult
+
+log = logging.getLogger(__name__)
+_MAX_DAMP_RETRIES = 6
+
+
+def inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU), λ = damp·mean(diag H), raised ×10 on failure."""
+    H64 = H.double()
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    mean_diag = float(torch.diag(H64).mean()) or 1.0
+    for attempt in range(_MAX_DAMP_RETRIES):
+        lam = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H64 + lam * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", lam, damp)
+                return U.to(H.dtype), lam
+    raise FlexQuantError(
+        f"the Hessian is not positive definite even with damping {lam:g}; "
+        "use more or longer calibration samples (--nsamples/--seqlen)"
+    )
+
+
+def column_order(diag_h: torch.Tensor, act_order: bool, kept: torch.Tensor | None) -> torch.Tensor | None:
+    """Quantization order of the input columns: act-order (descending diag H) and kept columns last."""
+    n = diag_h.numel()
+    order = torch.argsort(diag_h, descending=True, stable=True) if act_order else torch.arange(n)
+    if kept is None or kept.numel() == 0:
+        return order if act_order else None
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept.cpu()] = True
+    is_kept = is_kept.to(order.device)
+    return torch.cat([order[~is_kept[order]], order[is_kept[order]]])
+
+
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Layer-output error proxy tr(ΔW H ΔWᵀ) (= mean squared output error × 2 for H = 2XXᵀ/T)."""
+    dW = (W.float() - Wq.float())
+    return float(((dW @ H.float()) * dW).sum())
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: GridConfig,
+    cfg: GPTQConfig = GPTQConfig(),
+    group_bits: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
+    kept_bits: int = FP16_BITS,
+) -> QuantResult:
+    """Quantize W [m, n] given its input Hessian H [n, n].
+
+    ``group_bits`` [ng] sets bits per group (in quantization order); ``kept`` lists input columns that
+    go last, at ``kept_bits`` (their count must be a multiple of the group size).
+    """
+    m, n = W.shape
+    g = grid.group_size
+    if n % g:
+        raise FlexQuantError(f"group_size={g} does not divide the {n} input columns; pick a divisor of {n}")
+    ng = n // g
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if group_bits is None:
+        group_bits = torch.full((ng,), grid.bits, dtype=torch.uint8)
+    group_bits = group_bits.to(torch.uint8).cpu().clone()
+    if kept is not None and kept.numel():
+        if kept.numel() % g:
+            raise FlexQuantError(f"{kept.numel()} kept columns are not a multiple of group_size={g}")
+        group_bits[ng - kept.numel() // g:] = kept_bits
+    perm = column_order(torch.diag(H), cfg.act_order, kept)
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, lam = inverse_cholesky_upper(H, cfg.damp)
+
+    codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)
+    scales = torch.zeros(m, ng, device=W.device)
+    zeros = torch.zeros(m, ng, device=W.device)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(m, device=W.device)
+    B = cfg.block_size
+    for i1 in range(0, n, B):
+        i2 = min(i1 + B, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi, b = col // g, int(group_bits[col // g])
+            if col % g == 0 and b < FP16_BITS:
+                # Group parameters from the current (already compensated) weights of the group.
+                Wgrp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip)
+                scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+            w, d = W1[:, i], U1[i, i]
+            if b < FP16_BITS:
+                s, z = scales[:, gi], zeros[:, gi]
+                c = quantize(w, s, z, 2**b - 1)
+                codes[:, col] = c.to(torch.uint8)
+                q = dequantize(c, s, z)
+            else:
+                q = w.half().float()
+            Q[:, col] = q
+            err = (w - q) / d
+            losses += (w - q) ** 2 / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    qmask = (group_bits < FP16_BITS).to(W.device)
+    Qg = Q.view(m, ng, g)
+    return QuantResult(
+        codes=codes,
+        scales=scales[:, qmask].contiguous(),
+        zeros=None if grid.sym else zeros[:, qmask].to(torch.uint8).contiguous(),
+        group_bits=group_bits,
+        group_size=g,
+        sym=grid.sym,
+        perm=perm,
+        fp16_cols=Qg[:, ~qmask].reshape(m, -1).half() if not bool(qmask.all()) else None,
+        stats={"gptq_loss": float(losses.sum()), "damp": lam},
+    )

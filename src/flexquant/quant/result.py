@@ -1,0 +1,75 @@
+"""`QuantResult`: the one canonical quantized form every stage consumes (packing, kernels, exporters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# A group whose bit-width is FP16_BITS is stored unquantized in float16 ("kept" columns).
+FP16_BITS = 16
+
+
+@dataclass
+class QuantResult:
+    """A quantized weight matrix W (out m x in n).
+
+    Columns are quantized in the order ``perm`` (column j of the quantized order is input column
+    ``perm[j]``; None = identity), in groups of ``group_size`` consecutive columns of that order.
+    Group k has ``group_bits[k]`` bits; quantized groups (bits < 16) own one scale (and, asymmetric,
+    one integer zero) per row, in group order; 16-bit groups keep their values in ``fp16_cols``.
+    """
+
+    codes: torch.Tensor  # [m, n] uint8, quantized order; unused (0) inside 16-bit groups
+    scales: torch.Tensor  # [m, nq] float32 holding float16-exact values, nq = #groups with bits < 16
+    zeros: torch.Tensor | None  # [m, nq] uint8 integer zero points; None when symmetric
+    group_bits: torch.Tensor  # [ng] uint8
+    group_size: int
+    sym: bool
+    perm: torch.Tensor | None = None  # [n] int64
+    fp16_cols: torch.Tensor | None = None  # [m, n16 * group_size] float16, 16-bit groups in order
+    stats: dict = field(default_factory=dict)  # solver diagnostics (losses, damping used, ...)
+
+    def __post_init__(self) -> None:
+        m, n = self.codes.shape
+        if n % self.group_size:
+            raise ValueError(f"{n} columns are not a whole number of groups of {self.group_size}")
+        if self.group_bits.numel() != n // self.group_size:
+            raise ValueError("group_bits must have one entry per group")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def quantized_groups(self) -> torch.Tensor:
+        return self.group_bits < FP16_BITS
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points [m, nq] as float: stored integers (asymmetric) or 2^(b-1) per group (symmetric)."""
+        if self.zeros is not None:
+            return self.zeros.float()
+        bits = self.group_bits[self.quantized_groups].long().to(self.scales.device)
+        return (2 ** (bits - 1)).float().expand_as(self.scales)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense weight [m, n] in the original column order."""
+        m, n = self.codes.shape
+        g = self.group_size
+        qmask = self.quantized_groups
+        C = self.codes.view(m, n // g, g).to(torch.float32)  # [m, ng, g]
+        Wq = torch.empty(m, n // g, g, dtype=torch.float32, device=self.codes.device)
+        if qmask.any():
+            Wq[:, qmask] = (C[:, qmask] - self.zero_points()[..., None]) * self.scales[..., None]
+        if (~qmask).any():
+            Wq[:, ~qmask] = self.fp16_cols.view(m, -1, g).float()
+        W = Wq.view(m, n)
+        if self.perm is not None:
+            out = torch.empty_like(W)
+            out[:, self.perm] = W
+            W = out
+        return W.to(dtype)
+
+    def mean_bits(self) -> float:
+        """Nominal code bits per weight (no metadata): the average of the group bit-widths."""
+        return float(self.group_bits.float().mean())

@@ -1,0 +1,41 @@
+"""Round-to-nearest: per-group min-max (or clipped) quantization with no data."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GridConfig
+from .grid import choose_qparams, quantize
+from .result import FP16_BITS, QuantResult
+
+
+def rtn_quantize(W: torch.Tensor, grid: GridConfig, group_bits: torch.Tensor | None = None) -> QuantResult:
+    """RTN of W [m, n] per group of ``grid.group_size`` columns; ``group_bits`` [ng] overrides bits."""
+    m, n = W.shape
+    g = grid.group_size
+    ng = n // g
+    if group_bits is None:
+        group_bits = torch.full((ng,), grid.bits, dtype=torch.uint8)
+    group_bits = group_bits.to(torch.uint8).cpu()
+    Wg = W.detach().float().reshape(m, ng, g)  # [m, ng, g]
+    codes = torch.zeros(m, ng, g, dtype=torch.uint8, device=W.device)
+    qmask = group_bits < FP16_BITS
+    nq = int(qmask.sum())
+    scales = torch.zeros(m, ng, device=W.device)
+    zeros = torch.zeros(m, ng, device=W.device)
+    for b in sorted(set(group_bits[qmask].tolist())):
+        sel = (group_bits == b).nonzero().flatten().to(W.device)
+        s, z = choose_qparams(Wg[:, sel], b, grid.sym, grid.clip)  # [m, k, 1]
+        codes[:, sel] = quantize(Wg[:, sel], s, z, 2**b - 1).to(torch.uint8)
+        scales[:, sel], zeros[:, sel] = s[..., 0], z[..., 0]
+    qsel = qmask.to(W.device)
+    fp16 = Wg[:, ~qsel].reshape(m, -1).half() if nq < ng else None
+    return QuantResult(
+        codes=codes.view(m, n),
+        scales=scales[:, qsel].contiguous(),
+        zeros=None if grid.sym else zeros[:, qsel].to(torch.uint8).contiguous(),
+        group_bits=group_bits,
+        group_size=g,
+        sym=grid.sym,
+        fp16_cols=fp16,
+    )
