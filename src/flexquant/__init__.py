@@ -1,0 +1,26 @@
+"""flexquant: post-training quantization with honest bit accounting and packed checkpoints."""
+
+__version__ = "0.1.0"
+
+from .api import QuantizedModel, evaluate, generate, load, quantize, save  # noqa: E402
+from .config import GPTQConfig, GridConfig, QuantConfig  # noqa: E402
+from .errors import CheckpointError, FlexQuantError  # noqa: E402
+from .quant import QuantResult, gptq_quantize, rtn_quantize  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "FlexQuantError",
+    "GPTQConfig",
+    "GridConfig",
+    "QuantConfig",
+    "QuantResult",
+    "QuantizedModel",
+    "__version__",
+    "evaluate",
+    "generate",
+    "gptq_quantize",
+    "load",
+    "quantize",
+    "rtn_quantize",
+    "save",
+]

@@ -62,20 +62,6 @@ class GPTQConfig:
 
 
 @dataclass(frozen=True)
-class CalibConfig:
-    """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens drawn with ``seed``."""
-
-    text: str = "pydoc"
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.nsamples >= 1, f"nsamples={self.nsamples} must be >= 1")
-        _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
-
-
-@dataclass(frozen=True)
 class QuantConfig:
     """Everything that defines one quantization run."""
 
@@ -83,7 +69,12 @@ class QuantConfig:
     method: str = "gptq"
     grid: GridConfig = field(default_factory=GridConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    calib: CalibConfig = field(default_factory=CalibConfig)
+    # Calibration: `nsamples` random windows of `seqlen` tokens of the text `calib`, drawn with `seed`.
+    calib: str = "pydoc"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
     device: str = "auto"
     # Method-specific settings (validated by the method's own config class).
     options: dict = field(default_factory=dict)
@@ -95,6 +86,9 @@ class QuantConfig:
             f"config format_version {self.format_version} is not supported "
             f"(this flexquant reads version {CONFIG_FORMAT_VERSION})",
         )
+        _check(self.nsamples >= 1, f"nsamples={self.nsamples} must be >= 1")
+        _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
 
@@ -110,10 +104,28 @@ class QuantConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _check(not unknown, f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        for name, sub in (("grid", GridConfig), ("gptq", GPTQConfig), ("calib", CalibConfig)):
+        for name, sub in (("grid", GridConfig), ("gptq", GPTQConfig)):
             if isinstance(d.get(name), dict):
                 d[name] = sub(**d[name])
         return cls(**d)
+
+    def replace(self, **flat: Any) -> QuantConfig:
+        """A copy with fields changed; names of grid/gptq fields (``bits``, ``damp``, ...) reach them."""
+        top, nested = {}, {"grid": {}, "gptq": {}}
+        sub_fields = {n: {f.name for f in dataclasses.fields(c)} for n, c in (("grid", GridConfig), ("gptq", GPTQConfig))}
+        top_fields = {f.name for f in dataclasses.fields(self)}
+        for k, v in flat.items():
+            owner = next((n for n, fs in sub_fields.items() if k in fs), None)
+            if owner:
+                nested[owner][k] = v
+            elif k in top_fields:
+                top[k] = v
+            else:
+                raise FlexQuantError(f"unknown setting {k!r}")
+        for n, changes in nested.items():
+            if changes:
+                top[n] = dataclasses.replace(getattr(self, n), **changes)
+        return dataclasses.replace(self, **top)
 
     @classmethod
     def from_json(cls, s: str) -> QuantConfig:

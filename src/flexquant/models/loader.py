@@ -13,10 +13,28 @@ from .builtin import BUILTIN_MODELS, smollm2_path, tiny_llama
 log = logging.getLogger(__name__)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so offline machines fail at once instead of retrying."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True  # offline mode: transformers reads the local cache only, without network retries
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_model_path(name: str) -> str:
     """A local folder or hub id for ``name`` (built-in names are fetched/cached as needed)."""
     if name == "smollm2-135m":
         return str(smollm2_path())
+    if not Path(name).exists() and not _hub_reachable():
+        raise _hub_error(name, OSError("the model hub cannot be reached from this machine"))
     return name
 
 

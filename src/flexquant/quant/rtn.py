@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import GridConfig
+from ..errors import FlexQuantError
 from .grid import choose_qparams, quantize
 from .result import FP16_BITS, QuantResult
 
@@ -13,6 +14,8 @@ def rtn_quantize(W: torch.Tensor, grid: GridConfig, group_bits: torch.Tensor | N
     """RTN of W [m, n] per group of ``grid.group_size`` columns; ``group_bits`` [ng] overrides bits."""
     m, n = W.shape
     g = grid.group_size
+    if n % g:
+        raise FlexQuantError(f"group_size={g} does not divide the {n} input columns; pick a divisor of {n}")
     ng = n // g
     if group_bits is None:
         group_bits = torch.full((ng,), grid.bits, dtype=torch.uint8)

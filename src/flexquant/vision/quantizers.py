@@ -143,11 +143,14 @@ def qdrop_mix(X_q: torch.Tensor, X: torch.Tensor, p: float) -> torch.Tensor:
 class QuantLayer(nn.Module):
     """A Conv2d or Linear with an AdaRound weight quantizer and an LSQ quantizer on its input.
 
-    States: ``soft`` (reconstruction: soft rounding, QDrop on), ``hard`` (final: integer codes only).
-    The FP weight is dropped once the layer is finalised; the checkpoint stores codes, scale and zero.
+    Weight states: ``soft`` (reconstruction: h(V)), ``nearest`` (round to nearest on the same grid, the
+    baseline), ``rounded`` (AdaRound's hard decision [V ≥ 0], FP weight still kept) and ``hard`` (final:
+    integer codes only; the FP weight is dropped and the checkpoint stores codes, scale and zero).
     """
 
-    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int, a_signed: bool | None = None) -> None:
+    def __init__(
+        self, layer: nn.Module, w_bits: int, a_bits: int, a_signed: bool | None = None, calibrate: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"QuantLayer wraps Conv2d or Linear, got {type(layer).__name__}")
@@ -162,7 +165,11 @@ class QuantLayer(nn.Module):
         self.w_bits, self.a_bits = w_bits, a_bits
         W = layer.weight.detach()
         bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
-        s, z = init_weight_qparams(W, w_bits)
+        if calibrate:
+            s, z = init_weight_qparams(W, w_bits)
+        else:  # a skeleton for loading a checkpoint: the values come from the file
+            shape = (W.shape[0],) + (1,) * (W.dim() - 1)
+            s, z = torch.ones(shape, dtype=W.dtype), torch.zeros(shape, dtype=W.dtype)
         self.register_buffer("weight", W.clone())
         self.register_buffer("bias", bias)
         self.register_buffer("w_scale", s)
@@ -181,11 +188,10 @@ class QuantLayer(nn.Module):
     def quant_weight(self) -> torch.Tensor:
         if self.state == "hard":
             return self.w_scale * (self.w_codes.to(self.w_scale.dtype) - self.w_zero)
-        return adaround_weight(self.weight, self.w_scale, self.w_zero, self.V, self.w_bits, hard=False)
-
-    def rtn_weight(self) -> torch.Tensor:
-        """Nearest rounding on the same grid (the baseline reconstruction must beat)."""
-        return fake_quant_weight_rtn(self.weight, self.w_scale, self.w_zero, self.w_bits)
+        if self.state == "nearest":
+            return fake_quant_weight_rtn(self.weight, self.w_scale, self.w_zero, self.w_bits)
+        hard = self.state == "rounded"
+        return adaround_weight(self.weight, self.w_scale, self.w_zero, self.V, self.w_bits, hard=hard)
 
     # -- activation -------------------------------------------------------------------------------
     def observe(self, on: bool) -> None:
@@ -207,7 +213,8 @@ class QuantLayer(nn.Module):
         if not self.act_quant:
             return X
         X_q = lsq_fake_quant(X, self.a_step, self.a_bits, bool(self.a_signed))
-        return qdrop_mix(X_q, X, self.qdrop_p) if self.training else X_q
+        # QDrop is switched on only while reconstructing (never tied to .training: heads may hold Dropout)
+        return qdrop_mix(X_q, X, self.qdrop_p)
 
     # -- state ------------------------------------------------------------------------------------
     def finalize(self) -> None:
@@ -215,8 +222,7 @@ class QuantLayer(nn.Module):
         with torch.no_grad():
             codes = adaround_codes(self.weight, self.w_scale, self.w_zero, self.V, self.w_bits)
         self.w_codes = codes.to(torch.uint8)
-        self.weight = torch.zeros(0, dtype=self.w_scale.dtype)
-        self.V = nn.Parameter(torch.zeros(0, dtype=self.w_scale.dtype), requires_grad=False)
+        del self.weight, self.V  # the checkpoint holds codes, not the FP weight
         self.a_step.requires_grad_(False)
         self.state = "hard"
 

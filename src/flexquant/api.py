@@ -1,0 +1,170 @@
+"""Public entry points: `quantize`, `save`, `load`, `evaluate`, `generate`. They run the steps; no algorithm lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .data import calibration_windows, eval_windows
+from .errors import FlexQuantError
+from .eval import evaluate_windows, peak_rss_mb
+from .format.checkpoint import QUANT_CONFIG, load_checkpoint, save_checkpoint
+from .methods import build_method
+from .models import get_spec, load_model
+from .nn.quant_linear import QuantLinear
+from .pipeline import quantize_blocks
+from .report import bit_summary, build_report, plot_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizedModel:
+    """A packed model (linears are `QuantLinear`s), its tokenizer, and what is known about its making."""
+
+    model: nn.Module
+    tokenizer: object
+    config: QuantConfig | None = None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def bpw(self) -> float:
+        return bit_summary(self.model)["bpw"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlexQuantError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def _check_group_size(model: nn.Module, spec, group_size: int) -> None:
+    layer = model.get_submodule(spec.layers)[0]
+    for name in spec.linears:
+        n = layer.get_submodule(name).in_features
+        if n % group_size:
+            raise FlexQuantError(
+                f"group_size={group_size} does not divide the input dimension {n} of {name}; "
+                f"choose a divisor of {n} (e.g. 32 or 64)"
+            )
+
+
+def pack_model(model: nn.Module, results: dict) -> nn.Module:
+    """Replace each quantized linear by a `QuantLinear` built from its `QuantResult`."""
+    for name, r in results.items():
+        parent, _, child = name.rpartition(".")
+        lin = model.get_submodule(name)
+        q = QuantLinear.from_result(r, lin.bias, dtype=lin.weight.dtype)
+        setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,
+             progress: bool = True, **settings) -> QuantizedModel:
+    """Quantize ``model`` (built-in name, folder or hub id) with ``config`` (and/or flat ``settings``
+    such as ``method="gptq", bits=3, group_size=64``). Returns the packed model and its report."""
+    config = config or QuantConfig()
+    if model is not None:
+        settings["model"] = model
+    if settings:
+        config = config.replace(**settings)
+    t0 = time.perf_counter()
+    hf_model, tok = load_model(config.model)
+    spec = get_spec(hf_model.config.model_type)
+    _check_group_size(hf_model, spec, config.grid.group_size)
+    method = build_method(config)
+    device = resolve_device(config.device)
+    if method.needs_calibration and calib_ids is None:
+        calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
+    log.info("quantizing %s with %s at %d bits, group %d on %s", config.model, config.method,
+             config.grid.bits, config.grid.group_size, device)
+    results, records, notes = quantize_blocks(hf_model, spec, method, calib_ids if method.needs_calibration
+                                              else None, device, config.batch_size, progress)
+    pack_model(hf_model, results)
+    seconds = time.perf_counter() - t0
+    report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
+                          None if calib_ids is None or not method.needs_calibration else int(calib_ids.numel()))
+    return QuantizedModel(hf_model, tok, config, report)
+
+
+def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
+    """Write the packed checkpoint (and the run report) to ``path`` atomically."""
+    meta = {"quant_config": qmodel.config.to_dict() if qmodel.config else None,
+            "summary": qmodel.report.get("summary")}
+    path = save_checkpoint(qmodel.model, qmodel.tokenizer, path, meta, overwrite=overwrite)
+    if qmodel.report:
+        (path / "report.json").write_text(json.dumps(qmodel.report, indent=2))
+        if plot:
+            plot_report(qmodel.report, path / "report.png")
+    return path
+
+
+def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verify: bool = True) -> QuantizedModel:
+    """Load a packed checkpoint; its linears run through the kernel registry (``kernel`` forces one)."""
+    model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify)
+    cfg = QuantConfig.from_dict(qc["quant_config"]) if qc.get("quant_config") else None
+    report_file = Path(path) / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    return QuantizedModel(model.to(resolve_device(device)), tok, cfg, report)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def _as_model(obj, device):
+    """(nn.Module, tokenizer, bpw or None) from a checkpoint path, model name, QuantizedModel or module."""
+    if isinstance(obj, QuantizedModel):
+        return obj.model, obj.tokenizer, obj.bpw
+    if isinstance(obj, nn.Module):
+        return obj, None, bit_summary(obj)["bpw"]
+    if is_checkpoint(obj):
+        qm = load(obj, device=str(device))
+        return qm.model, qm.tokenizer, qm.bpw
+    model, tok = load_model(str(obj))
+    return model.to(device), tok, None
+
+
+def evaluate(model, text: str = "pydoc", seqlen: int = 2048, windows: int | None = None,
+             reference=None, device: str = "cpu", tokenizer=None, progress: bool = True) -> dict:
+    """Perplexity (and KL divergence to ``reference``) on held-out windows of ``text``.
+
+    ``model`` and ``reference``: a checkpoint folder, a model name/folder/hub id, a `QuantizedModel`
+    or an ``nn.Module`` (then pass ``tokenizer``). Returns a dict with perplexity, kl_divergence
+    (with a reference), bpw (for quantized models), windows, seqlen, tokens.
+    """
+    dev = resolve_device(device)
+    m, tok, bpw = _as_model(model, dev)
+    tok = tokenizer or tok
+    if tok is None:
+        raise FlexQuantError("evaluate() needs a tokenizer for a bare nn.Module: pass tokenizer=")
+    ref = None
+    if reference is not None:
+        ref, _, _ = _as_model(reference, dev)
+        if ref.config.vocab_size != m.config.vocab_size:
+            raise FlexQuantError("the reference model has a different vocabulary; KL needs the same tokenizer")
+    win = eval_windows(tok, text, seqlen, windows)
+    res = evaluate_windows(m, win, ref, dev, progress)
+    res["bpw"] = bpw
+    res["text"] = text
+    return res
+
+
+def generate(qmodel, prompt: str, max_new_tokens: int = 64, do_sample: bool = False) -> str:
+    """Greedy (or sampled) continuation of ``prompt`` with the KV cache on."""
+    model, tok, _ = _as_model(qmodel, "cpu")
+    if tok is None:
+        raise FlexQuantError("this model has no tokenizer to encode the prompt")
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

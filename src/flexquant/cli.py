@@ -1,0 +1,185 @@
+"""`flexquant quantize | eval | info | generate`: thin wrappers over `flexquant.api`.
+
+Flags are named like the config fields they set. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import CLIP_MODES, SUPPORTED_BITS, GPTQConfig, GridConfig, QuantConfig
+from .errors import FlexQuantError
+
+log = logging.getLogger("flexquant")
+_DEFAULT = QuantConfig()
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and write a packed checkpoint",
+                       description="Quantize MODEL (built-in name, local folder or hub id) and save a packed "
+                                   "checkpoint with a JSON run report (report.json) and plot into --out.")
+    p.add_argument("model", nargs="?", default=_DEFAULT.model,
+                   help="smollm2-135m (offline demo), tiny-llama (random, for tries), a folder or a hub id")
+    p.add_argument("--method", default=_DEFAULT.method, help="rtn | gptq (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=GridConfig.bits, choices=SUPPORTED_BITS)
+    p.add_argument("--group-size", type=int, default=GridConfig.group_size,
+                   help="input columns per scale/zero group; must divide every linear's input size")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (no stored zero points)")
+    p.add_argument("--clip", default=GridConfig.clip, choices=CLIP_MODES,
+                   help="per-group range: min-max, or shrunk to minimise the rounding error (default)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=GPTQConfig.act_order,
+                   help="GPTQ: quantize columns by descending Hessian diagonal (permutation stored)")
+    p.add_argument("--damp", type=float, default=GPTQConfig.damp, help="GPTQ Hessian damping, × mean diag")
+    p.add_argument("--calib", default=_DEFAULT.calib, help="pydoc (embedded) | wikitext2 | c4 | a file or folder")
+    p.add_argument("--nsamples", type=int, default=_DEFAULT.nsamples)
+    p.add_argument("--seqlen", type=int, default=_DEFAULT.seqlen)
+    p.add_argument("--seed", type=int, default=_DEFAULT.seed)
+    p.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size, help="calibration windows per forward")
+    p.add_argument("--device", default=_DEFAULT.device, help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity (and KL to a reference) on held-out windows")
+    p.add_argument("model", help="a flexquant checkpoint folder, or a model name/folder/hub id")
+    p.add_argument("--text", default="pydoc", help="pydoc (held-out split) | wikitext2 | c4 | a file or folder")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="at most this many windows (default: all)")
+    p.add_argument("--reference", default=None, help="full-precision model for the KL divergence")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kernel", default=None, help="force a kernel (reference, dense-cache, ...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="bpw, file size and per-layer settings of a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="flexquant", description="Post-training quantization with honest bits.")
+    parser.add_argument("--version", action="version", version=f"flexquant {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and results, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    real_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: real_add(*a, parents=[common], **k)  # -q after any subcommand
+    for add in (_add_quantize, _add_eval, _add_info, _add_generate):
+        add(sub)
+    return parser
+
+
+def cmd_quantize(a) -> int:
+    from . import api
+
+    config = QuantConfig().replace(
+        model=a.model, method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, clip=a.clip,
+        act_order=a.act_order, damp=a.damp, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+        batch_size=a.batch_size, device=a.device,
+    )
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:  # fail before the (long) run, not after it
+        raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
+    qm = api.quantize(config=config, progress=not a.quiet)
+    if a.eval_windows:
+        qm.report["eval"] = api.evaluate(qm, windows=a.eval_windows, reference=config.model, progress=not a.quiet)
+    api.save(qm, out, overwrite=a.overwrite)
+    s = qm.report["summary"]
+    print(json.dumps({"out": str(out), "bpw": round(s["bpw"], 4), "quant_seconds": round(s["quant_seconds"], 1),
+                      "peak_rss_mb": round(s["peak_rss_mb"]), **({"eval": qm.report["eval"]} if a.eval_windows else {})}))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from . import api
+
+    if a.kernel:
+        import os
+
+        os.environ["FLEXQUANT_KERNEL"] = a.kernel
+    res = api.evaluate(a.model, text=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
+                       device=a.device, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>14}: {v}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .format.checkpoint import TENSORS, read_quant_config
+
+    path = Path(a.path)
+    qc = read_quant_config(path)
+    mods = qc["modules"]
+    weights = {n: m["in_features"] * m["out_features"] for n, m in mods.items()}
+    total_w = sum(weights.values())
+    info = {
+        "path": str(path),
+        "format_version": qc["format_version"],
+        "library_version": qc.get("library_version"),
+        "method": (qc.get("quant_config") or {}).get("method"),
+        "bpw": sum(m["bpw"] * weights[n] for n, m in mods.items()) / total_w if total_w else None,
+        "quantized_weights": total_w,
+        "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "tensor_file_bytes": (path / TENSORS).stat().st_size if (path / TENSORS).is_file() else None,
+        "modules": mods,
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{path}: {info['method']} · {info['bpw']:.4f} bpw over {total_w:,} weights · "
+          f"{info['file_bytes'] / 2**20:.1f} MiB on disk (format v{info['format_version']})")
+    print(f"{'module':<40} {'shape':>12} {'group':>6} {'bits':>10} {'bpw':>7}")
+    for n, m in mods.items():
+        print(f"{n:<40} {m['out_features']:>5}x{m['in_features']:<6} {m['group_size']:>6} "
+              f"{','.join(map(str, m['bits'])):>10} {m['bpw']:>7.3f}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from . import api
+
+    qm = api.load(a.path)
+    print(api.generate(qm, a.prompt, a.max_new_tokens, do_sample=a.sample))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except FlexQuantError as e:
+        print(f"flexquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Quality and cost measurements: perplexity, KL divergence to a reference, time and memory."""
+
+from .metrics import evaluate_windows, peak_rss_mb
+
+__all__ = ["evaluate_windows", "peak_rss_mb"]

@@ -1,0 +1,54 @@
+"""Perplexity and KL divergence over the same non-overlapping windows, for any number of models.
+
+Perplexity = exp(mean NLL of tokens 1..L-1 of each window given the tokens before it).
+KL = mean over the same positions of KL(P_ref ‖ P_model) of the next-token distributions.
+The reference's log-probabilities are computed window by window and never all held at once.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _logprobs(model, ids: torch.Tensor, device) -> torch.Tensor:
+    out = model(input_ids=ids.to(device), use_cache=False)
+    return F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [1, L-1, V]
+
+
+@torch.no_grad()
+def evaluate_windows(model, windows: torch.Tensor, reference=None, device="cpu",
+                     progress: bool = True) -> dict:
+    """Perplexity (and KL to ``reference`` when given) of ``model`` on ``windows`` [w, L]."""
+    nll_sum, kl_sum, count = 0.0, 0.0, 0
+    t0 = time.perf_counter()
+    for i in tqdm(range(windows.shape[0]), desc="eval windows", disable=not progress):
+        ids = windows[i:i + 1]
+        lp = _logprobs(model, ids, device)
+        target = ids[:, 1:].to(lp.device)
+        nll_sum += float(-lp.gather(-1, target.unsqueeze(-1)).sum())
+        if reference is not None:
+            ref = _logprobs(reference, ids, device)
+            kl_sum += float((ref.exp() * (ref - lp)).sum())
+        count += target.numel()
+    res = {
+        "perplexity": math.exp(nll_sum / count),
+        "nll": nll_sum / count,
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "tokens": count,
+        "eval_seconds": time.perf_counter() - t0,
+    }
+    if reference is not None:
+        res["kl_divergence"] = kl_sum / count
+    return res

@@ -1,0 +1,121 @@
+"""The sequential block loop every method runs through (DESIGN.md, data flow step 6)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.spec import ModelSpec
+from ..quant.gptq import hessian_error
+from ..quant.result import QuantResult
+from .capture import BlockInputs, capture_block_inputs, run_block
+from .hooks import collect_hessian, onload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockContext:
+    """What a method sees while one decoder block is being quantized."""
+
+    index: int
+    prefix: str  # module path of the block, e.g. "model.layers.3"
+    block: nn.Module  # on the compute device; its weights are replaced as linears are quantized
+    inputs: BlockInputs  # quantized stream (outputs of the already-quantized blocks)
+    fp_block: nn.Module | None = None  # an untouched copy, when the method asks for the FP stream
+    fp_inputs: BlockInputs | None = None
+    device: torch.device = torch.device("cpu")
+    notes: dict = field(default_factory=dict)  # per-block facts the method wants in the report
+
+
+class Method:
+    """A quantization recipe: how to quantize one linear, plus optional per-block steps."""
+
+    name = "base"
+    needs_calibration = True  # False: data-free (RTN); no forward passes at all
+    needs_fp_stream = False  # True: the pipeline also propagates the full-precision stream
+
+    def quantize_linear(self, ctx: BlockContext | None, name: str, W: torch.Tensor,
+                        H: torch.Tensor | None) -> QuantResult:
+        raise NotImplementedError
+
+    def after_block(self, ctx: BlockContext, out_q: list[torch.Tensor],
+                    out_fp: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Hook after a block is quantized (e.g. denoising); returns the quantized-stream outputs."""
+        return out_q
+
+
+@dataclass
+class LinearRecord:
+    name: str
+    shape: tuple[int, int]
+    mean_bits: float
+    rel_error: float | None  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), None without calibration data
+    seconds: float
+    stats: dict
+
+
+def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,
+                  H: torch.Tensor | None, results: dict, records: list) -> None:
+    t0 = time.perf_counter()
+    W = linear.weight.data
+    if not torch.isfinite(W).all():
+        from ..errors import FlexQuantError
+
+        raise FlexQuantError(f"weight {prefix}.{name} contains NaN or inf; the model checkpoint is corrupted")
+    r = method.quantize_linear(ctx, name, W, H)
+    Wq = r.dequantize(torch.float32)
+    rel = None
+    if H is not None:
+        ref = hessian_error(W, torch.zeros_like(W), H)
+        rel = hessian_error(W, Wq, H) / ref if ref > 0 else 0.0
+    linear.weight.data = Wq.to(W.dtype)  # later groups and blocks see the quantized weight
+    full = f"{prefix}.{name}"
+    results[full] = r
+    records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, time.perf_counter() - t0, r.stats))
+
+
+@torch.no_grad()
+def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
+                    device: torch.device, batch_size: int = 8, progress: bool = True):
+    """Quantize every linear of every decoder block in place (fake-quant weights written back).
+
+    Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
+    """
+    layers = model.get_submodule(spec.layers)
+    results: dict[str, QuantResult] = {}
+    records: list[LinearRecord] = []
+    notes: list[dict] = []
+    if not method.needs_calibration:
+        for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
+            with onload(block, device):
+                for name in spec.linears:
+                    _quantize_one(method, None, f"{spec.layers}.{i}", name, block.get_submodule(name),
+                                  None, results, records)
+        return results, records, notes
+
+    inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
+    fp_inputs = inputs.clone() if method.needs_fp_stream else None
+    for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
+        with onload(block, device):
+            fp_block = copy.deepcopy(block) if method.needs_fp_stream else None
+            ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_block, fp_inputs, device)
+            for group in spec.linear_groups:
+                H = collect_hessian(block, group[0], inputs, device)  # the group's linears share inputs
+                for name in group:
+                    _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
+                del H
+            out_fp = run_block(fp_block, fp_inputs, device) if fp_block is not None else None
+            out_q = method.after_block(ctx, run_block(block, inputs, device), out_fp)
+        inputs = inputs.with_hidden(out_q)
+        if fp_inputs is not None:
+            fp_inputs = fp_inputs.with_hidden(out_fp)
+        notes.append({"block": i, **ctx.notes})
+        del fp_block
+    return results, records, notes

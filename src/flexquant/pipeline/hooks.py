@@ -1,0 +1,55 @@
+"""Context managers for device moves and hooks; they always clean up."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..quant.hessian import HessianAccumulator
+from .capture import BlockInputs, _StopForward
+
+
+@contextlib.contextmanager
+def onload(module: nn.Module, device: torch.device):
+    """Move ``module`` to ``device`` for the duration, then back to CPU."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+@contextlib.contextmanager
+def input_hook(module: nn.Module, fn, stop: bool = True):
+    """Call ``fn(input)`` on each forward input of ``module``; stop the forward there when ``stop``."""
+
+    def hook(_m, args):
+        fn(args[0].detach())
+        if stop:
+            raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def collect_hessian(block: nn.Module, linear_name: str, inputs: BlockInputs,
+                    device: torch.device) -> torch.Tensor:
+    """H = 2XXᵀ/T of the inputs reaching ``block.<linear_name>`` over all stored batches.
+
+    The forward of each batch stops at that linear, so only the part of the block before it runs.
+    """
+    linear = block.get_submodule(linear_name)
+    acc = HessianAccumulator(linear.in_features, device)
+    with input_hook(linear, acc.add):
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            try:
+                block(h.to(device), **kw)
+            except _StopForward:
+                pass
+    return acc.H

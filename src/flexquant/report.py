@@ -1,0 +1,90 @@
+"""The run report: a JSON summary of what was stored and how much error it cost, plus a PNG plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .nn.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+def bit_summary(model: torch.nn.Module) -> dict:
+    """Stored bits and weights of the quantized linears, read from the packed tensors."""
+    bits = weights = 0
+    per_layer = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            b, w = m.stored_bits(), m.in_features * m.out_features
+            bits += b
+            weights += w
+            per_layer[name] = b / w
+    return {"stored_bits": bits, "quantized_weights": weights, "bpw": bits / weights if weights else None,
+            "per_layer_bpw": per_layer}
+
+
+def build_report(config, model, records, block_notes, seconds: float, peak_rss_mb: float,
+                 calib_tokens: int | None) -> dict:
+    from . import __version__
+
+    bits = bit_summary(model)
+    layers = []
+    for r in records:
+        d = asdict(r)
+        d["bpw"] = bits["per_layer_bpw"].get(r.name)
+        layers.append(d)
+    errs = [r.rel_error for r in records if r.rel_error is not None]
+    return {
+        "flexquant_version": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "config": config.to_dict(),
+        "calibration": {"text": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen,
+                        "tokens": calib_tokens},
+        "summary": {
+            "bpw": bits["bpw"],
+            "stored_bits": bits["stored_bits"],
+            "quantized_weights": bits["quantized_weights"],
+            "quant_seconds": seconds,
+            "peak_rss_mb": peak_rss_mb,
+            "mean_rel_error": sum(errs) / len(errs) if errs else None,
+        },
+        "layers": layers,
+        "blocks": block_notes,
+    }
+
+
+def plot_report(report: dict, path: str | Path) -> Path | None:
+    """Per-layer bpw and relative output error, one point per linear, in model order."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping the report plot")
+        return None
+    layers = report["layers"]
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    x = range(len(layers))
+    axes[0].bar(x, [lay["bpw"] or 0 for lay in layers], color="tab:blue")
+    axes[0].set_ylabel("stored bits / weight")
+    axes[0].set_title(f"{report['config']['model']} · {report['config']['method']} · "
+                      f"{report['summary']['bpw']:.3f} bpw overall")
+    errs = [lay["rel_error"] for lay in layers]
+    if any(e is not None for e in errs):
+        axes[1].semilogy(x, [e or float("nan") for e in errs], ".", color="tab:red")
+    axes[1].set_ylabel("rel. output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)")
+    axes[1].set_xlabel("linear layer (model order)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
