@@ -1,4 +1,7 @@
-"""Public entry points: `quantize`, `save`, `load`, `evaluate`, `generate`. They run the steps; no algorithm lives here."""
+"""Public entry points: `quantize`, `save`, `load`, `evaluate`, `generate`.
+
+They run the steps of DESIGN.md's data flow; no algorithm lives here.
+"""
 
 from __future__ import annotations
 

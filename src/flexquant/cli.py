@@ -103,8 +103,11 @@ def cmd_quantize(a) -> int:
         qm.report["eval"] = api.evaluate(qm, windows=a.eval_windows, reference=config.model, progress=not a.quiet)
     api.save(qm, out, overwrite=a.overwrite)
     s = qm.report["summary"]
-    print(json.dumps({"out": str(out), "bpw": round(s["bpw"], 4), "quant_seconds": round(s["quant_seconds"], 1),
-                      "peak_rss_mb": round(s["peak_rss_mb"]), **({"eval": qm.report["eval"]} if a.eval_windows else {})}))
+    summary = {"out": str(out), "bpw": round(s["bpw"], 4), "quant_seconds": round(s["quant_seconds"], 1),
+               "peak_rss_mb": round(s["peak_rss_mb"])}
+    if a.eval_windows:
+        summary["eval"] = qm.report["eval"]
+    print(json.dumps(summary))
     return 0
 
 

@@ -112,7 +112,8 @@ class QuantConfig:
     def replace(self, **flat: Any) -> QuantConfig:
         """A copy with fields changed; names of grid/gptq fields (``bits``, ``damp``, ...) reach them."""
         top, nested = {}, {"grid": {}, "gptq": {}}
-        sub_fields = {n: {f.name for f in dataclasses.fields(c)} for n, c in (("grid", GridConfig), ("gptq", GPTQConfig))}
+        sub_fields = {n: {f.name for f in dataclasses.fields(c)}
+                      for n, c in (("grid", GridConfig), ("gptq", GPTQConfig))}
         top_fields = {f.name for f in dataclasses.fields(self)}
         for k, v in flat.items():
             owner = next((n for n, fs in sub_fields.items() if k in fs), None)

@@ -63,7 +63,7 @@ def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     grid: GridConfig,
-    cfg: GPTQConfig = GPTQConfig(),
+    cfg: GPTQConfig | None = None,
     group_bits: torch.Tensor | None = None,
     kept: torch.Tensor | None = None,
     kept_bits: int = FP16_BITS,
@@ -73,6 +73,7 @@ def gptq_quantize(
     ``group_bits`` [ng] sets bits per group (in quantization order); ``kept`` lists input columns that
     go last, at ``kept_bits`` (their count must be a multiple of the group size).
     """
+    cfg = cfg or GPTQConfig()
     m, n = W.shape
     g = grid.group_size
     if n % g:

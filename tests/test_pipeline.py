@@ -1,0 +1,109 @@
+import copy
+
+import pytest
+import torch
+
+import flexquant as fq
+from flexquant.api import pack_model
+from flexquant.config import QuantConfig
+from flexquant.methods import build_method
+from flexquant.models import get_spec
+from flexquant.models.builtin import tiny_llama
+from flexquant.pipeline import capture_block_inputs, quantize_blocks, run_block
+
+
+def _kl(ref_logits, logits):
+    p = torch.log_softmax(ref_logits, -1)
+    q = torch.log_softmax(logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_capture_then_blocks_reproduces_the_model(tiny, calib_ids):
+    model, _ = tiny
+    spec = get_spec("llama")
+    inputs = capture_block_inputs(model, spec, calib_ids[:4], torch.device("cpu"), batch_size=2)
+    assert len(inputs.hidden) == 2 and inputs.hidden[0].shape == (2, 128, 128)
+    h = inputs
+    for block in model.model.layers:
+        h = h.with_hidden(run_block(block, h, torch.device("cpu")))
+    hidden = torch.cat(h.hidden)
+    with torch.no_grad():
+        ref = model.model(input_ids=calib_ids[:4]).last_hidden_state
+    assert torch.allclose(model.model.norm(hidden), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_packed_logits_equal_fake_quant_logits(tiny, calib_ids, method):
+    model = copy.deepcopy(tiny[0])
+    cfg = QuantConfig(model="tiny-llama", method=method).replace(bits=3, group_size=32)
+    results, records, _ = quantize_blocks(model, get_spec("llama"), build_method(cfg), calib_ids,
+                                          torch.device("cpu"), progress=False)
+    assert len(results) == 2 * 7 and len(records) == 14
+    ids = calib_ids[:2, :64]
+    with torch.no_grad():
+        fake = model(ids).logits
+        packed_model = pack_model(copy.deepcopy(model), results)
+        for kernel in ("reference", "dense-cache"):
+            for m in packed_model.modules():
+                if isinstance(m, fq.nn.QuantLinear):
+                    m.set_kernel(kernel)
+            assert torch.allclose(packed_model(ids).logits, fake, atol=1e-4)
+
+
+def test_gptq_beats_rtn_on_the_model(tiny, calib_ids):
+    ref_model = tiny[0]
+    ids = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    kl = {}
+    for method in ("rtn", "gptq"):
+        qm = fq.quantize("tiny-llama", method=method, bits=3, group_size=32, calib_ids=calib_ids,
+                         progress=False)
+        with torch.no_grad():
+            kl[method] = _kl(ref, qm.model(ids).logits)
+    assert kl["gptq"] < 0.85 * kl["rtn"]
+
+
+def test_fp_stream_is_offered_to_methods(tiny, calib_ids):
+    """A method asking for the full-precision stream gets FP inputs that differ from the quantized ones."""
+    from flexquant.methods.baselines import GPTQ
+
+    seen, fp_out = [], []
+
+    class Probe(GPTQ):
+        needs_fp_stream = True
+
+        def after_block(self, ctx, out_q, out_fp):
+            seen.append(float((torch.cat(out_q) - torch.cat(out_fp)).norm() / torch.cat(out_fp).norm()))
+            fp_out.append(torch.cat(out_fp))
+            return out_q
+
+    model = copy.deepcopy(tiny[0])
+    cfg = QuantConfig(model="tiny-llama").replace(bits=2, group_size=32)
+    quantize_blocks(model, get_spec("llama"), Probe(cfg), calib_ids[:4], torch.device("cpu"), progress=False)
+    assert len(seen) == 2 and all(s > 0.01 for s in seen)
+    with torch.no_grad():  # the FP stream is exactly the untouched model's hidden states
+        ref = tiny[0](calib_ids[:4], output_hidden_states=True).hidden_states
+    assert torch.allclose(fp_out[0], ref[1], atol=1e-5)
+
+
+def test_other_llama_family_members_quantize(tmp_path, calib_ids):
+    """Qwen2 (q/k/v with bias) and Mistral load from a folder and quantize end to end."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_llama()[1]
+    kw = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2)
+    for cls, cfg in ((Qwen2ForCausalLM, Qwen2Config(**kw)), (MistralForCausalLM, MistralConfig(**kw))):
+        torch.manual_seed(0)
+        folder = tmp_path / cfg.model_type
+        cls(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        qm = fq.quantize(str(folder), method="gptq", bits=4, group_size=32, calib_ids=calib_ids[:2],
+                         progress=False)
+        out = fq.save(qm, tmp_path / f"q-{cfg.model_type}", plot=False)
+        re = fq.load(out)
+        with torch.no_grad():
+            assert torch.allclose(re.model(calib_ids[:1]).logits, qm.model(calib_ids[:1]).logits, atol=1e-5)
+        if cfg.model_type == "qwen2":
+            assert re.model.model.layers[0].self_attn.q_proj.bias is not None

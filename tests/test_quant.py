@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from flexquant.config import GPTQConfig, GridConfig
+from flexquant.errors import FlexQuantError
+from flexquant.quant import FP16_BITS, choose_qparams, gptq_quantize, quantize, rtn_quantize
+from flexquant.quant.gptq import hessian_error, inverse_cholesky_upper
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_grid_codes_in_range_and_zero_representable(bits, sym):
+    W = torch.randn(10, 64)
+    s, z = choose_qparams(W, bits, sym)
+    c = quantize(W, s, z, 2**bits - 1)
+    assert c.min() >= 0 and c.max() <= 2**bits - 1
+    assert torch.equal(z, z.round())  # integer zero point: 0.0 is exactly representable
+    assert torch.equal(s, s.half().float())  # scales are fp16-exact
+
+
+def test_mse_clip_never_worse_than_minmax():
+    W = torch.randn(50, 64) ** 3
+    e = {}
+    for clip in ("minmax", "mse"):
+        r = rtn_quantize(W, GridConfig(bits=3, group_size=64, clip=clip))
+        e[clip] = float(((W - r.dequantize()) ** 2).sum())
+    assert e["mse"] < e["minmax"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn(correlated_layer, bits):
+    W, H = correlated_layer
+    grid = GridConfig(bits=bits, group_size=64)
+    e_rtn = hessian_error(W, rtn_quantize(W, grid).dequantize(), H)
+    e_gptq = hessian_error(W, gptq_quantize(W, H, grid).dequantize(), H)
+    assert e_gptq < 0.8 * e_rtn
+
+
+def test_act_order_stores_permutation_and_helps(correlated_layer):
+    W, H = correlated_layer
+    grid = GridConfig(bits=3, group_size=64)
+    with_order = gptq_quantize(W, H, grid, GPTQConfig(act_order=True))
+    without = gptq_quantize(W, H, grid, GPTQConfig(act_order=False))
+    assert without.perm is None
+    assert sorted(with_order.perm.tolist()) == list(range(W.shape[1]))
+    # The stored order is descending diag(H): the first column quantized is the most salient one.
+    assert int(with_order.perm[0]) == int(torch.argmax(torch.diag(H)))
+    assert hessian_error(W, with_order.dequantize(), H) < hessian_error(W, without.dequantize(), H)
+
+
+def test_group_bit_map_and_kept_columns(correlated_layer):
+    W, H = correlated_layer
+    grid = GridConfig(bits=2, group_size=64)
+    bits = torch.tensor([2, 4, 3, 2], dtype=torch.uint8)
+    r = gptq_quantize(W, H, grid, group_bits=bits)
+    assert r.group_bits.tolist() == [2, 4, 3, 2]
+    kept = torch.arange(10, 74)  # 64 columns kept in fp16, ordered last
+    rk = gptq_quantize(W, H, grid, kept=kept)
+    assert rk.group_bits.tolist() == [2, 2, 2, FP16_BITS]
+    assert set(rk.perm[-64:].tolist()) == set(kept.tolist())
+    Wk = rk.dequantize()
+    # kept columns absorb the compensation and are stored unquantized (fp16), not on the 2-bit grid
+    assert torch.equal(Wk[:, kept], Wk[:, kept].half().float())
+    assert Wk[:, kept].unique().numel() > 64 * 4
+    plain = gptq_quantize(W, H, grid)
+    assert hessian_error(W, Wk, H) < hessian_error(W, plain.dequantize(), H)
+    with pytest.raises(FlexQuantError, match="multiple of group_size"):
+        gptq_quantize(W, H, grid, kept=torch.arange(10))
+
+
+def test_dead_columns_are_zeroed(correlated_layer):
+    W, H = correlated_layer
+    H = H.clone()
+    H[5, :] = 0
+    H[:, 5] = 0
+    r = gptq_quantize(W, H, GridConfig(bits=4, group_size=64))
+    assert torch.all(r.dequantize()[:, 5] == 0)
+
+
+def test_damping_is_retried_upward(caplog):
+    n = 32
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    eig = torch.ones(n, dtype=torch.float64)
+    eig[0] = -0.03  # indefinite: damping 0.01·mean(diag) is not enough, 0.1 is
+    H = (Q * eig) @ Q.T
+    U, lam = inverse_cholesky_upper(H.float(), 0.01)
+    assert lam == pytest.approx(0.1)
+    assert "damping" in caplog.text
+    with pytest.raises(FlexQuantError, match="not positive definite"):
+        inverse_cholesky_upper(-torch.eye(n), 0.01)
+
+
+def test_group_size_must_divide():
+    W = torch.randn(8, 100)
+    with pytest.raises(FlexQuantError, match="does not divide"):
+        rtn_quantize(W, GridConfig(bits=4, group_size=64))
+    with pytest.raises(FlexQuantError, match="does not divide"):
+        gptq_quantize(W, torch.eye(100), GridConfig(bits=4, group_size=64))
+
+
+@pytest.mark.parametrize("bad", [dict(bits=5), dict(bits=1), dict(group_size=0), dict(group_size=12),
+                                 dict(clip="x")])
+def test_grid_config_rejects_bad_values(bad):
+    with pytest.raises(FlexQuantError):
+        GridConfig(**bad)
