@@ -107,3 +107,19 @@ def test_other_llama_family_members_quantize(tmp_path, calib_ids):
             assert torch.allclose(re.model(calib_ids[:1]).logits, qm.model(calib_ids[:1]).logits, atol=1e-5)
         if cfg.model_type == "qwen2":
             assert re.model.model.layers[0].self_attn.q_proj.bias is not None
+
+
+@pytest.mark.parametrize("method", ["gptq"])
+def test_prenorm_fast_path_equals_generic_path(tiny, calib_ids, method):
+    cfg = QuantConfig(model="tiny-llama", method=method).replace(bits=3, group_size=32)
+    outs = {}
+    for fast in (False, True):
+        model = copy.deepcopy(tiny[0])
+        results, _, _ = quantize_blocks(model, get_spec("llama"), build_method(cfg), calib_ids[:6],
+                                        torch.device("cpu"), batch_size=4, progress=False, fast=fast)
+        outs[fast] = (model, results)
+    for name, r in outs[False][1].items():
+        assert torch.allclose(r.dequantize(), outs[True][1][name].dequantize(), atol=1e-6), name
+    with torch.no_grad():
+        ids = calib_ids[:2]
+        assert torch.allclose(outs[False][0](ids).logits, outs[True][0](ids).logits, atol=1e-5)

@@ -80,8 +80,10 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
         settings["model"] = model
     if settings:
         config = config.replace(**settings)
-    t0 = time.perf_counter()
+    t_load = time.perf_counter()
     hf_model, tok = load_model(config.model)
+    t0 = time.perf_counter()
+    load_seconds = t0 - t_load
     spec = get_spec(hf_model.config.model_type)
     _check_group_size(hf_model, spec, config.grid.group_size)
     method = build_method(config)
@@ -96,6 +98,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     seconds = time.perf_counter() - t0
     report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
                           None if calib_ids is None or not method.needs_calibration else int(calib_ids.numel()))
+    report["summary"]["load_seconds"] = load_seconds
     return QuantizedModel(hf_model, tok, config, report)
 
 

@@ -52,7 +52,7 @@ def build_report(config, model, records, block_notes, seconds: float, peak_rss_m
             "bpw": bits["bpw"],
             "stored_bits": bits["stored_bits"],
             "quantized_weights": bits["quantized_weights"],
-            "quant_seconds": seconds,
+            "quant_seconds": seconds,  # calibration + quantization + packing; model loading excluded
             "peak_rss_mb": peak_rss_mb,
             "mean_rel_error": sum(errs) / len(errs) if errs else None,
         },

@@ -27,9 +27,20 @@ def _logprobs(model, ids: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reference_logprobs(model, windows: torch.Tensor, device="cpu", progress: bool = True) -> list[torch.Tensor]:
+    """The reference's next-token log-probabilities per window, to reuse across many evaluated models
+    (float32 on CPU: windows × (L-1) × vocab × 4 bytes)."""
+    return [_logprobs(model, windows[i:i + 1], device).cpu()
+            for i in tqdm(range(windows.shape[0]), desc="reference", disable=not progress)]
+
+
+@torch.no_grad()
 def evaluate_windows(model, windows: torch.Tensor, reference=None, device="cpu",
                      progress: bool = True) -> dict:
-    """Perplexity (and KL to ``reference`` when given) of ``model`` on ``windows`` [w, L]."""
+    """Perplexity (and KL to ``reference`` when given) of ``model`` on ``windows`` [w, L].
+
+    ``reference``: a model, or the list `reference_logprobs` returned for the same windows.
+    """
     nll_sum, kl_sum, count = 0.0, 0.0, 0
     t0 = time.perf_counter()
     for i in tqdm(range(windows.shape[0]), desc="eval windows", disable=not progress):
@@ -38,7 +49,7 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, device="cpu",
         target = ids[:, 1:].to(lp.device)
         nll_sum += float(-lp.gather(-1, target.unsqueeze(-1)).sum())
         if reference is not None:
-            ref = _logprobs(reference, ids, device)
+            ref = reference[i].to(lp.device) if isinstance(reference, list) else _logprobs(reference, ids, device)
             kl_sum += float((ref.exp() * (ref - lp)).sum())
         count += target.numel()
     res = {

@@ -34,6 +34,11 @@ class ModelSpec:
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     # Per-head norms applied after q/k projections (Qwen3); they constrain head-dim rotations.
     qk_norms: tuple[str, ...] = ()
+    # Pre-norm residual block: out = h' + mlp(mlp_norm(h')), h' = h + attn(...). When set, the
+    # pipeline reuses sub-layer inputs instead of re-running the block front for every linear group.
+    prenorm: bool = True
+    mlp_norm: str = "post_attention_layernorm"
+    mlp: str = "mlp"
 
     @property
     def linears(self) -> tuple[str, ...]:

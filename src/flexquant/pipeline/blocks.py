@@ -16,6 +16,7 @@ from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .hooks import collect_hessian, onload
+from .prenorm import prenorm_applicable, quantize_prenorm_block
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear
 
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
-                    device: torch.device, batch_size: int = 8, progress: bool = True):
+                    device: torch.device, batch_size: int = 8, progress: bool = True, fast: bool = True):
     """Quantize every linear of every decoder block in place (fake-quant weights written back).
+
+    ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
 
     Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
     """
@@ -106,13 +109,19 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         with onload(block, device):
             fp_block = copy.deepcopy(block) if method.needs_fp_stream else None
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_block, fp_inputs, device)
-            for group in spec.linear_groups:
-                H = collect_hessian(block, group[0], inputs, device)  # the group's linears share inputs
+
+            def quantize_group(group, H, ctx=ctx, block=block):
                 for name in group:
                     _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
-                del H
+
+            if fast and prenorm_applicable(spec, inputs, block):
+                out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group)
+            else:
+                for group in spec.linear_groups:
+                    quantize_group(group, collect_hessian(block, group[0], inputs, device))
+                out_q = run_block(block, inputs, device)
             out_fp = run_block(fp_block, fp_inputs, device) if fp_block is not None else None
-            out_q = method.after_block(ctx, run_block(block, inputs, device), out_fp)
+            out_q = method.after_block(ctx, out_q, out_fp)
         inputs = inputs.with_hidden(out_q)
         if fp_inputs is not None:
             fp_inputs = fp_inputs.with_hidden(out_fp)

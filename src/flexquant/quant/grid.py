@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-# Shrink factors tried by the "mse" clip search (GPTQ's `mse` grid, 0.8 of the range searched).
-_SHRINK = torch.linspace(1.0, 0.2, 41)[:21]
-_CLIP_NORM = 2.4  # error norm used by the search, as in the GPTQ reference quantizer
+# Shrink factors tried by the "mse" clip search: the range scaled by 1.00, 0.98, ..., 0.60.
+_SHRINK = torch.linspace(1.0, 0.6, 21)
 
 
 def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
@@ -37,6 +36,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return (codes - zero) * scale
 
 
+def _sq_error(W, scale, zero, maxq):
+    d = W - dequantize(quantize(W, scale, zero, maxq), scale, zero)
+    return (d * d).sum(-1, keepdim=True)
+
+
 def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "minmax"):
     """Scale and zero for each row of ``W`` [..., g] (one group per row). Returns ([..., 1], [..., 1]).
 
@@ -50,10 +54,10 @@ def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "m
     scale, zero = _params_from_range(xmin, xmax, maxq, sym)
     if clip == "minmax":
         return scale, zero
-    best = (W - dequantize(quantize(W, scale, zero, maxq), scale, zero)).abs().pow(_CLIP_NORM).sum(-1, True)
+    best = _sq_error(W, scale, zero, maxq)
     for p in _SHRINK[1:].tolist():
         s, z = _params_from_range(p * xmin, p * xmax, maxq, sym)
-        err = (W - dequantize(quantize(W, s, z, maxq), s, z)).abs().pow(_CLIP_NORM).sum(-1, True)
+        err = _sq_error(W, s, z, maxq)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)

@@ -1,0 +1,166 @@
+"""Foundation benchmark: full precision, flexquant RTN/GPTQ and the peers, side by side on smollm2-135m.
+
+Every method quantizes from the same float32 model with the same calibration windows (written once
+to a safetensors file) and is evaluated in this process on the same held-out windows against the
+same full-precision reference. Each quantization runs in its own subprocess so that its wall time
+and peak resident memory are its own.
+
+    python bench/foundation.py                       # all methods at 4, 3, 2 bits, group 64
+    python bench/foundation.py --bits 3 --peers ""  # flexquant only, 3 bits
+
+Peers run from the separate environment made by ``bash bench/peers_env.sh`` (.venv-peers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench")
+
+
+def job(args) -> None:
+    """Subprocess entry: one flexquant quantization from the shared calibration windows."""
+    import flexquant as fq
+
+    calib = load_file(args.calib)["input_ids"]
+    qm = fq.quantize(args.model, method=args.method, bits=args.bits, group_size=args.group_size,
+                     calib_ids=calib, nsamples=calib.shape[0], seqlen=calib.shape[1], progress=False)
+    fq.save(qm, args.out, overwrite=True)
+
+
+def run_quantization(kind: str, method: str, bits: int, args, work: Path) -> dict:
+    out = work / f"{kind}-{method}-w{bits}g{args.group_size}"
+    if kind == "flexquant":
+        cmd = [sys.executable, __file__, "_job", "--model", args.model_dir, "--method", method,
+               "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
+               "--out", str(out)]
+    else:
+        cmd = [str(ROOT / ".venv-peers/bin/python"), str(ROOT / "bench/peers.py"), method, "--model",
+               args.model_dir, "--calib", str(work / "calib.safetensors"), "--bits", str(bits),
+               "--group-size", str(args.group_size), "--out", str(out)]
+    log.info("running %s", " ".join(cmd[1:4] + cmd[5:]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        log.error("%s %s w%d failed:\n%s", kind, method, bits, proc.stderr[-3000:])
+        return {"kind": kind, "method": method, "bits": bits, "error": proc.stderr.strip().splitlines()[-1:]}
+    if kind == "flexquant":
+        rep = json.loads((out / "report.json").read_text())["summary"]
+        info = {"bpw": rep["bpw"], "quant_seconds": rep["quant_seconds"], "peak_rss_mb": rep["peak_rss_mb"]}
+    else:
+        rep = json.loads((out / "peer_report.json").read_text())
+        info = {"bpw": rep["bpw"], "quant_seconds": rep["quant_time_s"], "peak_rss_mb": rep["peak_rss_mb"],
+                "versions": rep.get("versions")}
+    return {"kind": kind, "method": method, "bits": bits, "path": str(out), "job_wall_seconds": wall, **info}
+
+
+def evaluate_all(rows: list[dict], args, windows: torch.Tensor) -> None:
+    import flexquant as fq
+    from flexquant.eval import evaluate_windows, reference_logprobs
+    from flexquant.models import load_model
+
+    ref_model, _ = load_model(args.model_dir)
+    ref = reference_logprobs(ref_model, windows, progress=False)
+    del ref_model
+    nll = sum(float(-lp[0].gather(-1, windows[i, 1:, None]).sum()) for i, lp in enumerate(ref))
+    rows.insert(0, {"kind": "reference", "method": "full precision", "bits": 32, "bpw": 32.0,
+                    "perplexity": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))), "kl_divergence": 0.0})
+    for row in rows[1:]:
+        if "error" in row:
+            continue
+        if row["kind"] == "flexquant":
+            model = fq.load(row["path"]).model
+        else:
+            model, _ = load_model(row["path"])
+        res = evaluate_windows(model, windows, ref, progress=False)
+        row.update(perplexity=res["perplexity"], kl_divergence=res["kl_divergence"])
+        log.info("%s %s w%d: ppl %.3f KL %.4f", row["kind"], row["method"], row["bits"], res["perplexity"],
+                 res["kl_divergence"])
+        del model
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | bits | bpw (stored) | perplexity | KL to FP | quant time (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["method"] if r["kind"] == "reference" else f"{r['kind']} {r['method']}"
+        if "error" in r:
+            lines.append(f"| {name} | {r['bits']} | failed: {r['error']} | | | | |")
+            continue
+        t = f"{r['quant_seconds']:.0f}" if r.get("quant_seconds") is not None else "—"
+        mem = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "—"
+        lines.append(f"| {name} | {r['bits']} | {r['bpw']:.3f} | {r['perplexity']:.3f} | "
+                     f"{r['kl_divergence']:.4f} | {t} | {mem} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--methods", default="rtn,gptq", help="flexquant methods")
+    p.add_argument("--peers", default="llmc-gptq,hqq", help="peer methods (bench/peers.py); '' for none")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows of 2048 tokens")
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--name", default="foundation")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from flexquant.data import calibration_windows, eval_windows
+    from flexquant.models import load_tokenizer
+    from flexquant.models.builtin import smollm2_path
+
+    args.model_dir = str(smollm2_path())
+    work = Path(args.out) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.model_dir)
+    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
+    save_file({"input_ids": calib.contiguous()}, work / "calib.safetensors")
+    windows = eval_windows(tok, "pydoc", 2048, args.windows)
+    peers = [m for m in args.peers.split(",") if m]
+    if peers and not (ROOT / ".venv-peers/bin/python").exists():
+        sys.exit("the peers' environment is missing: run `bash bench/peers_env.sh` first (or pass --peers '')")
+    rows = []
+    for bits in args.bits:
+        for method in args.methods.split(","):
+            rows.append(run_quantization("flexquant", method, bits, args, work))
+        for peer in peers:
+            rows.append(run_quantization("peer", peer, bits, args, work))
+    evaluate_all(rows, args, windows)
+    header = (f"smollm2-135m, calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, "
+              f"evaluation {windows.shape[0]} windows × 2048 tokens of the held-out split; group size "
+              f"{args.group_size}; {dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    md = f"{header}\n\n{table(rows)}\n"
+    Path(args.out, f"{args.name}.md").write_text(md)
+    Path(args.out, f"{args.name}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print(md)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_job":
+        jp = argparse.ArgumentParser()
+        for a in ("--model", "--method", "--calib", "--out"):
+            jp.add_argument(a, required=True)
+        jp.add_argument("--bits", type=int, required=True)
+        jp.add_argument("--group-size", type=int, required=True)
+        job(jp.parse_args(sys.argv[2:]))
+    else:
+        main()

@@ -1,0 +1,83 @@
+"""Faster block quantization for pre-norm residual blocks (the Llama family).
+
+The generic loop re-runs the block from its input for each linear group (4 partial forwards plus
+one full forward per block). For blocks of the form
+    h' = h + o_proj(attention(norm1(h)));  out = h' + mlp(norm2(h'))
+the inputs of later groups follow from cached ones: the o_proj input is captured once, h' and the
+MLP input are rebuilt from it with the quantized o_proj, the down_proj input is captured while the
+MLP runs, and the block output is h' + down_proj(x_down). Same arithmetic, about 40% fewer FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.spec import ModelSpec
+from ..quant.hessian import HessianAccumulator
+from .capture import BlockInputs, _StopForward
+from .hooks import input_hook
+
+# Cached activations beyond this many bytes make the pipeline fall back to recomputation.
+MAX_CACHE_BYTES = 6 * 2**30
+
+
+def prenorm_applicable(spec: ModelSpec, inputs: BlockInputs, block: nn.Module) -> bool:
+    if not spec.prenorm or len(spec.linear_groups) != 4:
+        return False
+    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    widths = block.get_submodule(spec.linear_groups[3][0]).in_features + 2 * inputs.hidden[0].shape[-1]
+    return tokens * widths * inputs.hidden[0].element_size() <= MAX_CACHE_BYTES
+
+
+def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator, keep: list | None):
+    """Run ``call()``, stopping at ``linear``'s input: accumulate it into ``acc`` and keep it (CPU)."""
+
+    def grab(x):
+        acc.add(x)
+        if keep is not None:
+            keep.append(x.to("cpu"))
+
+    with input_hook(linear, grab):
+        try:
+            call()
+        except _StopForward:
+            pass
+
+
+@torch.no_grad()
+def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device,
+                           quantize_group) -> list[torch.Tensor]:
+    """Quantize a pre-norm block group by group; ``quantize_group(group, H)`` quantizes in place.
+
+    Returns the block's outputs (quantized weights) for every stored batch.
+    """
+    qkv, o, gate_up, down = spec.linear_groups
+    get = block.get_submodule
+    batches = list(zip(inputs.hidden, inputs.kwargs))
+
+    def hessian(linear_name, calls, keep=None):
+        lin = get(linear_name)
+        acc = HessianAccumulator(lin.in_features, device)
+        for call in calls:
+            _stop_at(block, call, lin, acc, keep)
+        return acc.H
+
+    def run_block(h, kw):
+        return lambda: block(h.to(device), **kw)
+
+    quantize_group(qkv, hessian(qkv[0], [run_block(h, kw) for h, kw in batches]))
+    x_o: list[torch.Tensor] = []
+    quantize_group(o, hessian(o[0], [run_block(h, kw) for h, kw in batches], keep=x_o))
+
+    o_proj, norm2, mlp = get(o[0]), get(spec.mlp_norm), get(spec.mlp)
+    h_mid = [h.to(device) + o_proj(x.to(device)) for (h, _), x in zip(batches, x_o)]
+    del x_o
+    acc = HessianAccumulator(get(gate_up[0]).in_features, device)
+    for hm in h_mid:
+        acc.add(norm2(hm))
+    quantize_group(gate_up, acc.H)
+    x_d: list[torch.Tensor] = []
+    quantize_group(down, hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid], keep=x_d))
+    down_proj = get(down[0])
+    return [(hm + down_proj(x.to(device))).to("cpu") for hm, x in zip(h_mid, x_d)]
