@@ -32,6 +32,8 @@ class ModelSpec:
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
     )
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # Linears whose input space is rotated at run time (the MLP intermediate has no norm to fold into).
+    online_rotations: tuple[str, ...] = ("mlp.down_proj",)
     # Per-head norms applied after q/k projections (Qwen3); they constrain head-dim rotations.
     qk_norms: tuple[str, ...] = ()
     # Pre-norm residual block: out = h' + mlp(mlp_norm(h')), h' = h + attn(...). When set, the

@@ -1,0 +1,1 @@
+"""Weight/activation transforms: Hadamard rotations (DOSA), norm folding."""

@@ -1,0 +1,132 @@
+"""Hadamard rotation of a model (DOSA step 1, QuaRot-style), computed in float64 and exact.
+
+With an orthogonal Q, W̃x̃ = Wx when x̃ = xQ, readers of x take W̃ = WQ and writers take W̃ = QᵀW.
+RMSNorm commutes with Q once its scale γ is folded into the linears that read it, so:
+  1. fold every norm's γ into the following linears (and the final norm's into lm_head);
+  2. untie lm_head from the embedding when they are tied (they now differ);
+  3. rotate the residual stream: embedding rows, residual readers (q,k,v,gate,up,lm_head) by Q,
+     residual writers (o,down) by Qᵀ;
+  4. rotate the MLP intermediate online: down_proj's weight by Q_m offline, and its input by Q_m
+     at run time (fast Walsh–Hadamard transform, recorded so that `flexquant.load` re-applies it).
+Q = diag(s)·(F_a ⊗ H_(2^k)) with random signs s (seeded): a randomized Hadamard matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.spec import ModelSpec
+from .hadamard import factorize, hadamard_transform, small_factor
+
+
+@dataclass
+class Rotation:
+    """x ↦ (x ⊙ s)·(F ⊗ H_b)/√n: sign vector s [n] (±1) and small factor F [a, a] (see `hadamard_transform`)."""
+
+    signs: torch.Tensor
+    factor: torch.Tensor
+
+    @classmethod
+    def random(cls, n: int, seed: int) -> Rotation:
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+        return cls(signs, small_factor(factorize(n), seed))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Q along the last dim, in x's dtype (float64 math for float64 inputs)."""
+        return hadamard_transform(x * self.signs.to(x.dtype), self.factor.to(x.dtype))
+
+
+def _rotate_in(lin: nn.Linear, R: Rotation) -> None:
+    """Reader of the rotated space: W̃ = W·Q."""
+    W = lin.weight.data
+    lin.weight.data = R.apply(W.double()).to(W.dtype)
+
+
+def _rotate_out(lin: nn.Linear, R: Rotation) -> None:
+    """Writer into the rotated space: W̃ = Qᵀ·W (and b̃ = b·Q)."""
+    W = lin.weight.data
+    lin.weight.data = R.apply(W.double().T).T.contiguous().to(W.dtype)
+    if lin.bias is not None:
+        lin.bias.data = R.apply(lin.bias.data.double()).to(lin.bias.dtype)
+
+
+def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    """Move an RMSNorm's scale γ into the linears reading its output; γ becomes 1."""
+    gamma = norm.weight.data.double()
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.double() * gamma[None, :]).to(lin.weight.dtype)
+    norm.weight.data = torch.ones_like(norm.weight.data)
+
+
+def untie_lm_head(model: nn.Module, spec: ModelSpec) -> None:
+    head = model.get_submodule(spec.lm_head)
+    emb = model.get_submodule(spec.embed)
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.data.clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = None
+
+
+class OnlineRotation(nn.Module):
+    """Applies a `Rotation` to a module's input at run time (as a forward pre-hook holder)."""
+
+    def __init__(self, R: Rotation):
+        super().__init__()
+        self.register_buffer("signs", R.signs.float())
+        self.register_buffer("factor", R.factor.float())
+
+    def rotation(self) -> Rotation:
+        return Rotation(self.signs, self.factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Rotation(self.signs, self.factor).apply(x)
+
+
+def attach_online_rotation(lin: nn.Module, R: Rotation) -> None:
+    """Make ``lin`` rotate its input by R before its matmul (removable by `detach_online_rotation`)."""
+    rot = OnlineRotation(R).to(lin.weight.device if hasattr(lin, "weight") else "cpu")
+    lin.online_rotation = rot
+    lin._rot_handle = lin.register_forward_pre_hook(lambda m, args: (m.online_rotation(args[0]),) + args[1:])
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> dict:
+    """Rotate ``model`` in place (exactly equivalent). Returns per-site facts for the report."""
+    layers = model.get_submodule(spec.layers)
+    d = model.config.hidden_size
+    untie_lm_head(model, spec)
+    for block in layers:
+        for norm_name, readers in spec.norm_linear_pairs:
+            fold_norm(block.get_submodule(norm_name), [block.get_submodule(r) for r in readers])
+    fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)])
+
+    Rres = Rotation.random(d, seed)
+    emb = model.get_submodule(spec.embed)
+    emb.weight.data = Rres.apply(emb.weight.data.double()).to(emb.weight.dtype)
+    _rotate_in(model.get_submodule(spec.lm_head), Rres)
+    facts = {"residual": {"n": d, "small_factor": Rres.factor.shape[0], "hadamard": factorize(d).exact}}
+    for i, block in enumerate(layers):
+        for name in spec.residual_readers:
+            _rotate_in(block.get_submodule(name), Rres)
+        for name in spec.residual_writers:
+            _rotate_out(block.get_submodule(name), Rres)
+        for name in spec.online_rotations:
+            lin = block.get_submodule(name)
+            Rm = Rotation.random(lin.in_features, seed + 1 + i)
+            _rotate_in(lin, Rm)
+            attach_online_rotation(lin, Rm)
+            facts.setdefault("online", {"n": lin.in_features, "small_factor": Rm.factor.shape[0],
+                                        "hadamard": factorize(lin.in_features).exact, "sites": []})
+            facts["online"]["sites"].append(f"{spec.layers}.{i}.{name}")
+    return facts
+
+
+def incoherence(W: torch.Tensor) -> float:
+    """μ(W) = √(mn)·max|W_ij| / ‖W‖_F (1 for a flat matrix, √(mn) for a single spike)."""
+    W = W.double()
+    return float(W.abs().max() * (W.numel() ** 0.5) / W.norm())
