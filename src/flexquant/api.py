@@ -66,7 +66,9 @@ def pack_model(model: nn.Module, results: dict) -> nn.Module:
     for name, r in results.items():
         parent, _, child = name.rpartition(".")
         lin = model.get_submodule(name)
-        q = QuantLinear.from_result(r, lin.bias, dtype=lin.weight.dtype)
+        rot = getattr(lin, "online_rotation", None)
+        q = QuantLinear.from_result(r, lin.bias, dtype=lin.weight.dtype,
+                                    rotation=None if rot is None else rot.rotation())
         setattr(model.get_submodule(parent), child, q)
     return model
 
@@ -92,6 +94,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
         calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
     log.info("quantizing %s with %s at %d bits, group %d on %s", config.model, config.method,
              config.grid.bits, config.grid.group_size, device)
+    method.prepare(hf_model, spec, calib_ids, device)
     results, records, notes = quantize_blocks(hf_model, spec, method, calib_ids if method.needs_calibration
                                               else None, device, config.batch_size, progress)
     pack_model(hf_model, results)
@@ -99,6 +102,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
                           None if calib_ids is None or not method.needs_calibration else int(calib_ids.numel()))
     report["summary"]["load_seconds"] = load_seconds
+    report["method"] = method.summary()
     return QuantizedModel(hf_model, tok, config, report)
 
 

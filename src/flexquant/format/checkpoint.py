@@ -57,7 +57,8 @@ def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: b
         modules = {
             name: {"in_features": m.in_features, "out_features": m.out_features,
                    "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
-                   "bits": sorted(set(m.group_bits.tolist())), "bpw": round(m.bpw, 6)}
+                   "bits": sorted(set(m.group_bits.tolist())), "bpw": round(m.bpw, 6),
+                   "rotation_order": m.rotation_order}
             for name, m in model.named_modules() if isinstance(m, QuantLinear)
         }
         save_file(_state_for_save(model), tmp / TENSORS, metadata={"format": "pt", "flexquant": str(FORMAT_VERSION)})
@@ -144,7 +145,8 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
         bias = own.pop("bias", None)
         if "group_bits" not in own:
             raise CheckpointError(f"{path}: tensors of quantized module {name} are missing")
-        q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias)
+        q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias,
+                        spec.get("rotation_order", 0))
         q.set_kernel(kernel)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)

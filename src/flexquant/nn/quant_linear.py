@@ -5,16 +5,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format.pack import result_to_tensors, stored_bits, tensors_to_result
+from ..format.pack import pack_bits, result_to_tensors, stored_bits, tensors_to_result, unpack_bits
 from ..kernels import select
 from ..quant.result import QuantResult
+from ..transforms.hadamard import small_hadamard
+from ..transforms.rotate import Rotation
+
+# Buffers describing an online input rotation (counted in the layer's stored bits).
+ROTATION_BUFFERS = ("rot_signs", "rot_factor")
+
+
+def rotation_tensors(R: Rotation) -> dict[str, torch.Tensor]:
+    """Signs packed at one bit each; the small factor only when it is not a rebuildable Hadamard matrix."""
+    out = {"rot_signs": pack_bits((R.signs > 0).to(torch.int64)[None, :], 1)}
+    if not bool((R.factor.abs() == 1).all()):
+        out["rot_factor"] = R.factor.float()
+    return out
+
+
+def rotation_from_tensors(t: dict[str, torch.Tensor], n: int, order: int) -> Rotation:
+    signs = unpack_bits(t["rot_signs"], 1, n)[0].double() * 2 - 1
+    factor = t["rot_factor"].double() if "rot_factor" in t else small_hadamard(order)
+    return Rotation(signs, factor)
 
 
 class QuantLinear(nn.Module):
     """y = x Wᵀ + b with W held as packed codes, scales, zeros, bit map and permutation buffers."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, sym: bool,
-                 tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+                 tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, rotation_order: int = 0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.sym = group_size, sym
@@ -22,23 +41,30 @@ class QuantLinear(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Online input rotation (FlexibleLLM's down_proj): order of its small factor, 0 = none.
+        self.rotation_order = rotation_order
+        self._rotation = (rotation_from_tensors(tensors, in_features, rotation_order)
+                          if rotation_order else None)
         self.kernel_name: str | None = None
         self._kernel = None
         self._dense_cache: torch.Tensor | None = None
 
     @classmethod
-    def from_result(cls, r: QuantResult, bias: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32) -> QuantLinear:
+    def from_result(cls, r: QuantResult, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                    rotation: Rotation | None = None) -> QuantLinear:
         m, n = r.shape
         b = None if bias is None else bias.detach().to(dtype).clone()
-        return cls(n, m, r.group_size, r.sym, result_to_tensors(r), b)
+        tensors = result_to_tensors(r)
+        if rotation is not None:
+            tensors.update(rotation_tensors(rotation))
+        return cls(n, m, r.group_size, r.sym, tensors, b, rotation.factor.shape[0] if rotation is not None else 0)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.buffer_names}
 
     def to_result(self) -> QuantResult:
-        return tensors_to_result(self.packed_tensors(), self.out_features, self.in_features,
-                                 self.group_size, self.sym)
+        t = {k: v for k, v in self.packed_tensors().items() if k not in ROTATION_BUFFERS}
+        return tensors_to_result(t, self.out_features, self.in_features, self.group_size, self.sym)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.to_result().dequantize(dtype)
@@ -56,9 +82,15 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._dense_cache, self._kernel = None, None  # device/dtype moves invalidate caches
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self._rotation is not None:
+            self._rotation = Rotation(self._rotation.signs.to(self.rot_signs.device),
+                                      self._rotation.factor.to(self.rot_signs.device))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._rotation is not None:
+            x = self._rotation.apply(x)
         if self._kernel is None:
             self._kernel = select(self, x.device, self.kernel_name)
         return self._kernel.forward(self, x)

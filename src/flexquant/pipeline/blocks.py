@@ -15,7 +15,7 @@ from ..models.spec import ModelSpec
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
 from .capture import BlockInputs, capture_block_inputs, run_block
-from .hooks import collect_hessian, onload
+from .hooks import collect_feedback_stats, collect_hessian, onload
 from .prenorm import prenorm_applicable, quantize_prenorm_block
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class BlockContext:
     fp_inputs: BlockInputs | None = None
     device: torch.device = torch.device("cpu")
     notes: dict = field(default_factory=dict)  # per-block facts the method wants in the report
+    # D = 2(X_fp − X_q)ᵀX_q/T of the group being quantized, when the method asks for feedback stats
+    cross: torch.Tensor | None = None
 
 
 class Method:
@@ -41,6 +43,15 @@ class Method:
     name = "base"
     needs_calibration = True  # False: data-free (RTN); no forward passes at all
     needs_fp_stream = False  # True: the pipeline also propagates the full-precision stream
+    needs_feedback = False  # True: per group, also D = (X_fp − X_q)ᵀX_q (implies the FP stream)
+
+    def prepare(self, model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor | None,
+                device: torch.device) -> None:
+        """Whole-model steps before the block loop (transforms, bit allocation); default none."""
+
+    def summary(self) -> dict:
+        """Method-specific facts for the run report."""
+        return {}
 
     def quantize_linear(self, ctx: BlockContext | None, name: str, W: torch.Tensor,
                         H: torch.Tensor | None) -> QuantResult:
@@ -104,17 +115,24 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         return results, records, notes
 
     inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
-    fp_inputs = inputs.clone() if method.needs_fp_stream else None
+    need_fp = method.needs_fp_stream or method.needs_feedback
+    fp_inputs = inputs.clone() if need_fp else None
     for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
         with onload(block, device):
-            fp_block = copy.deepcopy(block) if method.needs_fp_stream else None
+            fp_block = copy.deepcopy(block) if need_fp else None
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_block, fp_inputs, device)
 
             def quantize_group(group, H, ctx=ctx, block=block):
                 for name in group:
                     _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
 
-            if fast and prenorm_applicable(spec, inputs, block):
+            if method.needs_feedback:
+                for group in spec.linear_groups:
+                    H, ctx.cross = collect_feedback_stats(block, fp_block, group[0], inputs, fp_inputs, device)
+                    quantize_group(group, H)
+                ctx.cross = None
+                out_q = run_block(block, inputs, device)
+            elif fast and prenorm_applicable(spec, inputs, block):
                 out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group)
             else:
                 for group in spec.linear_groups:

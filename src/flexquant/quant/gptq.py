@@ -67,11 +67,13 @@ def gptq_quantize(
     group_bits: torch.Tensor | None = None,
     kept: torch.Tensor | None = None,
     kept_bits: int = FP16_BITS,
+    order: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize W [m, n] given its input Hessian H [n, n].
 
     ``group_bits`` [ng] sets bits per group (in quantization order); ``kept`` lists input columns that
-    go last, at ``kept_bits`` (their count must be a multiple of the group size).
+    go last, at ``kept_bits`` (their count must be a multiple of the group size). ``order`` fixes the
+    quantization order of all columns (kept ones last), overriding act-order.
     """
     cfg = cfg or GPTQConfig()
     m, n = W.shape
@@ -92,7 +94,7 @@ def gptq_quantize(
         if kept.numel() % g:
             raise FlexQuantError(f"{kept.numel()} kept columns are not a multiple of group_size={g}")
         group_bits[ng - kept.numel() // g:] = kept_bits
-    perm = column_order(torch.diag(H), cfg.act_order, kept)
+    perm = order.to(W.device) if order is not None else column_order(torch.diag(H), cfg.act_order, kept)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U, lam = inverse_cholesky_upper(H, cfg.damp)

@@ -1,0 +1,96 @@
+"""SBGBS: self-adaptive block-level greedy bit search under an exact bit budget.
+
+Every group of g input columns of every linear in scope is a "block" with an error table E(b) for
+each candidate bit-width. All blocks start at the lowest candidate; a max-heap on the marginal gain
+per stored bit [E(b) − E(b')] / (m·g·(b' − b)) spends the remaining budget. Because the heap spans
+all matrices in scope, sensitive matrices win bits automatically. Metadata (scales, zeros, bit map,
+permutation, rotation signs) does not depend on the bit-widths, so it is paid up front.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FlexQuantError
+
+
+@dataclass
+class GroupTable:
+    """Error of each group of one linear at each candidate bit-width."""
+
+    name: str
+    rows: int  # m: output rows (each code bit of a group costs m·g bits)
+    group_size: int
+    candidates: tuple[int, ...]
+    errors: torch.Tensor  # [ng, len(candidates)], non-increasing along candidates is not required
+    fixed: torch.Tensor  # [ng] bool: groups whose bits are fixed (protected) at ``fixed_bits``
+    fixed_bits: int = 0
+
+
+def layer_fixed_bits(m: int, n: int, group_size: int, sym: bool, permuted: bool, rotated: bool,
+                     fp16_groups: int = 0) -> int:
+    """Stored bits of one linear that do not depend on the bit-widths: scales (16), zeros (8, asymmetric),
+    bit map (8 per group), permutation (16 or 32 per column), online-rotation signs (1 per column)."""
+    ng = n // group_size
+    nq = ng - fp16_groups
+    bits = m * nq * (16 + (0 if sym else 8)) + ng * 8
+    if permuted:
+        bits += n * (16 if n <= 2**15 else 32)
+    if rotated:
+        bits += -(-n // 32) * 32
+    return bits
+
+
+def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Bits per group for every table, spending at most ``budget_bits`` of code bits.
+
+    Returns ({name: group_bits [ng] uint8}, code bits used). Raises when even the lowest candidate
+    does not fit.
+    """
+    bits = {}
+    used = 0
+    heap: list[tuple[float, int, int, int]] = []  # (-gain per bit, table index, group, candidate index)
+    for t_i, t in enumerate(tables):
+        ng = t.errors.shape[0]
+        b = torch.full((ng,), t.candidates[0], dtype=torch.int64)
+        b[t.fixed] = t.fixed_bits
+        bits[t.name] = b
+        used += int(b.sum()) * t.rows * t.group_size
+    if used > budget_bits:
+        raise FlexQuantError(
+            f"the bit budget is infeasible: the lowest bit-width alone needs {used} code bits, the budget "
+            f"leaves {budget_bits}; raise --bpw, lower the protected columns, or add a lower candidate"
+        )
+
+    def push(t_i: int, grp: int, c_i: int) -> None:
+        t = tables[t_i]
+        if c_i + 1 >= len(t.candidates):
+            return
+        E = t.errors[grp]
+        # best next step from c_i: the later candidate with the largest gain per added bit
+        best, best_j = 0.0, None
+        for j in range(c_i + 1, len(t.candidates)):
+            gain = float(E[c_i] - E[j]) / ((t.candidates[j] - t.candidates[c_i]) * t.rows * t.group_size)
+            if gain > best:
+                best, best_j = gain, j
+        if best_j is not None:
+            heapq.heappush(heap, (-best, t_i, grp, c_i * 100 + best_j))
+
+    for t_i, t in enumerate(tables):
+        for grp in range(t.errors.shape[0]):
+            if not bool(t.fixed[grp]):
+                push(t_i, grp, 0)
+    while heap:
+        _, t_i, grp, code = heapq.heappop(heap)
+        c_i, j = divmod(code, 100)
+        t = tables[t_i]
+        cost = (t.candidates[j] - t.candidates[c_i]) * t.rows * t.group_size
+        if used + cost > budget_bits:
+            continue  # does not fit; smaller steps elsewhere may still fit
+        used += cost
+        bits[t.name][grp] = t.candidates[j]
+        push(t_i, grp, j)
+    return {k: v.to(torch.uint8) for k, v in bits.items()}, used

@@ -1,0 +1,237 @@
+"""FlexibleLLM (METHODS.md §1): DOSA (rotation + attribute-outlier protection), SBGBS (fractional
+bit search), LFD (feedback against full-precision targets + dynamic denoising), each switchable."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..alloc import GroupTable, greedy_allocate, layer_fixed_bits
+from ..config import QuantConfig
+from ..errors import FlexQuantError
+from ..pipeline import Method
+from ..pipeline.prenorm import quantize_prenorm_block
+from ..pipeline.capture import capture_block_inputs
+from ..pipeline.hooks import onload
+from ..quant import gptq_quantize
+from ..quant.gptq import column_order, inverse_cholesky_upper
+from ..quant.grid import choose_qparams, dequantize, quantize
+from ..transforms.rotate import incoherence, rotate_model
+from .registry import register
+
+log = logging.getLogger(__name__)
+PROTECT = ("columns", "groups", "none")
+
+
+@dataclass(frozen=True)
+class FlexibleConfig:
+    """FlexibleLLM settings (``QuantConfig.options``)."""
+
+    bpw: float = 2.5  # honest budget over all quantized linears (codes + all metadata)
+    dosa: bool = True  # randomized Hadamard rotation of the residual stream and MLP intermediate
+    protect: str = "columns"  # attribute outliers: keep salient columns at protect_bits, ordered last (a);
+    #                           "groups": order columns by salience so SBGBS raises their groups (b)
+    protect_groups: int = 1  # groups of salient columns kept per linear (option "columns")
+    protect_bits: int = 4
+    sbgbs: bool = True  # greedy fractional bit search; off: the highest uniform candidate that fits
+    candidates: tuple[int, ...] = (2, 3, 4)
+    lfd: bool = True
+    feedback_alpha: float = 0.25  # weight of the GPTAQ-style correction toward full-precision targets
+    denoise_threshold: float = 0.05  # relative block-output noise above which the bias fold fires
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1.0 < self.bpw <= 16:
+            raise FlexQuantError(f"bpw={self.bpw} must be in (1, 16]")
+        if self.protect not in PROTECT:
+            raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
+        if not self.candidates or sorted(self.candidates) != list(self.candidates) or \
+                not all(1 <= b <= 8 for b in self.candidates):
+            raise FlexQuantError(f"candidates={self.candidates} must be increasing bit-widths in 1..8")
+        if self.protect_bits not in range(2, 9) and self.protect_bits != 16:
+            raise FlexQuantError(f"protect_bits={self.protect_bits} must be 2..8 or 16")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+
+
+@dataclass
+class _Plan:
+    order: torch.Tensor
+    group_bits: torch.Tensor
+    protected: int = 0  # protected columns (ordered last)
+
+
+@dataclass
+class _Facts:
+    incoherence: dict = field(default_factory=dict)
+    rotation: dict = field(default_factory=dict)
+    protected: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
+
+
+def _salience(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float) -> torch.Tensor:
+    """σ_j = Σ_i (w_ij − Q(w_ij))² / [H⁻¹]_jj: the OBS cost of rounding each input column."""
+    m, n = W.shape
+    Wg = W.reshape(m, n // group_size, group_size)
+    s, z = choose_qparams(Wg, bits)
+    err = (Wg - dequantize(quantize(Wg, s, z, 2**bits - 1), s, z)).reshape(m, n)
+    U, _ = inverse_cholesky_upper(H, damp)
+    hinv_diag = (U * U).sum(0)  # diag(UᵀU) = diag(H⁻¹)
+    return (err**2).sum(0) / hinv_diag
+
+
+def _error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, candidates) -> torch.Tensor:
+    """E[k, c] = tr(ΔW_k H_kk ΔW_kᵀ) of group k (in ``order``) quantized by RTN at candidate c."""
+    m, n = W.shape
+    Wp, Hp = W[:, order], H[order][:, order]
+    ng = n // g
+    Wg = Wp.reshape(m, ng, g)
+    Hkk = torch.stack([Hp[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)])  # [ng, g, g]
+    out = torch.empty(ng, len(candidates))
+    for c, b in enumerate(candidates):
+        s, z = choose_qparams(Wg, b, clip="mse")
+        dW = Wg - dequantize(quantize(Wg, s, z, 2**b - 1), s, z)  # [m, ng, g]
+        out[:, c] = torch.einsum("mkg,kgh,mkh->k", dW, Hkk, dW).cpu()
+    return out
+
+
+class FlexibleLLM(Method):
+    name = "flexible"
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.fcfg = FlexibleConfig(**config.options)
+        self.needs_feedback = self.fcfg.lfd
+        self.plan: dict[str, _Plan] = {}
+        self.facts = _Facts()
+
+    # ----- whole-model preparation: rotation, FP Hessians, protection, allocation -----
+    @torch.no_grad()
+    def prepare(self, model, spec, calib_ids, device) -> None:
+        f = self.fcfg
+        layers = model.get_submodule(spec.layers)
+        names = [f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for n in spec.linears]
+        if f.dosa:
+            before = {n: incoherence(model.get_submodule(n).weight) for n in names}
+            self.facts.rotation = rotate_model(model, spec, seed=f.seed)
+            after = {n: incoherence(model.get_submodule(n).weight) for n in names}
+            self.facts.incoherence = {n: {"before": before[n], "after": after[n]} for n in names}
+        hessians = self._fp_hessians(model, spec, calib_ids, device)
+        self._plan_all(model, spec, names, hessians)
+
+    def _fp_hessians(self, model, spec, calib_ids, device) -> dict[str, torch.Tensor]:
+        """Input Hessians of every linear in the full-precision (rotated) model, one pass."""
+        layers = model.get_submodule(spec.layers)
+        inputs = capture_block_inputs(model, spec, calib_ids, device, self.config.batch_size)
+        hessians: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(layers):
+            with onload(block, device):
+                def keep(group, H, i=i):
+                    for n in group:
+                        hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
+                out = quantize_prenorm_block(block, spec, inputs, device, keep)
+            inputs = inputs.with_hidden(out)
+        return hessians
+
+    def _plan_all(self, model, spec, names, hessians) -> None:
+        f, g = self.fcfg, self.config.grid.group_size
+        tables, fixed_total, weights = [], 0, 0
+        orders = {}
+        for name in names:
+            W = model.get_submodule(name).weight.data.float()
+            H = hessians[name]
+            m, n = W.shape
+            if n % g:
+                raise FlexQuantError(f"group_size={g} does not divide {n} ({name})")
+            sal = _salience(W, H, f.candidates[0], g, self.config.gptq.damp) if f.protect != "none" else None
+            kept = torch.empty(0, dtype=torch.long)
+            if f.protect == "groups":
+                order = torch.argsort(sal, descending=True, stable=True)
+            else:
+                if f.protect == "columns":
+                    kept = torch.argsort(sal, descending=True)[: f.protect_groups * g]
+                order = column_order(torch.diag(H), self.config.gptq.act_order, kept)
+                if order is None:
+                    order = torch.arange(n)
+            if kept.numel():
+                colmax = W.abs().amax(0)
+                attribute = colmax[kept] < torch.quantile(colmax, 0.99)
+                self.facts.protected[name] = {"columns": int(kept.numel()),
+                                              "attribute_outliers": int(attribute.sum())}
+            orders[name] = (order, kept.numel())
+            ng = n // g
+            fixed = torch.zeros(ng, dtype=torch.bool)
+            fixed[ng - kept.numel() // g:] = kept.numel() > 0
+            tables.append(GroupTable(name, m, g, f.candidates,
+                                     _error_table(W, H, order, g, f.candidates), fixed, f.protect_bits))
+            fixed_total += layer_fixed_bits(m, n, g, self.config.grid.sym, True,
+                                            name.endswith(tuple(spec.online_rotations)) and f.dosa,
+                                            int(fixed.sum()) if f.protect_bits == 16 else 0)
+            weights += m * n
+        budget = int(f.bpw * weights) - fixed_total
+        if f.sbgbs:
+            bits, used = greedy_allocate(tables, budget)
+        else:
+            bits = None
+            for b in reversed(f.candidates):
+                uniform = [GroupTable(t.name, t.rows, g, (b,), t.errors[:, :1], t.fixed, t.fixed_bits)
+                           for t in tables]
+                try:
+                    bits, used = greedy_allocate(uniform, budget)
+                    break
+                except FlexQuantError:
+                    continue
+            if bits is None:
+                raise FlexQuantError(f"bpw={f.bpw} is below the cost of the lowest candidate bit-width")
+        for name in names:
+            order, nkept = orders[name]
+            self.plan[name] = _Plan(order, bits[name], nkept)
+        hist = torch.cat([b.float() for b in bits.values()])
+        self.facts.allocation = {
+            "target_bpw": f.bpw, "planned_bpw": (used + fixed_total) / weights,
+            "histogram": {str(int(b)): int((hist == b).sum()) for b in hist.unique()},
+            "per_matrix_bits": {n: float(b.float().mean()) for n, b in bits.items()},
+        }
+        log.info("SBGBS: planned %.4f bpw (target %.3f)", self.facts.allocation["planned_bpw"], f.bpw)
+
+    # ----- per linear -----
+    def quantize_linear(self, ctx, name, W, H):
+        full = f"{ctx.prefix}.{name}"
+        plan = self.plan[full]
+        target = W.float()
+        if self.fcfg.lfd and ctx.cross is not None and self.fcfg.feedback_alpha:
+            # GPTAQ-style closed form: W* = W + α·W·D·H⁻¹ makes ‖W X_fp − Ŵ X_q‖ the GPTQ objective.
+            U, _ = inverse_cholesky_upper(H, self.config.gptq.damp)
+            target = target + self.fcfg.feedback_alpha * (target @ ctx.cross) @ (U.T @ U)
+        return gptq_quantize(target, H, self.config.grid, self.config.gptq, group_bits=plan.group_bits,
+                             order=plan.order)
+
+    # ----- dynamic denoising after each block -----
+    @torch.no_grad()
+    def after_block(self, ctx, out_q, out_fp):
+        if not self.fcfg.lfd or out_fp is None:
+            return out_q
+        eps = torch.cat([(q - f).reshape(-1, q.shape[-1]) for q, f in zip(out_q, out_fp)])
+        ref = torch.cat([f.reshape(-1, f.shape[-1]) for f in out_fp])
+        before = float(eps.norm() / ref.norm())
+        ctx.notes["noise_before"] = before
+        ctx.notes["noise_after"] = before
+        if before <= self.fcfg.denoise_threshold:
+            return out_q
+        shift = eps.mean(0)  # the closed-form per-channel bias that minimises ‖ε − b‖²
+        writer = ctx.block.get_submodule(self.spec_writer)
+        bias = -shift.to(writer.weight.dtype).to(writer.weight.device)
+        writer.bias = torch.nn.Parameter(bias if writer.bias is None else writer.bias + bias, requires_grad=False)
+        out_q = [q - shift.to(q.dtype) for q in out_q]
+        ctx.notes["noise_after"] = float((eps - shift).norm() / ref.norm())
+        ctx.notes["denoised"] = True
+        return out_q
+
+    spec_writer = "mlp.down_proj"
+
+    def summary(self) -> dict:
+        return {"flexible": {"config": self.fcfg.__dict__, **self.facts.__dict__}}
+
+
+register("flexible")(FlexibleLLM)
