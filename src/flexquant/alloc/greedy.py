@@ -53,7 +53,7 @@ def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[st
     bits = {}
     used = 0
     heap: list[tuple[float, int, int, int]] = []  # (-gain per bit, table index, group, candidate index)
-    for t_i, t in enumerate(tables):
+    for t in tables:
         ng = t.errors.shape[0]
         b = torch.full((ng,), t.candidates[0], dtype=torch.int64)
         b[t.fixed] = t.fixed_bits

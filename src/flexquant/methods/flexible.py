@@ -12,9 +12,9 @@ from ..alloc import GroupTable, greedy_allocate, layer_fixed_bits
 from ..config import QuantConfig
 from ..errors import FlexQuantError
 from ..pipeline import Method
-from ..pipeline.prenorm import quantize_prenorm_block
 from ..pipeline.capture import capture_block_inputs
 from ..pipeline.hooks import onload
+from ..pipeline.prenorm import quantize_prenorm_block
 from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.grid import choose_qparams, dequantize, quantize

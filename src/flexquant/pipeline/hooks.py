@@ -67,7 +67,7 @@ def collect_feedback_stats(block: nn.Module, fp_block: nn.Module, linear_name: s
     for (h, kw), hf in zip(zip(inputs.hidden, inputs.kwargs), fp_inputs.hidden):
         got = {}
         for key, blk, x in (("q", block, h), ("fp", fp_block, hf)):
-            with input_hook(blk.get_submodule(linear_name), lambda t, key=key: got.__setitem__(key, t)):
+            with input_hook(blk.get_submodule(linear_name), lambda t, key=key, got=got: got.__setitem__(key, t)):
                 try:
                     blk(x.to(device), **kw)
                 except _StopForward:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from functools import partial
 from typing import Any, Iterable
 
 import torch
@@ -19,6 +20,7 @@ from .config import VisionQuantConfig
 from .errors import VisionError
 from .graph import BlockSequence, fold_batchnorm, layer_bits, quant_layers, split_model, wrap_layers
 from .meta import TransformNet, meta_train_block
+from .quantizers import QuantLayer
 from .reconstruct import init_block_activations, reconstruct_block, set_block_state
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class QuantizedClassifier(nn.Module):
         self.input_shape = tuple(input_shape)
         self.arch = arch
         self.report = report or []
+        self.metrics: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(x)
@@ -77,7 +80,9 @@ def collect_images(data: Any, limit: int | None = None) -> torch.Tensor:
                 if limit is not None and count >= limit:
                     break
         except TypeError:
-            raise VisionError(f"calibration data must be a tensor or an iterable of batches, got {type(data).__name__}") from None
+            raise VisionError(
+                f"calibration data must be a tensor or an iterable of batches, got {type(data).__name__}"
+            ) from None
         if not chunks:
             raise VisionError("the calibration data is empty")
         X = torch.cat(chunks)
@@ -113,15 +118,18 @@ def quantize_classifier(
         return _quantize(model, X, cfg, progress)
 
 
-def _quantize(model: nn.Module, X: torch.Tensor, cfg: VisionQuantConfig, progress: bool) -> QuantizedClassifier:
+def prepare_sequences(model: nn.Module, X: torch.Tensor, cfg: VisionQuantConfig) -> tuple[BlockSequence, BlockSequence]:
+    """(FP, to-be-quantized) block sequences of a BN-folded copy of `model`; the split is checked on X[:4]."""
     original = copy.deepcopy(model).eval()
     folded = fold_batchnorm(copy.deepcopy(model).eval())
     fp_seq = split_model(folded, probe=X[:4], reference=original).requires_grad_(False)
     q_seq = copy.deepcopy(fp_seq)
-    settings = layer_bits(q_seq, cfg.w_bits, cfg.a_bits, cfg.first_last_bits)
-    wrap_layers(q_seq, settings)
-    for p in q_seq.parameters():
-        p.requires_grad_(False)
+    wrap_layers(q_seq, layer_bits(q_seq, cfg.w_bits, cfg.a_bits, cfg.first_last_bits))
+    return fp_seq, q_seq.requires_grad_(False)
+
+
+def _quantize(model: nn.Module, X: torch.Tensor, cfg: VisionQuantConfig, progress: bool) -> QuantizedClassifier:
+    fp_seq, q_seq = prepare_sequences(model, X, cfg)
 
     X_fp, X_q = X, X  # inputs of the current block along the FP and the quantized stream
     z_fp = feat_fp = None
@@ -130,7 +138,7 @@ def _quantize(model: nn.Module, X: torch.Tensor, cfg: VisionQuantConfig, progres
         T = TransformNet(X.shape[1], cfg.unet_width).to(X.dtype)
         opt_T = torch.optim.Adam(T.parameters(), lr=cfg.meta_lr)
         z_fp = _batched(fp_seq, X)
-        feat_fp = _batched(lambda x: fp_seq(x, 0, len(fp_seq.parts) - 1), X)
+        feat_fp = _batched(partial(fp_seq, start=0, stop=len(fp_seq.parts) - 1), X)
 
     report = []
     bar = tqdm(list(enumerate(fp_seq.names)), desc="blocks", disable=not progress, leave=False)
@@ -149,8 +157,8 @@ def _quantize(model: nn.Module, X: torch.Tensor, cfg: VisionQuantConfig, progres
                 entry["meta"] = meta_train_block(T, opt_T, X, X_q, z_fp, feat_fp, k, q_seq, fp_seq, cfg)
                 # reconstruct on the original and the transformed images together
                 X_t = _batched(T, X)
-                Xfp_t = _batched(lambda x: fp_seq(x, 0, k), X_t)
-                Xq_rec = torch.cat([X_q, _batched(lambda x: q_seq(x, 0, k), X_t)])
+                Xfp_t = _batched(partial(fp_seq, start=0, stop=k), X_t)
+                Xq_rec = torch.cat([X_q, _batched(partial(q_seq, start=0, stop=k), X_t)])
                 Xfp_rec = torch.cat([X_fp, Xfp_t])
                 Y_rec = torch.cat([Y, _batched(fp_seq.parts[k], Xfp_t)])
             entry.update(reconstruct_block(block, Xq_rec, Xfp_rec, Y_rec, cfg))
@@ -173,15 +181,17 @@ def settings_from(seq: BlockSequence) -> dict[str, dict]:
     return {
         name: {"w_bits": m.w_bits, "a_bits": m.a_bits, "a_signed": bool(m.a_signed)}
         for name, m in seq.named_modules()
-        if m in set(quant_layers(seq))
+        if isinstance(m, QuantLayer)
     }
 
 
 def evaluate_top1(model: nn.Module, data: Any, batch_size: int = 256) -> float:
     """Top-1 accuracy in [0, 1] on (images, labels) tensors or an iterable of (images, labels) batches."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        X, y = data
-        batches: Iterable = ((X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size))
+        X_all, y_all = data
+        batches: Iterable = [
+            (X_all[i : i + batch_size], y_all[i : i + batch_size]) for i in range(0, len(X_all), batch_size)
+        ]
     else:
         batches = data
     dtype = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).dtype

@@ -33,7 +33,8 @@ class VisionQuantConfig:
     ``beta_start`` → ``beta_end`` after ``warmup`` (fraction of iters); ``qdrop_prob`` = probability that
     an activation keeps its FP value. ``calib_size`` caps the calibration images (None: all).
     Meta (``meta=True``): ``meta_steps`` outer steps per block on batches of ``meta_batch_size``; one inner
-    SGD step of lr ``meta_inner_lr``; Adam of lr ``meta_lr`` on the U-Net (``unet_width`` channels);
+    SGD step of lr ``meta_inner_lr`` (with ``meta_inner_norm``: each tensor moves by that fraction of its RMS
+    along its normalised gradient); Adam of lr ``meta_lr`` on the U-Net (``unet_width`` channels);
     outer loss = τ²·KL(``temperature``) + ``margin_weight``·relu(``margin`` − d) + ``feature_weight``·feat.
     """
 
@@ -53,7 +54,8 @@ class VisionQuantConfig:
     meta: bool = False
     meta_steps: int = 20
     meta_batch_size: int = 32
-    meta_inner_lr: float = 1e-2
+    meta_inner_lr: float = 0.1
+    meta_inner_norm: bool = True
     meta_lr: float = 1e-3
     temperature: float = 4.0
     margin: float = 0.1
@@ -67,8 +69,14 @@ class VisionQuantConfig:
             v = getattr(self, name)
             if not (_is_int(v) and 2 <= v <= 8):
                 raise VisionError(f"{name}={v!r} must be an integer from 2 to 8 (e.g. {name}=4)")
-        for name, low in (("iters", 0), ("batch_size", 1), ("meta_steps", 1), ("meta_batch_size", 1),
-                          ("unet_width", 1), ("seed", 0)):
+        for name, low in (
+            ("iters", 0),
+            ("batch_size", 1),
+            ("meta_steps", 1),
+            ("meta_batch_size", 1),
+            ("unet_width", 1),
+            ("seed", 0),
+        ):
             v = getattr(self, name)
             if not (_is_int(v) and v >= low):
                 raise VisionError(f"{name}={v!r} must be an integer >= {low}")
@@ -86,8 +94,9 @@ class VisionQuantConfig:
             raise VisionError(f"warmup={self.warmup!r} must be a fraction in [0, 1)")
         if not (_is_num(self.qdrop_prob) and 0 <= self.qdrop_prob < 1):
             raise VisionError(f"qdrop_prob={self.qdrop_prob!r} must be in [0, 1) (0.5 is QDrop's default)")
-        if not isinstance(self.meta, bool):
-            raise VisionError(f"meta={self.meta!r} must be True or False")
+        for name in ("meta", "meta_inner_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise VisionError(f"{name}={getattr(self, name)!r} must be True or False")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the format version, for JSON."""

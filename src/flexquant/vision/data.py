@@ -57,7 +57,9 @@ def _read_array(path: Path) -> np.ndarray:
         try:
             from PIL import Image
         except ImportError:
-            raise VisionError(f"reading {path.suffix} images needs Pillow (pip install pillow), or give .npy arrays") from None
+            raise VisionError(
+                f"reading {path.suffix} images needs Pillow (pip install pillow), or give .npy arrays"
+            ) from None
         try:
             with Image.open(path) as im:
                 a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0

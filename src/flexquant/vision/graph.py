@@ -156,7 +156,9 @@ ARCH_SPECS: list[ArchSpec] = [
 ]
 
 
-def split_model(model: nn.Module, probe: torch.Tensor | None = None, reference: nn.Module | None = None) -> BlockSequence:
+def split_model(
+    model: nn.Module, probe: torch.Tensor | None = None, reference: nn.Module | None = None
+) -> BlockSequence:
     """Cut `model` into a `BlockSequence` sharing its modules.
 
     With `probe`, the sequence's output is compared with `reference` (default: `model`) so an
@@ -197,9 +199,11 @@ def layer_bits(seq: BlockSequence, w_bits: int, a_bits: int, first_last_bits: in
         raise VisionError("the model has no Conv2d or Linear layer to quantize")
     first, last = names[0], names[-1]
     return {
-        n: {"w_bits": first_last_bits if n in (first, last) else w_bits,
+        n: {
+            "w_bits": first_last_bits if n in (first, last) else w_bits,
             "a_bits": first_last_bits if n in (first, last) else a_bits,
-            "a_signed": None}
+            "a_signed": None,
+        }
         for n in names
     }
 
@@ -209,7 +213,9 @@ def wrap_layers(seq: BlockSequence, settings: dict[str, dict], calibrate: bool =
     present = set(quantizable_layers(seq))
     if present != set(settings):
         missing, extra = sorted(set(settings) - present), sorted(present - set(settings))
-        raise VisionError(f"layer mismatch with the quantization settings: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise VisionError(
+            f"layer mismatch with the quantization settings: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for name, s in settings.items():
         layer = seq.get_submodule(name)
         _set_submodule(seq, name, QuantLayer(layer, s["w_bits"], s["a_bits"], s["a_signed"], calibrate=calibrate))

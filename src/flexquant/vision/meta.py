@@ -2,7 +2,7 @@
 that reconstructing a block on T(x) generalises to the original images.
 
 Bi-level objective for block k with quantizer parameters θ (rounding logits and activation steps):
-  inner  θ'(T) = θ − α ∇θ L_rec(θ; T(x))                    (one SGD step, kept in the graph)
+  inner  θ'(T) = θ − α ∇θ L_rec(θ; T(x))       (one SGD step, kept in the graph; optionally normalised)
   outer  L(T)  = τ² KL(p_fp(x)/τ ‖ p_q(x; θ')/τ) + λ_m relu(m − d(T(x), x)) + λ_f ‖F(T(x)) − F(x)‖²/‖F(x)‖²
 where p_q runs the quantized blocks < k, block k with θ', and the FP blocks after k; F is the FP model's
 penultimate features. ∂L/∂T flows through θ' (second order) and directly through the last two terms.
@@ -27,7 +27,9 @@ class TransformNet(nn.Module):
         super().__init__()
 
         def conv_block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU()
+            )
 
         self.enc1 = conv_block(channels, width)
         self.enc2 = conv_block(width, 2 * width)
@@ -54,6 +56,19 @@ def kl_logits(z_fp: torch.Tensor, z_q: torch.Tensor, tau: float) -> torch.Tensor
     log_p = F.log_softmax(z_fp / tau, dim=-1)
     log_q = F.log_softmax(z_q / tau, dim=-1)
     return tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def inner_step(theta: torch.Tensor, g: torch.Tensor, cfg: VisionQuantConfig) -> torch.Tensor:
+    """The inner update Δθ: plain SGD α·g, or (meta_inner_norm) α·rms(θ)·g/rms(g).
+
+    The gradients of rounding logits and activation steps are tiny and of unrelated scales, so a plain
+    SGD step barely moves θ and the meta-gradient through it vanishes; the normalised step moves each
+    tensor by a fraction α of its own size, whatever the loss scale, and stays smooth in g.
+    """
+    if not cfg.meta_inner_norm:
+        return cfg.meta_inner_lr * g
+    rms = lambda t: torch.sqrt(t.pow(2).mean() + 1e-24)  # noqa: E731
+    return cfg.meta_inner_lr * rms(theta.detach()) * g / rms(g)
 
 
 def learnable_params(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,9 +107,7 @@ def meta_objective(
     out_t = functional_call(block, theta, (q_seq(x_t, 0, k),))
     L_in = block_loss(out_t, Y_t)
     grads = torch.autograd.grad(L_in, list(theta.values()), create_graph=True, allow_unused=True)
-    theta_new = {
-        n: p if g is None else p - cfg.meta_inner_lr * g for (n, p), g in zip(theta.items(), grads)
-    }
+    theta_new = {n: p if g is None else p - inner_step(p, g, cfg) for (n, p), g in zip(theta.items(), grads)}
 
     # outer: the virtually updated quantizer judged on the original images
     set_block_state(block, "soft", 0.0)

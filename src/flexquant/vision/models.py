@@ -63,7 +63,9 @@ class TinyResNet(nn.Module):
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True)
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -134,7 +136,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         try:
             builder = tv.models.get_model_builder(name)
         except ValueError:
-            raise VisionError(f"torchvision has no model named {name!r}; e.g. resnet18, mobilenet_v2, regnet_x_400mf") from None
+            raise VisionError(
+                f"torchvision has no model named {name!r}; e.g. resnet18, mobilenet_v2, regnet_x_400mf"
+            ) from None
         model = builder(weights=None, num_classes=num_classes)
     else:
         raise VisionError(
@@ -155,7 +159,9 @@ def load_weights(model: nn.Module, path: str) -> None:
     except FileNotFoundError:
         raise VisionError(f"weights file not found: {path}") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise VisionError(f"cannot read {path} as safetensors ({exc}); convert the checkpoint with safetensors.torch.save_file") from None
+        raise VisionError(
+            f"cannot read {path} as safetensors ({exc}); convert the checkpoint with safetensors.torch.save_file"
+        ) from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad_shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
