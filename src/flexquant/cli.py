@@ -42,6 +42,17 @@ def _add_quantize(sub) -> None:
     p.add_argument("--device", default=_DEFAULT.device, help="auto | cpu | cuda[:N]")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    f = p.add_argument_group("flexible (FlexibleLLM) options")
+    f.add_argument("--bpw", type=float, help="honest bits-per-weight budget, metadata included (e.g. 2.5)")
+    for flag, what in (("dosa", "Hadamard rotation + outlier protection"), ("sbgbs", "greedy fractional bit search"),
+                       ("lfd", "feedback toward full-precision targets + denoising")):
+        f.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=what)
+    f.add_argument("--protect", choices=("columns", "groups", "none"), help="attribute-outlier handling")
+    f.add_argument("--protect-groups", type=int, help="salient column groups kept per linear (--protect columns)")
+    f.add_argument("--protect-bits", type=int, help="bits of the protected columns (2..8, or 16 = fp16)")
+    f.add_argument("--candidates", type=int, nargs="+", help="bit-widths SBGBS may choose (default 2 3 4)")
+    f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.25)")
+    f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
 
@@ -87,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLEXIBLE_FLAGS = ("bpw", "dosa", "sbgbs", "lfd", "protect", "protect_groups", "protect_bits", "candidates",
+                  "feedback_alpha", "denoise_threshold")
+
+
 def cmd_quantize(a) -> int:
     from . import api
 
-    config = QuantConfig().replace(
+    options = {k: getattr(a, k) for k in FLEXIBLE_FLAGS if getattr(a, k) is not None}
+    if options and a.method != "flexible":
+        raise FlexQuantError(f"--{next(iter(options)).replace('_', '-')} applies to --method flexible only")
+    if a.method == "flexible":
+        from .methods.flexible import FlexibleConfig
+
+        FlexibleConfig(**options)  # validate before the model is loaded
+    config = QuantConfig().replace(options=options,
         model=a.model, method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, clip=a.clip,
         act_order=a.act_order, damp=a.damp, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
         batch_size=a.batch_size, device=a.device,
