@@ -70,7 +70,7 @@ def test_flexible_beats_gptq_at_fewer_bits(wide, calib):
 def test_report_has_allocation_protection_noise_and_incoherence(wide, calib):
     path, _ = wide
     qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, progress=False,
-                     options=dict(bpw=3.0, denoise_threshold=0.0))
+                     options=dict(bpw=3.0, denoise="bias", denoise_threshold=0.0))
     facts = qm.report["method"]["flexible"]
     assert sum(facts["allocation"]["histogram"].values()) == sum(
         m.in_features // 64 for m in qm.model.modules() if isinstance(m, QuantLinear))

@@ -52,6 +52,7 @@ def _add_quantize(sub) -> None:
     f.add_argument("--protect-bits", type=int, help="bits of the protected columns (2..8, or 16 = fp16)")
     f.add_argument("--candidates", type=int, nargs="+", help="bit-widths SBGBS may choose (default 2 3 4)")
     f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.25)")
+    f.add_argument("--denoise", choices=("bias", "off"), help="LFD denoising after each block")
     f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
@@ -95,11 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: real_add(*a, parents=[common], **k)  # -q after any subcommand
     for add in (_add_quantize, _add_eval, _add_info, _add_generate):
         add(sub)
+    from .vision.cli import register as register_vision
+
+    register_vision(sub)
     return parser
 
 
 FLEXIBLE_FLAGS = ("bpw", "dosa", "sbgbs", "lfd", "protect", "protect_groups", "protect_bits", "candidates",
-                  "feedback_alpha", "denoise_threshold")
+                  "feedback_alpha", "denoise", "denoise_threshold")
 
 
 def cmd_quantize(a) -> int:
@@ -189,7 +193,14 @@ def cmd_generate(a) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
+def cmd_vision(a) -> int:
+    from .vision.cli import run
+
+    return run(a)
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
+            "vision": cmd_vision}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ..errors import FlexQuantError
 
 
-class Kernel:
+class Kernel(abc.ABC):
     """A way to compute ``QuantLinear.forward``. Subclasses declare support and a priority."""
 
     name = "base"
@@ -19,8 +20,9 @@ class Kernel:
     def supports(self, layer, device: torch.device) -> bool:
         return True
 
+    @abc.abstractmethod
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """y = x·Wᵀ + b for the packed ``layer``."""
 
 
 class ReferenceKernel(Kernel):

@@ -38,13 +38,19 @@ class FlexibleConfig:
     sbgbs: bool = True  # greedy fractional bit search; off: the highest uniform candidate that fits
     candidates: tuple[int, ...] = (2, 3, 4)
     lfd: bool = True
-    feedback_alpha: float = 0.25  # weight of the GPTAQ-style correction toward full-precision targets
-    denoise_threshold: float = 0.05  # relative block-output noise above which the bias fold fires
+    feedback_alpha: float = 0.1  # weight of the GPTAQ-style correction toward full-precision targets
+    # Denoising after each block: "bias" folds −mean(ε) into the block's last writer where the relative
+    # noise ‖ε‖/‖h_fp‖ exceeds denoise_threshold; "off" only measures and reports the noise.
+    denoise: str = "off"
+    denoise_threshold: float = 0.05
+    alloc_nsamples: int = 32  # calibration windows used by the allocation (error-ranking) pass
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 1.0 < self.bpw <= 16:
             raise FlexQuantError(f"bpw={self.bpw} must be in (1, 16]")
+        if self.denoise not in ("bias", "off"):
+            raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
         if self.protect not in PROTECT:
             raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
         if not self.candidates or sorted(self.candidates) != list(self.candidates) or \
@@ -102,14 +108,20 @@ class FlexibleLLM(Method):
     def __init__(self, config: QuantConfig):
         self.config = config
         self.fcfg = FlexibleConfig(**config.options)
-        self.needs_feedback = self.fcfg.lfd
+        self.feedback_groups: tuple[str, ...] = ()
         self.plan: dict[str, _Plan] = {}
+        self.spec_writer = "mlp.down_proj"  # the block's last residual writer (set from the spec)
         self.facts = _Facts()
 
     # ----- whole-model preparation: rotation, FP Hessians, protection, allocation -----
     @torch.no_grad()
     def prepare(self, model, spec, calib_ids, device) -> None:
         f = self.fcfg
+        if f.lfd:
+            # Feedback where the residual stream enters the block (the q/k/v and gate/up inputs): that is
+            # where the quantized stream's accumulated noise shows; FP inputs come from the FP-stream pass.
+            self.feedback_groups = tuple(g[0] for g in spec.linear_groups if g[0] in spec.residual_readers)
+        self.spec_writer = spec.residual_writers[-1]
         layers = model.get_submodule(spec.layers)
         names = [f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for n in spec.linears]
         if f.dosa:
@@ -123,11 +135,13 @@ class FlexibleLLM(Method):
     def _fp_hessians(self, model, spec, calib_ids, device) -> dict[str, torch.Tensor]:
         """Input Hessians of every linear in the full-precision (rotated) model, one pass."""
         layers = model.get_submodule(spec.layers)
-        inputs = capture_block_inputs(model, spec, calib_ids, device, self.config.batch_size)
+        # A subset of the calibration windows is enough to rank the groups' errors.
+        calib = calib_ids[: self.fcfg.alloc_nsamples]
+        inputs = capture_block_inputs(model, spec, calib, device, self.config.batch_size)
         hessians: dict[str, torch.Tensor] = {}
         for i, block in enumerate(layers):
             with onload(block, device):
-                def keep(group, H, i=i):
+                def keep(group, H, D=None, i=i):
                     for n in group:
                         hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
                 out = quantize_prenorm_block(block, spec, inputs, device, keep)
@@ -217,7 +231,7 @@ class FlexibleLLM(Method):
         before = float(eps.norm() / ref.norm())
         ctx.notes["noise_before"] = before
         ctx.notes["noise_after"] = before
-        if before <= self.fcfg.denoise_threshold:
+        if self.fcfg.denoise == "off" or before <= self.fcfg.denoise_threshold:
             return out_q
         shift = eps.mean(0)  # the closed-form per-channel bias that minimises ‖ε − b‖²
         writer = ctx.block.get_submodule(self.spec_writer)
@@ -227,8 +241,6 @@ class FlexibleLLM(Method):
         ctx.notes["noise_after"] = float((eps - shift).norm() / ref.norm())
         ctx.notes["denoised"] = True
         return out_q
-
-    spec_writer = "mlp.down_proj"
 
     def summary(self) -> dict:
         return {"flexible": {"config": self.fcfg.__dict__, **self.facts.__dict__}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import copy
 import logging
 import time
@@ -11,11 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
 from .capture import BlockInputs, capture_block_inputs, run_block
-from .hooks import collect_feedback_stats, collect_hessian, onload
+from .hooks import collect_hessian, onload, run_capturing
 from .prenorm import prenorm_applicable, quantize_prenorm_block
 
 log = logging.getLogger(__name__)
@@ -37,25 +39,29 @@ class BlockContext:
     cross: torch.Tensor | None = None
 
 
-class Method:
+class Method(abc.ABC):
     """A quantization recipe: how to quantize one linear, plus optional per-block steps."""
 
     name = "base"
     needs_calibration = True  # False: data-free (RTN); no forward passes at all
     needs_fp_stream = False  # True: the pipeline also propagates the full-precision stream
-    needs_feedback = False  # True: per group, also D = (X_fp − X_q)ᵀX_q (implies the FP stream)
+    # Groups (named by their first linear) that also get D = 2(X_fp − X_q)ᵀX_q/T in ``ctx.cross``;
+    # non-empty implies the FP stream. Needs the pre-norm fast path.
+    feedback_groups: tuple[str, ...] = ()
 
     def prepare(self, model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor | None,
                 device: torch.device) -> None:
         """Whole-model steps before the block loop (transforms, bit allocation); default none."""
+        return None
 
     def summary(self) -> dict:
         """Method-specific facts for the run report."""
         return {}
 
+    @abc.abstractmethod
     def quantize_linear(self, ctx: BlockContext | None, name: str, W: torch.Tensor,
                         H: torch.Tensor | None) -> QuantResult:
-        raise NotImplementedError
+        """The `QuantResult` of linear ``name`` (weight W, input Hessian H or None if data-free)."""
 
     def after_block(self, ctx: BlockContext, out_q: list[torch.Tensor],
                     out_fp: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -78,8 +84,6 @@ def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear
     t0 = time.perf_counter()
     W = linear.weight.data
     if not torch.isfinite(W).all():
-        from ..errors import FlexQuantError
-
         raise FlexQuantError(f"weight {prefix}.{name} contains NaN or inf; the model checkpoint is corrupted")
     r = method.quantize_linear(ctx, name, W, H)
     Wq = r.dequantize(torch.float32)
@@ -115,30 +119,30 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         return results, records, notes
 
     inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
-    need_fp = method.needs_fp_stream or method.needs_feedback
+    need_fp = method.needs_fp_stream or bool(method.feedback_groups)
     fp_inputs = inputs.clone() if need_fp else None
     for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
         with onload(block, device):
             fp_block = copy.deepcopy(block) if need_fp else None
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_block, fp_inputs, device)
 
-            def quantize_group(group, H, ctx=ctx, block=block):
+            def quantize_group(group, H, D=None, ctx=ctx, block=block):
+                ctx.cross = D
                 for name in group:
                     _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
-
-            if method.needs_feedback:
-                for group in spec.linear_groups:
-                    H, ctx.cross = collect_feedback_stats(block, fp_block, group[0], inputs, fp_inputs, device)
-                    quantize_group(group, H)
                 ctx.cross = None
-                out_q = run_block(block, inputs, device)
-            elif fast and prenorm_applicable(spec, inputs, block):
-                out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group)
+
+            out_fp, x_fp = (run_capturing(fp_block, fp_inputs, device, method.feedback_groups)
+                            if fp_block is not None else (None, None))
+            if (fast or method.feedback_groups) and prenorm_applicable(spec, inputs, block):
+                out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp)
+            elif method.feedback_groups:
+                raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "
+                                     "is not declared so in its ModelSpec")
             else:
                 for group in spec.linear_groups:
                     quantize_group(group, collect_hessian(block, group[0], inputs, device))
                 out_q = run_block(block, inputs, device)
-            out_fp = run_block(fp_block, fp_inputs, device) if fp_block is not None else None
             out_q = method.after_block(ctx, out_q, out_fp)
         inputs = inputs.with_hidden(out_q)
         if fp_inputs is not None:

@@ -56,25 +56,18 @@ def collect_hessian(block: nn.Module, linear_name: str, inputs: BlockInputs,
 
 
 @torch.no_grad()
-def collect_feedback_stats(block: nn.Module, fp_block: nn.Module, linear_name: str, inputs: BlockInputs,
-                           fp_inputs: BlockInputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """H = 2X_qᵀX_q/T and D = 2(X_fp − X_q)ᵀX_q/T for the inputs of ``linear_name`` in the quantized
-    block (quantized stream) and the full-precision block (full-precision stream), batch by batch."""
-    n = block.get_submodule(linear_name).in_features
-    H = torch.zeros(n, n, device=device)
-    D = torch.zeros(n, n, device=device)
-    T = 0
-    for (h, kw), hf in zip(zip(inputs.hidden, inputs.kwargs), fp_inputs.hidden):
-        got = {}
-        for key, blk, x in (("q", block, h), ("fp", fp_block, hf)):
-            with input_hook(blk.get_submodule(linear_name), lambda t, key=key, got=got: got.__setitem__(key, t)):
-                try:
-                    blk(x.to(device), **kw)
-                except _StopForward:
-                    pass
-        Xq = got["q"].reshape(-1, n).float()
-        Xf = got["fp"].reshape(-1, n).float()
-        H.addmm_(Xq.T, Xq)
-        D.addmm_((Xf - Xq).T, Xq)
-        T += Xq.shape[0]
-    return H * (2 / T), D * (2 / T)
+def run_capturing(block: nn.Module, inputs: BlockInputs, device: torch.device,
+                  linear_names: tuple[str, ...]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Run ``block`` over all batches; return its outputs and the inputs of ``linear_names`` (CPU)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in linear_names}
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen[n].append(args[0].detach().to("cpu"))) for n in linear_names]
+    try:
+        outs = []
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            out = block(h.to(device), **kw)
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out).to("cpu"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outs, seen

@@ -30,11 +30,13 @@ def prenorm_applicable(spec: ModelSpec, inputs: BlockInputs, block: nn.Module) -
     return tokens * widths * inputs.hidden[0].element_size() <= MAX_CACHE_BYTES
 
 
-def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator, keep: list | None):
-    """Run ``call()``, stopping at ``linear``'s input: accumulate it into ``acc`` and keep it (CPU)."""
+def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator, keep: list | None,
+             x_fp: torch.Tensor | None = None):
+    """Run ``call()``, stopping at ``linear``'s input: accumulate it into ``acc`` (with the matching
+    full-precision-stream input ``x_fp`` for the feedback term) and keep it (CPU)."""
 
     def grab(x):
-        acc.add(x)
+        acc.add(x, None if x_fp is None else x_fp.to(x.device))
         if keep is not None:
             keep.append(x.to("cpu"))
 
@@ -47,37 +49,42 @@ def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator,
 
 @torch.no_grad()
 def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device,
-                           quantize_group) -> list[torch.Tensor]:
-    """Quantize a pre-norm block group by group; ``quantize_group(group, H)`` quantizes in place.
+                           quantize_group, fp_inputs: dict[str, list[torch.Tensor]] | None = None
+                           ) -> list[torch.Tensor]:
+    """Quantize a pre-norm block group by group; ``quantize_group(group, H, D)`` quantizes in place.
 
+    ``fp_inputs`` maps a group's first linear to its full-precision-stream inputs per batch; for
+    those groups the feedback term D is accumulated next to H (else D is None).
     Returns the block's outputs (quantized weights) for every stored batch.
     """
     qkv, o, gate_up, down = spec.linear_groups
     get = block.get_submodule
     batches = list(zip(inputs.hidden, inputs.kwargs))
+    fp_inputs = fp_inputs or {}
 
     def hessian(linear_name, calls, keep=None):
         lin = get(linear_name)
         acc = HessianAccumulator(lin.in_features, device)
-        for call in calls:
-            _stop_at(block, call, lin, acc, keep)
-        return acc.H
+        fps = fp_inputs.get(linear_name, [None] * len(calls))
+        for call, x_fp in zip(calls, fps):
+            _stop_at(block, call, lin, acc, keep, x_fp)
+        return acc.H, acc.D
 
     def run_block(h, kw):
         return lambda: block(h.to(device), **kw)
 
-    quantize_group(qkv, hessian(qkv[0], [run_block(h, kw) for h, kw in batches]))
+    quantize_group(qkv, *hessian(qkv[0], [run_block(h, kw) for h, kw in batches]))
     x_o: list[torch.Tensor] = []
-    quantize_group(o, hessian(o[0], [run_block(h, kw) for h, kw in batches], keep=x_o))
+    quantize_group(o, *hessian(o[0], [run_block(h, kw) for h, kw in batches], keep=x_o))
 
     o_proj, norm2, mlp = get(o[0]), get(spec.mlp_norm), get(spec.mlp)
     h_mid = [h.to(device) + o_proj(x.to(device)) for (h, _), x in zip(batches, x_o)]
     del x_o
     acc = HessianAccumulator(get(gate_up[0]).in_features, device)
-    for hm in h_mid:
-        acc.add(norm2(hm))
-    quantize_group(gate_up, acc.H)
+    for hm, x_fp in zip(h_mid, fp_inputs.get(gate_up[0], [None] * len(h_mid))):
+        acc.add(norm2(hm), None if x_fp is None else x_fp.to(device))
+    quantize_group(gate_up, acc.H, acc.D)
     x_d: list[torch.Tensor] = []
-    quantize_group(down, hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid], keep=x_d))
+    quantize_group(down, *hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid], keep=x_d))
     down_proj = get(down[0])
     return [(hm + down_proj(x.to(device))).to("cpu") for hm, x in zip(h_mid, x_d)]

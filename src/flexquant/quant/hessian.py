@@ -1,4 +1,5 @@
-"""Running Hessian H = 2/T * sum_t x_t x_tᵀ of a linear layer's inputs."""
+"""Running Hessian H = 2/T·Σ_t x_t x_tᵀ of a linear layer's inputs, and optionally the feedback cross
+term D = 2/T·Σ_t (x_fp,t − x_t) x_tᵀ between full-precision-stream and quantized-stream inputs."""
 
 from __future__ import annotations
 
@@ -6,20 +7,25 @@ import torch
 
 
 class HessianAccumulator:
-    """Accumulates H from batches of inputs [..., n] in float32, as a running mean over tokens."""
+    """Accumulates H (and D when given X_fp) from batches of inputs [..., n] in float32, as running means."""
 
     def __init__(self, n: int, device: torch.device | str = "cpu"):
         self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.D: torch.Tensor | None = None
         self.tokens = 0
 
     @torch.no_grad()
-    def add(self, X: torch.Tensor) -> None:
+    def add(self, X: torch.Tensor, X_fp: torch.Tensor | None = None) -> None:
         X = X.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32)  # [T, n]
         T = X.shape[0]
         if not torch.isfinite(X).all():
             raise FloatingPointError("non-finite activations reached a linear layer during calibration")
         total = self.tokens + T
-        self.H.mul_(self.tokens / total)
-        X = X * (2.0 / total) ** 0.5
-        self.H.addmm_(X.t(), X)
+        keep, scale = self.tokens / total, (2.0 / total) ** 0.5
+        self.H.mul_(keep).addmm_((X * scale).t(), X * scale)
+        if X_fp is not None:
+            dX = X_fp.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32) - X
+            if self.D is None:
+                self.D = torch.zeros_like(self.H)
+            self.D.mul_(keep).addmm_((dX * scale).t(), X * scale)
         self.tokens = total

@@ -55,13 +55,16 @@ class QuantizedClassifier(nn.Module):
         return self.seq(x)
 
     def storage_bits(self) -> dict[str, float]:
-        """Honest weight storage: codes at their bit-width + a 32-bit scale and zero per output channel."""
-        bits = weights = 0
+        """Weight storage per weight: bit-packed codes (``bpw_packed``) and as the file holds them
+        (``bpw_in_file``: one uint8 per code, no packing yet); both include a 32-bit scale and zero per channel."""
+        packed = in_file = weights = 0
         for layer in quant_layers(self):
-            n = layer.w_codes.numel()
-            bits += n * layer.w_bits + 2 * 32 * layer.w_scale.numel()
+            n, meta = layer.w_codes.numel(), 2 * 32 * layer.w_scale.numel()
+            packed += n * layer.w_bits + meta
+            in_file += n * 8 + meta
             weights += n
-        return {"weights": weights, "bits": bits, "bpw": bits / max(1, weights)}
+        w = max(1, weights)
+        return {"weights": weights, "bpw_packed": packed / w, "bpw_in_file": in_file / w}
 
 
 def collect_images(data: Any, limit: int | None = None) -> torch.Tensor:
@@ -111,8 +114,10 @@ def quantize_classifier(
     cfg = config or VisionQuantConfig()
     if not isinstance(model, nn.Module):
         raise VisionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dtype = next(model.parameters()).dtype
-    X = collect_images(calib, cfg.calib_size).to(dtype)
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        raise VisionError("the model has no parameters to quantize")
+    X = collect_images(calib, cfg.calib_size).to(first.device, first.dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _quantize(model, X, cfg, progress)
@@ -135,7 +140,7 @@ def _quantize(model: nn.Module, X: torch.Tensor, cfg: VisionQuantConfig, progres
     z_fp = feat_fp = None
     T = opt_T = None
     if cfg.meta:
-        T = TransformNet(X.shape[1], cfg.unet_width).to(X.dtype)
+        T = TransformNet(X.shape[1], cfg.unet_width).to(X.device, X.dtype)
         opt_T = torch.optim.Adam(T.parameters(), lr=cfg.meta_lr)
         z_fp = _batched(fp_seq, X)
         feat_fp = _batched(partial(fp_seq, start=0, stop=len(fp_seq.parts) - 1), X)
@@ -194,12 +199,12 @@ def evaluate_top1(model: nn.Module, data: Any, batch_size: int = 256) -> float:
         ]
     else:
         batches = data
-    dtype = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).dtype
+    ref = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0)))
     correct = total = 0
     model.eval()
     with torch.no_grad():
         for x, y in batches:
-            correct += (model(x.to(dtype)).argmax(-1) == y).sum().item()
+            correct += (model(x.to(ref.device, ref.dtype)).argmax(-1).cpu() == y.cpu()).sum().item()
             total += len(y)
     if total == 0:
         raise VisionError("the evaluation data is empty")

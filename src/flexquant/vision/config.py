@@ -54,7 +54,7 @@ class VisionQuantConfig:
     meta: bool = False
     meta_steps: int = 20
     meta_batch_size: int = 32
-    meta_inner_lr: float = 0.1
+    meta_inner_lr: float = 0.3
     meta_inner_norm: bool = True
     meta_lr: float = 1e-3
     temperature: float = 4.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -82,6 +82,32 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size]
 
 
+def _normaliser(mean: Iterable[float], std: Iterable[float]):
+    mean_t = torch.tensor(list(mean), dtype=torch.float32).reshape(3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32).reshape(3, 1, 1)
+    return lambda img: (img - mean_t) / std_t
+
+
+def _load(path: Path, image_size: int, norm) -> torch.Tensor:
+    img = torch.from_numpy(np.ascontiguousarray(_read_array(path).transpose(2, 0, 1)))
+    return norm(resize_center_crop(img, image_size))
+
+
+def iter_image_folder(
+    root: str | Path,
+    image_size: int,
+    batch_size: int = 64,
+    mean: Iterable[float] = IMAGENET_MEAN,
+    std: Iterable[float] = IMAGENET_STD,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream an ImageFolder tree as (images, labels) batches, for evaluation sets too large for memory."""
+    paths, labels, _ = list_image_folder(root)
+    norm = _normaliser(mean, std)
+    for i in range(0, len(paths), batch_size):
+        chunk = range(i, min(i + batch_size, len(paths)))
+        yield torch.stack([_load(paths[j], image_size, norm) for j in chunk]), torch.tensor([labels[j] for j in chunk])
+
+
 def load_image_folder(
     root: str | Path,
     image_size: int,
@@ -98,12 +124,10 @@ def load_image_folder(
     order = np.arange(len(paths))
     if limit is not None and limit < len(paths):
         order = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
-    mean_t = torch.tensor(list(mean), dtype=torch.float32).reshape(3, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32).reshape(3, 1, 1)
+    norm = _normaliser(mean, std)
     X = torch.empty(len(order), 3, image_size, image_size)
     for j, i in enumerate(order):
-        img = torch.from_numpy(np.ascontiguousarray(_read_array(paths[i]).transpose(2, 0, 1)))
-        X[j] = (resize_center_crop(img, image_size) - mean_t) / std_t
+        X[j] = _load(paths[i], image_size, norm)
     y = torch.tensor([labels[i] for i in order], dtype=torch.long)
     log.info("loaded %d images of %d classes from %s", len(X), len(classes), root)
     return X, y, classes

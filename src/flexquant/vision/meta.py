@@ -67,8 +67,9 @@ def inner_step(theta: torch.Tensor, g: torch.Tensor, cfg: VisionQuantConfig) -> 
     """
     if not cfg.meta_inner_norm:
         return cfg.meta_inner_lr * g
-    rms = lambda t: torch.sqrt(t.pow(2).mean() + 1e-24)  # noqa: E731
-    return cfg.meta_inner_lr * rms(theta.detach()) * g / rms(g)
+    rms_theta = torch.sqrt(theta.detach().pow(2).mean() + 1e-24)
+    rms_g = torch.sqrt(g.pow(2).mean() + 1e-24)
+    return cfg.meta_inner_lr * rms_theta * g / rms_g
 
 
 def learnable_params(block: nn.Module) -> dict[str, torch.Tensor]:

@@ -164,21 +164,21 @@ class QuantLayer(nn.Module):
             raise TypeError("only zero-padded convolutions are supported")
         self.w_bits, self.a_bits = w_bits, a_bits
         W = layer.weight.detach()
-        bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
+        bias = layer.bias.detach().clone() if layer.bias is not None else W.new_zeros(W.shape[0])
         if calibrate:
             s, z = init_weight_qparams(W, w_bits)
         else:  # a skeleton for loading a checkpoint: the values come from the file
             shape = (W.shape[0],) + (1,) * (W.dim() - 1)
-            s, z = torch.ones(shape, dtype=W.dtype), torch.zeros(shape, dtype=W.dtype)
+            s, z = W.new_ones(shape), W.new_zeros(shape)
         self.register_buffer("weight", W.clone())
         self.register_buffer("bias", bias)
         self.register_buffer("w_scale", s)
         self.register_buffer("w_zero", z)
-        self.register_buffer("w_codes", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("w_codes", torch.zeros(0, dtype=torch.uint8, device=W.device))
         self.V = nn.Parameter(init_rounding_logits(W, s))
         # Signedness is decided from calibration data unless given (e.g. when loading a checkpoint).
         self.a_signed = a_signed
-        self.a_step = nn.Parameter(torch.ones((), dtype=W.dtype))
+        self.a_step = nn.Parameter(W.new_ones(()))
         self.state = "soft"
         self.act_quant = True
         self.qdrop_p = 0.0
