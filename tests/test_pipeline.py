@@ -109,12 +109,17 @@ def test_other_llama_family_members_quantize(tmp_path, calib_ids):
             assert re.model.model.layers[0].self_attn.q_proj.bias is not None
 
 
-@pytest.mark.parametrize("method", ["gptq"])
-def test_prenorm_fast_path_equals_generic_path(tiny, calib_ids, method):
-    cfg = QuantConfig(model="tiny-llama", method=method).replace(bits=3, group_size=32)
+@pytest.mark.parametrize("rotated", [False, True])
+def test_prenorm_fast_path_equals_generic_path(tiny, calib_ids, rotated):
+    """Same weights and logits either way, also with an online rotation hooked on down_proj."""
+    from flexquant.transforms.rotate import rotate_model
+
+    cfg = QuantConfig(model="tiny-llama", method="gptq").replace(bits=3, group_size=32)
     outs = {}
     for fast in (False, True):
         model = copy.deepcopy(tiny[0])
+        if rotated:
+            rotate_model(model, get_spec("llama"))
         results, _, _ = quantize_blocks(model, get_spec("llama"), build_method(cfg), calib_ids[:6],
                                         torch.device("cpu"), batch_size=4, progress=False, fast=fast)
         outs[fast] = (model, results)

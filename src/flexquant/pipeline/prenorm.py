@@ -78,7 +78,9 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     quantize_group(o, *hessian(o[0], [run_block(h, kw) for h, kw in batches], keep=x_o))
 
     o_proj, norm2, mlp = get(o[0]), get(spec.mlp_norm), get(spec.mlp)
-    h_mid = [h.to(device) + o_proj(x.to(device)) for (h, _), x in zip(batches, x_o)]
+    # Captured inputs are what the linear's matmul sees (after any input pre-hook such as an online
+    # rotation), so outputs are rebuilt with the bare matmul, not by calling the module again.
+    h_mid = [h.to(device) + _matmul(o_proj, x.to(device)) for (h, _), x in zip(batches, x_o)]
     del x_o
     acc = HessianAccumulator(get(gate_up[0]).in_features, device)
     for hm, x_fp in zip(h_mid, fp_inputs.get(gate_up[0], [None] * len(h_mid))):
@@ -87,4 +89,8 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     x_d: list[torch.Tensor] = []
     quantize_group(down, *hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid], keep=x_d))
     down_proj = get(down[0])
-    return [(hm + down_proj(x.to(device))).to("cpu") for hm, x in zip(h_mid, x_d)]
+    return [(hm + _matmul(down_proj, x.to(device))).to("cpu") for hm, x in zip(h_mid, x_d)]
+
+
+def _matmul(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, lin.weight, lin.bias)
