@@ -38,16 +38,28 @@ def job(args) -> None:
 
     calib = load_file(args.calib)["input_ids"]
     qm = fq.quantize(args.model, method=args.method, bits=args.bits, group_size=args.group_size,
-                     calib_ids=calib, nsamples=calib.shape[0], seqlen=calib.shape[1], progress=False)
+                     calib_ids=calib, nsamples=calib.shape[0], seqlen=calib.shape[1], progress=False,
+                     options=json.loads(args.options))
     fq.save(qm, args.out, overwrite=True)
 
 
-def run_quantization(kind: str, method: str, bits: int, args, work: Path) -> dict:
-    out = work / f"{kind}-{method}-w{bits}g{args.group_size}"
+def parse_flexible(spec: str) -> dict:
+    """'2.5' or '2.5:dosa=0,lfd=1,feedback_alpha=0.2' -> FlexibleConfig options."""
+    bpw, _, rest = spec.partition(":")
+    opts: dict = {"bpw": float(bpw)}
+    for kv in filter(None, rest.split(",")):
+        k, v = kv.split("=")
+        opts[k] = {"0": False, "1": True}.get(v) if v in ("0", "1") else (float(v) if "." in v else v)
+    return opts
+
+
+def run_quantization(kind: str, method: str, bits: int, args, work: Path, options: dict | None = None) -> dict:
+    tag = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in options.items())
+    out = work / f"{kind}-{method}-w{bits}g{args.group_size}{tag}"
     if kind == "flexquant":
         cmd = [sys.executable, __file__, "_job", "--model", args.model_dir, "--method", method,
                "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
-               "--out", str(out)]
+               "--out", str(out), "--options", json.dumps(options or {})]
     else:
         cmd = [str(ROOT / ".venv-peers/bin/python"), str(ROOT / "bench/peers.py"), method, "--model",
                args.model_dir, "--calib", str(work / "calib.safetensors"), "--bits", str(bits),
@@ -66,7 +78,10 @@ def run_quantization(kind: str, method: str, bits: int, args, work: Path) -> dic
         rep = json.loads((out / "peer_report.json").read_text())
         info = {"bpw": rep["bpw"], "quant_seconds": rep["quant_time_s"], "peak_rss_mb": rep["peak_rss_mb"],
                 "versions": rep.get("versions")}
-    return {"kind": kind, "method": method, "bits": bits, "path": str(out), "job_wall_seconds": wall, **info}
+    row = {"kind": kind, "method": method, "bits": bits, "path": str(out), "job_wall_seconds": wall, **info}
+    if options:
+        row["options"] = options
+    return row
 
 
 def evaluate_all(rows: list[dict], args, windows: torch.Tensor) -> None:
@@ -83,6 +98,7 @@ def evaluate_all(rows: list[dict], args, windows: torch.Tensor) -> None:
     for row in rows[1:]:
         if "error" in row:
             continue
+        log.info("evaluating %s", row["path"])
         if row["kind"] == "flexquant":
             model = fq.load(row["path"]).model
         else:
@@ -99,6 +115,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["method"] if r["kind"] == "reference" else f"{r['kind']} {r['method']}"
+        if r.get("options"):
+            name += " " + " ".join(f"{k}={v}" for k, v in r["options"].items())
         if "error" in r:
             lines.append(f"| {name} | {r['bits']} | failed: {r['error']} | | | | |")
             continue
@@ -115,6 +133,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--methods", default="rtn,gptq", help="flexquant methods")
     p.add_argument("--peers", default="llmc-gptq,hqq", help="peer methods (bench/peers.py); '' for none")
+    p.add_argument("--flexible", nargs="*", default=[],
+                   help="FlexibleLLM runs: BPW[:key=value,...], e.g. 2.5 3.5:dosa=0")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 2048 tokens")
@@ -143,6 +163,9 @@ def main() -> None:
             rows.append(run_quantization("flexquant", method, bits, args, work))
         for peer in peers:
             rows.append(run_quantization("peer", peer, bits, args, work))
+    for spec in args.flexible:
+        opts = parse_flexible(spec)
+        rows.append(run_quantization("flexquant", "flexible", round(opts["bpw"]), args, work, opts))
     evaluate_all(rows, args, windows)
     header = (f"smollm2-135m, calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, "
               f"evaluation {windows.shape[0]} windows × 2048 tokens of the held-out split; group size "
@@ -159,6 +182,7 @@ if __name__ == "__main__":
         jp = argparse.ArgumentParser()
         for a in ("--model", "--method", "--calib", "--out"):
             jp.add_argument(a, required=True)
+        jp.add_argument("--options", default="{}")
         jp.add_argument("--bits", type=int, required=True)
         jp.add_argument("--group-size", type=int, required=True)
         job(jp.parse_args(sys.argv[2:]))

@@ -49,6 +49,7 @@ def test_flexible_checkpoint_reloads_with_online_rotation(wide, calib, tmp_path)
     assert downs and all(m.rotation_order == 1 for m in downs)  # 512 = 2^9: pure Sylvester
     assert qm.model.config.tie_word_embeddings is False
     out = fq.save(qm, tmp_path / "flex")
+    assert (out / "report_flexible.png").stat().st_size > 10_000
     loaded = fq.load(out)
     ids = torch.randint(0, 256, (2, 64))
     with torch.no_grad():

@@ -88,3 +88,47 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_flexible(report: dict, path: str | Path) -> Path | None:
+    """FlexibleLLM facts: bits per matrix, bit histogram, protected columns, block noise, incoherence."""
+    facts = (report.get("method") or {}).get("flexible")
+    if not facts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(13, 8))
+    per = facts["allocation"]["per_matrix_bits"]
+    names = list(per)
+    ax[0, 0].bar(range(len(names)), list(per.values()), color="tab:blue")
+    ax[0, 0].set_title(f"code bits per matrix (target {facts['allocation']['target_bpw']} bpw, "
+                       f"planned {facts['allocation']['planned_bpw']:.3f})")
+    ax[0, 0].set_xlabel("linear (model order)")
+    hist = facts["allocation"]["histogram"]
+    ax[0, 1].bar([str(k) for k in hist], list(hist.values()), color="tab:green")
+    ax[0, 1].set_title("groups per bit-width")
+    prot = facts.get("protected") or {}
+    if prot:
+        ax[0, 1].text(0.02, 0.95, f"protected columns: {sum(v['columns'] for v in prot.values())} "
+                      f"({sum(v['attribute_outliers'] for v in prot.values())} attribute outliers)",
+                      transform=ax[0, 1].transAxes, va="top")
+    blocks = [b for b in report.get("blocks", []) if "noise_before" in b]
+    if blocks:
+        ax[1, 0].plot([b["block"] for b in blocks], [b["noise_before"] for b in blocks], "o-", label="before")
+        ax[1, 0].plot([b["block"] for b in blocks], [b["noise_after"] for b in blocks], "s--", label="after LFD")
+        ax[1, 0].legend()
+    ax[1, 0].set_title("relative block-output noise ‖h_q − h_fp‖/‖h_fp‖")
+    inc = facts.get("incoherence") or {}
+    if inc:
+        ax[1, 1].semilogy([v["before"] for v in inc.values()], ".", label="before rotation")
+        ax[1, 1].semilogy([v["after"] for v in inc.values()], ".", label="after rotation")
+        ax[1, 1].legend()
+    ax[1, 1].set_title("incoherence μ(W) per linear" + ("" if inc else " (no rotation)"))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
