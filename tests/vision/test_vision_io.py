@@ -173,29 +173,38 @@ def test_cli_missing_data_folder(tmp_path, capsys):
     assert rc == 2 and "image folder not found" in capsys.readouterr().err
 
 
-def _torchvision_usable() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001 - a CUDA-only wheel on CPU torch raises RuntimeError at import
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _torchvision_usable(), reason="torchvision is not importable with this torch build")
-def test_cli_torchvision_resnet18_end_to_end(tmp_path, capsys):
+def test_cli_resnet18_end_to_end(tmp_path, capsys, monkeypatch):
+    # torchvision's ResNet-18 when torchvision works, else flexquant's own definition (same module names)
     pytest.importorskip("PIL")
+    from flexquant.vision import checkpoint
+
+    saved = {}
+    real_save = checkpoint.save_quantized
+
+    def keep(model, path):
+        saved["model"] = model
+        return real_save(model, path)
+
+    monkeypatch.setattr(checkpoint, "save_quantized", keep)
     data = make_image_folder(tmp_path / "train", per_class=2, size=(40, 36))
     out = tmp_path / "r18"
     flags = "--image-size 32 --w-bits 4 --a-bits 4 --iters 2 --meta --meta-steps 1".split()
     rc = main(["quantize", "--model", "resnet18", "--data", str(data), "--val", str(data), "--out", str(out), *flags])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert 0 <= report["fp_top1"] <= 1 and 0 <= report["quant_top1"] <= 1 and report["weights"] == 11_168_448
     loaded = load_quantized(out)
-    X, _, _ = load_image_folder(data, 32)
-    assert loaded(X).shape == (len(X), 3)
-    assert [n for n in loaded.seq.names][:2] == ["stem", "layer1.0"] and loaded.seq.names[-1] == "head"
+    X, y, _ = load_image_folder(data, 32)
+    logits = loaded(X)
+    assert logits.shape == (len(X), 3) and torch.isfinite(logits).all()
+    assert torch.equal(logits, saved["model"](X)), "the checkpoint reloads to the very same logits"
+    assert (logits.argmax(-1) == y).double().mean().item() == pytest.approx(report["quant_top1"])
+    assert loaded.seq.names == ["stem", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)), "head"]
+    assert loaded.arch == {"name": "resnet18", "num_classes": 3, "in_channels": 3}
 
 
-def test_torchvision_path_fails_clearly_without_torchvision(monkeypatch):
+def test_torchvision_names_fall_back_or_fail_clearly_without_torchvision(monkeypatch):
     import builtins
 
     from flexquant.vision import build_model
@@ -208,5 +217,6 @@ def test_torchvision_path_fails_clearly_without_torchvision(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", broken)
+    assert type(build_model("resnet18", 10)).__module__ == "flexquant.vision.zoo.resnet"
     with pytest.raises(VisionError, match=r"torchvision is needed .*RuntimeError: operator torchvision::nms"):
-        build_model("resnet18", 10)
+        build_model("regnet_y_128gf", 10)  # no definition of our own

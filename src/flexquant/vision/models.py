@@ -1,41 +1,30 @@
 """Classifiers by name: small built-in ResNet/MobileNetV2-style models and torchvision's families.
 
-The built-in models use torchvision's attribute names (conv1/bn1/layer1/fc, features/classifier), so
-they go through exactly the same splitting code as the real torchvision models.
+torchvision's ResNet, MobileNetV2 and RegNet names resolve to torchvision when it imports and works,
+else to flexquant's own definitions (`flexquant.vision.zoo`), which have torchvision's module names: a
+torchvision state dict loads into either, and a checkpoint written with one reloads with the other.
+The tiny built-in models use the same blocks and attribute names (conv1/bn1/layer1/fc,
+features/classifier), so everything goes through exactly the same splitting code.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import VisionError
+from .zoo import ZOO
+from .zoo.layers import conv_norm_act
+from .zoo.mobilenetv2 import InvertedResidual
+from .zoo.resnet import BasicBlock
+
+log = logging.getLogger(__name__)
 
 # torchvision families this package knows how to split into blocks
 TORCHVISION_PREFIXES = ("resnet", "wide_resnet", "resnext", "mobilenet_v2", "regnet_")
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3×3 convs, identity or 1×1 projection shortcut), as in torchvision."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
 
 
 class TinyResNet(nn.Module):
@@ -63,27 +52,7 @@ class TinyResNet(nn.Module):
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True)
-    )
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1×1 expand, 3×3 depthwise, 1×1 linear projection, residual when shapes match."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = cin * expand
-        self.use_res_connect = stride == 1 and cin == cout
-        self.conv = nn.Sequential(
-            conv_bn_relu(cin, hidden, 1),
-            conv_bn_relu(hidden, hidden, 3, stride, groups=hidden),
-            nn.Conv2d(hidden, cout, 1, bias=False),
-            nn.BatchNorm2d(cout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+    return conv_norm_act(cin, cout, k, stride, groups, activation=nn.ReLU6)
 
 
 class TinyMobileNetV2(nn.Module):
@@ -108,19 +77,60 @@ class TinyMobileNetV2(nn.Module):
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"tiny_resnet": TinyResNet, "tiny_mobilenet_v2": TinyMobileNetV2}
 
 
-def import_torchvision() -> Any:
-    """Import torchvision or raise a `VisionError` that says why and what to do."""
+def _try_torchvision() -> tuple[Any, str]:
+    """(torchvision, "") when it imports, else (None, why not)."""
     try:
         import torchvision
     except Exception as exc:  # noqa: BLE001 - a CUDA-only wheel on a CPU torch fails with RuntimeError, not ImportError
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VisionError(
-            f"torchvision is needed for torchvision models but cannot be imported ({type(exc).__name__}: {detail}). "
-            f"Install the torchvision build that matches torch {torch.__version__} for your platform (PyPI's "
-            f"torchvision wheels for torch 2.13 are CUDA builds and do not load on a CPU-only torch), "
-            f"or use a built-in model: {', '.join(BUILTIN_MODELS)}"
-        ) from None
-    return torchvision
+        return None, f"{type(exc).__name__}: {detail}"
+    return torchvision, ""
+
+
+def _no_torchvision(why: str) -> VisionError:
+    return VisionError(
+        f"torchvision is needed for this model but cannot be imported ({why}). "
+        f"Install the torchvision build that matches torch {torch.__version__} for your platform (PyPI's "
+        f"torchvision wheels for torch 2.13 are CUDA builds and do not load on a CPU-only torch), "
+        f"or use a model flexquant defines itself: {', '.join([*ZOO, *BUILTIN_MODELS])}"
+    )
+
+
+def import_torchvision() -> Any:
+    """Import torchvision or raise a `VisionError` that says why and what to do."""
+    tv, why = _try_torchvision()
+    if tv is None:
+        raise _no_torchvision(why)
+    return tv
+
+
+def _torchvision_family(name: str, num_classes: int) -> nn.Module:
+    """torchvision's model when torchvision works, else flexquant's definition of the same architecture."""
+    tv, why = _try_torchvision()
+    if tv is None:
+        if name not in ZOO:
+            raise _no_torchvision(why)
+        log.info("torchvision unavailable (%s): building %s from flexquant's own definition", why, name)
+        return ZOO[name](num_classes=num_classes)
+    try:
+        builder = tv.models.get_model_builder(name)
+    except (ValueError, AttributeError):  # unknown name, or a torchvision older than 0.14
+        builder = None
+    if builder is not None:
+        try:
+            model = builder(weights=None, num_classes=num_classes)
+        except Exception as exc:  # noqa: BLE001 - a half-working torchvision: fall back when we can
+            if name not in ZOO:
+                raise VisionError(f"torchvision failed to build {name}: {type(exc).__name__}: {exc}") from None
+            log.info("torchvision failed to build %s (%s): using flexquant's own definition", name, exc)
+        else:
+            log.info("building %s with torchvision %s", name, getattr(tv, "__version__", "?"))
+            return model
+    elif name in ZOO:
+        log.info("torchvision %s has no %s: using flexquant's own definition", getattr(tv, "__version__", "?"), name)
+    if name in ZOO:
+        return ZOO[name](num_classes=num_classes)
+    raise VisionError(f"torchvision has no model named {name!r}; e.g. resnet18, mobilenet_v2, regnet_x_400mf")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -129,17 +139,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         raise VisionError(f"num_classes={num_classes!r} must be an integer >= 2")
     if name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](num_classes=num_classes, in_channels=in_channels)
-    elif name.startswith(TORCHVISION_PREFIXES):
+    elif name in ZOO or name.startswith(TORCHVISION_PREFIXES):
         if in_channels != 3:
             raise VisionError(f"torchvision model {name} takes 3-channel images, not {in_channels}")
-        tv = import_torchvision()
-        try:
-            builder = tv.models.get_model_builder(name)
-        except ValueError:
-            raise VisionError(
-                f"torchvision has no model named {name!r}; e.g. resnet18, mobilenet_v2, regnet_x_400mf"
-            ) from None
-        model = builder(weights=None, num_classes=num_classes)
+        model = _torchvision_family(name, num_classes)
     else:
         raise VisionError(
             f"unknown model {name!r}: use a torchvision ResNet/MobileNetV2/RegNet name "
