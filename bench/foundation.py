@@ -129,7 +129,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--bits", type=int, nargs="*", default=[4, 3, 2])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--methods", default="rtn,gptq", help="flexquant methods")
     p.add_argument("--peers", default="llmc-gptq,hqq", help="peer methods (bench/peers.py); '' for none")
@@ -159,7 +159,7 @@ def main() -> None:
         sys.exit("the peers' environment is missing: run `bash bench/peers_env.sh` first (or pass --peers '')")
     rows = []
     for bits in args.bits:
-        for method in args.methods.split(","):
+        for method in filter(None, args.methods.split(",")):
             rows.append(run_quantization("flexquant", method, bits, args, work))
         for peer in peers:
             rows.append(run_quantization("peer", peer, bits, args, work))
