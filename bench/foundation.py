@@ -49,7 +49,13 @@ def parse_flexible(spec: str) -> dict:
     opts: dict = {"bpw": float(bpw)}
     for kv in filter(None, rest.split(",")):
         k, v = kv.split("=")
-        opts[k] = {"0": False, "1": True}.get(v) if v in ("0", "1") else (float(v) if "." in v else v)
+        if v in ("0", "1"):
+            opts[k] = v == "1"
+        else:
+            try:
+                opts[k] = float(v) if "." in v else int(v)
+            except ValueError:
+                opts[k] = v
     return opts
 
 
@@ -84,30 +90,33 @@ def run_quantization(kind: str, method: str, bits: int, args, work: Path, option
     return row
 
 
-def evaluate_all(rows: list[dict], args, windows: torch.Tensor) -> None:
-    import flexquant as fq
-    from flexquant.eval import evaluate_windows, reference_logprobs
+def reference_row(args, windows: torch.Tensor):
+    """Full-precision log-probabilities on the windows (the KL reference) and the reference's row."""
+    from flexquant.eval import reference_logprobs
     from flexquant.models import load_model
 
     ref_model, _ = load_model(args.model_dir)
     ref = reference_logprobs(ref_model, windows, progress=False)
     del ref_model
     nll = sum(float(-lp[0].gather(-1, windows[i, 1:, None]).sum()) for i, lp in enumerate(ref))
-    rows.insert(0, {"kind": "reference", "method": "full precision", "bits": 32, "bpw": 32.0,
-                    "perplexity": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))), "kl_divergence": 0.0})
-    for row in rows[1:]:
-        if "error" in row:
-            continue
-        log.info("evaluating %s", row["path"])
-        if row["kind"] == "flexquant":
-            model = fq.load(row["path"]).model
-        else:
-            model, _ = load_model(row["path"])
-        res = evaluate_windows(model, windows, ref, progress=False)
-        row.update(perplexity=res["perplexity"], kl_divergence=res["kl_divergence"])
-        log.info("%s %s w%d: ppl %.3f KL %.4f", row["kind"], row["method"], row["bits"], res["perplexity"],
-                 res["kl_divergence"])
-        del model
+    row = {"kind": "reference", "method": "full precision", "bits": 32, "bpw": 32.0,
+           "perplexity": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))), "kl_divergence": 0.0}
+    return ref, row
+
+
+def evaluate_row(row: dict, windows: torch.Tensor, ref) -> None:
+    import flexquant as fq
+    from flexquant.eval import evaluate_windows
+    from flexquant.models import load_model
+
+    if "error" in row:
+        return
+    log.info("evaluating %s", row["path"])
+    model = fq.load(row["path"]).model if row["kind"] == "flexquant" else load_model(row["path"])[0]
+    res = evaluate_windows(model, windows, ref, progress=False)
+    row.update(perplexity=res["perplexity"], kl_divergence=res["kl_divergence"])
+    log.info("%s %s w%d: ppl %.3f KL %.4f", row["kind"], row["method"], row["bits"], res["perplexity"],
+             res["kl_divergence"])
 
 
 def table(rows: list[dict]) -> str:
@@ -140,6 +149,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 2048 tokens")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--name", default="foundation")
+    p.add_argument("--fresh", action="store_true", help="ignore finished runs kept in OUT/work/rows.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -157,24 +167,52 @@ def main() -> None:
     peers = [m for m in args.peers.split(",") if m]
     if peers and not (ROOT / ".venv-peers/bin/python").exists():
         sys.exit("the peers' environment is missing: run `bash bench/peers_env.sh` first (or pass --peers '')")
-    rows = []
-    for bits in args.bits:
-        for method in filter(None, args.methods.split(",")):
-            rows.append(run_quantization("flexquant", method, bits, args, work))
-        for peer in peers:
-            rows.append(run_quantization("peer", peer, bits, args, work))
-    for spec in args.flexible:
-        opts = parse_flexible(spec)
-        rows.append(run_quantization("flexquant", "flexible", round(opts["bpw"]), args, work, opts))
-    evaluate_all(rows, args, windows)
+    # Every finished (quantized + evaluated) run is kept in work/rows.json, keyed by its output folder
+    # and the windows it was measured on, so an interrupted benchmark resumes where it stopped.
+    cache_path = work / "rows.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
+    setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}"
+    ref, fp_row = reference_row(args, windows)
+    rows = [fp_row]
     header = (f"smollm2-135m, calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, "
               f"evaluation {windows.shape[0]} windows × 2048 tokens of the held-out split; group size "
               f"{args.group_size}; {dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    def run(kind: str, method: str, bits: int, options: dict | None = None) -> None:
+        key = f"{setting}:{kind}:{method}:{bits}:{json.dumps(options or {}, sort_keys=True)}"
+        if key in cache:
+            log.info("reusing %s", key)
+            rows.append(cache[key])
+        else:
+            row = run_quantization(kind, method, bits, args, work, options)
+            evaluate_row(row, windows, ref)
+            rows.append(row)
+            if "error" not in row:
+                cache[key] = row
+                tmp = cache_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cache, indent=1))
+                tmp.replace(cache_path)
+        write(args, header, rows)
+
+    for bits in args.bits:
+        for method in filter(None, args.methods.split(",")):
+            run("flexquant", method, bits)
+        for peer in peers:
+            run("peer", peer, bits)
+    for spec in args.flexible:
+        opts = parse_flexible(spec)
+        run("flexquant", "flexible", round(opts["bpw"]), opts)
+    print(write(args, header, rows))
+
+
+def write(args, header: str, rows: list[dict]) -> str:
     md = f"{header}\n\n{table(rows)}\n"
-    Path(args.out, f"{args.name}.md").write_text(md)
-    Path(args.out, f"{args.name}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    print(md)
+    for suffix, text in ((".md", md), (".json", json.dumps({"header": header, "rows": rows}, indent=2))):
+        path = Path(args.out, args.name + suffix)
+        path.with_suffix(".tmp").write_text(text)
+        path.with_suffix(".tmp").replace(path)
+    return md
 
 
 if __name__ == "__main__":

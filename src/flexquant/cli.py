@@ -47,11 +47,11 @@ def _add_quantize(sub) -> None:
     for flag, what in (("dosa", "Hadamard rotation + outlier protection"), ("sbgbs", "greedy fractional bit search"),
                        ("lfd", "feedback toward full-precision targets + denoising")):
         f.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=what)
-    f.add_argument("--protect", choices=("columns", "groups", "none"), help="attribute-outlier handling")
+    f.add_argument("--protect", choices=("columns", "groups", "none"), help="attribute-outlier handling (default groups)")
     f.add_argument("--protect-groups", type=int, help="salient column groups kept per linear (--protect columns)")
     f.add_argument("--protect-bits", type=int, help="bits of the protected columns (2..8, or 16 = fp16)")
     f.add_argument("--candidates", type=int, nargs="+", help="bit-widths SBGBS may choose (default 2 3 4)")
-    f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.25)")
+    f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.1)")
     f.add_argument("--denoise", choices=("bias", "off"), help="LFD denoising after each block")
     f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
     p.add_argument("--eval-windows", type=int, default=0,
