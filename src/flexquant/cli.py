@@ -44,10 +44,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     f = p.add_argument_group("flexible (FlexibleLLM) options")
     f.add_argument("--bpw", type=float, help="honest bits-per-weight budget, metadata included (e.g. 2.5)")
-    for flag, what in (("dosa", "Hadamard rotation + outlier protection"), ("sbgbs", "greedy fractional bit search"),
+    for flag, what in (("dosa", "Hadamard rotation (default off)"), ("sbgbs", "greedy fractional bit search"),
                        ("lfd", "feedback toward full-precision targets + denoising")):
         f.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=what)
-    f.add_argument("--protect", choices=("columns", "groups", "none"), help="attribute-outlier handling (default groups)")
+    f.add_argument("--protect", choices=("columns", "groups", "none"),
+                   help="attribute-outlier handling (default groups)")
     f.add_argument("--protect-groups", type=int, help="salient column groups kept per linear (--protect columns)")
     f.add_argument("--protect-bits", type=int, help="bits of the protected columns (2..8, or 16 = fp16)")
     f.add_argument("--candidates", type=int, nargs="+", help="bit-widths SBGBS may choose (default 2 3 4)")
