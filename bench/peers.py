@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -55,6 +54,17 @@ log = logging.getLogger("peers")
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         self.exit(2, f"peers.py: error: {message} (see --help)\n")
+
+
+def peak_rss_mb() -> float:
+    """flexquant's own measurement (this process's VmHWM), loaded from its file: this venv lacks flexquant."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fq_metrics", Path(__file__).resolve().parents[1] / "src/flexquant/eval/metrics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.peak_rss_mb()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -255,7 +265,7 @@ def main(argv=None) -> int:
             "method": a.method, "bits": a.bits, "group_size": a.group_size,
             "bpw": a.bits + 32 / a.group_size, "qparams_dtype": a.qparams_dtype,
             "quant_time_s": round(quant_time, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "n_calib": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
             "calib_used": a.method == "llmc-gptq", "threads": torch.get_num_threads(),
             "versions": versions(), "peer_config": peer_config,

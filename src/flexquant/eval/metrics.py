@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 
 import torch
@@ -17,8 +18,20 @@ from tqdm.auto import tqdm
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's VmHWM is the high-water mark of this process's own address space. ``ru_maxrss`` is not used
+    where VmHWM exists: it survives fork + exec, so a subprocess started by a big parent reports the
+    parent's peak (the benchmark's jobs all showed the parent's 5.8 GB before this was fixed).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def _logprobs(model, ids: torch.Tensor, device) -> torch.Tensor:
