@@ -51,3 +51,55 @@ def test_quant_linear_matches_result_and_counts_its_bits(correlated_layer):
         codes_bits = sum(r.group_size * m * int(b) for b in r.group_bits.tolist())
         meta = m * nq * 16 + (0 if r.sym else m * nq * 8) + ng * 8 + (0 if r.perm is None else 16 * n)
         assert q.stored_bits() == codes_bits + meta
+
+
+def _compact_results(correlated_layer):
+    W, H = correlated_layer
+    yield rtn_quantize(W, GridConfig(bits=3, group_size=64, scale_bits=8, zero_bits=4))
+    yield rtn_quantize(W, GridConfig(bits=4, group_size=32, sym=True, scale_bits=8))
+    yield gptq_quantize(W, H, GridConfig(bits=2, group_size=64, scale_bits=8, zero_bits=4),
+                        group_bits=torch.tensor([2, 4, 3, 1]))
+    yield gptq_quantize(W, H, GridConfig(bits=3, group_size=64, scale_bits=8), kept=torch.arange(64))
+
+
+def test_compact_metadata_round_trips_and_costs_what_it_stores(correlated_layer):
+    from flexquant.alloc import layer_fixed_bits
+
+    for r in _compact_results(correlated_layer):
+        t = result_to_tensors(r)
+        assert "scales" not in t and t["scale_codes"].dtype == torch.uint8 and t["scale_base"].dtype == torch.float16
+        assert ("zeros_b4" in t) == (not r.sym and r.zero_bits == 4)
+        m, n = r.shape
+        back = tensors_to_result(t, m, n, r.group_size, r.sym)
+        assert torch.equal(back.dequantize(), r.dequantize())  # the fake-quant weight is what loads
+        q = QuantLinear.from_result(r)
+        x = torch.randn(3, n)
+        assert torch.allclose(q(x), x @ r.dequantize().T, atol=1e-5)
+        ng = n // r.group_size
+        n16 = int((~r.quantized_groups).sum())
+        codes_bits = sum(r.group_size * m * int(b) for b in r.group_bits.tolist() if b < 16)
+        fixed = layer_fixed_bits(m, n, r.group_size, r.sym, r.perm is not None, False, n16, 8, r.zero_bits)
+        assert q.stored_bits() == codes_bits + fixed + m * r.group_size * n16 * 16
+        nq = ng - n16
+        saved = m * nq * 8 - 16 * m  # 8-bit codes instead of fp16 scales, plus one fp16 base per row
+        if not r.sym and r.zero_bits == 4:
+            saved += m * nq * 8 - t["zeros_b4"].numel() * 32
+        assert layer_fixed_bits(m, n, r.group_size, r.sym, r.perm is not None, False, n16) - fixed == saved > 0
+
+
+def test_log_scales_cost_little_accuracy(correlated_layer):
+    W, _ = correlated_layer
+    for bits in (2, 3, 4):
+        fp16 = rtn_quantize(W, GridConfig(bits=bits, group_size=64))
+        log8 = rtn_quantize(W, GridConfig(bits=bits, group_size=64, scale_bits=8, zero_bits=4))
+        e16 = (W - fp16.dequantize()).pow(2).sum()
+        e8 = (W - log8.dequantize()).pow(2).sum()
+        assert e8 <= 1.03 * e16  # 2.2%-spaced scales, searched by the same MSE clip
+        ratio = log8.scales / log8.scale_base[:, None]
+        steps = -32 * torch.log2(ratio)
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.min() >= 0 and steps.max() <= 255
+
+
+def test_zero_bits_4_rejects_wide_groups():
+    with pytest.raises(Exception, match="zero_bits=4"):
+        GridConfig(bits=8, zero_bits=4)

@@ -89,6 +89,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     spec = get_spec(hf_model.config.model_type)
     _check_group_size(hf_model, spec, config.grid.group_size)
     method = build_method(config)
+    config = method.config  # grid settings the method filled in
     device = resolve_device(config.device)
     if method.needs_calibration and calib_ids is None:
         calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)

@@ -31,6 +31,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid (no stored zero points)")
     p.add_argument("--clip", default=GridConfig.clip, choices=CLIP_MODES,
                    help="per-group range: min-max, or shrunk to minimise the rounding error (default)")
+    p.add_argument("--scale-bits", type=int, choices=(16, 8), default=None,
+                   help="per-group scales: 16 = fp16, 8 = 8-bit log-coded with an fp16 row base "
+                        "(default: the method's; fp16 for rtn/gptq)")
+    p.add_argument("--zero-bits", type=int, choices=(8, 4), default=None,
+                   help="asymmetric zero points: 8 = bytes, 4 = nibbles (bits <= 4) (default: the method's)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=GPTQConfig.act_order,
                    help="GPTQ: quantize columns by descending Hessian diagonal (permutation stored)")
     p.add_argument("--damp", type=float, default=GPTQConfig.damp, help="GPTQ Hessian damping, × mean diag")
@@ -119,8 +124,8 @@ def cmd_quantize(a) -> int:
         FlexibleConfig(**options)  # validate before the model is loaded
     config = QuantConfig().replace(options=options,
         model=a.model, method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, clip=a.clip,
-        act_order=a.act_order, damp=a.damp, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-        batch_size=a.batch_size, device=a.device,
+        scale_bits=a.scale_bits, zero_bits=a.zero_bits, act_order=a.act_order, damp=a.damp, calib=a.calib,
+        nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, device=a.device,
     )
     out = Path(a.out)
     if out.exists() and not a.overwrite:  # fail before the (long) run, not after it

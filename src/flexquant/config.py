@@ -31,6 +31,12 @@ class GridConfig:
     sym: bool = False
     # "mse": shrink the min-max range per group to minimise the rounding error (GPTQ's `mse` option).
     clip: str = "mse"
+    # Metadata per group: 16 = fp16 scales; 8 = 8-bit codes on a per-row logarithmic grid (32 steps per
+    # octave below an fp16 row maximum, `quant.grid.log_scale`). None = the method's default
+    # (`Method.grid_defaults`: fp16 for rtn/gptq).
+    scale_bits: int | None = None
+    # Asymmetric zero points: 8 = one byte each; 4 = packed nibbles (needs bits <= 4). None = method default.
+    zero_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -42,6 +48,10 @@ class GridConfig:
             f"group_size={self.group_size} must be a positive multiple of 8 (e.g. 32, 64, 128)",
         )
         _check(self.clip in CLIP_MODES, f"clip={self.clip!r} must be one of {CLIP_MODES}")
+        _check(self.scale_bits in (16, 8, None), f"scale_bits={self.scale_bits} must be 16 (fp16) or 8 (log-coded)")
+        _check(self.zero_bits in (8, 4, None), f"zero_bits={self.zero_bits} must be 8 or 4")
+        _check(self.zero_bits != 4 or self.bits <= 4,
+               f"zero_bits=4 stores zero points of at most 4 bits; bits={self.bits} needs zero_bits=8")
 
     @property
     def maxq(self) -> int:

@@ -31,12 +31,15 @@ class GroupTable:
 
 
 def layer_fixed_bits(m: int, n: int, group_size: int, sym: bool, permuted: bool, rotated: bool,
-                     fp16_groups: int = 0) -> int:
-    """Stored bits of one linear that do not depend on the bit-widths: scales (16), zeros (8, asymmetric),
-    bit map (8 per group), permutation (16 or 32 per column), online-rotation signs (1 per column)."""
+                     fp16_groups: int = 0, scale_bits: int = 16, zero_bits: int = 8) -> int:
+    """Stored bits of one linear that do not depend on the bit-widths: scales (16, or 8-bit codes + an fp16
+    base per row), zeros (8 or 4, asymmetric), bit map (8 per group), permutation (16 or 32 per column),
+    online-rotation signs (1 per column). Packed 4-bit zeros fill whole int32 words."""
     ng = n // group_size
     nq = ng - fp16_groups
-    bits = m * nq * (16 + (0 if sym else 8)) + ng * 8
+    bits = m * nq * scale_bits + (16 * m if scale_bits == 8 else 0) + ng * 8
+    if not sym:
+        bits += m * nq * 8 if zero_bits == 8 else -(-m * nq // 32) * 4 * 32
     if permuted:
         bits += n * (16 if n <= 2**15 else 32)
     if rotated:

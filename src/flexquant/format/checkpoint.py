@@ -24,7 +24,9 @@ from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+# 2: optional compact metadata (scale_codes + scale_base, zeros_b4); version-1 checkpoints still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QUANT_CONFIG = "quant_config.json"
 TENSORS = "model.safetensors"
 
@@ -99,10 +101,10 @@ def read_quant_config(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupted") from e
     version = qc.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has checkpoint format version {version}; this flexquant reads version {FORMAT_VERSION}: "
-            "upgrade flexquant or re-quantize"
+            f"{path} has checkpoint format version {version}; this flexquant reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade flexquant or re-quantize"
         )
     return qc
 

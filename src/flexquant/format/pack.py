@@ -4,6 +4,10 @@ Layout (format version 1): every 32 consecutive codes of b bits fill b int32 wor
 offset i·b of that little-endian 32·b-bit chunk (a code may straddle two words when b = 3, 5, ...).
 Within a layer, the groups of each bit-width b are stored contiguously per row in ``qweight_b{b}``
 [m, words], in group order, so a kernel streams one uniform-width array per bit-width.
+
+Per quantized group and row: ``scales`` fp16 [m, nq], or (compact, format 2) ``scale_codes`` uint8
+[m, nq] with ``scale_base`` fp16 [m] (scale = base·2^(−code/32)); asymmetric zero points ``zeros``
+uint8 [m, nq], or ``zeros_b4``: the row-major [m·nq] zeros packed at 4 bits into one int32 row.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant.grid import log_scale, log_scale_codes
 from ..quant.result import FP16_BITS, QuantResult
 
 PACK_BITS = tuple(range(1, 9))
@@ -58,9 +63,15 @@ def result_to_tensors(r: QuantResult) -> dict[str, torch.Tensor]:
         sel = (r.group_bits == b).nonzero().flatten().to(C.device)
         out[f"qweight_b{b}"] = pack_bits(C[:, sel].reshape(m, -1), b)
     if r.quantized_groups.any():
-        out["scales"] = r.scales.half()
-        if not r.sym:
+        if r.scale_base is None:
+            out["scales"] = r.scales.half()
+        else:  # 8-bit codes of the per-row log grid (exact: the scales were chosen on it)
+            out["scale_codes"] = log_scale_codes(r.scales, r.scale_base[:, None]).to(torch.uint8)
+            out["scale_base"] = r.scale_base.half()
+        if not r.sym and r.zero_bits == 8:
             out["zeros"] = r.zeros.to(torch.uint8)
+        elif not r.sym:  # nibbles, flattened so that rows are not padded to 32 codes each
+            out["zeros_b4"] = pack_bits(r.zeros.reshape(1, -1), 4)
     if r.fp16_cols is not None:
         out["fp16_cols"] = r.fp16_cols.half()
     if r.perm is not None:
@@ -80,15 +91,29 @@ def tensors_to_result(t: dict[str, torch.Tensor], m: int, n: int, group_size: in
         codes = unpack_bits(t[f"qweight_b{b}"], b, sel.numel() * g)
         C[:, sel.to(device)] = codes.view(m, -1, g).to(torch.uint8)
     qmask = group_bits < FP16_BITS
+    nq = int(qmask.sum())
+    base = t["scale_base"].float() if "scale_base" in t else None
+    if base is not None:
+        scales = log_scale(base[:, None], t["scale_codes"])
+    else:
+        scales = t["scales"].float() if nq else torch.zeros(m, 0, device=device)
+    if sym:
+        zeros = None
+    elif "zeros_b4" in t:
+        zeros = unpack_bits(t["zeros_b4"], 4, m * nq).view(m, nq).to(torch.uint8)
+    else:
+        zeros = t["zeros"] if nq else torch.zeros(m, 0, dtype=torch.uint8)
     return QuantResult(
         codes=C.view(m, n),
-        scales=t["scales"].float() if qmask.any() else torch.zeros(m, 0, device=device),
-        zeros=None if sym else (t["zeros"] if qmask.any() else torch.zeros(m, 0, dtype=torch.uint8)),
+        scales=scales,
+        zeros=zeros,
         group_bits=group_bits.cpu(),
         group_size=g,
         sym=sym,
         perm=t["perm"].long() if "perm" in t else None,
         fp16_cols=t.get("fp16_cols"),
+        scale_base=base,
+        zero_bits=4 if "zeros_b4" in t else 8,
     )
 
 

@@ -15,6 +15,7 @@ from ..pipeline import Method
 from ..pipeline.capture import capture_block_inputs
 from ..pipeline.hooks import onload
 from ..pipeline.prenorm import quantize_prenorm_block
+from ..pipeline.sensitivity import output_fisher
 from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.grid import choose_qparams, dequantize, quantize
@@ -23,6 +24,7 @@ from .registry import register
 
 log = logging.getLogger(__name__)
 PROTECT = ("columns", "groups", "none")
+SENSITIVITY = ("fisher", "none")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class FlexibleConfig:
     denoise: str = "off"
     denoise_threshold: float = 0.05
     alloc_nsamples: int = 32  # calibration windows used by the allocation (error-ranking) pass
+    # Weighting of the allocation's error tables: "fisher" weights each output row by the loss Fisher of
+    # that output (comparable across layers); "none" uses the layer-local tr(ΔW H ΔWᵀ) of METHODS.md.
+    sensitivity: str = "fisher"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +59,8 @@ class FlexibleConfig:
             raise FlexQuantError(f"bpw={self.bpw} must be in (1, 16]")
         if self.denoise not in ("bias", "off"):
             raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
+        if self.sensitivity not in SENSITIVITY:
+            raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
         if self.protect not in PROTECT:
             raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
         if not self.candidates or sorted(self.candidates) != list(self.candidates) or \
@@ -77,21 +84,26 @@ class _Facts:
     rotation: dict = field(default_factory=dict)
     protected: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
+    sensitivity: dict = field(default_factory=dict)  # mean output Fisher per matrix
 
 
-def _salience(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float) -> torch.Tensor:
-    """σ_j = Σ_i (w_ij − Q(w_ij))² / [H⁻¹]_jj: the OBS cost of rounding each input column."""
+def _salience(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float,
+              rows: torch.Tensor) -> torch.Tensor:
+    """σ_j = Σ_i r_i (w_ij − Q(w_ij))² / [H⁻¹]_jj: the OBS cost of rounding each input column (rows
+    weighted by their output sensitivity r)."""
     m, n = W.shape
     Wg = W.reshape(m, n // group_size, group_size)
     s, z = choose_qparams(Wg, bits)
     err = (Wg - dequantize(quantize(Wg, s, z, 2**bits - 1), s, z)).reshape(m, n)
     U, _ = inverse_cholesky_upper(H, damp)
     hinv_diag = (U * U).sum(0)  # diag(UᵀU) = diag(H⁻¹)
-    return (err**2).sum(0) / hinv_diag
+    return (rows[:, None] * err**2).sum(0) / hinv_diag
 
 
-def _error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, candidates) -> torch.Tensor:
-    """E[k, c] = tr(ΔW_k H_kk ΔW_kᵀ) of group k (in ``order``) quantized by RTN at candidate c."""
+def _error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, candidates,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """E[k, c] = Σ_i r_i ΔW_ik H_kk ΔW_ikᵀ of group k (in ``order``) quantized by RTN at candidate c, with
+    the output rows weighted by their sensitivity r."""
     m, n = W.shape
     Wp, Hp = W[:, order], H[order][:, order]
     ng = n // g
@@ -101,16 +113,22 @@ def _error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, 
     for c, b in enumerate(candidates):
         s, z = choose_qparams(Wg, b, clip="mse")
         dW = Wg - dequantize(quantize(Wg, s, z, 2**b - 1), s, z)  # [m, ng, g]
-        out[:, c] = torch.einsum("mkg,kgh,mkh->k", dW, Hkk, dW).cpu()
+        out[:, c] = torch.einsum("m,mkg,kgh,mkh->k", rows, dW, Hkk, dW).cpu()
     return out
 
 
 class FlexibleLLM(Method):
     name = "flexible"
+    # Compact metadata (8-bit log-coded scales, 4-bit zeros): 0.19 instead of 0.375 bpw at group 64.
+    grid_defaults = {"scale_bits": 8, "zero_bits": 4}
 
     def __init__(self, config: QuantConfig):
         self.config = config
         self.fcfg = FlexibleConfig(**config.options)
+        top = max(self.fcfg.candidates + ((self.fcfg.protect_bits,) if self.fcfg.protect == "columns" else ()))
+        if config.grid.zero_bits == 4 and 4 < top < 16:
+            raise FlexQuantError(f"zero_bits=4 holds zero points of at most 4 bits, but {top}-bit groups are "
+                                 "possible here; pass --zero-bits 8 or keep candidates/protect-bits <= 4")
         self.feedback_groups: tuple[str, ...] = ()
         self.plan: dict[str, _Plan] = {}
         self.spec_writer = "mlp.down_proj"  # the block's last residual writer (set from the spec)
@@ -132,15 +150,20 @@ class FlexibleLLM(Method):
             self.facts.rotation = rotate_model(model, spec, seed=f.seed)
             after = {n: incoherence(model.get_submodule(n).weight) for n in names}
             self.facts.incoherence = {n: {"before": before[n], "after": after[n]} for n in names}
-        hessians = self._fp_hessians(model, spec, calib_ids, device)
-        self._plan_all(model, spec, names, hessians)
+        hessians, rows = self._fp_statistics(model, spec, calib_ids, device)
+        if f.sensitivity != "none":
+            self.facts.sensitivity = {n: float(r.mean()) for n, r in rows.items()}
+        self._plan_all(model, spec, names, hessians, rows)
 
-    def _fp_hessians(self, model, spec, calib_ids, device) -> dict[str, torch.Tensor]:
-        """Input Hessians of every linear in the full-precision (rotated) model, one pass."""
+    def _fp_statistics(self, model, spec, calib_ids, device):
+        """Input Hessians of every linear in the full-precision (rotated) model, in one pass, and the
+        output sensitivity of every linear (Fisher, `sensitivity="fisher"`) from a backward pass."""
         layers = model.get_submodule(spec.layers)
         # A subset of the calibration windows is enough to rank the groups' errors.
         calib = calib_ids[: self.fcfg.alloc_nsamples]
         inputs = capture_block_inputs(model, spec, calib, device, self.config.batch_size)
+        fisher = self.fcfg.sensitivity == "fisher"
+        stored = []
         hessians: dict[str, torch.Tensor] = {}
         for i, block in enumerate(layers):
             with onload(block, device):
@@ -148,10 +171,16 @@ class FlexibleLLM(Method):
                     for n in group:
                         hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
                 out = quantize_prenorm_block(block, spec, inputs, device, keep)
+            if fisher:
+                stored.append(inputs)
             inputs = inputs.with_hidden(out)
-        return hessians
+        if fisher:
+            rows = output_fisher(model, spec, stored, inputs.hidden, calib, device, progress=False)
+        else:
+            rows = {n: torch.ones(model.get_submodule(n).out_features) for n in hessians}
+        return hessians, rows
 
-    def _plan_all(self, model, spec, names, hessians) -> None:
+    def _plan_all(self, model, spec, names, hessians, rows) -> None:
         f, g = self.fcfg, self.config.grid.group_size
         tables, fixed_total, weights = [], 0, 0
         orders = {}
@@ -161,7 +190,8 @@ class FlexibleLLM(Method):
             m, n = W.shape
             if n % g:
                 raise FlexQuantError(f"group_size={g} does not divide {n} ({name})")
-            sal = _salience(W, H, f.candidates[0], g, self.config.gptq.damp) if f.protect != "none" else None
+            sal = (_salience(W, H, f.candidates[0], g, self.config.gptq.damp, rows[name])
+                   if f.protect != "none" else None)
             kept = torch.empty(0, dtype=torch.long)
             if f.protect == "groups":
                 order = torch.argsort(sal, descending=True, stable=True)
@@ -183,10 +213,12 @@ class FlexibleLLM(Method):
             fixed = torch.zeros(ng, dtype=torch.bool)
             fixed[ng - kept.numel() // g:] = kept.numel() > 0
             tables.append(GroupTable(name, m, g, f.candidates,
-                                     _error_table(W, H, order, g, f.candidates), fixed, f.protect_bits))
-            fixed_total += layer_fixed_bits(m, n, g, self.config.grid.sym, True,
+                                     _error_table(W, H, order, g, f.candidates, rows[name]), fixed, f.protect_bits))
+            grid = self.config.grid
+            fixed_total += layer_fixed_bits(m, n, g, grid.sym, True,
                                             name.endswith(tuple(spec.online_rotations)) and f.dosa,
-                                            int(fixed.sum()) if f.protect_bits == 16 else 0)
+                                            int(fixed.sum()) if f.protect_bits == 16 else 0,
+                                            grid.scale_bits, grid.zero_bits)
             weights += m * n
         budget = int(f.bpw * weights) - fixed_total
         if f.sbgbs:

@@ -24,4 +24,9 @@ def build_method(config: QuantConfig) -> Method:
 
     if config.method not in METHODS:
         raise FlexQuantError(f"unknown method {config.method!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[config.method](config)
+    factory = METHODS[config.method]
+    defaults = {**Method.grid_defaults, **getattr(factory, "grid_defaults", {})}
+    unset = {k: v for k, v in defaults.items() if getattr(config.grid, k) is None}
+    if unset:  # the method's own defaults for what the user left unset
+        config = config.replace(**unset)
+    return factory(config)

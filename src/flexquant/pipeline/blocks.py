@@ -44,6 +44,9 @@ class Method(abc.ABC):
 
     name = "base"
     needs_calibration = True  # False: data-free (RTN); no forward passes at all
+    # Grid settings a method fills in where the user left them unset (None): classic fp16 scales and
+    # byte zero points unless the method has measured better.
+    grid_defaults = {"scale_bits": 16, "zero_bits": 8}
     needs_fp_stream = False  # True: the pipeline also propagates the full-precision stream
     # Groups (named by their first linear) that also get D = 2(X_fp − X_q)ᵀX_q/T in ``ctx.cross``;
     # non-empty implies the FP stream. Needs the pre-norm fast path.

@@ -13,7 +13,7 @@ import torch
 
 from ..config import GPTQConfig, GridConfig
 from ..errors import FlexQuantError
-from .grid import choose_qparams, dequantize, quantize
+from .grid import choose_qparams, dequantize, log_scale_base, quantize
 from .result import FP16_BITS, QuantResult
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def gptq_quantize(
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U, lam = inverse_cholesky_upper(H, cfg.damp)
+    base = log_scale_base(W.view(m, ng, g), group_bits, grid.sym) if grid.scale_bits == 8 else None
 
     codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(m, ng, device=W.device)
@@ -115,7 +116,7 @@ def gptq_quantize(
             if col % g == 0 and b < FP16_BITS:
                 # Group parameters from the current (already compensated) weights of the group.
                 Wgrp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip)
+                s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip, None if base is None else base[:, None])
                 scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
             w, d = W1[:, i], U1[i, i]
             if b < FP16_BITS:
@@ -144,4 +145,6 @@ def gptq_quantize(
         perm=perm,
         fp16_cols=Qg[:, ~qmask].reshape(m, -1).half() if not bool(qmask.all()) else None,
         stats={"gptq_loss": float(losses.sum()), "damp": lam},
+        scale_base=base,
+        zero_bits=grid.zero_bits or 8,
     )

@@ -28,6 +28,10 @@ class QuantResult:
     sym: bool
     perm: torch.Tensor | None = None  # [n] int64
     fp16_cols: torch.Tensor | None = None  # [m, n16 * group_size] float16, 16-bit groups in order
+    # Compact metadata (GridConfig.scale_bits / zero_bits): when ``scale_base`` [m] (float32, fp16-exact) is
+    # set, every scale is log_scale(base, code) and is stored as its 8-bit code; zeros stored in 4 or 8 bits.
+    scale_base: torch.Tensor | None = None
+    zero_bits: int = 8
     stats: dict = field(default_factory=dict)  # solver diagnostics (losses, damping used, ...)
 
     def __post_init__(self) -> None:

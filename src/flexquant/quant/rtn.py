@@ -6,7 +6,7 @@ import torch
 
 from ..config import GridConfig
 from ..errors import FlexQuantError
-from .grid import choose_qparams, quantize
+from .grid import choose_qparams, log_scale_base, quantize
 from .result import FP16_BITS, QuantResult
 
 
@@ -26,9 +26,11 @@ def rtn_quantize(W: torch.Tensor, grid: GridConfig, group_bits: torch.Tensor | N
     nq = int(qmask.sum())
     scales = torch.zeros(m, ng, device=W.device)
     zeros = torch.zeros(m, ng, device=W.device)
+    base = log_scale_base(Wg, group_bits, grid.sym) if grid.scale_bits == 8 else None
     for b in sorted(set(group_bits[qmask].tolist())):
         sel = (group_bits == b).nonzero().flatten().to(W.device)
-        s, z = choose_qparams(Wg[:, sel], b, grid.sym, grid.clip)  # [m, k, 1]
+        s, z = choose_qparams(Wg[:, sel], b, grid.sym, grid.clip,
+                              None if base is None else base[:, None, None])  # [m, k, 1]
         codes[:, sel] = quantize(Wg[:, sel], s, z, 2**b - 1).to(torch.uint8)
         scales[:, sel], zeros[:, sel] = s[..., 0], z[..., 0]
     qsel = qmask.to(W.device)
@@ -41,4 +43,6 @@ def rtn_quantize(W: torch.Tensor, grid: GridConfig, group_bits: torch.Tensor | N
         group_size=g,
         sym=grid.sym,
         fp16_cols=fp16,
+        scale_base=base,
+        zero_bits=grid.zero_bits or 8,
     )

@@ -1,0 +1,97 @@
+"""Output sensitivity of every linear: the diagonal Fisher of the model loss w.r.t. its outputs.
+
+f_i = mean over calibration tokens of (∂L/∂y_i)² for output channel i of a linear, L the next-token
+negative log-likelihood summed over tokens. With the input Hessian H = 2XXᵀ/T, a weight change ΔW
+changes the loss by about (T/4)·Σ_i f_i·ΔW_i H ΔW_iᵀ (second order, Fisher ≈ Gauss–Newton, output
+channels taken as independent): the same units in every layer, so the errors of different layers
+can be traded against each other (SBGBS).
+
+Run block by block, like the rest of the pipeline: a forward pass stores each block's inputs, the
+loss gradient at the last block's output comes from the final norm and the head, and the gradient
+walks back one block at a time (only that block on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.spec import ModelSpec
+from .capture import BlockInputs
+from .hooks import onload
+
+
+def _output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor], ids: list[torch.Tensor],
+                    device: torch.device) -> list[torch.Tensor]:
+    """∂(summed next-token NLL)/∂(last block output) per batch."""
+    norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
+    grads = []
+    with onload(norm, device), onload(head, device):
+        for h, y in zip(hidden, ids):
+            with torch.enable_grad():
+                h = h.to(device).float().requires_grad_(True)
+                logits = head(norm(h))[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
+                                       reduction="sum")
+                (g,) = torch.autograd.grad(loss, h)
+            grads.append(g.to("cpu"))
+    return grads
+
+
+def _square_grad_tap(acc: torch.Tensor):
+    """A forward hook that adds Σ_tokens (∂L/∂y)² of the module's output into ``acc`` during backward."""
+
+    def on_grad(g: torch.Tensor) -> None:
+        acc.add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0))
+
+    def hook(_module, _args, out):
+        out.register_hook(on_grad)
+
+    return hook
+
+
+def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInputs], last_output: list[torch.Tensor],
+                  input_ids: torch.Tensor, device: torch.device, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{linear path: f [out_features]} from the stored inputs of every block and the last block's output.
+
+    ``block_inputs[i]`` are block i's inputs (batches of ``input_ids``, in order); ``last_output`` the
+    last block's outputs for the same batches.
+    """
+    layers = model.get_submodule(spec.layers)
+    sizes = [h.shape[0] for h in block_inputs[0].hidden]
+    ids = list(torch.split(input_ids, sizes))
+    tokens = sum(int(i.numel()) for i in ids)
+    grad = _head_gradients(model, spec, last_output, ids, device)
+    fisher: dict[str, torch.Tensor] = {}
+    for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output sensitivity", disable=not progress):
+        block, inputs = layers[i], block_inputs[i]
+        acc = {name: torch.zeros(block.get_submodule(name).out_features, device=device) for name in spec.linears}
+        with onload(block, device):
+            params = [p.requires_grad for p in block.parameters()]
+            for p in block.parameters():
+                p.requires_grad_(False)
+            handles = [block.get_submodule(n).register_forward_hook(_square_grad_tap(acc[n])) for n in spec.linears]
+            try:
+                new_grad = []
+                for h, kw, g in zip(inputs.hidden, inputs.kwargs, grad):
+                    with torch.enable_grad():
+                        h = h.to(device).requires_grad_(True)
+                        out = _output(block(h, **kw))
+                        (gh,) = torch.autograd.grad(out, h, grad_outputs=g.to(device, out.dtype))
+                    new_grad.append(gh.to("cpu"))
+                grad = new_grad
+            finally:
+                for hd in handles:
+                    hd.remove()
+                for p, r in zip(block.parameters(), params):
+                    p.requires_grad_(r)
+        for name in spec.linears:
+            fisher[f"{spec.layers}.{i}.{name}"] = (acc[name] / tokens).cpu()
+    return fisher
