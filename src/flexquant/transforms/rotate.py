@@ -37,6 +37,12 @@ class Rotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x·Q along the last dim, in x's dtype (float64 math for float64 inputs)."""
+        if x.is_cuda:  # one fused Triton launch where it covers this size and dtype (kernels.triton_hadamard)
+            from ..kernels.triton_hadamard import triton_rotate
+
+            y = triton_rotate(self.signs, self.factor, x)
+            if y is not None:
+                return y
         return hadamard_transform(x * self.signs.to(x.dtype), self.factor.to(x.dtype))
 
 
