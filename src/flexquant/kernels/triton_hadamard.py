@@ -22,7 +22,9 @@ from .triton_quant import usable_on
 MAX_INNER = 256  # b: the ±1 matrix applied per token is b×b
 MAX_OUTER = 128  # a': the small factor, zero-padded to a power of two ≥ 16
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(sign tensor) -> {(dtype, device): prepared}; entries leave with their sign tensor (weakref.finalize),
+# since tensors cannot be keys of a WeakKeyDictionary (their == is elementwise).
+_CACHE: dict[int, dict] = {}
 
 
 @dataclass
@@ -68,7 +70,10 @@ def _prepare(signs: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> _
 
 
 def _get(signs: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> _Prepared | None:
-    per_signs = _CACHE.setdefault(signs, {})
+    per_signs = _CACHE.get(id(signs))
+    if per_signs is None:
+        per_signs = _CACHE[id(signs)] = {}
+        weakref.finalize(signs, _CACHE.pop, id(signs), None)
     key = (dtype, str(signs.device))
     p = per_signs.get(key)
     if p is None or p is False or p.factor is not factor:

@@ -11,7 +11,7 @@ chunk b int32 words, code i at bit offset i·b of the little-endian 32·b-bit ch
 
 Dequantization without integer→float conversions: a logic op puts code c at mantissa bit Q of 1.0, giving
 cf = 1 + c·2^(Q−23) exactly; with E = 23 − Q − b and x' = 2^E·x, cf·x' = x' + c·x·2^-b. Then
-  FMA path (batch ≤ 4): p = Σ_i cf_i·x'_i per chunk, and Σ_i (c_i − z)·s·x_i = s·2^b·(p − Σ_i x'_i) − s·z·Σ_i x_i.
+  FMA path (batch 1): p = Σ_i cf_i·x'_i per chunk, and Σ_i (c_i − z)·s·x_i = s·2^b·(p − Σ_i x'_i) − s·z·Σ_i x_i.
     Q may be anywhere in [PLO, 23 − b]: codes of one word whose offsets fall in the same window share one
     shift. The cancellation in p − Σ x' grows with 2^E: E ≤ 5 (PLO = 18 − b) keeps it well under the fp16
     rounding of the result for fp16/bf16 activations; fp32 activations use PLO = 23 − b (E = 0, ~1e-6).
@@ -76,15 +76,13 @@ def _code_as_float(wp, one, POS: tl.constexpr, BITS: tl.constexpr, Q: tl.constex
 
 
 @triton.jit
-def _scales(s_ptr, z_ptr, base_ptr, offs_m, grp, ngs, BITS: tl.constexpr, SYM: tl.constexpr,
-            LOG_SCALES: tl.constexpr):
-    """Scale s and zero point z per (row, chunk), [BM, NC] fp32 (grp [NC]: the group of each chunk; rows and
-    groups are clamped in range by the caller, so no load is masked)."""
-    sofs = offs_m[:, None] * ngs + grp[None, :]
+def _scales(s_ptr, z_ptr, base_ptr, rows, grp, ngs, BITS: tl.constexpr, SYM: tl.constexpr, LOG_SCALES: tl.constexpr):
+    """Scale s and zero point z (fp32) for broadcastable row and group index tensors (clamped in range by the
+    caller, so no load is masked)."""
+    sofs = rows * ngs + grp
     if LOG_SCALES:  # scale = base·2^(−code/32), the 8-bit logarithmic grid
         code = tl.load(s_ptr + sofs).to(tl.float32)
-        base = tl.load(base_ptr + offs_m)
-        s = base[:, None] * tl.exp2(-code * (1.0 / 32.0))
+        s = tl.load(base_ptr + rows) * tl.exp2(-code * (1.0 / 32.0))
     else:
         s = tl.load(s_ptr + sofs).to(tl.float32)
     if SYM:
@@ -112,18 +110,18 @@ def _dq(wp, A, Bz, POS: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def qseg_kernel(x_ptr, stride_xb, w_ptr, stride_wm, s_ptr, z_ptr, base_ptr, ccol_ptr, perm_ptr,
+def qdot_kernel(x_ptr, stride_xb, w_ptr, stride_wm, s_ptr, z_ptr, base_ptr, ccol_ptr, perm_ptr,
                 y_ptr, stride_yb, ws_ptr, cnt_ptr, bias_ptr,
-                B, m, ngs, nchunks, chunks_per_split, total_splits, one_bits,
+                B, m, ngs, nchunks, chunks_per_split, total_splits,
                 BITS: tl.constexpr, CPG: tl.constexpr, SYM: tl.constexpr, LOG_SCALES: tl.constexpr,
-                HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
-                BM: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr, PLO: tl.constexpr):
-    """y[b, r] (+)= Σ over this program's chunks of one bit-width segment of (c − z)·s·x.
+                HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                BM: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr):
+    """Tensor-core path: y[b, r] (+)= Σ over this program's chunks of one bit-width segment of (c − z)·s·x.
 
     Grid: (row blocks of BM, K splits of ``chunks_per_split`` chunks, batch blocks of BB). ``ccol_ptr``
     [nchunks] gives the input column (quantization order) of each chunk's first code; with ``HAS_PERM`` it is
-    mapped through perm. The batch-1 path (USE_DOT=False) keeps BB ≤ 4 rows of x in fp32 FMAs; the dot path
-    dequantizes a [BM, NC·32] tile to the activation dtype and runs one tensor-core dot per tile.
+    mapped through perm. Each tile of BM rows × NC chunks is dequantized to the activation dtype (codes of
+    position i of every chunk as one [BM, NC] slice, joined in column order) and multiplied by one dot.
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -136,71 +134,96 @@ def qseg_kernel(x_ptr, stride_xb, w_ptr, stride_wm, s_ptr, z_ptr, base_ptr, ccol
     c_end = tl.minimum(c_begin + chunks_per_split, nchunks)
     xdt = x_ptr.dtype.element_ty
     acc = tl.zeros((BB, BM), dtype=tl.float32)
-    acc3 = tl.zeros((BB, BM, NC), dtype=tl.float32)
     for c0 in range(c_begin, c_end, NC):
-        offs_c = c0 + tl.arange(0, NC)
-        cmask = offs_c < c_end
         # Loads of codes and metadata are unmasked (masked loads cost a register clear each): rows and chunks are
         # clamped in range, and chunks past the end read real data that meets x = 0.
-        offs_cc = tl.minimum(offs_c, c_end - 1)
+        offs_cc = tl.minimum(c0 + tl.arange(0, NC), c_end - 1)
         wp = w_ptr + (offs_mc[:, None] * stride_wm + offs_cc[None, :] * BITS)  # [BM, NC] word 0 of each chunk
-        s, z = _scales(s_ptr, z_ptr, base_ptr, offs_mc, offs_cc // CPG, ngs, BITS, SYM, LOG_SCALES)
+        s, z = _scales(s_ptr, z_ptr, base_ptr, offs_mc[:, None], offs_cc[None, :] // CPG, ngs, BITS, SYM,
+                       LOG_SCALES)
         A = s * (1 << BITS)
-        ccol = tl.load(ccol_ptr + offs_cc)  # [NC]
-        if USE_DOT:
-            k = tl.arange(0, NC * 32)
-            kmask = (c0 + k // 32) < c_end
-            kc = tl.load(ccol_ptr + tl.minimum(c0 + k // 32, c_end - 1)) + k % 32
+        Bz = A + s * z
+        k = tl.arange(0, NC * 32)
+        kmask = (c0 + k // 32) < c_end
+        kc = tl.load(ccol_ptr + tl.minimum(c0 + k // 32, c_end - 1)) + k % 32
+        if HAS_PERM:
+            kc = tl.load(perm_ptr + kc)
+        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + kc[None, :], mask=bmask[:, None] & kmask[None, :],
+                     other=0.0)
+        w = _join32(
+                    _dq(wp, A, Bz, 0, BITS, xdt), _dq(wp, A, Bz, 1, BITS, xdt),
+                    _dq(wp, A, Bz, 2, BITS, xdt), _dq(wp, A, Bz, 3, BITS, xdt),
+                    _dq(wp, A, Bz, 4, BITS, xdt), _dq(wp, A, Bz, 5, BITS, xdt),
+                    _dq(wp, A, Bz, 6, BITS, xdt), _dq(wp, A, Bz, 7, BITS, xdt),
+                    _dq(wp, A, Bz, 8, BITS, xdt), _dq(wp, A, Bz, 9, BITS, xdt),
+                    _dq(wp, A, Bz, 10, BITS, xdt), _dq(wp, A, Bz, 11, BITS, xdt),
+                    _dq(wp, A, Bz, 12, BITS, xdt), _dq(wp, A, Bz, 13, BITS, xdt),
+                    _dq(wp, A, Bz, 14, BITS, xdt), _dq(wp, A, Bz, 15, BITS, xdt),
+                    _dq(wp, A, Bz, 16, BITS, xdt), _dq(wp, A, Bz, 17, BITS, xdt),
+                    _dq(wp, A, Bz, 18, BITS, xdt), _dq(wp, A, Bz, 19, BITS, xdt),
+                    _dq(wp, A, Bz, 20, BITS, xdt), _dq(wp, A, Bz, 21, BITS, xdt),
+                    _dq(wp, A, Bz, 22, BITS, xdt), _dq(wp, A, Bz, 23, BITS, xdt),
+                    _dq(wp, A, Bz, 24, BITS, xdt), _dq(wp, A, Bz, 25, BITS, xdt),
+                    _dq(wp, A, Bz, 26, BITS, xdt), _dq(wp, A, Bz, 27, BITS, xdt),
+                    _dq(wp, A, Bz, 28, BITS, xdt), _dq(wp, A, Bz, 29, BITS, xdt),
+                    _dq(wp, A, Bz, 30, BITS, xdt), _dq(wp, A, Bz, 31, BITS, xdt))
+        w = tl.reshape(w, (BM, NC * 32))
+        acc += tl.dot(xt, tl.trans(w))
+    _finish(acc, offs_b, offs_m, B, m, y_ptr, stride_yb, ws_ptr, cnt_ptr, bias_ptr, total_splits, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def qgemv_kernel(x_ptr, stride_xb, w_ptr, stride_wm, s_ptr, z_ptr, base_ptr, ccol_ptr, perm_ptr,
+                 y_ptr, stride_yb, ws_ptr, cnt_ptr, bias_ptr,
+                 B, m, ngs, nchunks, chunks_per_split, total_splits, one_bits,
+                 BITS: tl.constexpr, CPG: tl.constexpr, SYM: tl.constexpr, LOG_SCALES: tl.constexpr,
+                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 BM: tl.constexpr, NC: tl.constexpr, PLO: tl.constexpr):
+    """FMA path, one row of x per program (grid axis 2 = row of x): y[b, r] (+)= Σ (c − z)·s·x over this
+    program's chunks of one bit-width segment.
+
+    Tiles are [NC chunks, BM rows] (rows the fast dimension, so a thread's rows share the x values it loads;
+    x enters as [NC, 1] columns, a free broadcast). Code position i of every chunk is one [NC, BM] slice
+    placed at mantissa bit q (see the module docstring); p − Σx' removes the constant part of cf·x'.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_b = pid_b + tl.arange(0, 1)
+    offs_mc = tl.minimum(offs_m, m - 1)
+    c_begin = pid_k * chunks_per_split
+    c_end = tl.minimum(c_begin + chunks_per_split, nchunks)
+    xrow = x_ptr + pid_b * stride_xb
+    acc2 = tl.zeros((NC, BM), dtype=tl.float32)
+    for c0 in range(c_begin, c_end, NC):
+        offs_c = c0 + tl.arange(0, NC)
+        cm1 = (offs_c < c_end)[:, None]
+        offs_cc = tl.minimum(offs_c, c_end - 1)  # unmasked loads of codes and metadata (see qdot_kernel)
+        wp = w_ptr + (offs_cc[:, None] * BITS + offs_mc[None, :] * stride_wm)  # [NC, BM] word 0 of each chunk
+        s, z = _scales(s_ptr, z_ptr, base_ptr, offs_mc[None, :], (offs_cc // CPG)[:, None], ngs, BITS, SYM,
+                       LOG_SCALES)
+        ccol = tl.load(ccol_ptr + offs_cc)[:, None]  # [NC, 1]
+        p = tl.zeros((NC, BM), dtype=tl.float32)
+        xw = tl.zeros((NC, 1), dtype=tl.float32)
+        xsum = tl.zeros((NC, 1), dtype=tl.float32)
+        for i in tl.static_range(32):
+            off = (i * BITS) % 32
+            straddle = (off + BITS) // 33
+            win_i = 24 - BITS - PLO  # floor division of non-negative numbers only (the interpreter truncates)
+            q = straddle * PLO + (1 - straddle) * (off - ((off - PLO + 32 * win_i) // win_i - 32) * win_i)
             if HAS_PERM:
-                kc = tl.load(perm_ptr + kc)
-            xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + kc[None, :], mask=bmask[:, None] & kmask[None, :],
-                         other=0.0)
-            Bz = A + s * z
-            w = _join32(_dq(wp, A, Bz, 0, BITS, xdt), _dq(wp, A, Bz, 1, BITS, xdt),
-                        _dq(wp, A, Bz, 2, BITS, xdt), _dq(wp, A, Bz, 3, BITS, xdt),
-                        _dq(wp, A, Bz, 4, BITS, xdt), _dq(wp, A, Bz, 5, BITS, xdt),
-                        _dq(wp, A, Bz, 6, BITS, xdt), _dq(wp, A, Bz, 7, BITS, xdt),
-                        _dq(wp, A, Bz, 8, BITS, xdt), _dq(wp, A, Bz, 9, BITS, xdt),
-                        _dq(wp, A, Bz, 10, BITS, xdt), _dq(wp, A, Bz, 11, BITS, xdt),
-                        _dq(wp, A, Bz, 12, BITS, xdt), _dq(wp, A, Bz, 13, BITS, xdt),
-                        _dq(wp, A, Bz, 14, BITS, xdt), _dq(wp, A, Bz, 15, BITS, xdt),
-                        _dq(wp, A, Bz, 16, BITS, xdt), _dq(wp, A, Bz, 17, BITS, xdt),
-                        _dq(wp, A, Bz, 18, BITS, xdt), _dq(wp, A, Bz, 19, BITS, xdt),
-                        _dq(wp, A, Bz, 20, BITS, xdt), _dq(wp, A, Bz, 21, BITS, xdt),
-                        _dq(wp, A, Bz, 22, BITS, xdt), _dq(wp, A, Bz, 23, BITS, xdt),
-                        _dq(wp, A, Bz, 24, BITS, xdt), _dq(wp, A, Bz, 25, BITS, xdt),
-                        _dq(wp, A, Bz, 26, BITS, xdt), _dq(wp, A, Bz, 27, BITS, xdt),
-                        _dq(wp, A, Bz, 28, BITS, xdt), _dq(wp, A, Bz, 29, BITS, xdt),
-                        _dq(wp, A, Bz, 30, BITS, xdt), _dq(wp, A, Bz, 31, BITS, xdt))
-            w = tl.reshape(w, (BM, NC * 32))
-            acc += tl.dot(xt, tl.trans(w))
-        else:
-            # codes placed at mantissa bit Q in [PLO, 23 − b]: one shift serves every code of a word that lands in
-            # the same window; the sums of x' = 2^E·x (xw) remove the constant part of cf·x', per chunk.
-            xrow = x_ptr + offs_b[:, None] * stride_xb
-            xp = xrow + ccol[None, :]  # constant offsets i from one pointer per chunk
-            xmask = bmask[:, None] & cmask[None, :]
-            p = tl.zeros((BB, BM, NC), dtype=tl.float32)
-            xw = tl.zeros((BB, NC), dtype=tl.float32)
-            xsum = tl.zeros((BB, NC), dtype=tl.float32)
-            for i in tl.static_range(32):
-                off = (i * BITS) % 32
-                straddle = (off + BITS) // 33
-                q = straddle * PLO + (1 - straddle) * (off - ((off - PLO) // (24 - BITS - PLO)) * (24 - BITS - PLO))
-                if HAS_PERM:
-                    xi = tl.load(xrow + tl.load(perm_ptr + ccol + i)[None, :], mask=xmask, other=0.0)
-                else:
-                    xi = tl.load(xp + i, mask=xmask, other=0.0)
-                xi = xi.to(tl.float32)  # [BB, NC]
-                xq = xi * ((1 << (23 - q - BITS)) * 1.0)  # x·2^E: cf·xq = xq + c·x·2^-b
-                cf = _code_as_float(wp, one_bits, i, BITS, q)  # [BM, NC]
-                p += cf[None, :, :] * xq[:, None, :]
-                xw += xq
-                xsum += xi
-            # Σ (c − z)·s·x = s·2^b·(p − xw) − s·z·Σx, accumulated per chunk and reduced once after the loop
-            acc3 += A[None, :, :] * (p - xw[:, None, :]) - (s * z)[None, :, :] * xsum[:, None, :]
-    if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+                xi = tl.load(xrow + tl.load(perm_ptr + ccol + i), mask=cm1, other=0.0)
+            else:
+                xi = tl.load(xrow + ccol + i, mask=cm1, other=0.0)
+            xi = xi.to(tl.float32)
+            xq = xi * ((1 << (23 - q - BITS)) * 1.0)  # x' = 2^E·x: cf·x' = x' + c·x·2^-b
+            p += _code_as_float(wp, one_bits, i, BITS, q) * xq
+            xw += xq
+            xsum += xi
+        # Σ (c − z)·s·x = s·2^b·(p − Σx') − s·z·Σx, accumulated per chunk and reduced once after the loop
+        acc2 += s * (1 << BITS) * (p - xw) - (s * z) * xsum
+    acc = tl.sum(acc2, axis=0)[None, :]
     _finish(acc, offs_b, offs_m, B, m, y_ptr, stride_yb, ws_ptr, cnt_ptr, bias_ptr, total_splits, HAS_BIAS, SPLIT)
 
 

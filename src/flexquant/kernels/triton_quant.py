@@ -11,7 +11,7 @@ step that calls it can be captured in a CUDA graph after one warm-up call.
 Launch scheme: one launch per segment (a uniform layer: one launch), grid (row blocks, K splits, batch
 blocks). When the K dimension is split, all programs of an output tile add into one fp32 workspace and the
 last one (counted with an atomic counter across the launches of the call) writes the output and re-zeroes
-the workspace. Batch ≤ ``dot_min_batch`` (default 4) and fp32 activations use FMAs on fp32 (the
+the workspace. Batch 1 (per row of x) and fp32 activations use FMAs on fp32 (the
 mantissa trick of ``triton_kernels``); larger fp16/bf16 batches dequantize a tile and use tensor cores.
 """
 
@@ -34,10 +34,10 @@ KNOWN_BUFFERS = {"group_bits", "scales", "scale_codes", "scale_base", "zeros", "
                  "rot_signs", "rot_factor"}
 # Tuning knobs (measured on an H100, see bench/results/kernels_gpu.md); `TUNING` may be replaced by benchmarks.
 TUNING = {
-    "dot_min_batch": 5,  # from this batch on, fp16/bf16 take the tensor-core path
+    "dot_min_batch": 2,  # from this batch on, fp16/bf16 take the tensor-core path
     "emax": 5,  # FMA path: codes may sit EMAX bits below the top of the mantissa (see triton_kernels)
-    "fma": {"bm": 32, "nc": 16, "warps": 4, "programs_per_sm": 4},
-    "dot": {"bm": 64, "nc": 4, "warps": 4, "programs_per_sm": 2},
+    "fma": {"bm": 128, "nc": 16, "warps": 4, "programs_per_sm": 4},
+    "dot": {"bm": 64, "nc": 4, "warps": 4, "programs_per_sm": 4},
 }
 
 
@@ -167,7 +167,9 @@ def _launch_config(plan: _Plan, B: int, dtype: torch.dtype) -> dict:
     use_dot = dtype in (torch.float16, torch.bfloat16) and B >= TUNING["dot_min_batch"]
     t = TUNING["dot" if use_dot else "fma"]
     bm, nc, warps = t["bm"], t["nc"], t["warps"]
-    bb = min(max(_next_pow2(B), 16), 64) if use_dot else min(_next_pow2(B), 4)
+    # batch tile ≤ 32 keeps Triton on mma.sync (a 64-row tile selects wgmma, whose operand pass rejects the
+    # joined dequantized tile); larger batches take several batch blocks
+    bb = min(max(_next_pow2(B), 16), 32) if use_dot else 1
     rows, bblocks = _cdiv(plan.m, bm), _cdiv(B, bb)
     quant_units = sum(s.units for s in plan.segments if s.bits != FP16_BITS)
     f16_units = sum(s.units for s in plan.segments if s.bits == FP16_BITS) // 32
@@ -221,14 +223,17 @@ def triton_linear(layer, x: torch.Tensor) -> torch.Tensor:
             tk.f16seg_kernel[grid](x2, x2.stride(0), seg.words, seg.words.stride(0), seg.cols, y, y.stride(0), ws,
                                    cnt, bias_t, B, plan.m, seg.units, cfg["cps"] * 32, cfg["total"], BK=32, **common)
         else:
-            tk.qseg_kernel[grid](x2, x2.stride(0), seg.words, seg.words.stride(0), seg.scales,
-                                 seg.zeros if seg.zeros is not None else d,
-                                 plan.scale_base if plan.scale_base is not None else d, seg.cols, perm,
-                                 y, y.stride(0), ws, cnt, bias_t, B, plan.m, seg.ngs, seg.units, cfg["cps"],
-                                 cfg["total"], ONE_BITS, BITS=seg.bits, CPG=plan.group_size // 32,
-                                 SYM=seg.zeros is None,
-                                 LOG_SCALES=plan.scale_base is not None, HAS_PERM=plan.perm is not None,
-                                 NC=cfg["nc"], PLO=plo(seg.bits, x.dtype), **common)
+            args = (x2, x2.stride(0), seg.words, seg.words.stride(0), seg.scales,
+                    seg.zeros if seg.zeros is not None else d, plan.scale_base if plan.scale_base is not None else d,
+                    seg.cols, perm, y, y.stride(0), ws, cnt, bias_t, B, plan.m, seg.ngs, seg.units, cfg["cps"],
+                    cfg["total"])
+            meta = dict(BITS=seg.bits, CPG=plan.group_size // 32, SYM=seg.zeros is None,
+                        LOG_SCALES=plan.scale_base is not None, HAS_PERM=plan.perm is not None, NC=cfg["nc"],
+                        HAS_BIAS=common["HAS_BIAS"], SPLIT=common["SPLIT"], BM=common["BM"], num_warps=cfg["warps"])
+            if cfg["use_dot"]:
+                tk.qdot_kernel[grid](*args, BB=cfg["bb"], **meta)
+            else:
+                tk.qgemv_kernel[grid](*args, ONE_BITS, PLO=plo(seg.bits, x.dtype), **meta)
     return y.view(*x.shape[:-1], plan.m)
 
 
