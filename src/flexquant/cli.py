@@ -56,7 +56,12 @@ def _add_quantize(sub) -> None:
                    help="attribute-outlier handling (default groups)")
     f.add_argument("--protect-groups", type=int, help="salient column groups kept per linear (--protect columns)")
     f.add_argument("--protect-bits", type=int, help="bits of the protected columns (2..8, or 16 = fp16)")
-    f.add_argument("--candidates", type=int, nargs="+", help="bit-widths SBGBS may choose (default 2 3 4)")
+    f.add_argument("--candidates", type=int, nargs="+",
+                   help="bit-widths SBGBS may choose (default: 2 3 4 below 4 bpw, else 2 3 4 5 6 8)")
+    f.add_argument("--sensitivity", choices=("fisher", "none"),
+                   help="weight the allocation's errors by the loss Fisher of each output (default fisher)")
+    f.add_argument("--alloc-nsamples", type=int,
+                   help="calibration windows of the statistics pass (allocation, Fisher, LFD's FP stream)")
     f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.1)")
     f.add_argument("--denoise", choices=("bias", "off"), help="LFD denoising after each block")
     f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLEXIBLE_FLAGS = ("bpw", "dosa", "sbgbs", "lfd", "protect", "protect_groups", "protect_bits", "candidates",
+                  "sensitivity", "alloc_nsamples",
                   "feedback_alpha", "denoise", "denoise_threshold")
 
 

@@ -33,7 +33,7 @@ class GridConfig:
     clip: str = "mse"
     # Metadata per group: 16 = fp16 scales; 8 = 8-bit codes on a per-row logarithmic grid (32 steps per
     # octave below an fp16 row maximum, `quant.grid.log_scale`). None = the method's default
-    # (`Method.grid_defaults`: fp16 for rtn/gptq).
+    # (`Method.default_grid`: fp16 for rtn/gptq).
     scale_bits: int | None = None
     # Asymmetric zero points: 8 = one byte each; 4 = packed nibbles (needs bits <= 4). None = method default.
     zero_bits: int | None = None

@@ -25,6 +25,7 @@ from .registry import register
 log = logging.getLogger(__name__)
 PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
+WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class FlexibleConfig:
     protect_groups: int = 1  # groups of salient columns kept per linear (option "columns")
     protect_bits: int = 4
     sbgbs: bool = True  # greedy fractional bit search; off: the highest uniform candidate that fits
-    candidates: tuple[int, ...] = (2, 3, 4)
+    # Bit-widths SBGBS may choose; empty = by budget: (2, 3, 4) below WIDE_BUDGET bpw, else up to 8 bits
+    # (a 4-bit ceiling would leave a 4.25-bpw budget unspent).
+    candidates: tuple[int, ...] = ()
     lfd: bool = True
     feedback_alpha: float = 0.1  # weight of the GPTAQ-style correction toward full-precision targets
     # Denoising after each block: "bias" folds −mean(ε) into the block's last writer where the relative
@@ -63,12 +66,20 @@ class FlexibleConfig:
             raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
         if self.protect not in PROTECT:
             raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
-        if not self.candidates or sorted(self.candidates) != list(self.candidates) or \
+        if not self.candidates:
+            object.__setattr__(self, "candidates", (2, 3, 4) if self.bpw < WIDE_BUDGET else (2, 3, 4, 5, 6, 8))
+        if sorted(self.candidates) != list(self.candidates) or \
                 not all(1 <= b <= 8 for b in self.candidates):
             raise FlexQuantError(f"candidates={self.candidates} must be increasing bit-widths in 1..8")
         if self.protect_bits not in range(2, 9) and self.protect_bits != 16:
             raise FlexQuantError(f"protect_bits={self.protect_bits} must be 2..8 or 16")
         object.__setattr__(self, "candidates", tuple(self.candidates))
+
+    @property
+    def top_bits(self) -> int:
+        """The widest quantized (not fp16) group this configuration can produce."""
+        protect = (self.protect_bits,) if self.protect == "columns" and self.protect_bits < 16 else ()
+        return max(self.candidates + protect)
 
 
 @dataclass
@@ -119,20 +130,29 @@ def _error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, 
 
 class FlexibleLLM(Method):
     name = "flexible"
-    # Compact metadata (8-bit log-coded scales, 4-bit zeros): 0.19 instead of 0.375 bpw at group 64.
-    grid_defaults = {"scale_bits": 8, "zero_bits": 4}
+
+    @classmethod
+    def default_grid(cls, config) -> dict:
+        """Compact metadata: 8-bit log-coded scales and, when no group can exceed 4 bits, 4-bit zeros
+        (0.19 instead of 0.375 bpw at group 64)."""
+        f = FlexibleConfig(**config.options)
+        return {"scale_bits": 8, "zero_bits": 4 if f.top_bits <= 4 else 8}
 
     def __init__(self, config: QuantConfig):
         self.config = config
         self.fcfg = FlexibleConfig(**config.options)
-        top = max(self.fcfg.candidates + ((self.fcfg.protect_bits,) if self.fcfg.protect == "columns" else ()))
-        if config.grid.zero_bits == 4 and 4 < top < 16:
+        top = self.fcfg.top_bits
+        if config.grid.zero_bits == 4 and top > 4:
             raise FlexQuantError(f"zero_bits=4 holds zero points of at most 4 bits, but {top}-bit groups are "
                                  "possible here; pass --zero-bits 8 or keep candidates/protect-bits <= 4")
         self.feedback_groups: tuple[str, ...] = ()
         self.plan: dict[str, _Plan] = {}
         self.spec_writer = "mlp.down_proj"  # the block's last residual writer (set from the spec)
         self.facts = _Facts()
+        # LFD's full-precision stream: block inputs kept from the statistics pass over the allocation
+        # subset of the calibration batches (the feedback term and the noise are measured there).
+        self.provides_fp_stream = self.fcfg.lfd
+        self._fp_inputs: dict[int, object] = {}
 
     # ----- whole-model preparation: rotation, FP Hessians, protection, allocation -----
     @torch.no_grad()
@@ -159,9 +179,12 @@ class FlexibleLLM(Method):
         """Input Hessians of every linear in the full-precision (rotated) model, in one pass, and the
         output sensitivity of every linear (Fisher, `sensitivity="fisher"`) from a backward pass."""
         layers = model.get_submodule(spec.layers)
-        # A subset of the calibration windows is enough to rank the groups' errors.
-        calib = calib_ids[: self.fcfg.alloc_nsamples]
-        inputs = capture_block_inputs(model, spec, calib, device, self.config.batch_size)
+        # A subset of the calibration windows is enough to rank the groups' errors; a whole number of
+        # batches, so that its batches are the first batches of the block loop (LFD pairs them).
+        bs = self.config.batch_size
+        n = min(calib_ids.shape[0], max(bs, self.fcfg.alloc_nsamples // bs * bs))
+        calib = calib_ids[:n]
+        inputs = capture_block_inputs(model, spec, calib, device, bs)
         fisher = self.fcfg.sensitivity == "fisher"
         stored = []
         hessians: dict[str, torch.Tensor] = {}
@@ -171,14 +194,19 @@ class FlexibleLLM(Method):
                     for n in group:
                         hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
                 out = quantize_prenorm_block(block, spec, inputs, device, keep)
-            if fisher:
+            if fisher or self.fcfg.lfd:
                 stored.append(inputs)
             inputs = inputs.with_hidden(out)
         if fisher:
             rows = output_fisher(model, spec, stored, inputs.hidden, calib, device, progress=False)
         else:
             rows = {n: torch.ones(model.get_submodule(n).out_features) for n in hessians}
+        if self.fcfg.lfd:
+            self._fp_inputs = dict(enumerate(stored))
         return hessians, rows
+
+    def fp_stream_inputs(self, index):
+        return self._fp_inputs.pop(index)
 
     def _plan_all(self, model, spec, names, hessians, rows) -> None:
         f, g = self.fcfg, self.config.grid.group_size

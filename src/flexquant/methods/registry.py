@@ -25,7 +25,7 @@ def build_method(config: QuantConfig) -> Method:
     if config.method not in METHODS:
         raise FlexQuantError(f"unknown method {config.method!r}; available: {', '.join(sorted(METHODS))}")
     factory = METHODS[config.method]
-    defaults = {**Method.grid_defaults, **getattr(factory, "grid_defaults", {})}
+    defaults = factory.default_grid(config) if hasattr(factory, "default_grid") else Method.default_grid(config)
     unset = {k: v for k, v in defaults.items() if getattr(config.grid, k) is None}
     if unset:  # the method's own defaults for what the user left unset
         config = config.replace(**unset)

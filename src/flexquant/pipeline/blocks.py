@@ -44,13 +44,20 @@ class Method(abc.ABC):
 
     name = "base"
     needs_calibration = True  # False: data-free (RTN); no forward passes at all
-    # Grid settings a method fills in where the user left them unset (None): classic fp16 scales and
-    # byte zero points unless the method has measured better.
-    grid_defaults = {"scale_bits": 16, "zero_bits": 8}
     needs_fp_stream = False  # True: the pipeline also propagates the full-precision stream
+    # True: the method keeps full-precision block inputs itself (`fp_stream_inputs`), e.g. from a
+    # whole-model pass over a prefix of the calibration batches, so the pipeline never propagates
+    # the FP stream over all batches (saves most of a forward pass per block).
+    provides_fp_stream = False
     # Groups (named by their first linear) that also get D = 2(X_fp − X_q)ᵀX_q/T in ``ctx.cross``;
     # non-empty implies the FP stream. Needs the pre-norm fast path.
     feedback_groups: tuple[str, ...] = ()
+
+    @classmethod
+    def default_grid(cls, config) -> dict:
+        """Grid settings the method fills in where the user left them unset (None): classic fp16 scales
+        and byte zero points unless the method has measured better."""
+        return {"scale_bits": 16, "zero_bits": 8}
 
     def prepare(self, model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor | None,
                 device: torch.device) -> None:
@@ -65,6 +72,11 @@ class Method(abc.ABC):
     def quantize_linear(self, ctx: BlockContext | None, name: str, W: torch.Tensor,
                         H: torch.Tensor | None) -> QuantResult:
         """The `QuantResult` of linear ``name`` (weight W, input Hessian H or None if data-free)."""
+
+    def fp_stream_inputs(self, index: int) -> BlockInputs:
+        """Full-precision inputs of block ``index`` for the first batches of the calibration data
+        (``provides_fp_stream`` methods only); called once per block, in order."""
+        raise FlexQuantError(f"method {self.name} does not keep full-precision block inputs")
 
     def after_block(self, ctx: BlockContext, out_q: list[torch.Tensor],
                     out_fp: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -123,8 +135,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 
     inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
     need_fp = method.needs_fp_stream or bool(method.feedback_groups)
-    fp_inputs = inputs.clone() if need_fp else None
+    fp_inputs = inputs.clone() if need_fp and not method.provides_fp_stream else None
     for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
+        if need_fp and method.provides_fp_stream:
+            fp_inputs = method.fp_stream_inputs(i)
         with onload(block, device):
             fp_block = copy.deepcopy(block) if need_fp else None
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_block, fp_inputs, device)
@@ -148,7 +162,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 out_q = run_block(block, inputs, device)
             out_q = method.after_block(ctx, out_q, out_fp)
         inputs = inputs.with_hidden(out_q)
-        if fp_inputs is not None:
+        if fp_inputs is not None and not method.provides_fp_stream:
             fp_inputs = fp_inputs.with_hidden(out_fp)
         notes.append({"block": i, **ctx.notes})
         del fp_block

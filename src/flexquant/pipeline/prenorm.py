@@ -53,8 +53,9 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
                            ) -> list[torch.Tensor]:
     """Quantize a pre-norm block group by group; ``quantize_group(group, H, D)`` quantizes in place.
 
-    ``fp_inputs`` maps a group's first linear to its full-precision-stream inputs per batch; for
-    those groups the feedback term D is accumulated next to H (else D is None).
+    ``fp_inputs`` maps a group's first linear to its full-precision-stream inputs for the first batches
+    (all of them, or a prefix); for those groups the feedback term D is accumulated next to H over
+    the batches that have them (else D is None).
     Returns the block's outputs (quantized weights) for every stored batch.
     """
     qkv, o, gate_up, down = spec.linear_groups
@@ -62,11 +63,14 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     batches = list(zip(inputs.hidden, inputs.kwargs))
     fp_inputs = fp_inputs or {}
 
+    def fp_for(linear_name):
+        fps = list(fp_inputs.get(linear_name, []))
+        return fps + [None] * (len(batches) - len(fps))
+
     def hessian(linear_name, calls, keep=None):
         lin = get(linear_name)
         acc = HessianAccumulator(lin.in_features, device)
-        fps = fp_inputs.get(linear_name, [None] * len(calls))
-        for call, x_fp in zip(calls, fps):
+        for call, x_fp in zip(calls, fp_for(linear_name)):
             _stop_at(block, call, lin, acc, keep, x_fp)
         return acc.H, acc.D
 
@@ -83,7 +87,7 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     h_mid = [h.to(device) + _matmul(o_proj, x.to(device)) for (h, _), x in zip(batches, x_o)]
     del x_o
     acc = HessianAccumulator(get(gate_up[0]).in_features, device)
-    for hm, x_fp in zip(h_mid, fp_inputs.get(gate_up[0], [None] * len(h_mid))):
+    for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
         acc.add(norm2(hm), None if x_fp is None else x_fp.to(device))
     quantize_group(gate_up, acc.H, acc.D)
     x_d: list[torch.Tensor] = []

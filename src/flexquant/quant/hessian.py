@@ -1,5 +1,6 @@
 """Running Hessian H = 2/T·Σ_t x_t x_tᵀ of a linear layer's inputs, and optionally the feedback cross
-term D = 2/T·Σ_t (x_fp,t − x_t) x_tᵀ between full-precision-stream and quantized-stream inputs."""
+term D = 2/T'·Σ_t (x_fp,t − x_t) x_tᵀ between full-precision-stream and quantized-stream inputs, over
+the T' tokens that came with full-precision inputs (all of them, or a subset)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class HessianAccumulator:
         self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
         self.D: torch.Tensor | None = None
         self.tokens = 0
+        self.cross_tokens = 0
 
     @torch.no_grad()
     def add(self, X: torch.Tensor, X_fp: torch.Tensor | None = None) -> None:
@@ -23,9 +25,12 @@ class HessianAccumulator:
         total = self.tokens + T
         keep, scale = self.tokens / total, (2.0 / total) ** 0.5
         self.H.mul_(keep).addmm_((X * scale).t(), X * scale)
+        self.tokens = total
         if X_fp is not None:
             dX = X_fp.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32) - X
             if self.D is None:
                 self.D = torch.zeros_like(self.H)
+            total = self.cross_tokens + T
+            keep, scale = self.cross_tokens / total, (2.0 / total) ** 0.5
             self.D.mul_(keep).addmm_((dX * scale).t(), X * scale)
-        self.tokens = total
+            self.cross_tokens = total

@@ -134,5 +134,5 @@ def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> dict:
 
 def incoherence(W: torch.Tensor) -> float:
     """μ(W) = √(mn)·max|W_ij| / ‖W‖_F (1 for a flat matrix, √(mn) for a single spike)."""
-    W = W.double()
+    W = W.detach().double()
     return float(W.abs().max() * (W.numel() ** 0.5) / W.norm())
