@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
+GRID_KEYS = ("scale_bits", "zero_bits")  # `--flexible 3.5:scale_bits=16` reaches the grid
 
 
 def job(args) -> None:
@@ -37,9 +38,11 @@ def job(args) -> None:
     import flexquant as fq
 
     calib = load_file(args.calib)["input_ids"]
+    options = json.loads(args.options)
+    grid = {k: options.pop(k) for k in GRID_KEYS if k in options}  # grid settings, not method options
     qm = fq.quantize(args.model, method=args.method, bits=args.bits, group_size=args.group_size,
                      calib_ids=calib, nsamples=calib.shape[0], seqlen=calib.shape[1], progress=False,
-                     options=json.loads(args.options))
+                     options=options, **grid)
     fq.save(qm, args.out, overwrite=True)
 
 
