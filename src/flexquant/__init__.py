@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import QuantizedModel, evaluate, generate, load, quantize, save  # noqa: E402
+from .api import QuantizedModel, evaluate, export, generate, load, quantize, save  # noqa: E402
 from .config import GPTQConfig, GridConfig, QuantConfig  # noqa: E402
 from .errors import CheckpointError, FlexQuantError  # noqa: E402
 from .quant import QuantResult, gptq_quantize, rtn_quantize  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "QuantizedModel",
     "__version__",
     "evaluate",
+    "export",
     "generate",
     "gptq_quantize",
     "load",

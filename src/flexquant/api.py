@@ -121,7 +121,14 @@ def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot
 
 
 def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verify: bool = True) -> QuantizedModel:
-    """Load a packed checkpoint; its linears run through the kernel registry (``kernel`` forces one)."""
+    """Load a packed checkpoint; its linears run through the kernel registry (``kernel`` forces one).
+
+    GPTQ and compressed-tensors folders written by other tools load too (`flexquant.interop`)."""
+    from .interop import foreign_format, load_foreign
+
+    if not is_checkpoint(path) and foreign_format(path):
+        model, tok, info = load_foreign(path, kernel=kernel)
+        return QuantizedModel(model.to(resolve_device(device)), tok, None, {"foreign": info})
     model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify)
     cfg = QuantConfig.from_dict(qc["quant_config"]) if qc.get("quant_config") else None
     report_file = Path(path) / "report.json"
@@ -133,17 +140,31 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
 
+def export(path: str | Path, out: str | Path, format: str = "compressed-tensors", **options) -> dict:
+    """Export the checkpoint at ``path`` as a compressed-tensors or GPTQ folder (`flexquant.interop`)."""
+    from .interop import export_checkpoint
+
+    return export_checkpoint(path, out, format, **options)
+
+
 def _as_model(obj, device):
     """(nn.Module, tokenizer, bpw or None) from a checkpoint path, model name, QuantizedModel or module."""
     if isinstance(obj, QuantizedModel):
         return obj.model, obj.tokenizer, obj.bpw
     if isinstance(obj, nn.Module):
         return obj, None, bit_summary(obj)["bpw"]
-    if is_checkpoint(obj):
+    if is_checkpoint(obj) or _is_foreign(obj):
         qm = load(obj, device=str(device))
-        return qm.model, qm.tokenizer, qm.bpw
+        bpw = qm.report["foreign"]["bpw"] if "foreign" in qm.report else qm.bpw  # a foreign file's own bits
+        return qm.model, qm.tokenizer, bpw
     model, tok = load_model(str(obj))
     return model.to(device), tok, None
+
+
+def _is_foreign(obj) -> bool:
+    from .interop import foreign_format
+
+    return isinstance(obj, (str, Path)) and foreign_format(obj) is not None
 
 
 def evaluate(model, text: str = "pydoc", seqlen: int = 2048, windows: int | None = None,

@@ -79,6 +79,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel", default=None, help="force a kernel (reference, dense-cache, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from .eval.lmeval import add_arguments as add_lmeval_arguments
+
+    add_lmeval_arguments(p)
 
 
 def _add_info(sub) -> None:
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .vision.cli import register as register_vision
 
     register_vision(sub)
+    from .interop.cli import register as register_interop
+
+    register_interop(sub)
     return parser
 
 
@@ -156,6 +162,10 @@ def cmd_eval(a) -> int:
         import os
 
         os.environ["FLEXQUANT_KERNEL"] = a.kernel
+    if a.tasks:  # lm-evaluation-harness tasks instead of perplexity
+        from .eval.lmeval import run_cli
+
+        return run_cli(a)
     res = api.evaluate(a.model, text=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
                        device=a.device, progress=not a.quiet)
     if a.json:
@@ -170,6 +180,12 @@ def cmd_info(a) -> int:
     from .format.checkpoint import TENSORS, read_quant_config
 
     path = Path(a.path)
+    from .interop import foreign_format
+
+    if not (path / "quant_config.json").is_file() and foreign_format(path):
+        from .interop.cli import print_foreign_info
+
+        return print_foreign_info(path, a.json)
     qc = read_quant_config(path)
     mods = qc["modules"]
     weights = {n: m["in_features"] * m["out_features"] for n, m in mods.items()}
@@ -205,6 +221,18 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .interop.cli import cmd_export as run
+
+    return run(a)
+
+
+def cmd_report(a) -> int:
+    from .interop.cli import cmd_report as run
+
+    return run(a)
+
+
 def cmd_vision(a) -> int:
     from .vision.cli import run
 
@@ -212,7 +240,7 @@ def cmd_vision(a) -> int:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
-            "vision": cmd_vision}
+            "vision": cmd_vision, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,38 @@
+"""Interoperability: export to the formats serving engines load (compressed-tensors, GPTQ) and import of
+checkpoints in those formats written by other tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import FlexQuantError
+from . import ct, gptq
+from .common import DTYPES, read_source
+from .foreign import foreign_format, foreign_info, load_foreign
+
+EXPORTERS = {ct.FORMAT: ct.export, gptq.FORMAT: gptq.export}
+ONLINE_ROTATION = ("error", "dense")
+
+__all__ = ["DTYPES", "EXPORTERS", "ONLINE_ROTATION", "export_checkpoint", "foreign_format", "foreign_info",
+           "load_foreign"]
+
+
+def export_checkpoint(path: str | Path, out: str | Path, format: str, dtype: str | None = None,
+                      online_rotation: str = "error", gptq_format: str = "gptq", overwrite: bool = False) -> dict:
+    """Export the flexquant checkpoint at ``path`` to ``out`` in ``format`` ("compressed-tensors" or "gptq").
+
+    ``dtype``: float32 / float16 / bfloat16 for the unquantized tensors (default: the checkpoint's).
+    ``online_rotation``: "error" (default) refuses layers with an online input rotation; "dense" writes them
+    unquantized with the rotation folded into the weight (exact). Returns a summary dict.
+    """
+    if format not in EXPORTERS:
+        raise FlexQuantError(f"unknown export format {format!r}; available: {', '.join(sorted(EXPORTERS))}")
+    if dtype is not None and dtype not in DTYPES:
+        raise FlexQuantError(f"dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    if online_rotation not in ONLINE_ROTATION:
+        raise FlexQuantError(f"online_rotation {online_rotation!r} must be one of {ONLINE_ROTATION}")
+    src = read_source(path, format, online_rotation)
+    kwargs = {"checkpoint_format": gptq_format} if format == gptq.FORMAT else {}
+    if format != gptq.FORMAT and gptq_format != "gptq":
+        raise FlexQuantError("--gptq-format applies to --format gptq only")
+    return EXPORTERS[format](src, out, dtype=dtype, overwrite=overwrite, **kwargs)

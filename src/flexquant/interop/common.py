@@ -1,0 +1,294 @@
+"""What every exporter shares: reading a flexquant checkpoint into per-layer integer grids, checking
+that a target format can hold them, and writing a Hugging Face folder atomically.
+
+A layer exports when it is one uniform integer grid: one bit-width for all its groups, fp16 scales
+(16-bit metadata), integer zero points (8- or 4-bit storage: both are plain integers) or a symmetric
+grid, and optionally an act-order permutation (expressed as per-column group indices, ``g_idx``).
+Everything else (mixed bits within a layer, fp16 kept columns, 8-bit log-coded scales, online input
+rotations) is named in one error with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import FlexQuantError
+from ..format.checkpoint import QUANT_CONFIG, TENSORS, read_quant_config, read_tensors
+from ..format.pack import tensors_to_result
+from ..nn.quant_linear import ROTATION_BUFFERS, rotation_from_tensors
+from ..quant.result import FP16_BITS
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Files of a flexquant checkpoint that describe flexquant's own layout; everything else (tokenizer,
+# generation config, chat template) is copied into the export as is.
+OWN_FILES = {TENSORS, QUANT_CONFIG, "config.json", "report.json", "report.png", "report_flexible.png",
+             "report.md", "report.html"}
+SHARD_BYTES = 4 * 2**30  # tensors per safetensors file before the export is sharded (with an index)
+EXPORT_INFO = "flexquant_export.json"
+
+
+@dataclass
+class GridLayer:
+    """One linear on a uniform integer grid, columns in the original input order.
+
+    W[:, i] = (codes[:, i] − zeros[:, g_idx[i]]) · scales[:, g_idx[i]] (zeros = 2^(bits−1) when
+    symmetric); ``g_idx`` None means contiguous groups (g_idx[i] = i // group_size).
+    """
+
+    name: str
+    bits: int
+    group_size: int
+    sym: bool
+    codes: torch.Tensor  # [m, n] uint8
+    scales: torch.Tensor  # [m, ng] float32, float16-exact
+    zeros: torch.Tensor  # [m, ng] uint8 (for symmetric grids: 2^(bits-1) everywhere)
+    g_idx: torch.Tensor | None  # [n] int32
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def group_index(self) -> torch.Tensor:
+        n = self.codes.shape[1]
+        return self.g_idx if self.g_idx is not None else torch.arange(n, dtype=torch.int32) // self.group_size
+
+    def dequantize(self) -> torch.Tensor:
+        gi = self.group_index().long()
+        return (self.codes.float() - self.zeros.float()[:, gi]) * self.scales[:, gi]
+
+
+@dataclass
+class DenseLayer:
+    """A quantized linear written unquantized (its online rotation folded exactly into the weight)."""
+
+    name: str
+    weight: torch.Tensor  # [m, n] float64
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class Source:
+    """A flexquant checkpoint read for export."""
+
+    path: Path
+    qc: dict
+    config: dict
+    grids: dict[str, GridLayer] = field(default_factory=dict)
+    dense: dict[str, DenseLayer] = field(default_factory=dict)
+    rest: dict[str, torch.Tensor] = field(default_factory=dict)  # embeddings, norms, lm_head, ...
+
+    @property
+    def dtype(self) -> str:
+        return self.qc.get("torch_dtype", "float32")
+
+
+def _problem_list(problems: dict[str, list[str]]) -> str:
+    lines = []
+    for what, names in problems.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"{what} ({len(names)} layer{'s' * (len(names) > 1)}: {shown})")
+    return "; ".join(lines)
+
+
+def _group_index(perm: torch.Tensor | None, n: int, g: int) -> torch.Tensor | None:
+    """Per-column group index of an act-order permutation (None for no or the identity permutation)."""
+    if perm is None or torch.equal(perm.cpu(), torch.arange(n)):
+        return None
+    gi = torch.empty(n, dtype=torch.int32)
+    gi[perm.cpu()] = (torch.arange(n) // g).to(torch.int32)  # column perm[j] sits in group j // g
+    return gi
+
+
+def _online_rotation_matrix(own: dict[str, torch.Tensor], n: int, order: int) -> torch.Tensor:
+    """Q [n, n] float64 with x ↦ x·Q the layer's online input rotation."""
+    R = rotation_from_tensors(own, n, order)
+    return R.apply(torch.eye(n, dtype=torch.float64))
+
+
+def read_source(path: str | Path, format_name: str, online_rotation: str = "error") -> Source:
+    """Read a flexquant checkpoint into `GridLayer`s (and `DenseLayer`s for ``online_rotation="dense"``).
+
+    Raises one `FlexQuantError` listing every layer the target format cannot hold, with the fix.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FlexQuantError(f"{path} is not a folder; pass a flexquant checkpoint folder (made by flexquant quantize)")
+    qc = read_quant_config(path)
+    tensors = read_tensors(path, qc)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if config is None:
+        raise FlexQuantError(f"{path} has no config.json; the checkpoint is incomplete: re-save it")
+    src = Source(path, qc, config)
+    problems: dict[str, list[str]] = {}
+    for name, spec in qc["modules"].items():
+        prefix = name + "."
+        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        bias = own.pop("bias", None)
+        if "group_bits" not in own:
+            raise FlexQuantError(f"{path}: the tensors of quantized module {name} are missing; re-save the checkpoint")
+        m, n, g = spec["out_features"], spec["in_features"], spec["group_size"]
+        bits = sorted(set(own["group_bits"].tolist()))
+        if FP16_BITS in bits or "fp16_cols" in own:
+            problems.setdefault("fp16 kept columns (16-bit groups): requantize without kept columns, e.g. "
+                                "--protect-bits 4 or --protect none", []).append(name)
+            continue
+        if len(bits) > 1:
+            problems.setdefault(f"mixed bit-widths within a layer ({'/'.join(map(str, bits))} bits): "
+                                f"{format_name} holds one bit-width per layer; requantize with one bit-width "
+                                "per layer (--no-sbgbs, or a single --candidates)", []).append(name)
+            continue
+        if "scale_codes" in own:
+            problems.setdefault(f"8-bit log-coded scales (scale_codes): {format_name} stores one float16 "
+                                "scale per group; requantize with --scale-bits 16", []).append(name)
+            continue
+        order = spec.get("rotation_order", 0)
+        rot = {k: own.pop(k) for k in ROTATION_BUFFERS if k in own}
+        r = tensors_to_result(own, m, n, g, spec["sym"])
+        if order:
+            if online_rotation != "dense":
+                problems.setdefault(
+                    f"an online input rotation (FlexibleLLM's DOSA Hadamard before {name.rsplit('.', 1)[-1]}), which "
+                    f"{format_name} cannot express and which does not fold into a quantized weight exactly; pass "
+                    "--online-rotation dense to write these layers unquantized with the rotation folded in (exact, "
+                    "larger), or requantize with --no-dosa", []).append(name)
+                continue
+            Q = _online_rotation_matrix(rot, n, order)
+            src.dense[name] = DenseLayer(name, r.dequantize(torch.float64) @ Q.T, bias)  # x·Q·Wᵀ = x·(W·Qᵀ)ᵀ
+            continue
+        b = bits[0]
+        zeros = r.zeros if r.zeros is not None else torch.full_like(r.scales, 2 ** (b - 1), dtype=torch.uint8)
+        codes = r.codes
+        if r.perm is not None:  # back to the original column order
+            codes = torch.empty_like(r.codes)
+            codes[:, r.perm] = r.codes
+        src.grids[name] = GridLayer(name, b, g, spec["sym"], codes, r.scales.float(), zeros.to(torch.uint8),
+                                    _group_index(r.perm, n, g), bias)
+    if problems:
+        raise FlexQuantError(f"{path} cannot be exported to {format_name}: " + _problem_list(problems))
+    src.rest = tensors
+    return src
+
+
+def check_architecture(src: Source) -> None:
+    """The export is read by the stock architecture: every quantized module must be a Linear there, with
+    a bias exactly when the checkpoint has one (LFD's bias denoising adds biases Llama has no place for)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src.path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    state = set(skeleton.state_dict())
+    extra_bias = []
+    for name, layer in {**src.grids, **src.dense}.items():
+        try:
+            mod = skeleton.get_submodule(name)
+        except AttributeError as e:
+            raise FlexQuantError(f"{src.path}: quantized module {name} is not part of the {config.model_type} "
+                                 "architecture; the checkpoint does not match its config.json") from e
+        if layer.bias is not None and getattr(mod, "bias", None) is None:
+            extra_bias.append(name)
+    if extra_bias:
+        raise FlexQuantError(
+            f"{src.path} cannot be exported: {len(extra_bias)} layers ({', '.join(extra_bias[:3])}, ...) carry a bias "
+            f"(LFD's bias denoising) that the {config.model_type} architecture has no place for; requantize with "
+            "--denoise off")
+    unknown = [k for k in src.rest if k not in state]
+    if unknown:
+        raise FlexQuantError(f"{src.path}: tensors {unknown[:3]} do not belong to the {config.model_type} "
+                             "architecture; the checkpoint does not match its config.json")
+
+
+def export_config(src: Source, dtype: str, quantization_config: dict) -> dict:
+    """config.json of the export: the model's own, with the quantization config, the dtype and the KV cache on."""
+    cfg = dict(src.config)
+    cfg["quantization_config"] = quantization_config
+    cfg["torch_dtype"] = dtype  # read by older transformers and by vLLM
+    cfg["dtype"] = dtype
+    cfg["use_cache"] = True  # flexquant turns it off while quantizing; serving wants it
+    return cfg
+
+
+def cast_rest(src: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in src.rest.items()}
+
+
+def write_folder(out: str | Path, src: Source, tensors: dict[str, torch.Tensor], json_files: dict[str, dict],
+                 overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a Hugging Face folder atomically: tensors (sharded with an index past ``shard_bytes``), JSON
+    files, and the source's tokenizer and generation files. A temporary sibling folder is renamed into place."""
+    out = Path(out)
+    if out.resolve() == src.path.resolve():
+        raise FlexQuantError("--out must differ from the source checkpoint folder")
+    if out.exists() and not overwrite:
+        raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
+    if out.exists() and not (out / EXPORT_INFO).is_file() and any(out.iterdir()):
+        raise FlexQuantError(f"refusing to overwrite {out}: it is not empty and not a flexquant export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        _write_tensors(tmp, tensors, shard_bytes)
+        for fname, obj in json_files.items():
+            (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
+        for f in src.path.iterdir():
+            if f.is_file() and f.name not in OWN_FILES and f.name not in json_files:
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_tensors(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        t = tensors[k]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata=meta)
+        return
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {}}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata=meta)
+        index["weight_map"].update({k: fname for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_info(src: Source, format_name: str, dtype: str, online_rotation: str) -> dict:
+    from .. import __version__
+
+    return {"flexquant_version": __version__, "format": format_name, "dtype": dtype,
+            "source": str(src.path), "source_checksums": src.qc.get("checksums", {}),
+            "source_method": (src.qc.get("quant_config") or {}).get("method"),
+            "quantized_layers": len(src.grids),
+            "dense_layers": {"names": sorted(src.dense), "why": "online input rotation folded into the weight"}
+            if src.dense else {},
+            "online_rotation": online_rotation}
