@@ -47,12 +47,14 @@ def job(args) -> None:
 
 
 def parse_flexible(spec: str) -> dict:
-    """'2.5' or '2.5:dosa=0,lfd=1,feedback_alpha=0.2' -> FlexibleConfig options."""
+    """'2.5' or '2.5:dosa=0,lfd=1,feedback_alpha=0.2,candidates=2/3/4/8' -> FlexibleConfig options."""
     bpw, _, rest = spec.partition(":")
     opts: dict = {"bpw": float(bpw)}
     for kv in filter(None, rest.split(",")):
         k, v = kv.split("=")
-        if v in ("0", "1"):
+        if "/" in v:  # a list: candidates=2/3/4/5/6/8
+            opts[k] = [int(b) for b in v.split("/")]
+        elif v in ("0", "1"):
             opts[k] = v == "1"
         else:
             try:
@@ -165,7 +167,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(args.model_dir)
     calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
-    save_file({"input_ids": calib.contiguous()}, work / "calib.safetensors")
+    save_file({"input_ids": calib.contiguous()}, work / "calib.tmp")  # atomic: a running job may read it
+    (work / "calib.tmp").replace(work / "calib.safetensors")
     windows = eval_windows(tok, "pydoc", 2048, args.windows)
     peers = [m for m in args.peers.split(",") if m]
     if peers and not (ROOT / ".venv-peers/bin/python").exists():
@@ -192,6 +195,8 @@ def main() -> None:
             evaluate_row(row, windows, ref)
             rows.append(row)
             if "error" not in row:
+                if cache_path.exists():  # merge rows another invocation finished meanwhile
+                    cache.update({k: v for k, v in json.loads(cache_path.read_text()).items() if k not in cache})
                 cache[key] = row
                 tmp = cache_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cache, indent=1))
