@@ -23,7 +23,7 @@ from .methods import build_method
 from .models import get_spec, load_model
 from .nn.quant_linear import QuantLinear
 from .pipeline import quantize_blocks
-from .report import bit_summary, build_report, plot_flexible, plot_report
+from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot
         if plot:
             plot_report(qmodel.report, path / "report.png")
             plot_flexible(qmodel.report, path / "report_flexible.png")
+            plot_hiratio(qmodel.report, path / "report_hiratio.png")
     return path
 
 

@@ -24,7 +24,8 @@ def _add_quantize(sub) -> None:
                                    "checkpoint with a JSON run report (report.json) and plot into --out.")
     p.add_argument("model", nargs="?", default=_DEFAULT.model,
                    help="smollm2-135m (offline demo), tiny-llama (random, for tries), a folder or a hub id")
-    p.add_argument("--method", default=_DEFAULT.method, help="rtn | gptq (default: %(default)s)")
+    p.add_argument("--method", default=_DEFAULT.method,
+                   help="rtn | gptq | flexible | hiratio (default: %(default)s)")
     p.add_argument("--bits", type=int, default=GridConfig.bits, choices=SUPPORTED_BITS)
     p.add_argument("--group-size", type=int, default=GridConfig.group_size,
                    help="input columns per scale/zero group; must divide every linear's input size")
@@ -65,6 +66,9 @@ def _add_quantize(sub) -> None:
     f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.1)")
     f.add_argument("--denoise", choices=("bias", "off"), help="LFD denoising after each block")
     f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
+    from .methods.hiratio import add_cli_arguments as add_hiratio_arguments
+
+    add_hiratio_arguments(p)
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
 
@@ -128,8 +132,13 @@ def cmd_quantize(a) -> int:
     from . import api
 
     options = {k: getattr(a, k) for k in FLEXIBLE_FLAGS if getattr(a, k) is not None}
-    if options and a.method != "flexible":
-        raise FlexQuantError(f"--{next(iter(options)).replace('_', '-')} applies to --method flexible only")
+    from .methods.hiratio import cli_options as hiratio_options
+
+    options = hiratio_options(a, options)  # --method hiratio takes --bpw and its own flags
+    if options and a.method not in ("flexible", "hiratio"):
+        flag = next(iter(options))
+        raise FlexQuantError(f"--{flag.replace('_', '-')} applies to --method flexible only"
+                             + (" (or hiratio)" if flag == "bpw" else ""))
     if a.method == "flexible":
         from .methods.flexible import FlexibleConfig
 

@@ -132,3 +132,43 @@ def plot_flexible(report: dict, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_hiratio(report: dict, path: str | Path) -> Path | None:
+    """High-impact ratio facts: ratio per layer (QP answer, rounded, equal), the fitted a and Q, and the
+    predicted vs measured loss of the chosen allocation."""
+    facts = (report.get("method") or {}).get("hiratio")
+    if not facts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alloc, qp, budget = facts["allocation"], facts.get("qp") or {}, facts["budget"]
+    fig, ax = plt.subplots(1, 3 if qp else 1, figsize=(16 if qp else 8, 4.5), squeeze=False)
+    ax = ax[0]
+    x = range(len(alloc["ratios"]))
+    ax[0].bar(x, alloc["ratios"], color="tab:blue", label=f"stored ({alloc['mode']})")
+    if qp:
+        ax[0].plot(x, qp["solution"], "k.", label="QP answer (continuous)")
+    ax[0].axhline(budget["equal_ratio"], color="tab:red", ls="--", label="equal ratio")
+    ax[0].set_xlabel("decoder layer")
+    ax[0].set_ylabel("high-impact ratio r_l")
+    ax[0].set_title(f"ratio per layer · {alloc['planned_bpw']:.3f} bpw (target {budget['target_bpw']})")
+    ax[0].legend()
+    if qp:
+        ax[1].plot(x, qp["a"], "o-", label="a_l")
+        ax[1].plot(x, [row[i] for i, row in enumerate(qp["Q_psd"])], "s--", label="Q_ll (PSD)")
+        ax[1].axhline(0, color="grey", lw=0.5)
+        ax[1].set_title("loss model ΔL = aᵀr + ½rᵀQr")
+        ax[1].set_xlabel("decoder layer")
+        ax[1].legend()
+        im = ax[2].imshow(qp["Q_psd"], cmap="coolwarm")
+        fig.colorbar(im, ax=ax[2])
+        ax[2].set_title(f"Q · predicted KL {qp['predicted_kl']:.4f}, measured {qp['measured_probe_kl']:.4f}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,127 @@
+"""Learnable group quantizers, trained by gradient through a straight-through estimator (STE).
+
+Two families (METHODS.md §2.5 option):
+- ``clip``: learnable weight clipping per row and group, OmniQuant-style (LWC): the group range is
+  [β·min, γ·max] with γ, β = sigmoid(θ), trained with Adam.
+- ``round``: sign-gradient rounding, AutoRound-style: a learnable offset v ∈ [−½, ½] per weight added
+  before rounding, plus learnable range factors in [½, 1], trained with signed gradient descent.
+
+Both produce scales on the stored grid (fp16, or the 8-bit logarithmic grid below an fp16 row base) and
+integer zero points, so the learned result packs exactly. Pure tensor functions: no model walking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import log_scale, log_scale_codes
+
+LEARNERS = ("clip", "round")
+_CLIP_INIT = 4.0  # sigmoid(4) = 0.982: OmniQuant's initial clipping
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _stored_scale(scale: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """The scale as stored (fp16 or log-grid code), with the STE so gradients pass to the real value."""
+    scale = scale.clamp(min=1e-6)
+    stored = scale.half().float() if base is None else log_scale(base, log_scale_codes(scale, base))
+    return scale + (stored - scale).detach()
+
+
+@dataclass
+class LearnableGroups:
+    """Learnable quantization of latent weights V [m, k, g] (k groups of g columns) at ``bits``."""
+
+    V: torch.Tensor
+    bits: int
+    kind: str
+    base: torch.Tensor | None = None  # [m] log-grid row base (8-bit scales) or None (fp16 scales)
+    sym: bool = False  # symmetric grid: range [−γ·max|w|, γ·max|w|], fixed zero 2^(b−1)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LEARNERS:
+            raise ValueError(f"learner {self.kind!r} is not one of {LEARNERS}")
+        self.V = self.V.detach().float()
+        m, k, _ = self.V.shape
+        self.maxq = 2**self.bits - 1
+        self._base = None if self.base is None else self.base.float().view(m, 1, 1)
+        self.xmin = self.V.amin(-1, keepdim=True).clamp(max=0)
+        self.xmax = self.V.amax(-1, keepdim=True).clamp(min=0)
+        if self.sym:
+            self.xmax = torch.maximum(-self.xmin, self.xmax)
+            self.xmin = -self.xmax
+        dev = self.V.device
+        if self.kind == "clip":
+            self.params = [torch.full((m, k, 1), _CLIP_INIT, device=dev, requires_grad=True),
+                           torch.full((m, k, 1), _CLIP_INIT, device=dev, requires_grad=True)]
+        else:  # rounding offsets, then the max and min range factors
+            self.params = [torch.zeros_like(self.V, requires_grad=True),
+                           torch.ones((m, k, 1), device=dev, requires_grad=True),
+                           torch.ones((m, k, 1), device=dev, requires_grad=True)]
+
+    def _factors(self):
+        if self.kind == "clip":
+            return torch.sigmoid(self.params[0]), torch.sigmoid(self.params[1]), None
+        return self.params[1], self.params[2], self.params[0]
+
+    def qparams(self):
+        """(scale, zero) [m, k, 1] for the current parameters (zero with the STE)."""
+        up, down, _ = self._factors()
+        hi, lo = self.xmax * up, self.xmin * down
+        if self.sym:  # one factor: the range stays symmetric
+            lo = -hi
+        scale = _stored_scale((hi - lo) / self.maxq, self._base)
+        if self.sym:
+            return scale, torch.full_like(scale, (self.maxq + 1) // 2)
+        zero = _round_ste(-lo / scale).clamp(0, self.maxq)
+        return scale, zero
+
+    def codes(self) -> torch.Tensor:
+        scale, zero = self.qparams()
+        _, _, v = self._factors()
+        x = self.V / scale + (0 if v is None else v)
+        return torch.clamp(_round_ste(x) + zero, 0, self.maxq)
+
+    def fake_quant(self) -> torch.Tensor:
+        """Dequantized weights [m, k, g], differentiable in the parameters."""
+        scale, zero = self.qparams()
+        return (self.codes() - zero) * scale
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        if self.kind == "round":
+            self.params[0].clamp_(-0.5, 0.5)
+            self.params[1].clamp_(0.5, 1.0)
+            self.params[2].clamp_(0.5, 1.0)
+
+    @torch.no_grad()
+    def export(self):
+        """(integer codes uint8 [m, k, g], scales [m, k], integer zeros [m, k]) exactly as stored."""
+        scale, zero = self.qparams()
+        return self.codes().to(torch.uint8), scale[..., 0], zero[..., 0]
+
+
+def make_optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam for clipping (OmniQuant); signed gradient descent, ``lr`` per step, for rounding (AutoRound)."""
+    if kind == "clip":
+        return torch.optim.Adam(params, lr=lr)
+    return _SignSGD(params, lr=lr)
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """p ← p − lr·sign(∂L/∂p) (AutoRound's signed gradient descent)."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])

@@ -1,0 +1,224 @@
+"""Layer-wise high-impact ratio optimisation (--method hiratio): the QP, its rounding, the budget, the hybrid
+quantizer and the packed result."""
+
+import numpy as np
+import pytest
+import torch
+
+import flexquant as fq
+from flexquant.alloc.qp import LossModel, StepTable, fit_loss_model, project_psd, round_to_steps, solve_ratio_qp
+from flexquant.cli import main
+from flexquant.config import GPTQConfig, GridConfig
+from flexquant.errors import FlexQuantError
+from flexquant.methods.hiratio import HiRatioConfig, latent_high_columns
+from flexquant.models.builtin import tiny_llama
+from flexquant.nn import QuantLinear
+from flexquant.quant import gptq_quantize
+from flexquant.quant.grid import log_scale, log_scale_base, log_scale_codes
+from flexquant.quant.learned import LearnableGroups
+
+FAST = dict(stats_nsamples=4, probe_nsamples=2, probe_seqlen=64, learn_nsamples=2, learn_batch=1, learn_steps=6)
+
+
+def _random_qp(seed, n=12):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n))
+    Q = A @ A.T / n + np.diag(rng.uniform(0.1, 1, n))
+    a = -rng.uniform(0.5, 2.0, n)
+    cost = rng.uniform(1e5, 4e5, n)
+    return LossModel(a, Q), cost, 0.3 * cost.sum() / 2, rng.uniform(0.2, 0.8, n)
+
+
+@pytest.mark.parametrize("backend", ["scipy", "osqp"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qp_answer_satisfies_constraints_and_kkt(seed, backend):
+    if backend == "osqp":
+        pytest.importorskip("osqp")
+    model, cost, budget, upper = _random_qp(seed)
+    sol = solve_ratio_qp(model, cost, budget, upper, backend=backend)
+    assert sol.backend == backend
+    r = sol.r
+    assert (r >= 0).all() and (r <= upper + 1e-12).all() and cost @ r <= budget * (1 + 1e-12)
+    # KKT: g + μc = 0 on free coordinates, ≥ 0 at the lower bound, ≤ 0 at the upper bound, μ ≥ 0.
+    g = model.grad(r)
+    free = (r > 1e-7) & (r < upper - 1e-7)
+    mu = float(np.median(-g[free] / cost[free])) if free.any() else 0.0
+    assert mu >= -1e-9
+    kkt = g + mu * cost
+    scale = np.abs(g).max()
+    assert np.abs(kkt[free]).max(initial=0) < 1e-4 * scale
+    assert (kkt[r <= 1e-7] >= -1e-4 * scale).all() and (kkt[r >= upper - 1e-7] <= 1e-4 * scale).all()
+    # and no random feasible point does better
+    rng = np.random.default_rng(seed + 10)
+    for _ in range(200):
+        x = rng.uniform(0, upper)
+        x *= min(1.0, budget / (cost @ x))
+        assert model(x) >= sol.objective - 1e-9
+
+
+def test_loss_model_fit_recovers_a_quadratic_and_psd_projection():
+    rng = np.random.default_rng(3)
+    n = 5
+    a, B = rng.normal(size=n), rng.normal(size=(n, n))
+    Q = (B + B.T) / 2  # indefinite on purpose
+    f = LossModel(a, Q)
+    r1, r2 = rng.uniform(0.05, 0.1, n), rng.uniform(0.15, 0.3, n)
+    one = lambda i, v: np.eye(n)[i] * v
+    L1 = np.array([f(one(i, r1[i])) for i in range(n)]) + 7.0
+    L2 = np.array([f(one(i, r2[i])) for i in range(n)]) + 7.0
+    pairs = {(i, j): f(one(i, r1[i]) + one(j, r1[j])) + 7.0 for i in range(n) for j in range(i + 1, n)}
+    fit = fit_loss_model(7.0, r1, L1, r2, L2, pairs)
+    assert np.allclose(fit.a, a, atol=1e-8) and np.allclose(fit.Q, Q, atol=1e-8)
+    P, info = project_psd(fit.Q)
+    assert np.linalg.eigvalsh(P).min() > -1e-10 and info["negative_eigenvalues"] > 0
+    S = np.eye(n) * 2.0
+    assert np.allclose(project_psd(S)[0], S)
+    with pytest.raises(FlexQuantError, match="semidefinite"):
+        solve_ratio_qp(fit, np.ones(n), 1.0, 1.0)
+    with pytest.raises(FlexQuantError, match="negative"):
+        solve_ratio_qp(LossModel(a, P), np.ones(n), -1.0, 1.0)
+
+
+def test_rounding_to_steps_never_exceeds_the_budget():
+    rng = np.random.default_rng(5)
+    tables = []
+    for _ in range(6):
+        w = np.concatenate([[0], np.cumsum(rng.integers(1, 5, 20) * 64 * 100)])
+        tables.append(StepTable(w, w * 2 + np.arange(21) * 7, int(w[-1] * 2)))
+    model, _, _, _ = _random_qp(4, n=6)
+    budget = 900_000
+    r = np.full(6, 0.3)
+    for m in (model, None):
+        steps = round_to_steps(r, tables, budget, m, upper=0.45)
+        used = sum(int(t.bits[s]) for t, s in zip(tables, steps))
+        assert used <= budget
+        assert all(t.ratio(s) <= 0.45 for t, s in zip(tables, steps))
+        # maximal: no further step of any layer fits (the model is decreasing here)
+        assert all(s + 1 >= len(t.weights) or used + t.bits[s + 1] - t.bits[s] > budget or t.ratio(s + 1) > 0.45
+                   for t, s in zip(tables, steps))
+
+
+def test_latent_columns_equal_gptq_compensation(correlated_layer):
+    W, H = correlated_layer
+    g, k = 64, 1
+    grid = GridConfig(bits=2, group_size=g)
+    perm = torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(0))
+    kept = perm[-k * g:]
+    r = gptq_quantize(W, H, grid, GPTQConfig(), kept=kept, order=perm)  # last group kept in fp16
+    Qp = r.dequantize()[:, perm]
+    V = latent_high_columns(W, H, Qp[:, :-k * g], perm, k * g, r.stats["damp"])
+    assert torch.allclose(V, Qp[:, -k * g:], atol=2e-3, rtol=2e-3)  # fp16 storage of the kept columns
+
+
+@pytest.mark.parametrize("kind", ["clip", "round"])
+def test_learnable_groups_export_exactly_on_the_stored_grid(kind):
+    torch.manual_seed(0)
+    V = torch.randn(16, 3, 64)
+    base = log_scale_base(V, torch.full((3,), 4, dtype=torch.uint8), False)
+    lg = LearnableGroups(V, 4, kind, base)
+    codes, scales, zeros = lg.export()
+    assert torch.equal(log_scale(base[:, None], log_scale_codes(scales, base[:, None])), scales)
+    deq = (codes.float() - zeros[..., None]) * scales[..., None]
+    assert torch.equal(deq, lg.fake_quant().detach())
+    target = V * 0.9
+    err0 = float(((lg.fake_quant().detach() - target) ** 2).sum())
+    from flexquant.quant.learned import make_optimizer
+
+    opt = make_optimizer(kind, lg.params, 0.05)
+    for _ in range(30):
+        loss = ((lg.fake_quant() - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lg.clamp_()
+    assert float(((lg.fake_quant().detach() - target) ** 2).sum()) < err0  # it learns
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    model, tok = tiny_llama(hidden=128, intermediate=256, layers=2)
+    path = tmp_path_factory.mktemp("hiratio") / "m"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+
+
+def _stored_bits(qm):
+    return sum(m.stored_bits() for m in qm.model.modules() if isinstance(m, QuantLinear))
+
+
+def test_hiratio_qp_budget_holds_exactly_from_stored_bits_and_reloads(wide, calib, tmp_path):
+    path, _ = wide
+    qm = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                     options=dict(bpw=2.6, learner="round", **FAST))
+    facts = qm.report["method"]["hiratio"]
+    alloc, qp, budget = facts["allocation"], facts["qp"], facts["budget"]
+    assert _stored_bits(qm) == alloc["planned_bits"] <= budget["budget_bits"]  # exact, never above
+    assert qm.bpw <= 2.6
+    # the solver's answer satisfies its constraints
+    r, cost = np.array(qp["solution"]), np.array(qp["cost_bits_per_ratio"])
+    assert (r >= 0).all() and (r <= np.array(qp["upper"]) + 1e-12).all()
+    assert cost @ r <= qp["ratio_budget_bits"] * (1 + 1e-12) and qp["max_violation"] == 0
+    assert all(0 <= x <= 0.5 for x in alloc["ratios"])
+    assert facts["probe"]["cost"]["probes"] == 1 + 2 * 2 + 1 + 1  # L0, δ and 2δ per layer, band-2 pairs, chosen
+    assert np.isfinite(qp["predicted_kl"]) and qp["measured_probe_kl"] > 0
+    # high-impact groups are stored at 4 bits, the rest at 2, and the learner ran on every block
+    bits = {n: sorted(set(m.group_bits.tolist())) for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)}
+    assert {b for v in bits.values() for b in v} == {2, 4}
+    assert all("learn" in b for b in qm.report["blocks"])
+    out = fq.save(qm, tmp_path / "hr")
+    assert (out / "report_hiratio.png").stat().st_size > 10_000
+    loaded = fq.load(out)
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, qm.model(ids).logits, atol=1e-5)
+    assert loaded.bpw == pytest.approx(qm.bpw)
+
+
+def test_fp16_retention_and_fixed_ratios_hold_the_budget(wide, calib):
+    path, _ = wide
+    qm = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                     options=dict(bpw=2.7, b_hi=16, allocation="equal", learner="gptq", **FAST))
+    alloc = qm.report["method"]["hiratio"]["allocation"]
+    assert _stored_bits(qm) == alloc["planned_bits"] <= int(2.7 * qm.report["summary"]["quantized_weights"])
+    fp16 = [m for m in qm.model.modules() if isinstance(m, QuantLinear) and "fp16_cols" in m.buffer_names]
+    assert fp16 and all(set(m.group_bits.tolist()) == {2, 16} for m in fp16)
+    fixed = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                        options=dict(bpw=2.7, ratios=(0.2, 0.0), learner="gptq", **FAST))
+    ratios = fixed.report["method"]["hiratio"]["allocation"]["ratios"]
+    assert ratios[1] == 0 and 0 < ratios[0] <= 0.2
+
+
+def test_bad_settings_fail_clearly(wide, calib):
+    with pytest.raises(FlexQuantError, match="b_hi"):
+        HiRatioConfig(b_lo=4, b_hi=3)
+    with pytest.raises(FlexQuantError, match="allocation"):
+        HiRatioConfig(allocation="greedy")
+    path, _ = wide
+    with pytest.raises(FlexQuantError, match="infeasible"):
+        fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                    options=dict(bpw=2.1, **FAST))
+    with pytest.raises(FlexQuantError, match="ratios has 3 entries"):
+        fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                    options=dict(bpw=2.6, ratios=(0.1, 0.1, 0.1), **FAST))
+    with pytest.raises(FlexQuantError, match="more than the bpw"):
+        fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                    options=dict(bpw=2.45, ratios=(0.5, 0.5), learner="gptq", **FAST))
+
+
+def test_cli_hiratio_flags(wide, tmp_path, capsys):
+    path, _ = wide
+    assert main(["quantize", path, "--method", "gptq", "--b-hi", "4", "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "--method hiratio only" in capsys.readouterr().err
+    assert main(["quantize", path, "--method", "hiratio", "--bpw", "2.6", "--dosa", "--out", str(tmp_path / "y"),
+                 "-q"]) == 2
+    assert "--method flexible only" in capsys.readouterr().err
+    assert main(["quantize", path, "--method", "hiratio", "--bpw", "2.6", "--allocation", "equal", "--learner", "gptq",
+                 "--clip", "minmax", "--stats-nsamples", "2", "--nsamples", "2", "--seqlen", "32",
+                 "--out", str(tmp_path / "h"), "-q"]) == 0
+    assert '"bpw": 2.' in capsys.readouterr().out
