@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .actquant.runtime import attach as attach_actquant
 from .config import QuantConfig
 from .data import calibration_windows, eval_windows
 from .errors import FlexQuantError
@@ -70,6 +71,7 @@ def pack_model(model: nn.Module, results: dict) -> nn.Module:
         q = QuantLinear.from_result(r, lin.bias, dtype=lin.weight.dtype,
                                     rotation=None if rot is None else rot.rotation())
         setattr(model.get_submodule(parent), child, q)
+    attach_actquant(model)  # online activation/KV quantizers follow the packed linears (no-op without)
     return model
 
 

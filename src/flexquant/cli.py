@@ -69,6 +69,9 @@ def _add_quantize(sub) -> None:
     from .methods.hiratio import add_cli_arguments as add_hiratio_arguments
 
     add_hiratio_arguments(p)
+    from .methods.adaptive import add_cli_arguments as add_adaptive_arguments
+
+    add_adaptive_arguments(p)
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
 
@@ -143,6 +146,9 @@ def cmd_quantize(a) -> int:
         from .methods.flexible import FlexibleConfig
 
         FlexibleConfig(**options)  # validate before the model is loaded
+    from .methods.adaptive import cli_options as adaptive_options
+
+    options = adaptive_options(a, options)
     config = QuantConfig().replace(options=options,
         model=a.model, method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, clip=a.clip,
         scale_bits=a.scale_bits, zero_bits=a.zero_bits, act_order=a.act_order, damp=a.damp, calib=a.calib,

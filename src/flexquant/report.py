@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .actquant.runtime import stored_bits as actquant_bits
 from .nn.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,10 @@ def bit_summary(model: torch.nn.Module) -> dict:
             bits += b
             weights += w
             per_layer[name] = b / w
+    runtime = actquant_bits(model)  # online transforms and clipping ratios of weight-activation methods
+    bits += runtime
     return {"stored_bits": bits, "quantized_weights": weights, "bpw": bits / weights if weights else None,
-            "per_layer_bpw": per_layer}
+            "per_layer_bpw": per_layer, "runtime_bits": runtime}
 
 
 def build_report(config, model, records, block_notes, seconds: float, peak_rss_mb: float,

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..actquant import runtime as actquant
 from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
@@ -77,6 +78,9 @@ def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: b
             "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
             **meta,
         }
+        runtime = getattr(model, actquant.ATTRIBUTE, None)
+        if runtime is not None:  # online transforms + activation/KV quantizers, re-attached by load
+            qc["actquant"] = {**runtime.describe(), "stored_bits": runtime.stored_bits()}
         (tmp / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -152,6 +156,10 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
         q.set_kernel(kernel)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
+    runtime = None
+    if qc.get("actquant"):  # its tensors are in the file: build the skeleton before loading them
+        runtime = actquant.ActQuantRuntime.from_description(qc["actquant"])
+        setattr(model, actquant.ATTRIBUTE, runtime)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
@@ -160,5 +168,7 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise CheckpointError(f"{path}: tensors missing from {TENSORS}: {still_meta[:5]}")
+    if runtime is not None:
+        actquant.install(model, runtime)
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tok, qc

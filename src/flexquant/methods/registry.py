@@ -20,7 +20,7 @@ def register(name: str):
 
 
 def build_method(config: QuantConfig) -> Method:
-    from . import baselines, flexible, hiratio  # noqa: F401  (registers rtn, gptq, flexible, hiratio)
+    from . import adaptive, baselines, flexible, hiratio  # noqa: F401  (registers them all)
 
     if config.method not in METHODS:
         raise FlexQuantError(f"unknown method {config.method!r}; available: {', '.join(sorted(METHODS))}")
