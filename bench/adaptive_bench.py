@@ -11,7 +11,7 @@ held-out pydoc tokens) runs here on the saved checkpoints, i.e. with the activat
     python bench/adaptive_bench.py                          # everything (hours on 2 cores)
     python bench/adaptive_bench.py --settings W4A4KV4 --variants rule-rotation,search
 
-Finished rows are kept in OUT/work-adaptive/rows.json, so an interrupted run resumes.
+Finished rows are kept in OUT/work/adaptive/rows.json, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main() -> None:
     from flexquant.models.builtin import smollm2_path
 
     args.model_dir = str(smollm2_path())
-    work = Path(args.out) / "work-adaptive"
+    work = Path(args.out) / "work" / "adaptive"
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(args.model_dir)
     calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)

@@ -135,8 +135,10 @@ def test_runtime_computes_what_calibration_trained(tiny, ids):
 def test_affine_calibration_lowers_the_block_error(tiny, ids):
     _, method = _prepare(tiny[0], ids, w_bits=16, a_bits=3, k_bits=3, v_bits=3, transform="affine",
                          train_steps=12, train_nsamples=4)
-    blocks = method.facts["blocks"]
-    assert all(b["loss_last"] < b["loss_first"] for b in blocks)
+    blocks = method.facts["blocks"]  # never worse (a worse result is reverted), and better where trained
+    assert all(b["loss_last"] <= b["loss_first"] for b in blocks)
+    assert all(b["loss_last"] < b["loss_first"] for b in blocks if not b["reverted"]) and not all(
+        b["reverted"] for b in blocks)
 
 
 def test_rule_flags_outlier_sites_in_either_orientation():

@@ -77,6 +77,7 @@ class BlockResult:
     mix: dict[str, list[float]] = field(default_factory=dict)  # site -> softmax weights (search)
     loss_first: float = 0.0
     loss_last: float = 0.0
+    reverted: bool = False  # training raised the loss, so the initial parameters were kept
     seconds: float = 0.0
 
 
@@ -220,6 +221,9 @@ def calibrate_block(block: nn.Module, sites: list[SiteSpec], types: dict[str, tu
     losses = []
     batches = list(zip(inputs.hidden, inputs.kwargs, targets))
     loss_first = _mean_loss(tb, batches, train_sites, device)
+    params = [p for g in groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    updated = False
     with torch.enable_grad():
         for step in range(settings.steps if opt is not None else 0):
             h, kw, y = batches[step % len(batches)]
@@ -232,13 +236,19 @@ def calibrate_block(block: nn.Module, sites: list[SiteSpec], types: dict[str, tu
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            updated = True
             for site in train_sites.values():
                 site._cache = None
     for site in train_sites.values():
         site._cache = None
-    trained = len(losses) > 1 or (losses and settings.steps == 1)
-    res = BlockResult(choice={}, loss_first=loss_first,
-                      loss_last=_mean_loss(tb, batches, train_sites, device) if trained else loss_first)
+    loss_last = _mean_loss(tb, batches, train_sites, device) if updated else loss_first
+    reverted = loss_last > loss_first and not any(site.mix is not None for site in train_sites.values())
+    if reverted:  # a few noisy steps made the calibration loss worse: keep the starting point
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        loss_last = loss_first
+    res = BlockResult(choice={}, loss_first=loss_first, loss_last=loss_last, reverted=reverted)
     for name, site in train_sites.items():
         w = site.weights().detach()
         res.choice[name] = site.types[int(torch.argmax(w))]

@@ -203,7 +203,7 @@ class Adaptive(Method):
                 calib_seconds += res.seconds
                 quantizers, kvq = finalize_block(block, sites, trained, kv, KV_SITES, head_dim, bits)
             chosen.append({s: t[0] for s, t in types[i].items()})
-            note.update(loss_first=res.loss_first, loss_last=res.loss_last, seconds=res.seconds)
+            note.update(loss_first=res.loss_first, loss_last=res.loss_last, reverted=res.reverted, seconds=res.seconds)
             blocks.append(note)
             for s in sites:
                 key = f"l{i}_{s.name}"
