@@ -45,12 +45,16 @@ MODELS = {
                                    options={"bpw": 5.0, "dosa": True, "sbgbs": False, "candidates": [4],
                                             "protect": "none"}),
 }
+CLIENTS = {  # who loads the export in each check
+    "compressed-tensors": "transformers 5.24 + compressed-tensors 0.20.1 (.venv; asymmetric: dequantize=True)",
+    "gptq": "transformers 5.24 + optimum 2.3 + GPTQModel 7.7 (.venv-gptq)",
+    "peers": "transformers 5.17 + compressed-tensors 0.19 (.venv-peers, llm-compressor's; compressed path)",
+}
 EXPORTS = [  # (model, format): act-order needs g_idx, which only GPTQ has
     ("rtn-w4g64", "compressed-tensors"), ("rtn-w4g64", "gptq"),
     ("gptq-w4g64", "compressed-tensors"), ("gptq-w4g64-actorder", "gptq"),
     ("flexible-rotated-w4g64", "compressed-tensors"), ("flexible-rotated-w4g64", "gptq"),
 ]
-TOLERANCE_REL = 2.0**-10  # max |Δlogit| / max |logit|: fp16 rounding
 
 
 def quantize(name: str, args, work: Path, calib: torch.Tensor) -> Path:
@@ -68,6 +72,23 @@ def quantize(name: str, args, work: Path, calib: torch.Tensor) -> Path:
     return out
 
 
+def fp16_weights(model):
+    """The packed model with each quantized linear as a dense layer holding its weight rounded to float16: what
+    a client that dequantizes into float16 (GPTQModel's CPU kernels) computes with. Layers with an online
+    rotation stay as they are (the export writes them dense, in float32)."""
+    from flexquant.nn.quant_linear import QuantLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear) and mod._rotation is None:
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.data = mod.dequantized_weight().half().float()
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
 def hf_check(source: str, export: str, windows_file: str) -> dict:
     """(Run by the python that has the client) flexquant's packed model vs transformers on the export."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -77,7 +98,7 @@ def hf_check(source: str, export: str, windows_file: str) -> dict:
     windows = load_file(windows_file)["input_ids"]
     qcfg = json.loads(Path(export, "config.json").read_text())["quantization_config"]
     extra = {}
-    if qcfg["quant_method"] == "compressed-tensors" and not all(
+    if qcfg["quant_method"] == "compressed-tensors" and not os.environ.get("FQ_CT_COMPRESSED_PATH") and not all(
             g["weights"]["symmetric"] for g in qcfg["config_groups"].values()):
         # transformers' compressed path cannot take asymmetric packed zero points (llm-compressor issue 1618)
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -85,27 +106,31 @@ def hf_check(source: str, export: str, windows_file: str) -> dict:
     hf = AutoModelForCausalLM.from_pretrained(export, **extra).eval()
     load_s = time.perf_counter() - t0
     packed = fq.load(source).model
-    diff = top = nll_fq = nll_hf = 0.0
+    half = fp16_weights(fq.load(source).model)
+    d32 = d16 = r16 = top = nll_fq = nll_hf = 0.0
     tokens = 0
     for w in windows:
         with torch.no_grad():
             a = packed(w[None]).logits[0].float()
             b = hf(w[None]).logits[0].float()
-        diff, top = max(diff, float((a - b).abs().max())), max(top, float(a.abs().max()))
+            c = half(w[None]).logits[0].float()
+        d32, d16 = max(d32, float((a - b).abs().max())), max(d16, float((c - b).abs().max()))
+        r16, top = max(r16, float((a - c).abs().max())), max(top, float(a.abs().max()))
         nll_fq += float(torch.nn.functional.cross_entropy(a[:-1], w[1:], reduction="sum"))
         nll_hf += float(torch.nn.functional.cross_entropy(b[:-1], w[1:], reduction="sum"))
         tokens += w.numel() - 1
     layer = hf.model.layers[0]
-    return {"max_abs_diff": diff, "max_abs_logit": top, "rel_diff": diff / top,
+    return {"max_abs_diff": d32, "max_abs_diff_fp16_weights": d16, "fp16_weight_rounding": r16,
+            "max_abs_logit": top, "rel_diff": min(d32, d16) / top,
             "ppl_flexquant": math.exp(nll_fq / tokens), "ppl_transformers": math.exp(nll_hf / tokens),
             "client_layers": {"q_proj": type(layer.self_attn.q_proj).__name__,
                               "down_proj": type(layer.mlp.down_proj).__name__},
             "load_seconds": load_s, "windows": int(windows.shape[0])}
 
 
-def run_check(python: Path, source: Path, export: Path, windows_file: Path) -> dict:
+def run_check(python: Path, source: Path, export: Path, windows_file: Path, env: dict | None = None) -> dict:
     cmd = [str(python), __file__, "_check", str(source), str(export), str(windows_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ["failed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -138,17 +163,22 @@ def llmc_import(args, work: Path, calib_file: Path, windows_file: Path) -> dict:
 
 def markdown(header: str, rows: list[dict], llmc: dict | None) -> str:
     lines = [header, "", "### Exports loaded by transformers vs flexquant's packed model (all windows)", "",
-             "| model | format | client layers (q / down) | max abs Δlogit | / max abs logit | ppl flexquant | "
-             "ppl transformers | pass (≤ 2^-10) |", "|---|---|---|---|---|---|---|---|"]
+             "Δ: max |logit difference| over every position of every window. GPTQModel dequantizes into float16, so "
+             "its reference is flexquant's model with each dequantized weight rounded to float16 (the last column "
+             "shows what that rounding alone changes).", "",
+             "| model | format | client | client layers (q / down) | Δ vs flexquant fp32 | Δ vs flexquant fp16 "
+             "weights | max abs logit | ppl flexquant | ppl client | fp16 weight rounding alone |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["check"]
         if "error" in c:
-            lines.append(f"| {r['model']} | {r['format']} | failed: {c['error']} | | | | | no |")
+            lines.append(f"| {r['model']} | {r['format']} | {r['client']} | failed: {c['error']} | | | | | | |")
             continue
         cl = c["client_layers"]
-        lines.append(f"| {r['model']} | {r['format']} | {cl['q_proj']} / {cl['down_proj']} | {c['max_abs_diff']:.2e} | "
-                     f"{c['rel_diff']:.2e} | {c['ppl_flexquant']:.4f} | {c['ppl_transformers']:.4f} | "
-                     f"{'yes' if c['rel_diff'] <= TOLERANCE_REL else 'no'} |")
+        lines.append(f"| {r['model']} | {r['format']} | {r['client']} | {cl['q_proj']} / {cl['down_proj']} | "
+                     f"{c['max_abs_diff']:.2e} | "
+                     f"{c['max_abs_diff_fp16_weights']:.2e} | {c['max_abs_logit']:.1f} | {c['ppl_flexquant']:.4f} | "
+                     f"{c['ppl_transformers']:.4f} | {c['fp16_weight_rounding']:.2e} |")
     if llmc:
         lines += ["", "### llm-compressor GPTQ w4g64 checkpoint evaluated by flexquant", ""]
         if "error" in llmc:
@@ -206,9 +236,17 @@ def main() -> None:
         else:
             log.info("checking %s with %s", out.name, python)
             check = run_check(python, src, out, work / "eval.safetensors")
-        rows.append({"model": name, "format": fmt, "export": summary, "check": check,
-                     "bpw_flexquant": json.loads((src / "report.json").read_text())["summary"]["bpw"]})
+        bpw = json.loads((src / "report.json").read_text())["summary"]["bpw"]
+        rows.append({"model": name, "format": fmt, "client": CLIENTS[fmt], "export": summary, "check": check,
+                     "bpw_flexquant": bpw})
         log.info("%s %s: %s", name, fmt, {k: v for k, v in check.items() if k != "client_layers"})
+        peers = ROOT / ".venv-peers/bin/python"
+        if fmt == "compressed-tensors" and peers.exists():  # the versions llm-compressor 0.14 ships with
+            log.info("checking %s with %s (compressed load path)", out.name, peers)
+            check = run_check(peers, src, out, work / "eval.safetensors",
+                              {"PYTHONPATH": str(ROOT / "src"), "FQ_CT_COMPRESSED_PATH": "1"})
+            rows.append({"model": name, "format": fmt, "client": CLIENTS["peers"], "export": summary,
+                         "check": check, "bpw_flexquant": bpw})
     llmc = None if args.skip_llmc else llmc_import(args, work, work / "calib.safetensors", work / "eval.safetensors")
     md = markdown(header, rows, llmc)
     for suffix, text in ((".md", md), (".json", json.dumps({"header": header, "exports": rows, "llmc_import": llmc},

@@ -19,8 +19,9 @@ HAS_GPTQMODEL = (importlib.util.find_spec("gptqmodel") is not None
                  and importlib.util.find_spec("optimum") is not None)
 needs_ct = pytest.mark.skipif(not HAS_CT,
                               reason="compressed-tensors is not installed (pip install 'flexquant[interop]')")
-# fp16 rounding of the logits (the client may run its matmuls at half precision); float32 clients match to 1e-5.
-FP16_TOL = 2.0**-10
+# fp16 rounding: a client that dequantizes into float16 moves the logits by about this much of their range;
+# float32 clients match to 1e-5.
+FP16_TOL = 2.0**-9
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +160,23 @@ def test_gptq_export_loads_in_transformers_via_gptqmodel(which, request, tmp_pat
     qm, path = request.getfixturevalue(which)
     export_checkpoint(path, tmp_path / "gq", "gptq", online_rotation="dense")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gq").eval()
-    ref = _logits(qm.model, ids)
-    assert (_logits(model, ids) - ref).abs().max() <= FP16_TOL * ref.abs().max()
+    got, ref = _logits(model, ids), _logits(qm.model, ids)
+    assert (got - ref).abs().max() <= FP16_TOL * ref.abs().max()
+    # GPTQModel dequantizes into float16: against flexquant's weights rounded to float16 the logits are the same
+    half = _logits(_fp16_weights(fq.load(path).model), ids)
+    assert (got - half).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def _fp16_weights(model):
+    from flexquant.nn.quant_linear import QuantLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear) and mod._rotation is None:  # rotated layers are exported dense, float32
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False)
+            lin.weight.data = mod.dequantized_weight().half().float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
 
 
 @needs_ct
@@ -176,6 +192,27 @@ def test_rotated_flexible_exports_with_the_rotation_folded(flexible_ct, tmp_path
     assert cfg["tie_word_embeddings"] is False  # the rotation untied lm_head from the embedding
     ref = _logits(qm.model, ids)
     assert (_logits(_transformers_ct(tmp_path / "ct"), ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_ct
+def test_per_layer_bits_become_config_groups(rtn_sym, tmp_path, ids):
+    """Uniform bits within each layer, different between layers: one compressed-tensors config group per
+    setting (GPTQ as loaded by transformers has one setting per model: refused). Symmetric here: transformers
+    5's dequantize-at-load path (needed for asymmetric zero points) applies one scheme to every layer."""
+    qm, _ = rtn_sym
+    qm3 = fq.quantize("tiny-llama", method="rtn", bits=3, group_size=32, sym=True, progress=False)
+    for i in (0, 1):
+        qm3.model.model.layers[i].self_attn = qm.model.model.layers[i].self_attn  # attention at 4 bits, MLP at 3
+    path = fq.save(qm3, tmp_path / "q", plot=False)
+    out = export_checkpoint(path, tmp_path / "ct", "compressed-tensors")
+    groups = json.loads((tmp_path / "ct/config.json").read_text())["quantization_config"]["config_groups"]
+    assert out["config_groups"] == 2
+    assert sorted(len(g["targets"]) for g in groups.values()) == [6, 8]
+    assert {g["weights"]["num_bits"] for g in groups.values()} == {3, 4}
+    ref = _logits(qm3.model, ids)
+    assert (_logits(_transformers_ct(tmp_path / "ct"), ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(FlexQuantError, match="mixes layer settings.*--format compressed-tensors"):
+        export_checkpoint(path, tmp_path / "gq", "gptq")
 
 
 def test_layouts_the_formats_cannot_hold_fail_with_the_fix(tmp_path_factory, gptq, calib, tmp_path):
@@ -326,6 +363,18 @@ def test_eval_and_info_accept_exported_and_foreign_folders(gptq, tmp_path, capsy
     assert imported["bpw"] == pytest.approx(info["bpw"])
     assert main(["info", str(tmp_path / "gq")]) == 0
     assert "gptq (foreign)" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "gq"), "--out", str(tmp_path / "r.md"), "-q"]) == 0
+    page = (tmp_path / "r.md").read_text()
+    assert "gptq (imported)" in page and page.split("## Layers")[1].count("| model.layers.") == 14
+
+
+def test_foreign_folders_without_safetensors_are_refused(rtn, tmp_path, capsys):
+    _, path = rtn
+    export_checkpoint(path, tmp_path / "gq", "gptq")
+    (tmp_path / "gq/model.safetensors").rename(tmp_path / "gq/pytorch_model.bin")  # a pickle is never loaded
+    assert main(["eval", str(tmp_path / "gq"), "--seqlen", "64", "--windows", "1", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin are pickles" in err and "Traceback" not in err
 
 
 def test_cli_export_and_bad_inputs(rtn, tmp_path, capsys):

@@ -35,40 +35,51 @@ def test_qp_answer_satisfies_constraints_and_kkt(seed, backend):
     if backend == "osqp":
         pytest.importorskip("osqp")
     model, cost, budget, upper = _random_qp(seed)
-    sol = solve_ratio_qp(model, cost, budget, upper, backend=backend)
+    lower = np.zeros_like(upper) if seed == 0 else 0.1 * upper  # a trust region on the last seeds
+    sol = solve_ratio_qp(model, cost, budget, upper, backend=backend, lower=lower)
     assert sol.backend == backend
     r = sol.r
-    assert (r >= 0).all() and (r <= upper + 1e-12).all() and cost @ r <= budget * (1 + 1e-12)
+    assert (r >= lower - 1e-12).all() and (r <= upper + 1e-12).all() and cost @ r <= budget * (1 + 1e-12)
     # KKT: g + μc = 0 on free coordinates, ≥ 0 at the lower bound, ≤ 0 at the upper bound, μ ≥ 0.
     g = model.grad(r)
-    free = (r > 1e-7) & (r < upper - 1e-7)
+    at_lo, at_hi = r <= lower + 1e-7, r >= upper - 1e-7
+    free = ~at_lo & ~at_hi
     mu = float(np.median(-g[free] / cost[free])) if free.any() else 0.0
     assert mu >= -1e-9
     kkt = g + mu * cost
     scale = np.abs(g).max()
     assert np.abs(kkt[free]).max(initial=0) < 1e-4 * scale
-    assert (kkt[r <= 1e-7] >= -1e-4 * scale).all() and (kkt[r >= upper - 1e-7] <= 1e-4 * scale).all()
+    assert (kkt[at_lo] >= -1e-4 * scale).all() and (kkt[at_hi] <= 1e-4 * scale).all()
     # and no random feasible point does better
     rng = np.random.default_rng(seed + 10)
     for _ in range(200):
-        x = rng.uniform(0, upper)
-        x *= min(1.0, budget / (cost @ x))
+        x = rng.uniform(lower, upper)
+        if cost @ x > budget:
+            x = lower + (x - lower) * (budget - cost @ lower) / (cost @ (x - lower))
         assert model(x) >= sol.objective - 1e-9
 
 
-def test_loss_model_fit_recovers_a_quadratic_and_psd_projection():
+@pytest.mark.parametrize("center", ["zero", "equal"])
+def test_loss_model_fit_recovers_a_quadratic_and_psd_projection(center):
     rng = np.random.default_rng(3)
     n = 5
     a, B = rng.normal(size=n), rng.normal(size=(n, n))
     Q = (B + B.T) / 2  # indefinite on purpose
-    f = LossModel(a, Q)
-    r1, r2 = rng.uniform(0.05, 0.1, n), rng.uniform(0.15, 0.3, n)
-    one = lambda i, v: np.eye(n)[i] * v
-    L1 = np.array([f(one(i, r1[i])) for i in range(n)]) + 7.0
-    L2 = np.array([f(one(i, r2[i])) for i in range(n)]) + 7.0
-    pairs = {(i, j): f(one(i, r1[i]) + one(j, r1[j])) + 7.0 for i in range(n) for j in range(i + 1, n)}
-    fit = fit_loss_model(7.0, r1, L1, r2, L2, pairs)
+    c = np.zeros(n) if center == "zero" else rng.uniform(0.1, 0.2, n)
+    truth = LossModel(a, Q, center=c)
+    f = lambda r: truth(r) + 7.0  # noqa: E731
+    x1 = c + rng.uniform(0.05, 0.1, n) * (1 if center == "zero" else -1)
+    x2 = c + rng.uniform(0.15, 0.3, n)
+    at = lambda i, v: np.where(np.arange(n) == i, v, c)  # noqa: E731
+    L1 = np.array([f(at(i, x1[i])) for i in range(n)])
+    L2 = np.array([f(at(i, x2[i])) for i in range(n)])
+    pp = x1 if center == "zero" else x2
+    pairs = {(i, j): f(np.where(np.isin(np.arange(n), (i, j)), pp, c)) for i in range(n) for j in range(i + 1, n)}
+    fit = fit_loss_model(7.0, None if center == "zero" else c, x1, L1, x2, L2, pairs,
+                         pair_point=1 if center == "zero" else 2)
     assert np.allclose(fit.a, a, atol=1e-8) and np.allclose(fit.Q, Q, atol=1e-8)
+    r = rng.uniform(0, 0.3, n)
+    assert fit(r) + fit.L0 == pytest.approx(f(r))
     P, info = project_psd(fit.Q)
     assert np.linalg.eigvalsh(P).min() > -1e-10 and info["negative_eigenvalues"] > 0
     S = np.eye(n) * 2.0
@@ -165,7 +176,8 @@ def test_hiratio_qp_budget_holds_exactly_from_stored_bits_and_reloads(wide, cali
     assert (r >= 0).all() and (r <= np.array(qp["upper"]) + 1e-12).all()
     assert cost @ r <= qp["ratio_budget_bits"] * (1 + 1e-12) and qp["max_violation"] == 0
     assert all(0 <= x <= 0.5 for x in alloc["ratios"])
-    assert facts["probe"]["cost"]["probes"] == 1 + 2 * 2 + 1 + 1  # L0, δ and 2δ per layer, band-2 pairs, chosen
+    # L0, two points per layer, the band-2 pair, and the chosen allocation unless it is the centre
+    assert 1 + 2 * 2 + 1 <= facts["probe"]["cost"]["probes"] <= 1 + 2 * 2 + 1 + 1
     assert np.isfinite(qp["predicted_kl"]) and qp["measured_probe_kl"] > 0
     # high-impact groups are stored at 4 bits, the rest at 2, and the learner ran on every block
     bits = {n: sorted(set(m.group_bits.tolist())) for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)}
@@ -178,6 +190,15 @@ def test_hiratio_qp_budget_holds_exactly_from_stored_bits_and_reloads(wide, cali
     with torch.no_grad():
         assert torch.allclose(loaded.model(ids).logits, qm.model(ids).logits, atol=1e-5)
     assert loaded.bpw == pytest.approx(qm.bpw)
+
+
+def test_zero_centred_loss_model_keeps_the_budget(wide, calib):
+    path, _ = wide
+    qm = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                     options=dict(bpw=2.6, center="zero", learner="gptq", **FAST))
+    facts = qm.report["method"]["hiratio"]
+    assert _stored_bits(qm) == facts["allocation"]["planned_bits"] <= facts["budget"]["budget_bits"]
+    assert facts["probe"]["center_ratios"] == [0, 0] and min(facts["probe"]["r1"]) > 0
 
 
 def test_fp16_retention_and_fixed_ratios_hold_the_budget(wide, calib):

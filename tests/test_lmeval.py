@@ -76,7 +76,7 @@ def test_local_task_through_lm_eval_matches_own_loglikelihoods(ckpt, task_dir, t
 def test_missing_lm_eval_and_unknown_tasks_give_clear_errors(ckpt, task_dir, monkeypatch, capsys):
     _, path = ckpt
     if HAS_LM_EVAL:
-        assert main(["eval", str(path), "--tasks", "no_such_task_xyz", "--include-path", str(task_dir), "-q"]) == 2
+        assert main(["eval", str(path), "--tasks", "no_such_task_xyz", "-q"]) == 2
         err = capsys.readouterr().err
         assert "unknown lm-eval task(s) no_such_task_xyz" in err and "Traceback" not in err
     import builtins

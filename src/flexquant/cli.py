@@ -25,7 +25,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", nargs="?", default=_DEFAULT.model,
                    help="smollm2-135m (offline demo), tiny-llama (random, for tries), a folder or a hub id")
     p.add_argument("--method", default=_DEFAULT.method,
-                   help="rtn | gptq | flexible | hiratio (default: %(default)s)")
+                   help="rtn | gptq | flexible | hiratio | adaptive (default: %(default)s)")
     p.add_argument("--bits", type=int, default=GridConfig.bits, choices=SUPPORTED_BITS)
     p.add_argument("--group-size", type=int, default=GridConfig.group_size,
                    help="input columns per scale/zero group; must divide every linear's input size")

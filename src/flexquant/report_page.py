@@ -90,6 +90,7 @@ def plot_transforms(choices: dict[str, str], path: Path) -> Path | None:
         counts[v] = counts.get(v, 0) + 1
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.4 * len(counts)))
     ax.barh(list(counts), list(counts.values()), color="tab:purple")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("sites")
     ax.set_title("transform choices")
     fig.tight_layout()

@@ -22,46 +22,59 @@ _FEAS_TOL = 1e-9
 
 @dataclass
 class LossModel:
-    """ΔL(r) = aᵀr + ½ rᵀQr, with the probe facts it came from."""
+    """ΔL(r) = aᵀ(r − c) + ½ (r − c)ᵀQ(r − c) around the probed centre c (0 = METHODS.md's r = 0 form)."""
 
-    a: np.ndarray  # [L]
+    a: np.ndarray  # [L] gradient at the centre
     Q: np.ndarray  # [L, L] (symmetric; PSD after `project_psd`)
-    L0: float = 0.0  # the measured loss at r = 0 (ΔL is relative to it)
+    L0: float = 0.0  # the measured loss at the centre (ΔL is relative to it)
+    center: np.ndarray | None = None  # [L]; None = 0
     facts: dict = field(default_factory=dict)
 
-    def __call__(self, r) -> float:
+    def _d(self, r) -> np.ndarray:
         r = np.asarray(r, dtype=np.float64)
-        return float(self.a @ r + 0.5 * r @ self.Q @ r)
+        return r if self.center is None else r - self.center
+
+    def __call__(self, r) -> float:
+        d = self._d(r)
+        return float(self.a @ d + 0.5 * d @ self.Q @ d)
 
     def grad(self, r) -> np.ndarray:
-        return self.a + self.Q @ np.asarray(r, dtype=np.float64)
+        return self.a + self.Q @ self._d(r)
+
+    def linear_term(self) -> np.ndarray:
+        """q of the same objective written as qᵀr + ½rᵀQr + const."""
+        return self.a if self.center is None else self.a - self.Q @ self.center
 
 
-def fit_loss_model(L0: float, r1: np.ndarray, L1: np.ndarray, r2: np.ndarray, L2: np.ndarray,
-                   pairs: dict[tuple[int, int], float] | None = None) -> LossModel:
-    """a and Q from probes: L1/L2 = loss with only layer l at ratio r1_l / r2_l (r1 < r2, the ratios
-    actually realised, not the nominal δ, 2δ); ``pairs[(l, k)]`` = loss with l at r1_l and k at r1_k.
+def fit_loss_model(L0: float, center, x1, L1, x2, L2, pairs: dict[tuple[int, int], float] | None = None,
+                   pair_point: int = 1) -> LossModel:
+    """a and Q from probes around the centre c (all layers at c_l, loss L0): L1/L2 = loss with only layer l
+    moved to x1_l / x2_l (the ratios actually realised, not the nominal ones); ``pairs[(l, k)]`` = loss with
+    l and k both moved to their probe point ``pair_point`` (1: x1, 2: x2).
 
-    Per layer, the parabola through (0, L0), (r1, L1), (r2, L2) gives a_l and Q_ll (with r1 = δ,
-    r2 = 2δ this is exactly Q_ll = (L² − 2L + L0)/δ², a_l = (L − L0)/δ − ½Q_llδ); a pair gives
-    Q_lk = (L_lk − L_l − L_k + L0)/(r1_l r1_k). Unprobed pairs stay 0 (banded Q).
+    Per layer, the parabola through (c, L0), (x1, L1), (x2, L2) gives a_l (its slope at c) and Q_ll. With
+    c = 0, x1 = δ, x2 = 2δ this is METHODS.md's Q_ll = (L² − 2L + L0)/δ², a_l = (L − L0)/δ − ½Q_llδ; with
+    x1 = c − δ, x2 = c + δ it is the central difference. A pair gives
+    Q_lk = (L_lk − L_l − L_k + L0)/(d_l d_k), d = x − c at the pair point. Unprobed pairs stay 0 (banded Q).
     """
-    r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
-    d1, d2 = np.asarray(L1, np.float64) - L0, np.asarray(L2, np.float64) - L0
-    if np.any(r1 <= 0) or np.any(r2 <= r1):
-        raise FlexQuantError("probe ratios must satisfy 0 < r1 < r2 for every layer; raise the probe step delta")
-    n = r1.size
+    c = np.zeros(np.asarray(x1).shape) if center is None else np.asarray(center, np.float64)
+    d1, d2 = np.asarray(x1, np.float64) - c, np.asarray(x2, np.float64) - c
+    e1, e2 = np.asarray(L1, np.float64) - L0, np.asarray(L2, np.float64) - L0
+    if np.any(d1 == 0) or np.any(d2 == 0) or np.any(d1 == d2):
+        raise FlexQuantError("each layer needs two probe ratios distinct from each other and from the centre; "
+                             "raise the probe step delta")
+    n = d1.size
     Q = np.zeros((n, n))
-    # Solve [r1 r1²/2; r2 r2²/2] [a; q] = [d1; d2] per layer.
-    det = r1 * r2**2 / 2 - r2 * r1**2 / 2
-    a = (d1 * r2**2 / 2 - d2 * r1**2 / 2) / det
-    q = (r1 * d2 - r2 * d1) / det
-    Q[np.diag_indices(n)] = q
+    # Solve [d1 d1²/2; d2 d2²/2] [a; q] = [e1; e2] per layer.
+    det = d1 * d2**2 / 2 - d2 * d1**2 / 2
+    a = (e1 * d2**2 / 2 - e2 * d1**2 / 2) / det
+    Q[np.diag_indices(n)] = (d1 * e2 - d2 * e1) / det
+    dp, Lp = (d1, np.asarray(L1, np.float64)) if pair_point == 1 else (d2, np.asarray(L2, np.float64))
     for (i, j), Lij in (pairs or {}).items():
         if i == j:
             raise FlexQuantError(f"pair probe ({i}, {j}) names one layer twice")
-        Q[i, j] = Q[j, i] = (Lij - L1[i] - L1[j] + L0) / (r1[i] * r1[j])
-    return LossModel(a, Q, float(L0), {"pairs": len(pairs or {})})
+        Q[i, j] = Q[j, i] = (Lij - Lp[i] - Lp[j] + L0) / (dp[i] * dp[j])
+    return LossModel(a, Q, float(L0), None if center is None else c, {"pairs": len(pairs or {})})
 
 
 def project_psd(Q: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -87,16 +100,16 @@ class QPSolution:
     iterations: int | None = None
 
 
-def _check(r, cost, budget, upper) -> float:
-    return float(max(0.0, (cost @ r - budget) / max(budget, 1e-30), (-r).max(initial=0.0),
+def _check(r, cost, budget, lower, upper) -> float:
+    return float(max(0.0, (cost @ r - budget) / max(budget, 1e-30), (lower - r).max(initial=0.0),
                      (r - upper).max(initial=0.0)))
 
 
-def _solve_scipy(a, Q, cost, budget, upper, x0):
+def _solve_scipy(a, Q, cost, budget, lower, upper, x0):
     from scipy.optimize import LinearConstraint, minimize
 
-    fun = lambda r: (a @ r + 0.5 * r @ Q @ r, a + Q @ r)
-    bounds = list(zip(np.zeros_like(upper), upper))
+    fun = lambda r: (a @ r + 0.5 * r @ Q @ r, a + Q @ r)  # noqa: E731
+    bounds = list(zip(lower, upper))
     cons = [{"type": "ineq", "fun": lambda r: 1.0 - (cost / budget) @ r, "jac": lambda r: -cost / budget}]
     res = minimize(fun, x0, jac=True, method="SLSQP", bounds=bounds, constraints=cons,
                    options={"ftol": 1e-14, "maxiter": 1000})
@@ -105,16 +118,16 @@ def _solve_scipy(a, Q, cost, budget, upper, x0):
         res = minimize(fun, x0, jac=True, hess=lambda r: Q, method="trust-constr",
                        bounds=bounds, constraints=[LinearConstraint(cost[None] / budget, -np.inf, 1.0)],
                        options={"gtol": 1e-12, "xtol": 1e-14, "maxiter": 5000})
-    return np.clip(res.x, 0, upper), int(getattr(res, "nit", 0) or 0), "scipy"
+    return np.clip(res.x, lower, upper), int(getattr(res, "nit", 0) or 0), "scipy"
 
 
-def _solve_osqp(a, Q, cost, budget, upper):
+def _solve_osqp(a, Q, cost, budget, lower, upper):
     import osqp
     from scipy import sparse
 
     n = a.size
     A = sparse.vstack([sparse.csc_matrix(cost[None] / budget), sparse.eye(n)], format="csc")
-    lo = np.concatenate([[-np.inf], np.zeros(n)])
+    lo = np.concatenate([[-np.inf], lower])
     hi = np.concatenate([[1.0], upper])
     prob = osqp.OSQP()
     prob.setup(sparse.csc_matrix(np.triu(Q)), a, A, lo, hi, verbose=False, eps_abs=1e-10, eps_rel=1e-10,
@@ -126,8 +139,8 @@ def _solve_osqp(a, Q, cost, budget, upper):
 
 
 def solve_ratio_qp(model: LossModel, cost: np.ndarray, budget: float, upper: np.ndarray | float,
-                   backend: str = "auto") -> QPSolution:
-    """min aᵀr + ½rᵀQr s.t. costᵀr ≤ budget, 0 ≤ r ≤ upper (Q must be PSD: call `project_psd` first).
+                   backend: str = "auto", lower: np.ndarray | float = 0.0) -> QPSolution:
+    """min ΔL(r) (``model``) s.t. costᵀr ≤ budget, lower ≤ r ≤ upper (Q must be PSD: `project_psd` first).
 
     ``backend``: "osqp" (needs the optional ``osqp`` package), "scipy" (SLSQP, trust-constr fallback) or
     "auto" (OSQP when installed, else scipy). The answer is clipped into the bounds and, if it overshoots
@@ -135,35 +148,40 @@ def solve_ratio_qp(model: LossModel, cost: np.ndarray, budget: float, upper: np.
     """
     if backend not in QP_BACKENDS:
         raise FlexQuantError(f"qp backend {backend!r} is unknown; choose one of {QP_BACKENDS}")
-    a, Q = np.asarray(model.a, np.float64), np.asarray(model.Q, np.float64)
+    a, Q = np.asarray(model.linear_term(), np.float64), np.asarray(model.Q, np.float64)
     cost = np.asarray(cost, np.float64)
     n = a.size
     upper = np.broadcast_to(np.asarray(upper, np.float64), (n,)).copy()
+    lower = np.broadcast_to(np.asarray(lower, np.float64), (n,)).copy()
     if budget < 0:
         raise FlexQuantError(f"the ratio budget is negative ({budget:.0f} bits): the low bit-width alone "
                              "exceeds the bpw budget; raise --bpw or lower --b-lo")
-    if np.any(cost <= 0) or np.any(upper < 0) or Q.shape != (n, n):
-        raise FlexQuantError("the ratio QP needs positive costs, non-negative upper bounds and a square Q")
+    if np.any(cost <= 0) or np.any(lower < 0) or np.any(upper < lower) or Q.shape != (n, n):
+        raise FlexQuantError("the ratio QP needs positive costs, bounds 0 <= lower <= upper and a square Q")
+    if cost @ lower > budget:
+        raise FlexQuantError(f"the ratio QP is infeasible: its lower bounds alone need {cost @ lower:.0f} of "
+                             f"{budget:.0f} bits")
     if np.linalg.eigvalsh((Q + Q.T) / 2).min() < -1e-9 * max(1.0, np.abs(Q).max()):
         raise FlexQuantError("Q is not positive semidefinite; project it with project_psd() first")
-    if budget == 0:
-        r, it, used = np.zeros(n), 0, "trivial"
+    if budget == 0 or cost @ lower == budget:
+        r, it, used = lower.copy(), 0, "trivial"
     else:
-        x0 = np.minimum(upper, budget / cost.sum())  # the equal ratio (feasible)
+        # a feasible start: the lower bounds plus an equal share of what is left, within the upper bounds
+        x0 = np.minimum(upper, lower + (budget - cost @ lower) / cost.sum())
         if backend in ("auto", "osqp"):
             try:
-                r, it, used = _solve_osqp(a, Q, cost, budget, upper)
+                r, it, used = _solve_osqp(a, Q, cost, budget, lower, upper)
             except ImportError as e:
                 if backend == "osqp":
                     raise FlexQuantError("backend 'osqp' needs the osqp package: pip install 'flexquant[qp]'") from e
-                r, it, used = _solve_scipy(a, Q, cost, budget, upper, x0)
+                r, it, used = _solve_scipy(a, Q, cost, budget, lower, upper, x0)
         else:
-            r, it, used = _solve_scipy(a, Q, cost, budget, upper, x0)
-    r = np.clip(r, 0, upper)
+            r, it, used = _solve_scipy(a, Q, cost, budget, lower, upper, x0)
+    r = np.clip(r, lower, upper)
     spent = float(cost @ r)
-    if spent > budget:  # solver tolerance: scale back onto the budget
-        r *= budget / spent
-    viol = _check(r, cost, budget, upper)
+    if spent > budget:  # solver tolerance: move back onto the budget toward the lower bounds
+        r = lower + (r - lower) * (budget - cost @ lower) / (spent - cost @ lower)
+    viol = _check(r, cost, budget, lower, upper)
     if viol > 1e-6:
         raise FlexQuantError(f"the QP answer violates its constraints by {viol:.2e}")
     return QPSolution(r, model(r), used, float(cost @ r / budget) if budget else 0.0, viol, it)
@@ -188,14 +206,15 @@ class StepTable:
 
 
 def round_to_steps(r: np.ndarray, tables: list[StepTable], budget_bits: int, model: LossModel | None,
-                   upper: float = 1.0) -> list[int]:
+                   upper: float | np.ndarray = 1.0) -> list[int]:
     """Whole steps per layer near the continuous ratios ``r`` whose exact bits fit ``budget_bits``.
 
     Every layer starts at the most steps not above its r_l; while a next step fits the remaining budget
     (and stays ≤ ``upper``), the one with the best predicted loss change per bit is taken (``model`` None:
     the layer with the lowest ratio, i.e. equal ratios). Steps predicted to raise the loss are not taken.
     """
-    steps = [min(t.steps_below(float(x)), t.steps_below(upper)) for t, x in zip(tables, r)]
+    upper = np.broadcast_to(np.asarray(upper, np.float64), (len(tables),))
+    steps = [min(t.steps_below(float(x)), t.steps_below(float(u))) for t, x, u in zip(tables, r, upper)]
     used = sum(int(t.bits[s]) for t, s in zip(tables, steps))
     while used > budget_bits:  # only possible when per-step bits are not linear in r; drop the cheapest loss
         cand = [i for i, s in enumerate(steps) if s > 0]
@@ -222,7 +241,7 @@ def round_to_steps(r: np.ndarray, tables: list[StepTable], budget_bits: int, mod
             if s + 1 >= len(t.weights):
                 continue
             extra = int(t.bits[s + 1] - t.bits[s])
-            if used + extra > budget_bits or t.ratio(s + 1) > upper * (1 + 1e-12):
+            if used + extra > budget_bits or t.ratio(s + 1) > upper[i] * (1 + 1e-12):
                 continue
             if model is None:
                 score = ratios[i]

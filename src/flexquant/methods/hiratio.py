@@ -40,9 +40,9 @@ from .registry import register
 
 log = logging.getLogger(__name__)
 ALLOCATIONS = ("qp", "equal")
+CENTERS = ("equal", "zero")
 IMPACTS = ("salience", "obs")
 HI_LEARNERS = ("clip", "round", "gptq")
-LEARN_TARGETS = ("fp", "block")
 OBS_QUANTILE = 0.99  # impact "obs": a column scores the per-weight OBS costs it holds above this quantile
 
 
@@ -58,7 +58,9 @@ class HiRatioConfig:
     #                           "obs": the per-weight OBS costs above the layer's 99% quantile it holds
     learner: str = "clip"  # b_hi quantizer: "clip" (OmniQuant LWC), "round" (AutoRound), "gptq" (no learning)
     r_max: float = 0.5  # upper bound of every layer's ratio
-    delta: float = 0.0  # probe step; 0 = the equal ratio at this budget (probes at δ and 2δ)
+    center: str = "equal"  # loss-model expansion point: "equal" (the equal allocation; probes at c ± δ) or
+    #                        "zero" (METHODS.md's r = 0; probes at δ and 2δ)
+    delta: float = 0.0  # probe step; 0 = the equal ratio at this budget
     band: int = 2  # inter-layer terms probed for |l − k| ≤ band; 0 = every pair (full Q)
     ratios: tuple[float, ...] = ()  # fixed per-layer ratios (skips probing; must fit the budget)
     qp_backend: str = "auto"  # "auto" (OSQP when installed, else scipy) | "osqp" | "scipy"
@@ -69,9 +71,6 @@ class HiRatioConfig:
     learn_batch: int = 2  # windows per training step
     learn_steps: int = 40
     learn_lr: float = 0.0  # 0 = default: 0.05 (Adam, clip) or 1/learn_steps (signed steps, round)
-    learn_target: str = "fp"  # block-output target: "fp" (full-precision stream) or "block" (FP weights on
-    #                           the quantized stream)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         def check(ok, msg):
@@ -82,10 +81,10 @@ class HiRatioConfig:
         check(self.b_lo in range(1, 8), f"b_lo={self.b_lo} must be 1..7")
         check(self.b_hi == FP16_BITS or self.b_lo < self.b_hi <= 8,
               f"b_hi={self.b_hi} must be above b_lo={self.b_lo} and at most 8, or 16 (fp16 retention)")
+        check(self.center in CENTERS, f"center={self.center!r} must be one of {CENTERS}")
         check(self.allocation in ALLOCATIONS, f"allocation={self.allocation!r} must be one of {ALLOCATIONS}")
         check(self.impact in IMPACTS, f"impact={self.impact!r} must be one of {IMPACTS}")
         check(self.learner in HI_LEARNERS, f"learner={self.learner!r} must be one of {HI_LEARNERS}")
-        check(self.learn_target in LEARN_TARGETS, f"learn_target={self.learn_target!r} must be one of {LEARN_TARGETS}")
         check(self.qp_backend in QP_BACKENDS, f"qp_backend={self.qp_backend!r} must be one of {QP_BACKENDS}")
         check(0 < self.r_max <= 1, f"r_max={self.r_max} must be in (0, 1]")
         check(0 <= self.delta <= 0.5, f"delta={self.delta} must be in [0, 0.5] (0 = automatic)")
@@ -288,7 +287,7 @@ class HiRatio(Method):
             stored.append(inputs)
             inputs = inputs.with_hidden(out)
         rows = output_fisher(model, spec, stored, inputs.hidden, calib, device, progress=False)
-        if self.hcfg.learner in ("clip", "round") and self.hcfg.learn_target == "fp":
+        if self.hcfg.learner in ("clip", "round"):
             self._fp_learn = {i: slice_inputs(s, h.learn_nsamples) for i, s in enumerate(stored)}
         return rows
 
@@ -393,47 +392,78 @@ class HiRatio(Method):
         """Probe-quantizer weights of every linear for an allocation (steps per layer)."""
         return {n: self.probe_weight(n, k) for i, s in enumerate(steps) for n, k in self.layer_groups(i, s).items()}
 
-    def _block_change(self, block: int, steps: int) -> dict[str, torch.Tensor]:
-        return {n: self.probe_weight(n, k) for n, k in self.layer_groups(block, steps).items() if k}
+    def _changes(self, steps: list[int], base: list[int], only: tuple[int, ...] | None = None) -> dict:
+        """Probe weights of the linears whose k differs between allocation ``steps`` and ``base``."""
+        out = {}
+        for i in (range(len(steps)) if only is None else only):
+            old = self.layer_groups(i, base[i])
+            out.update({n: self.probe_weight(n, k) for n, k in self.layer_groups(i, steps[i]).items() if k != old[n]})
+        return out
+
+    def _probe_points(self, r_equal: float) -> tuple[list[int], list[int], list[int], int]:
+        """Steps per layer of the centre and the two probe points, and which point the pairs use.
+
+        "zero" (METHODS.md): centre r = 0, probes at δ and 2δ, pairs at δ. "equal": centre at the equal
+        allocation, probes at c − δ and c + δ (central difference; two points above when c is at 0), pairs
+        at c + δ. Realised in whole steps, within r_max."""
+        h = self.hcfg
+        delta = h.delta or r_equal
+        cap = [t.steps_below(h.r_max) for t in self.tables]
+        if h.center == "zero":
+            base = [0] * len(self.tables)
+            s1 = [max(1, min(t.steps_below(delta), c - 1)) for t, c in zip(self.tables, cap)]
+            s2 = [max(a + 1, min(t.steps_below(2 * delta), c)) for a, t, c in zip(s1, self.tables, cap)]
+            pair_point = 1
+        else:
+            base = round_to_steps(np.full(len(self.tables), r_equal), self.tables,
+                                  self.facts.budget["ratio_budget_bits"], None, h.r_max)
+            s1, s2 = [], []
+            for t, b, c in zip(self.tables, base, cap):
+                lo = min(t.steps_below(max(0.0, t.ratio(b) - delta)), b - 1)
+                hi = max(b + 1, min(t.steps_below(t.ratio(b) + delta), c))
+                if lo < 0:  # the centre is at 0: two points above it
+                    lo, hi = hi, max(hi + 1, min(t.steps_below(t.ratio(b) + 2 * delta), c))
+                s1.append(lo)
+                s2.append(hi)
+            pair_point = 2
+        if any(b > c for b, c in zip(s2, cap)):
+            raise FlexQuantError(f"r_max={h.r_max} leaves a layer too few column groups to probe; raise r_max or "
+                                 "use a smaller group size")
+        return base, s1, s2, pair_point
 
     def _qp_allocation(self, model, spec, calib_ids, device, cost, extra, upper, r_equal) -> list[int]:
         h = self.hcfg
         L = len(self.tables)
         ids = calib_ids[: min(h.probe_nsamples, calib_ids.shape[0]), : h.probe_seqlen]
-        delta = h.delta or r_equal
-        cap = [t.steps_below(h.r_max) for t in self.tables]
-        s1 = [max(1, min(t.steps_below(delta), c - 1)) for t, c in zip(self.tables, cap)]
-        s2 = [max(a + 1, min(t.steps_below(2 * delta), c)) for a, t, c in zip(s1, self.tables, cap)]
-        if any(b > c for b, c in zip(s2, cap)):
-            raise FlexQuantError(f"r_max={h.r_max} leaves a layer fewer than two column groups to probe; "
-                                 "raise r_max or use a smaller group size")
+        base, s1, s2, pair_point = self._probe_points(r_equal)
+        sp = s1 if pair_point == 1 else s2
+        ratio = lambda steps: np.array([t.ratio(s) for t, s in zip(self.tables, steps)])  # noqa: E731
         t0 = time.perf_counter()
         with ProbeEngine(model, spec, ids, device, self.config.batch_size) as eng:
-            L0 = eng.set_base({n: self.probe_weight(n, 0) for blk in self.blocks for n in blk})
-            L1 = np.array([eng.loss(self._block_change(i, s1[i]), i) for i in range(L)])
-            L2 = np.array([eng.loss(self._block_change(i, s2[i]), i) for i in range(L)])
+            L0 = eng.set_base(self.probe_weights(base))
+            moved = lambda pts, i: [pts[j] if j == i else base[j] for j in range(L)]  # noqa: E731
+            L1 = np.array([eng.loss(self._changes(moved(s1, i), base, (i,)), i) for i in range(L)])
+            L2 = np.array([eng.loss(self._changes(moved(s2, i), base, (i,)), i) for i in range(L)])
             pairs = {}
             for i in range(L):
                 for j in range(i + 1, L if h.band == 0 else min(L, i + h.band + 1)):
-                    pairs[(i, j)] = eng.loss({**self._block_change(i, s1[i]), **self._block_change(j, s1[j])}, i)
-            r1 = np.array([t.ratio(s) for t, s in zip(self.tables, s1)])
-            r2 = np.array([t.ratio(s) for t, s in zip(self.tables, s2)])
-            raw = fit_loss_model(L0, r1, L1, r2, L2, pairs)
+                    both = [sp[k] if k in (i, j) else base[k] for k in range(L)]
+                    pairs[(i, j)] = eng.loss(self._changes(both, base, (i, j)), i)
+            raw = fit_loss_model(L0, ratio(base), ratio(s1), L1, ratio(s2), L2, pairs, pair_point)
             Qp, psd = project_psd(raw.Q)
-            self.loss_model = LossModel(raw.a, Qp, L0)
+            self.loss_model = LossModel(raw.a, Qp, L0, raw.center)
             sol = solve_ratio_qp(self.loss_model, cost, extra, upper, h.qp_backend)
             steps = round_to_steps(sol.r, self.tables, extra, self.loss_model, h.r_max)
-            changed = {}
-            for i, s in enumerate(steps):
-                changed.update(self._block_change(i, s))
-            first = min([i for i, s in enumerate(steps) if s] or [0])
-            measured = eng.loss(changed, first)
+            diff = [i for i in range(L) if steps[i] != base[i]]
+            measured = eng.loss(self._changes(steps, base), min(diff)) if diff else L0
             probe_cost = eng.cost()
-        rounded = np.array([t.ratio(s) for t, s in zip(self.tables, steps)])
+        rounded = ratio(steps)
         probe_cost["total_seconds"] = time.perf_counter() - t0  # probe-quantizer GPTQ runs included
-        self.facts.probe = {"L0": L0, "L1": L1.tolist(), "L2": L2.tolist(), "r1": r1.tolist(), "r2": r2.tolist(),
-                            "delta": delta, "pairs": {f"{i},{j}": v for (i, j), v in pairs.items()},
+        self.facts.probe = {"center": h.center, "L0": L0, "center_ratios": ratio(base).tolist(),
+                            "L1": L1.tolist(), "L2": L2.tolist(), "r1": ratio(s1).tolist(), "r2": ratio(s2).tolist(),
+                            "delta": h.delta or r_equal, "pairs": {f"{i},{j}": v for (i, j), v in pairs.items()},
                             "band": h.band, "tokens": int(ids.numel()), "cost": probe_cost}
+        equal = round_to_steps(np.full(L, r_equal), self.tables, extra, None, h.r_max)
         self.facts.qp = {
             "a": raw.a.tolist(), "Q": raw.Q.tolist(), "Q_psd": Qp.tolist(), "psd_projection": psd,
             "cost_bits_per_ratio": cost.tolist(), "ratio_budget_bits": extra, "upper": upper.tolist(),
@@ -441,7 +471,7 @@ class HiRatio(Method):
             "budget_used": sol.budget_used, "max_violation": sol.max_violation, "iterations": sol.iterations,
             "rounded": rounded.tolist(), "rounded_bits": int(sum(int(t.bits[s]) for t, s in zip(self.tables, steps))),
             "predicted_kl": L0 + self.loss_model(rounded), "measured_probe_kl": measured,
-            "predicted_kl_equal": L0 + self.loss_model(np.full(L, r_equal)),
+            "predicted_kl_equal": L0 + self.loss_model(ratio(equal)),
         }
         log.info("hiratio probes: %d probes, %.0f s; QP (%s) predicted KL %.4f, measured %.4f",
                  probe_cost["probes"], probe_cost["total_seconds"], sol.backend,
@@ -478,7 +508,9 @@ class HiRatio(Method):
         kw = ctx.inputs.kwargs[0]
         X = torch.cat(slice_inputs(ctx.inputs, h.learn_nsamples)).to(dev)
         orig = {f"{n}.weight": self._fp[f"{ctx.prefix}.{n}"].to(dev) for n in self.spec.linears}
-        src = X if h.learn_target == "block" or fp_in is None else torch.cat(fp_in).to(dev)
+        # Target: the full-precision block on full-precision inputs (the FP stream, OmniQuant's target), so the
+        # high-impact groups also absorb error accumulated upstream; inputs: the quantized stream.
+        src = X if fp_in is None else torch.cat(fp_in).to(dev)
         T = torch.cat([_out(functional_call(block, orig, (src[i:i + 1],), kw)) for i in range(src.shape[0])])
         learners = []
         for name, r, V, Q_lo in stash:
@@ -543,9 +575,9 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
-CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "delta", "band", "ratios", "qp_backend",
-             "stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch", "learn_steps",
-             "learn_lr", "learn_target")
+CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "center", "delta", "band", "ratios",
+             "qp_backend", "stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch",
+             "learn_steps", "learn_lr")
 
 
 def add_cli_arguments(parser) -> None:
@@ -557,6 +589,7 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--impact", choices=IMPACTS, help="column impact score (default salience)")
     g.add_argument("--learner", choices=HI_LEARNERS, help="quantizer of the high-impact columns (default clip)")
     g.add_argument("--r-max", type=float, help="upper bound of each layer's ratio (default 0.5)")
+    g.add_argument("--center", choices=CENTERS, help="loss-model expansion point (default equal)")
     g.add_argument("--delta", type=float, help="probe step (default 0: the equal ratio)")
     g.add_argument("--band", type=int, help="inter-layer terms probed for |l-k| <= band; 0 = all pairs (default 2)")
     g.add_argument("--ratios", type=float, nargs="+", help="fixed per-layer ratios instead of the QP")
@@ -568,7 +601,6 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--learn-batch", type=int, help="windows per training step (2)")
     g.add_argument("--learn-steps", type=int, help="training steps per block (40; 0 = no learning)")
     g.add_argument("--learn-lr", type=float, help="learning rate (0 = 0.05 for clip, 1/steps for round)")
-    g.add_argument("--learn-target", choices=LEARN_TARGETS, help="block-output target (default fp)")
 
 
 def cli_options(args, options: dict) -> dict:

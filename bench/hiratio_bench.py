@@ -1,0 +1,310 @@
+"""Layer-wise high-impact ratio benchmark (METHODS.md §2, issue 6) on smollm2-135m, baselines in the same run.
+
+Rows (same calibration windows, same held-out evaluation windows, same full-precision reference):
+- full precision; flexquant GPTQ at the nearest uniform bits (w2g64); llm-compressor GPTQ w2g64 (peer);
+- hiratio with the QP allocation (default settings) and its options (learnable quantizer: clipping,
+  rounding, or plain GPTQ at b_hi; impact score: salience or obs);
+- the baselines at the same budget: one equal ratio for every layer, and fp16 retention (OWQ-style:
+  the equal ratio of columns kept in fp16).
+Then the ranking check: the QP's predicted loss against the measured KL (probe quantizer, fake-quantized,
+held-out windows) for ≥ 8 allocations at the same budget, with the Spearman correlation.
+
+    python bench/hiratio_bench.py                   # everything (resumes finished rows from the cache)
+    python bench/hiratio_bench.py --peers ''        # without llm-compressor
+    python bench/hiratio_bench.py --skip-spearman   # quantization rows only
+
+Quantizations run as subprocesses of bench/foundation.py's job entry (own wall time and peak memory);
+evaluation uses bench/foundation.py's functions on the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import foundation  # noqa: E402  (bench/foundation.py: reference, evaluation, peers and the quantization job)
+
+log = logging.getLogger("bench.hiratio")
+
+
+def run_flexquant(label: str, method: str, bits: int, options: dict, args, work: Path) -> dict:
+    """One flexquant quantization through foundation.py's job entry (a subprocess)."""
+    out = work / label
+    cmd = [sys.executable, str(ROOT / "bench/foundation.py"), "_job", "--model", args.model_dir, "--method", method,
+           "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
+           "--out", str(out), "--options", json.dumps(options)]
+    log.info("running %s: %s %s", label, method, json.dumps(options))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.error("%s failed:\n%s", label, proc.stderr[-3000:])
+        return {"kind": "flexquant", "label": label, "method": method, "bits": bits, "options": options,
+                "error": proc.stderr.strip().splitlines()[-1:]}
+    rep = json.loads((out / "report.json").read_text())
+    row = {"kind": "flexquant", "label": label, "method": method, "bits": bits, "options": options, "path": str(out),
+           "job_wall_seconds": time.perf_counter() - t0, "bpw": rep["summary"]["bpw"],
+           "quant_seconds": rep["summary"]["quant_seconds"], "peak_rss_mb": rep["summary"]["peak_rss_mb"]}
+    facts = (rep.get("method") or {}).get("hiratio")
+    if facts:
+        qp = facts.get("qp") or {}
+        row["hiratio"] = {"ratios": facts["allocation"]["ratios"], "planned_bpw": facts["allocation"]["planned_bpw"],
+                          "predicted_kl": qp.get("predicted_kl"), "measured_probe_kl": qp.get("measured_probe_kl"),
+                          "probe_cost": (facts.get("probe") or {}).get("cost"),
+                          "stats_seconds": facts["budget"]["stats_seconds"],
+                          "learn_kept": [b["learn"]["kept"] for b in rep["blocks"] if "learn" in b]}
+    return row
+
+
+def candidate_ratios(method, count: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """Allocations at the same ratio budget: the QP's, equal, shaped ones and random ones."""
+    L = len(method.tables)
+    budget = method.facts.budget
+    cost = np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
+    r_max = method.hcfg.r_max
+    x = np.linspace(0, 1, L)
+    shapes = [("front-loaded", 1.5 - x), ("back-loaded", 0.5 + x), ("middle", 1 - np.abs(x - 0.5)),
+              ("ends", 0.2 + np.abs(x - 0.5)), ("alternating", 1 + 0.8 * (-1) ** np.arange(L))]
+    rng = np.random.default_rng(seed)
+    while len(shapes) < count - 2:
+        shapes.append((f"random {len(shapes) - 4}", rng.dirichlet(np.full(L, 0.7))))
+    out = [("qp", np.array(method.facts.allocation["ratios"])), ("equal", np.full(L, budget["equal_ratio"]))]
+    for name, w in shapes[: count - 2]:
+        r = w / (cost @ w) * budget["ratio_budget_bits"]
+        for _ in range(50):  # clip at r_max and hand the excess to the others
+            r = np.minimum(r, r_max)
+            left = budget["ratio_budget_bits"] - cost @ r
+            free = r < r_max - 1e-12
+            if left <= 1 or not free.any():
+                break
+            r[free] += left * w[free] / (cost[free] @ w[free])
+        out.append((name, r))
+    return out
+
+
+def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
+    """QP-predicted vs measured KL over several allocations at the same budget (probe quantizer)."""
+    from safetensors.torch import load_file
+
+    from flexquant.alloc.qp import round_to_steps, spearman
+    from flexquant.config import QuantConfig
+    from flexquant.eval import evaluate_windows
+    from flexquant.methods import build_method
+    from flexquant.models import get_spec, load_model
+
+    calib = load_file(work / "calib.safetensors")["input_ids"]
+    model, _ = load_model(args.model_dir)
+    spec = get_spec(model.config.model_type)
+    config = QuantConfig(model=args.model_dir, method="hiratio", nsamples=calib.shape[0], seqlen=calib.shape[1],
+                         options={"bpw": args.bpw}).replace(group_size=args.group_size)
+    method = build_method(config)
+    method.keep_probe_weights = True
+    t0 = time.perf_counter()
+    method.prepare(model, spec, calib, torch.device("cpu"))
+    prepare_seconds = time.perf_counter() - t0
+    fp = {n: model.get_submodule(n).weight.data for blk in method.blocks for n in blk}
+    win = windows[: args.spearman_windows]
+    refs = ref[: args.spearman_windows]
+    extra = method.facts.budget["ratio_budget_bits"]
+    rows = []
+    try:
+        for name, r in candidate_ratios(method, args.allocations, seed=0):
+            steps = (method.facts.allocation["steps"] if name == "qp"
+                     else round_to_steps(r, method.tables, extra, None, method.hcfg.r_max))
+            t1 = time.perf_counter()
+            for n, w in method.probe_weights(steps).items():
+                model.get_submodule(n).weight.data = w
+            res = evaluate_windows(model, win, refs, progress=False)
+            for n, w in fp.items():
+                model.get_submodule(n).weight.data = w
+            used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
+            bud = method.facts.budget
+            rows.append({"allocation": name, "ratios": [t.ratio(s) for t, s in zip(method.tables, steps)],
+                         "ratio_bits": used, "bpw": (bud["low_bits"] + used) / bud["weights"],
+                         "predicted_kl": method.predicted_kl(steps), "measured_kl": res["kl_divergence"],
+                         "measured_ppl": res["perplexity"], "seconds": time.perf_counter() - t1})
+            log.info("allocation %-14s predicted %.4f measured %.4f (bpw %.4f)", name, rows[-1]["predicted_kl"],
+                     rows[-1]["measured_kl"], rows[-1]["bpw"])
+    finally:
+        for n, w in fp.items():
+            model.get_submodule(n).weight.data = w
+    rho = spearman([r["predicted_kl"] for r in rows], [r["measured_kl"] for r in rows])
+    return {"spearman": rho, "allocations": rows, "windows": int(win.shape[0]), "prepare_seconds": prepare_seconds,
+            "probe": method.facts.probe, "qp": {k: method.facts.qp[k] for k in
+                                                ("backend", "objective", "budget_used", "psd_projection",
+                                                 "predicted_kl", "measured_probe_kl")}}
+
+
+def plots(args, rows: list[dict], spear: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = Path(args.out)
+    main_row = next((r for r in rows if r.get("label") == "hiratio-qp" and "path" in r), None)
+    if main_row and (Path(main_row["path"]) / "report_hiratio.png").is_file():
+        shutil.copy(Path(main_row["path"]) / "report_hiratio.png", res / f"{args.name}_report.png")
+    fig, ax = plt.subplots(1, 2 if spear else 1, figsize=(14 if spear else 7, 4.5), squeeze=False)
+    ax = ax[0]
+    for r in rows:
+        if "hiratio" in r and r["label"] in ("hiratio-qp", "equal-ratio", "fp16-retention", "hiratio-qp-obs"):
+            ax[0].plot(r["hiratio"]["ratios"], "o-" if r["label"] == "hiratio-qp" else ".--", label=r["label"])
+    ax[0].set_xlabel("decoder layer")
+    ax[0].set_ylabel("high-impact ratio (stored)")
+    ax[0].set_title(f"ratio per layer at {args.bpw} bpw")
+    ax[0].legend()
+    if spear:
+        p = [a["predicted_kl"] for a in spear["allocations"]]
+        m = [a["measured_kl"] for a in spear["allocations"]]
+        ax[1].plot(p, m, "o")
+        for a in spear["allocations"]:
+            ax[1].annotate(a["allocation"], (a["predicted_kl"], a["measured_kl"]), fontsize=7)
+        ax[1].set_xlabel("QP-predicted KL (probe subset)")
+        ax[1].set_ylabel(f"measured KL ({spear['windows']} held-out windows)")
+        ax[1].set_title(f"{len(p)} allocations, Spearman ρ = {spear['spearman']:.3f}")
+    fig.tight_layout()
+    fig.savefig(res / f"{args.name}.png", dpi=100)
+    plt.close(fig)
+
+
+def write(args, header: str, rows: list[dict], spear: dict | None) -> str:
+    lines = [header, "", "| variant | bpw (stored) | perplexity | KL to FP | QP-predicted KL (probe) | quant time (s) "
+             "| probe cost | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r.get("label") or r["method"]
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
+            continue
+        h = r.get("hiratio") or {}
+        pred = f"{h['predicted_kl']:.4f}" if h.get("predicted_kl") is not None else "—"
+        pc = h.get("probe_cost")
+        probe = f"{pc['probes']} probes, {pc['total_seconds']:.0f} s" if pc else "—"
+        t = f"{r['quant_seconds']:.0f}" if r.get("quant_seconds") is not None else "—"
+        mem = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "—"
+        lines.append(f"| {name} | {r['bpw']:.3f} | {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | {pred} | {t} "
+                     f"| {probe} | {mem} |")
+    if spear:
+        lines += ["", f"Ranking check: {len(spear['allocations'])} allocations at the same budget, probe quantizer "
+                  f"(GPTQ against full-precision Hessians), fake-quantized, KL on {spear['windows']} held-out windows "
+                  f"× 2048 tokens. **Spearman ρ(predicted, measured) = {spear['spearman']:.3f}**.", "",
+                  "| allocation | bpw | QP-predicted KL | measured KL | measured ppl |", "|---|---|---|---|---|"]
+        for a in spear["allocations"]:
+            lines.append(f"| {a['allocation']} | {a['bpw']:.4f} | {a['predicted_kl']:.4f} | {a['measured_kl']:.4f} "
+                         f"| {a['measured_ppl']:.3f} |")
+    md = "\n".join(lines) + "\n"
+    for suffix, text in ((".md", md), (".json", json.dumps({"header": header, "rows": rows, "spearman": spear},
+                                                           indent=1))):
+        path = Path(args.out, args.name + suffix)
+        path.with_suffix(".tmp").write_text(text)
+        path.with_suffix(".tmp").replace(path)
+    return md
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bpw", type=float, default=2.5)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows of 2048 tokens")
+    p.add_argument("--peers", default="llmc-gptq", help="peer methods at 2 bits ('' for none)")
+    p.add_argument("--variants", default="qp,round,gptq-hi,obs,equal,fp16,gptq-w2",
+                   help="rows to run (comma list): qp (default settings), round, gptq-hi, clip, obs, equal, fp16, "
+                        "gptq-w2")
+    p.add_argument("--learner", default=None, help="learner of the equal-ratio baseline (default: the default's)")
+    p.add_argument("--allocations", type=int, default=10, help="allocations in the ranking check (>= 8)")
+    p.add_argument("--spearman-windows", type=int, default=2)
+    p.add_argument("--skip-spearman", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--name", default="hiratio")
+    p.add_argument("--fresh", action="store_true", help="ignore finished rows in OUT/work/hiratio/rows.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from flexquant.data import calibration_windows, eval_windows
+    from flexquant.methods.hiratio import HiRatioConfig
+    from flexquant.models import load_tokenizer
+    from flexquant.models.builtin import smollm2_path
+
+    args.model_dir = str(smollm2_path())
+    work = Path(args.out) / "work" / "hiratio"
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.model_dir)
+    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
+    save_file({"input_ids": calib.contiguous()}, work / "calib.safetensors")
+    windows = eval_windows(tok, "pydoc", 2048, args.windows)
+    cache_path = work / "rows.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
+    setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}-g{args.group_size}"
+    ref, fp_row = foundation.reference_row(args, windows)
+    rows = [fp_row]
+    header = (f"smollm2-135m, {args.bpw} bpw budget (honest: codes + scales + zeros + bit maps + permutations), "
+              f"b_lo = 2; calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, evaluation "
+              f"{windows.shape[0]} windows × 2048 tokens of the held-out split; group size {args.group_size}; "
+              f"{dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}")
+    default = HiRatioConfig()
+
+    def run(label: str, method: str, bits: int, options: dict | None = None, peer: bool = False) -> dict:
+        key = f"{setting}:{label}:{method}:{bits}:{json.dumps(options or {}, sort_keys=True)}"
+        if key in cache:
+            log.info("reusing %s", label)
+            row = cache[key]
+        else:
+            if peer:
+                row = foundation.run_quantization("peer", method, bits, args, work, None)
+                row["label"] = f"llm-compressor {method} w{bits}g{args.group_size}"
+            else:
+                row = run_flexquant(label, method, bits, options or {}, args, work)
+            foundation.evaluate_row(row, windows, ref)
+            if "error" not in row:
+                cache[key] = row
+                cache_path.with_suffix(".tmp").write_text(json.dumps(cache, indent=1))
+                cache_path.with_suffix(".tmp").replace(cache_path)
+        rows.append(row)
+        write(args, header, rows, None)
+        return row
+
+    wanted = [v for v in args.variants.split(",") if v]
+    bpw = {"bpw": args.bpw}
+    if "gptq-w2" in wanted:
+        run(f"flexquant gptq w2g{args.group_size} (nearest uniform bits)", "gptq", 2)
+    for peer in filter(None, args.peers.split(",")):
+        run(peer, peer, 2, peer=True)
+    main_row = run("hiratio-qp", "hiratio", 2, bpw) if "qp" in wanted else None
+    fixed = {}
+    if main_row and "hiratio" in main_row:  # learner variants reuse the QP's allocation (no second probing)
+        fixed = {**bpw, "ratios": main_row["hiratio"]["ratios"]}
+    for v, learner in (("clip", "clip"), ("round", "round"), ("gptq-hi", "gptq")):
+        if v in wanted and learner != default.learner and fixed:
+            run(f"hiratio-qp learner={learner}", "hiratio", 2, {**fixed, "learner": learner})
+    if "obs" in wanted:
+        run("hiratio-qp-obs", "hiratio", 2, {**bpw, "impact": "obs"})
+    learner = args.learner or default.learner
+    if "equal" in wanted:
+        run("equal-ratio", "hiratio", 2, {**bpw, "allocation": "equal", "learner": learner})
+    if "fp16" in wanted:
+        run("fp16-retention", "hiratio", 2, {**bpw, "allocation": "equal", "b_hi": 16, "learner": "gptq"})
+    spear = None
+    if not args.skip_spearman:
+        spear = spearman_check(args, work, windows, ref)
+    plots(args, rows, spear)
+    print(write(args, header, rows, spear))
+
+
+if __name__ == "__main__":
+    main()
