@@ -188,7 +188,7 @@ def markdown(header: str, rows: list[dict], llmc: dict | None) -> str:
                       f"| llm-compressor's own model (in memory, after oneshot) | {llmc['ppl_llmc_own_model']:.4f} |",
                       f"| its saved folder reloaded by transformers | {llmc['ppl_llmc_saved_reloaded']:.4f} |",
                       f"| flexquant eval of the saved folder (import) | {llmc['ppl_flexquant_import']:.4f} |",
-                      f"| relative difference (bar ≤ 0.5%) | {100 * llmc['rel_diff']:.4f}% "
+                      f"| relative difference (bar ≤ 0.5%) | {llmc['rel_diff']:.1e} "
                       f"({'pass' if llmc['pass'] else 'FAIL'}) |",
                       f"| bits per weight stored in the file | {llmc['bpw_in_file']:.4f} |", "",
                       f"transformers' compressed (non-dequantizing) load path: {llmc['transformers_compressed_path']}; "
@@ -258,7 +258,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_check":
+    if len(sys.argv) > 1 and sys.argv[1] == "_markdown":  # rewrite export.md from export.json
+        res = json.loads(Path(sys.argv[2], "export.json").read_text())
+        Path(sys.argv[2], "export.md").write_text(markdown(res["header"], res["exports"], res["llmc_import"]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_check":
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(hf_check(*sys.argv[2:5])))
     else:
