@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from flexquant.models.builtin import tiny_llama
+# The tests never reach a model or dataset hub: offline mode makes the hub paths fail at once instead of
+# after the network timeouts and retries (set before transformers / datasets read it at import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from flexquant.models.builtin import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
