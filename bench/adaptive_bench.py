@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import foundation as fd  # noqa: E402  (the shared job / evaluation helpers)
@@ -156,19 +155,9 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from flexquant.data import calibration_windows, eval_windows
-    from flexquant.models import load_tokenizer
-    from flexquant.models.builtin import smollm2_path
-
-    args.model_dir = str(smollm2_path())
     work = Path(args.out) / "work" / "adaptive"
-    work.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(args.model_dir)
-    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
-    save_file({"input_ids": calib.contiguous()}, work / "calib.safetensors")
-    windows = eval_windows(tok, "pydoc", 2048, args.windows)
-    cache_path = work / "rows.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
+    calib, windows = fd.setup(args, work, args.windows)
+    cache = fd.RowCache(work, args.fresh)
     ref, fp_row = fd.reference_row(args, windows)
     rows = [fp_row]
     rule_time = rule_timing(args.model_dir, args.rule_repeats)
@@ -187,9 +176,10 @@ def main() -> None:
         for variant in filter(None, args.variants.split(",")):
             options = {"w_bits": w, "a_bits": a, "k_bits": k, "v_bits": v, **VARIANTS[variant], **train}
             key = f"{setting_key}:{json.dumps(options, sort_keys=True)}"
-            if key in cache:
+            cached = cache.get(key)
+            if cached is not None:
                 log.info("reusing %s %s", setting, variant)
-                rows.append(cache[key])
+                rows.append(cached)
             else:
                 row = fd.run_quantization("flexquant", "adaptive", w, args, work, options)
                 row.update(setting=setting, variant=variant)
@@ -197,10 +187,7 @@ def main() -> None:
                 fd.evaluate_row(row, windows, ref)
                 rows.append(row)
                 if "error" not in row:
-                    cache[key] = row
-                    tmp = cache_path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(cache, indent=1))
-                    tmp.replace(cache_path)
+                    cache.put(key, row)
             write(args, header, rows, rule_time)
     print(write(args, header, rows, rule_time))
 

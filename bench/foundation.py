@@ -141,6 +141,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def setup(args, work: Path, text_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo model (into ``args.model_dir``), ``work`` created, the calibration windows written to
+    work/calib.safetensors atomically (a running job may read it), and ``text_windows`` held-out windows."""
+    from flexquant.data import calibration_windows, eval_windows
+    from flexquant.models import load_tokenizer
+    from flexquant.models.builtin import smollm2_path
+
+    args.model_dir = str(smollm2_path())
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.model_dir)
+    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
+    save_file({"input_ids": calib.contiguous()}, work / "calib.tmp")
+    (work / "calib.tmp").replace(work / "calib.safetensors")
+    return calib, eval_windows(tok, "pydoc", 2048, text_windows)
+
+
+class RowCache:
+    """Finished (quantized + evaluated) rows in work/rows.json, keyed by run and windows, so an interrupted
+    benchmark resumes; every write merges rows another invocation finished meanwhile, atomically."""
+
+    def __init__(self, work: Path, fresh: bool):
+        self.path = work / "rows.json"
+        self.rows = json.loads(self.path.read_text()) if self.path.exists() and not fresh else {}
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, row: dict) -> None:
+        if self.path.exists():
+            self.rows.update({k: v for k, v in json.loads(self.path.read_text()).items() if k not in self.rows})
+        self.rows[key] = row
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=1))
+        tmp.replace(self.path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, nargs="*", default=[4, 3, 2])
@@ -158,25 +194,12 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from flexquant.data import calibration_windows, eval_windows
-    from flexquant.models import load_tokenizer
-    from flexquant.models.builtin import smollm2_path
-
-    args.model_dir = str(smollm2_path())
     work = Path(args.out) / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(args.model_dir)
-    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
-    save_file({"input_ids": calib.contiguous()}, work / "calib.tmp")  # atomic: a running job may read it
-    (work / "calib.tmp").replace(work / "calib.safetensors")
-    windows = eval_windows(tok, "pydoc", 2048, args.windows)
+    calib, windows = setup(args, work, args.windows)
     peers = [m for m in args.peers.split(",") if m]
     if peers and not (ROOT / ".venv-peers/bin/python").exists():
         sys.exit("the peers' environment is missing: run `bash bench/peers_env.sh` first (or pass --peers '')")
-    # Every finished (quantized + evaluated) run is kept in work/rows.json, keyed by its output folder
-    # and the windows it was measured on, so an interrupted benchmark resumes where it stopped.
-    cache_path = work / "rows.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
+    cache = RowCache(work, args.fresh)
     setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}"
     ref, fp_row = reference_row(args, windows)
     rows = [fp_row]
@@ -187,20 +210,15 @@ def main() -> None:
 
     def run(kind: str, method: str, bits: int, options: dict | None = None) -> None:
         key = f"{setting}:{kind}:{method}:{bits}:{json.dumps(options or {}, sort_keys=True)}"
-        if key in cache:
+        row = cache.get(key)
+        if row is not None:
             log.info("reusing %s", key)
-            rows.append(cache[key])
         else:
             row = run_quantization(kind, method, bits, args, work, options)
             evaluate_row(row, windows, ref)
-            rows.append(row)
             if "error" not in row:
-                if cache_path.exists():  # merge rows another invocation finished meanwhile
-                    cache.update({k: v for k, v in json.loads(cache_path.read_text()).items() if k not in cache})
-                cache[key] = row
-                tmp = cache_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cache, indent=1))
-                tmp.replace(cache_path)
+                cache.put(key, row)
+        rows.append(row)
         write(args, header, rows)
 
     for bits in args.bits:

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -236,20 +235,11 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from flexquant.data import calibration_windows, eval_windows
     from flexquant.methods.hiratio import HiRatioConfig
-    from flexquant.models import load_tokenizer
-    from flexquant.models.builtin import smollm2_path
 
-    args.model_dir = str(smollm2_path())
     work = Path(args.out) / "work" / "hiratio"
-    work.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(args.model_dir)
-    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
-    save_file({"input_ids": calib.contiguous()}, work / "calib.safetensors")
-    windows = eval_windows(tok, "pydoc", 2048, args.windows)
-    cache_path = work / "rows.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
+    calib, windows = foundation.setup(args, work, args.windows)
+    cache = foundation.RowCache(work, args.fresh)
     setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}-g{args.group_size}"
     ref, fp_row = foundation.reference_row(args, windows)
     rows = [fp_row]
@@ -261,9 +251,9 @@ def main() -> None:
 
     def run(label: str, method: str, bits: int, options: dict | None = None, peer: bool = False) -> dict:
         key = f"{setting}:{label}:{method}:{bits}:{json.dumps(options or {}, sort_keys=True)}"
-        if key in cache:
+        row = cache.get(key)
+        if row is not None:
             log.info("reusing %s", label)
-            row = cache[key]
         else:
             if peer:
                 row = foundation.run_quantization("peer", method, bits, args, work, None)
@@ -272,9 +262,7 @@ def main() -> None:
                 row = run_flexquant(label, method, bits, options or {}, args, work)
             foundation.evaluate_row(row, windows, ref)
             if "error" not in row:
-                cache[key] = row
-                cache_path.with_suffix(".tmp").write_text(json.dumps(cache, indent=1))
-                cache_path.with_suffix(".tmp").replace(cache_path)
+                cache.put(key, row)
         rows.append(row)
         write(args, header, rows, None)
         return row
