@@ -69,6 +69,11 @@ def run_flexquant(label: str, method: str, bits: int, options: dict, args, work:
     return row
 
 
+def qp_options(args) -> dict:
+    """Options of the QP row and of the ranking check: the budget and, when given, the trust region."""
+    return {"bpw": args.bpw, **({} if args.trust is None else {"trust": args.trust})}
+
+
 def candidate_ratios(method, count: int, seed: int) -> list[tuple[str, np.ndarray]]:
     """Allocations at the same ratio budget: the QP's, equal, shaped ones and random ones."""
     L = len(method.tables)
@@ -101,7 +106,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
 
     from flexquant.alloc.qp import round_to_steps, spearman
     from flexquant.config import QuantConfig
-    from flexquant.eval import evaluate_windows
+    from flexquant.eval import evaluate_windows, reference_logprobs
     from flexquant.methods import build_method
     from flexquant.models import get_spec, load_model
 
@@ -109,7 +114,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     model, _ = load_model(args.model_dir)
     spec = get_spec(model.config.model_type)
     config = QuantConfig(model=args.model_dir, method="hiratio", nsamples=calib.shape[0], seqlen=calib.shape[1],
-                         options={"bpw": args.bpw}).replace(group_size=args.group_size)
+                         options=qp_options(args)).replace(group_size=args.group_size)
     method = build_method(config)
     method.keep_probe_weights = True
     t0 = time.perf_counter()
@@ -118,6 +123,10 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     fp = {n: model.get_submodule(n).weight.data for blk in method.blocks for n in blk}
     win = windows[: args.spearman_windows]
     refs = ref[: args.spearman_windows]
+    # The probes' own tokens too: does the loss model rank allocations on the data it was fitted to?
+    h = method.hcfg
+    probe_ids = calib[: h.probe_nsamples, : h.probe_seqlen]
+    probe_ref = reference_logprobs(model, probe_ids, progress=False)
     extra = method.facts.budget["ratio_budget_bits"]
     rows = []
     try:
@@ -128,6 +137,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
             for n, w in method.probe_weights(steps).items():
                 model.get_submodule(n).weight.data = w
             res = evaluate_windows(model, win, refs, progress=False)
+            on_probe = evaluate_windows(model, probe_ids, probe_ref, progress=False)
             for n, w in fp.items():
                 model.get_submodule(n).weight.data = w
             used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
@@ -135,14 +145,17 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
             rows.append({"allocation": name, "ratios": [t.ratio(s) for t, s in zip(method.tables, steps)],
                          "ratio_bits": used, "bpw": (bud["low_bits"] + used) / bud["weights"],
                          "predicted_kl": method.predicted_kl(steps), "measured_kl": res["kl_divergence"],
-                         "measured_ppl": res["perplexity"], "seconds": time.perf_counter() - t1})
+                         "measured_ppl": res["perplexity"], "probe_tokens_kl": on_probe["kl_divergence"],
+                         "seconds": time.perf_counter() - t1})
             log.info("allocation %-14s predicted %.4f measured %.4f (bpw %.4f)", name, rows[-1]["predicted_kl"],
                      rows[-1]["measured_kl"], rows[-1]["bpw"])
     finally:
         for n, w in fp.items():
             model.get_submodule(n).weight.data = w
     rho = spearman([r["predicted_kl"] for r in rows], [r["measured_kl"] for r in rows])
-    return {"spearman": rho, "allocations": rows, "windows": int(win.shape[0]), "prepare_seconds": prepare_seconds,
+    rho_probe = spearman([r["predicted_kl"] for r in rows], [r["probe_tokens_kl"] for r in rows])
+    return {"spearman": rho, "spearman_probe_tokens": rho_probe, "probe_tokens": int(probe_ids.numel()),
+            "allocations": rows, "windows": int(win.shape[0]), "prepare_seconds": prepare_seconds,
             "probe": method.facts.probe, "qp": {k: method.facts.qp[k] for k in
                                                 ("backend", "objective", "budget_used", "psd_projection",
                                                  "predicted_kl", "measured_probe_kl")}}
@@ -155,14 +168,15 @@ def plots(args, rows: list[dict], spear: dict | None) -> None:
     import matplotlib.pyplot as plt
 
     res = Path(args.out)
-    main_row = next((r for r in rows if r.get("label") == "hiratio-qp" and "path" in r), None)
+    main_row = next((r for r in reversed(rows) if str(r.get("label")).startswith("hiratio-qp") and "path" in r), None)
     if main_row and (Path(main_row["path"]) / "report_hiratio.png").is_file():
         shutil.copy(Path(main_row["path"]) / "report_hiratio.png", res / f"{args.name}_report.png")
     fig, ax = plt.subplots(1, 2 if spear else 1, figsize=(14 if spear else 7, 4.5), squeeze=False)
     ax = ax[0]
     for r in rows:
-        if "hiratio" in r and r["label"] in ("hiratio-qp", "equal-ratio", "fp16-retention", "hiratio-qp-obs"):
-            ax[0].plot(r["hiratio"]["ratios"], "o-" if r["label"] == "hiratio-qp" else ".--", label=r["label"])
+        if "hiratio" in r and "learner" not in r["label"]:
+            main = r["label"].startswith("hiratio-qp") and "obs" not in r["label"]
+            ax[0].plot(r["hiratio"]["ratios"], "o-" if main else ".--", label=r["label"])
     ax[0].set_xlabel("decoder layer")
     ax[0].set_ylabel("high-impact ratio (stored)")
     ax[0].set_title(f"ratio per layer at {args.bpw} bpw")
@@ -200,11 +214,16 @@ def write(args, header: str, rows: list[dict], spear: dict | None) -> str:
     if spear:
         lines += ["", f"Ranking check: {len(spear['allocations'])} allocations at the same budget, probe quantizer "
                   f"(GPTQ against full-precision Hessians), fake-quantized, KL on {spear['windows']} held-out windows "
-                  f"× 2048 tokens. **Spearman ρ(predicted, measured) = {spear['spearman']:.3f}**.", "",
-                  "| allocation | bpw | QP-predicted KL | measured KL | measured ppl |", "|---|---|---|---|---|"]
+                  f"× 2048 tokens. **Spearman ρ(predicted, measured) = {spear['spearman']:.3f}**."]
+        if "spearman_probe_tokens" in spear:
+            lines[-1] += (f" On the probes' own {spear['probe_tokens']} calibration tokens (the data the loss model "
+                          f"was fitted to): ρ = {spear['spearman_probe_tokens']:.3f}.")
+        lines += ["", "| allocation | bpw | QP-predicted KL | measured KL | measured ppl | KL on probe tokens |",
+                  "|---|---|---|---|---|---|"]
         for a in spear["allocations"]:
+            pt = f"{a['probe_tokens_kl']:.4f}" if "probe_tokens_kl" in a else "—"
             lines.append(f"| {a['allocation']} | {a['bpw']:.4f} | {a['predicted_kl']:.4f} | {a['measured_kl']:.4f} "
-                         f"| {a['measured_ppl']:.3f} |")
+                         f"| {a['measured_ppl']:.3f} | {pt} |")
     md = "\n".join(lines) + "\n"
     for suffix, text in ((".md", md), (".json", json.dumps({"header": header, "rows": rows, "spearman": spear},
                                                            indent=1))):
@@ -226,6 +245,8 @@ def main() -> None:
                    help="rows to run (comma list): qp (default settings), round, gptq-hi, clip, obs, equal, fp16, "
                         "gptq-w2")
     p.add_argument("--learner", default=None, help="learner of the equal-ratio baseline (default: the default's)")
+    p.add_argument("--trust", type=float, default=None,
+                   help="QP trust region for the qp row and the ranking check (default: the method's default)")
     p.add_argument("--allocations", type=int, default=10, help="allocations in the ranking check (>= 8)")
     p.add_argument("--spearman-windows", type=int, default=2)
     p.add_argument("--skip-spearman", action="store_true")
@@ -273,7 +294,8 @@ def main() -> None:
         run(f"flexquant gptq w2g{args.group_size} (nearest uniform bits)", "gptq", 2)
     for peer in filter(None, args.peers.split(",")):
         run(peer, peer, 2, peer=True)
-    main_row = run("hiratio-qp", "hiratio", 2, bpw) if "qp" in wanted else None
+    qp_label = "hiratio-qp" + ("" if args.trust is None else f" trust={args.trust:g}")
+    main_row = run(qp_label, "hiratio", 2, qp_options(args)) if "qp" in wanted else None
     fixed = {}
     if main_row and "hiratio" in main_row:  # learner variants reuse the QP's allocation (no second probing)
         fixed = {**bpw, "ratios": main_row["hiratio"]["ratios"]}

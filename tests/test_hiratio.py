@@ -10,7 +10,7 @@ from flexquant.alloc.qp import LossModel, StepTable, fit_loss_model, project_psd
 from flexquant.cli import main
 from flexquant.config import GPTQConfig, GridConfig
 from flexquant.errors import FlexQuantError
-from flexquant.methods.hiratio import HiRatioConfig, latent_high_columns
+from flexquant.methods.hiratio import HiRatioConfig, latent_high_columns, trust_bounds
 from flexquant.models.builtin import tiny_llama
 from flexquant.nn import QuantLinear
 from flexquant.quant import gptq_quantize
@@ -173,7 +173,7 @@ def test_hiratio_qp_budget_holds_exactly_from_stored_bits_and_reloads(wide, cali
     assert qm.bpw <= 2.6
     # the solver's answer satisfies its constraints
     r, cost = np.array(qp["solution"]), np.array(qp["cost_bits_per_ratio"])
-    assert (r >= 0).all() and (r <= np.array(qp["upper"]) + 1e-12).all()
+    assert (r >= np.array(qp["lower"]) - 1e-12).all() and (r <= np.array(qp["upper"]) + 1e-12).all()
     assert cost @ r <= qp["ratio_budget_bits"] * (1 + 1e-12) and qp["max_violation"] == 0
     assert all(0 <= x <= 0.5 for x in alloc["ratios"])
     # L0, two points per layer, the band-2 pair, and the chosen allocation unless it is the centre
@@ -195,10 +195,26 @@ def test_hiratio_qp_budget_holds_exactly_from_stored_bits_and_reloads(wide, cali
 def test_zero_centred_loss_model_keeps_the_budget(wide, calib):
     path, _ = wide
     qm = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
-                     options=dict(bpw=2.6, center="zero", learner="gptq", **FAST))
+                     options=dict(bpw=2.6, center="zero", learner="gptq", trust=1.0, **FAST))
     facts = qm.report["method"]["hiratio"]
     assert _stored_bits(qm) == facts["allocation"]["planned_bits"] <= facts["budget"]["budget_bits"]
     assert facts["probe"]["center_ratios"] == [0, 0] and min(facts["probe"]["r1"]) > 0
+    # trust region 1: between the centre (0) and the farther probe point
+    qp = facts["qp"]
+    assert qp["lower"] == [0, 0] and np.allclose(qp["upper"], facts["probe"]["r2"])
+    assert (np.array(qp["solution"]) <= np.array(qp["upper"]) + 1e-12).all()
+
+
+def test_trust_bounds_hold_the_probed_span_and_the_centre():
+    c, r1, r2, up = np.array([0.15, 0.0, 0.1]), np.array([0.0, 0.1, 0.05]), np.array([0.3, 0.2, 0.15]), np.full(3, .5)
+    lo, hi = trust_bounds(c, r1, r2, up, 0.0)
+    assert (lo == 0).all() and (hi == up).all()
+    lo, hi = trust_bounds(c, r1, r2, up, 1.0)
+    assert np.allclose(lo, [0.0, 0.0, 0.05]) and np.allclose(hi, [0.3, 0.2, 0.15])
+    lo, hi = trust_bounds(c, r1, r2, up, 0.5)
+    assert np.allclose(lo, [0.075, 0.0, 0.075]) and np.allclose(hi, [0.225, 0.1, 0.125])
+    lo, hi = trust_bounds(c, r1, r2, np.full(3, 0.12), 3.0)  # clipped to [0, upper], centre still inside
+    assert (lo >= 0).all() and (hi <= 0.12 + 1e-12).all() and (lo <= np.minimum(c, 0.12)).all()
 
 
 def test_fp16_retention_and_fixed_ratios_hold_the_budget(wide, calib):

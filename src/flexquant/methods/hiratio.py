@@ -62,6 +62,9 @@ class HiRatioConfig:
     #                        "zero" (METHODS.md's r = 0; probes at δ and 2δ)
     delta: float = 0.0  # probe step; 0 = the equal ratio at this budget
     band: int = 2  # inter-layer terms probed for |l − k| ≤ band; 0 = every pair (full Q)
+    # Trust region of the QP: each ratio stays within `trust` × the span its probes covered around the centre
+    # (1 = between its two probe points, where the quadratic interpolates); 0 = only 0 ≤ r ≤ r_max.
+    trust: float = 0.0
     ratios: tuple[float, ...] = ()  # fixed per-layer ratios (skips probing; must fit the budget)
     qp_backend: str = "auto"  # "auto" (OSQP when installed, else scipy) | "osqp" | "scipy"
     stats_nsamples: int = 32  # calibration windows of the full-precision statistics pass (Hessians, Fisher)
@@ -89,6 +92,7 @@ class HiRatioConfig:
         check(0 < self.r_max <= 1, f"r_max={self.r_max} must be in (0, 1]")
         check(0 <= self.delta <= 0.5, f"delta={self.delta} must be in [0, 0.5] (0 = automatic)")
         check(self.band >= 0, f"band={self.band} must be >= 0")
+        check(self.trust >= 0, f"trust={self.trust} must be >= 0 (0 = no trust region)")
         check(all(0 <= r <= 1 for r in self.ratios), f"ratios={self.ratios} must lie in [0, 1]")
         for k in ("stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch"):
             check(getattr(self, k) >= 1, f"{k}={getattr(self, k)} must be >= 1")
@@ -156,6 +160,19 @@ def latent_high_columns(W: torch.Tensor, H: torch.Tensor, Q_lo: torch.Tensor, pe
     lo, hi = slice(0, n - k_cols), slice(n - k_cols, n)
     dW = W64[:, lo] - Q_lo.double()
     return (W64[:, hi] + torch.linalg.solve(H64[hi, hi], H64[lo, hi].T @ dW.T).T).float()
+
+
+def trust_bounds(center: np.ndarray, r1: np.ndarray, r2: np.ndarray, upper: np.ndarray,
+                 trust: float) -> tuple[np.ndarray, np.ndarray]:
+    """QP bounds per layer: [0, upper] (trust = 0), or the probed span around the centre widened by
+    ``trust`` (1 = from the lower to the higher probe point), clipped to [0, upper]. The centre always lies
+    inside, so the centre allocation stays feasible."""
+    if trust == 0:
+        return np.zeros_like(upper), upper
+    lo_pt, hi_pt = np.minimum(r1, r2), np.maximum(r1, r2)
+    lower = np.clip(center - trust * np.maximum(center - lo_pt, 0), 0, upper)
+    high = np.clip(center + trust * np.maximum(hi_pt - center, 0), lower, upper)
+    return np.minimum(lower, center), np.maximum(high, np.minimum(center, upper))
 
 
 class HiRatio(Method):
@@ -452,8 +469,9 @@ class HiRatio(Method):
             raw = fit_loss_model(L0, ratio(base), ratio(s1), L1, ratio(s2), L2, pairs, pair_point)
             Qp, psd = project_psd(raw.Q)
             self.loss_model = LossModel(raw.a, Qp, L0, raw.center)
-            sol = solve_ratio_qp(self.loss_model, cost, extra, upper, h.qp_backend)
-            steps = round_to_steps(sol.r, self.tables, extra, self.loss_model, h.r_max)
+            lower, hi = trust_bounds(ratio(base), ratio(s1), ratio(s2), upper, h.trust)
+            sol = solve_ratio_qp(self.loss_model, cost, extra, hi, h.qp_backend, lower=lower)
+            steps = round_to_steps(sol.r, self.tables, extra, self.loss_model, hi)
             diff = [i for i in range(L) if steps[i] != base[i]]
             measured = eng.loss(self._changes(steps, base), min(diff)) if diff else L0
             probe_cost = eng.cost()
@@ -466,7 +484,8 @@ class HiRatio(Method):
         equal = round_to_steps(np.full(L, r_equal), self.tables, extra, None, h.r_max)
         self.facts.qp = {
             "a": raw.a.tolist(), "Q": raw.Q.tolist(), "Q_psd": Qp.tolist(), "psd_projection": psd,
-            "cost_bits_per_ratio": cost.tolist(), "ratio_budget_bits": extra, "upper": upper.tolist(),
+            "cost_bits_per_ratio": cost.tolist(), "ratio_budget_bits": extra, "trust": h.trust,
+            "lower": lower.tolist(), "upper": hi.tolist(),
             "solution": sol.r.tolist(), "objective": sol.objective, "backend": sol.backend,
             "budget_used": sol.budget_used, "max_violation": sol.max_violation, "iterations": sol.iterations,
             "rounded": rounded.tolist(), "rounded_bits": int(sum(int(t.bits[s]) for t, s in zip(self.tables, steps))),
@@ -575,7 +594,7 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
-CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "center", "delta", "band", "ratios",
+CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "center", "delta", "band", "trust", "ratios",
              "qp_backend", "stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch",
              "learn_steps", "learn_lr")
 
@@ -592,6 +611,8 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--center", choices=CENTERS, help="loss-model expansion point (default equal)")
     g.add_argument("--delta", type=float, help="probe step (default 0: the equal ratio)")
     g.add_argument("--band", type=int, help="inter-layer terms probed for |l-k| <= band; 0 = all pairs (default 2)")
+    g.add_argument("--trust", type=float,
+                   help="QP trust region: ratios within TRUST x the probed span around the centre (0 = off)")
     g.add_argument("--ratios", type=float, nargs="+", help="fixed per-layer ratios instead of the QP")
     g.add_argument("--qp-backend", choices=QP_BACKENDS, help="QP solver (default auto: OSQP if installed, else scipy)")
     g.add_argument("--stats-nsamples", type=int, help="windows of the full-precision statistics pass (32)")
