@@ -209,18 +209,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import flexquant as fq
-    from flexquant.data import calibration_windows, eval_windows
-    from flexquant.models import load_tokenizer
-    from flexquant.models.builtin import smollm2_path
 
-    args.model_dir = str(smollm2_path())
+    sys.path.insert(0, str(ROOT / "bench"))
+    import foundation  # bench/foundation.py: the demo model, calibration file and held-out windows
+
     work = Path(args.out) / "work" / "export"
-    work.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(args.model_dir)
-    calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
-    windows = eval_windows(tok, "pydoc", 2048, args.windows)
-    save_file({"input_ids": calib.contiguous()}, work / "calib.safetensors")
-    save_file({"input_ids": windows.contiguous()}, work / "eval.safetensors")
+    calib, windows = foundation.setup(args, work, args.windows)
+    save_file({"input_ids": windows.contiguous()}, work / "eval.tmp")  # for the transformers subprocesses
+    (work / "eval.tmp").replace(work / "eval.safetensors")
     header = (f"smollm2-135m, group 64, calibration {args.nsamples}×{args.seqlen} tokens (pydoc calibration split), "
               f"evaluation {windows.shape[0]} windows × 2048 tokens (pydoc held-out split); {dt.date.today()}, "
               f"{platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}")
