@@ -4,7 +4,7 @@ import torch
 import flexquant as fq
 from flexquant.cli import main
 from flexquant.errors import FlexQuantError
-from flexquant.methods.flexible import FlexibleConfig
+from flexquant.methods.flexible import FlexibleConfig, _error_table
 from flexquant.models.builtin import tiny_llama
 from flexquant.nn import QuantLinear
 
@@ -35,10 +35,27 @@ def _kl(ref, model, ids):
 def test_fractional_budget_is_hit_from_stored_bits(wide, calib, bpw):
     path, _ = wide
     qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, progress=False,
-                     options=dict(bpw=bpw, lfd=False))
+                     options=dict(bpw=bpw, lfd=False, proxy="gptq" if bpw == 3.3 else "block"))
     assert bpw - 0.02 <= qm.bpw <= bpw  # measured from the packed tensors, metadata included
     planned = qm.report["method"]["flexible"]["allocation"]["planned_bpw"]
     assert qm.bpw == pytest.approx(planned, abs=1e-9)  # the allocator's cost model is exact
+
+
+def test_gptq_proxy_is_the_compensated_cost():
+    torch.manual_seed(0)
+    W, rows, order = torch.randn(8, 128), torch.rand(8) + 0.5, torch.randperm(128)
+    d = torch.rand(128) + 0.5
+    # uncorrelated inputs: nothing to compensate, both proxies agree (up to the damping)
+    block = _error_table(W, torch.diag(d), order, 64, (2, 3), rows, "block")
+    gptq = _error_table(W, torch.diag(d), order, 64, (2, 3), rows, "gptq", damp=1e-9)
+    assert torch.allclose(block, gptq, rtol=1e-4)
+    # correlated inputs: the last column of the order pays 1/[H⁻¹]_nn, which is below its H_nn
+    X = torch.randn(128, 512)
+    X[1:] += 0.9 * X[:1]
+    H = X @ X.T / 512
+    gptq = _error_table(W, H, order, 64, (2, 3), rows, "gptq", damp=1e-6)
+    block = _error_table(W, H, order, 64, (2, 3), rows, "block")
+    assert (gptq < block).all() and (gptq[:, 0] > gptq[:, 1]).all()
 
 
 def test_flexible_checkpoint_reloads_with_online_rotation(wide, calib, tmp_path):

@@ -61,6 +61,8 @@ def _add_quantize(sub) -> None:
                    help="bit-widths SBGBS may choose (default: 2 3 4 below 4 bpw, else 2 3 4 5 6 8)")
     f.add_argument("--sensitivity", choices=("fisher", "none"),
                    help="weight the allocation's errors by the loss Fisher of each output (default fisher)")
+    f.add_argument("--proxy", choices=("block", "gptq"),
+                   help="SBGBS error proxy: the group's Hessian block, or GPTQ's compensated cost (default block)")
     f.add_argument("--alloc-nsamples", type=int,
                    help="calibration windows of the statistics pass (allocation, Fisher, LFD's FP stream)")
     f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.1)")
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLEXIBLE_FLAGS = ("bpw", "dosa", "sbgbs", "lfd", "protect", "protect_groups", "protect_bits", "candidates",
-                  "sensitivity", "alloc_nsamples",
+                  "sensitivity", "proxy", "alloc_nsamples",
                   "feedback_alpha", "denoise", "denoise_threshold")
 
 

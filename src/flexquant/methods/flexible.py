@@ -25,6 +25,7 @@ from .registry import register
 log = logging.getLogger(__name__)
 PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
+PROXIES = ("block", "gptq")
 WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits
 
 
@@ -55,6 +56,10 @@ class FlexibleConfig:
     # Weighting of the allocation's error tables: "fisher" weights each output row by the loss Fisher of
     # that output (comparable across layers); "none" uses the layer-local tr(ΔW H ΔWᵀ) of METHODS.md.
     sensitivity: str = "fisher"
+    # SBGBS error proxy per group: "block" = tr(ΔW H_kk ΔWᵀ) of METHODS.md (the group's own Hessian block, no
+    # compensation); "gptq" = Σ ΔW_ij² / U_jj², the cost GPTQ pays for each column after compensating the
+    # earlier ones (U: upper Cholesky factor of H⁻¹ in quantization order).
+    proxy: str = "block"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class FlexibleConfig:
             raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
         if self.sensitivity not in SENSITIVITY:
             raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
+        if self.proxy not in PROXIES:
+            raise FlexQuantError(f"proxy={self.proxy!r} must be one of {PROXIES}")
         if self.protect not in PROTECT:
             raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
         if not self.candidates:
@@ -112,19 +119,26 @@ def _salience(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp
 
 
 def _error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, candidates,
-                 rows: torch.Tensor) -> torch.Tensor:
-    """E[k, c] = Σ_i r_i ΔW_ik H_kk ΔW_ikᵀ of group k (in ``order``) quantized by RTN at candidate c, with
-    the output rows weighted by their sensitivity r."""
+                 rows: torch.Tensor, proxy: str = "block", damp: float = 0.01) -> torch.Tensor:
+    """E[k, c]: the error of group k (in ``order``) quantized by RTN at candidate c, output rows weighted by
+    their sensitivity r. proxy "block": Σ_i r_i ΔW_ik H_kk ΔW_ikᵀ; "gptq": Σ_i Σ_(j∈k) r_i ΔW_ij² / U_jj²."""
     m, n = W.shape
     Wp, Hp = W[:, order], H[order][:, order]
     ng = n // g
     Wg = Wp.reshape(m, ng, g)
-    Hkk = torch.stack([Hp[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)])  # [ng, g, g]
+    if proxy == "gptq":
+        U, _ = inverse_cholesky_upper(Hp.float(), damp)
+        inv_d = (1 / torch.diag(U).float() ** 2).view(ng, g)  # GPTQ's cost per unit squared error
+    else:
+        Hkk = torch.stack([Hp[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)])  # [ng, g, g]
     out = torch.empty(ng, len(candidates))
     for c, b in enumerate(candidates):
         s, z = choose_qparams(Wg, b, clip="mse")
         dW = Wg - dequantize(quantize(Wg, s, z, 2**b - 1), s, z)  # [m, ng, g]
-        out[:, c] = torch.einsum("m,mkg,kgh,mkh->k", rows, dW, Hkk, dW).cpu()
+        if proxy == "gptq":
+            out[:, c] = torch.einsum("m,mkg,kg->k", rows, dW**2, inv_d).cpu()
+        else:
+            out[:, c] = torch.einsum("m,mkg,kgh,mkh->k", rows, dW, Hkk, dW).cpu()
     return out
 
 
@@ -241,7 +255,8 @@ class FlexibleLLM(Method):
             fixed = torch.zeros(ng, dtype=torch.bool)
             fixed[ng - kept.numel() // g:] = kept.numel() > 0
             tables.append(GroupTable(name, m, g, f.candidates,
-                                     _error_table(W, H, order, g, f.candidates, rows[name]), fixed, f.protect_bits))
+                                     _error_table(W, H, order, g, f.candidates, rows[name], f.proxy,
+                                                  self.config.gptq.damp), fixed, f.protect_bits))
             grid = self.config.grid
             fixed_total += layer_fixed_bits(m, n, g, grid.sym, True,
                                             name.endswith(tuple(spec.online_rotations)) and f.dosa,
