@@ -35,7 +35,8 @@ class FlexibleConfig:
 
     bpw: float = 2.5  # honest budget over all quantized linears (codes + all metadata)
     # Randomized Hadamard rotation of the residual stream and MLP intermediate. Off by default: on
-    # smollm2-135m (a Q4_1-derived model) it cost 2.5 bpw perplexity 22.5 -> 25.9 (bench/results).
+    # smollm2-135m it costs at 2.5 bpw (16.63 -> 17.11 perplexity) and helps at 3.5 (11.36 -> 11.12)
+    # (bench/results/flexible_ablation.md).
     dosa: bool = False
     protect: str = "groups"  # attribute outliers: "groups" orders columns by salience so SBGBS raises the
     #                          groups that hold them (b); "columns" keeps the top salient columns at
