@@ -149,6 +149,8 @@ def main() -> None:
     p.add_argument("--search-steps", type=int, default=16)
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 2048 tokens")
     p.add_argument("--rule-repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="transform seed (random signs, initial transforms); rows of a "
+                   "seed other than 0 are labelled with it")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--name", default="adaptive")
     p.add_argument("--fresh", action="store_true")
@@ -174,7 +176,8 @@ def main() -> None:
     for setting in args.settings:
         w, a, k, v = SETTINGS[setting]
         for variant in filter(None, args.variants.split(",")):
-            options = {"w_bits": w, "a_bits": a, "k_bits": k, "v_bits": v, **VARIANTS[variant], **train}
+            options = {"w_bits": w, "a_bits": a, "k_bits": k, "v_bits": v, **VARIANTS[variant], **train,
+                       **({"seed": args.seed} if args.seed else {})}
             key = f"{setting_key}:{json.dumps(options, sort_keys=True)}"
             cached = cache.get(key)
             if cached is not None:
@@ -182,7 +185,7 @@ def main() -> None:
                 rows.append(cached)
             else:
                 row = fd.run_quantization("flexquant", "adaptive", w, args, work, options)
-                row.update(setting=setting, variant=variant)
+                row.update(setting=setting, variant=variant + (f" seed={args.seed}" if args.seed else ""))
                 method_facts(row)
                 fd.evaluate_row(row, windows, ref)
                 rows.append(row)
