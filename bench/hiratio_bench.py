@@ -70,23 +70,34 @@ def run_flexquant(label: str, method: str, bits: int, options: dict, args, work:
 
 
 def qp_options(args) -> dict:
-    """Options of the QP row and of the ranking check: the budget and, when given, the trust region."""
-    return {"bpw": args.bpw, **({} if args.trust is None else {"trust": args.trust})}
+    """Options of the QP row and of the ranking check: the budget and the trust region (always explicit, so
+    a cached row is never reused under a changed default)."""
+    from flexquant.methods.hiratio import HiRatioConfig
+
+    return {"bpw": args.bpw, "trust": HiRatioConfig().trust if args.trust is None else args.trust}
 
 
-def candidate_ratios(method, count: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    """Allocations at the same ratio budget: the QP's, equal, shaped ones and random ones."""
+def candidate_ratios(method, count: int, seed: int, full_range: bool = False) -> list[tuple[str, np.ndarray]]:
+    """Allocations at the same ratio budget: the QP's, equal, shaped ones and random ones.
+
+    By default every allocation lies in the QP's feasible set (its bounds, e.g. the trust region): a shape's
+    allocation r_w is pulled toward the equal allocation c, r = c + λ(r_w − c) with the largest λ ≤ 1 that keeps
+    the bounds (both spend the budget exactly, so every r does). ``full_range``: within [0, r_max] only."""
     L = len(method.tables)
     budget = method.facts.budget
     cost = np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
     r_max = method.hcfg.r_max
+    c = np.full(L, budget["equal_ratio"])
+    qp = method.facts.qp
+    lower, upper = ((np.zeros(L), np.full(L, r_max)) if full_range or "lower" not in qp
+                    else (np.array(qp["lower"]), np.array(qp["upper"])))
     x = np.linspace(0, 1, L)
     shapes = [("front-loaded", 1.5 - x), ("back-loaded", 0.5 + x), ("middle", 1 - np.abs(x - 0.5)),
               ("ends", 0.2 + np.abs(x - 0.5)), ("alternating", 1 + 0.8 * (-1) ** np.arange(L))]
     rng = np.random.default_rng(seed)
     while len(shapes) < count - 2:
         shapes.append((f"random {len(shapes) - 4}", rng.dirichlet(np.full(L, 0.7))))
-    out = [("qp", np.array(method.facts.allocation["ratios"])), ("equal", np.full(L, budget["equal_ratio"]))]
+    out = [("qp", np.array(method.facts.allocation["ratios"])), ("equal", c)]
     for name, w in shapes[: count - 2]:
         r = w / (cost @ w) * budget["ratio_budget_bits"]
         for _ in range(50):  # clip at r_max and hand the excess to the others
@@ -96,7 +107,10 @@ def candidate_ratios(method, count: int, seed: int) -> list[tuple[str, np.ndarra
             if left <= 1 or not free.any():
                 break
             r[free] += left * w[free] / (cost[free] @ w[free])
-        out.append((name, r))
+        d = r - c
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.where(d > 0, (upper - c) / d, np.where(d < 0, (lower - c) / d, np.inf))
+        out.append((name, c + min(1.0, float(room.min())) * d))
     return out
 
 
@@ -130,7 +144,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     extra = method.facts.budget["ratio_budget_bits"]
     rows = []
     try:
-        for name, r in candidate_ratios(method, args.allocations, seed=0):
+        for name, r in candidate_ratios(method, args.allocations, seed=0, full_range=args.full_range):
             steps = (method.facts.allocation["steps"] if name == "qp"
                      else round_to_steps(r, method.tables, extra, None, method.hcfg.r_max))
             t1 = time.perf_counter()
@@ -155,6 +169,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     rho = spearman([r["predicted_kl"] for r in rows], [r["measured_kl"] for r in rows])
     rho_probe = spearman([r["predicted_kl"] for r in rows], [r["probe_tokens_kl"] for r in rows])
     return {"spearman": rho, "spearman_probe_tokens": rho_probe, "probe_tokens": int(probe_ids.numel()),
+            "full_range": args.full_range,
             "allocations": rows, "windows": int(win.shape[0]), "prepare_seconds": prepare_seconds,
             "probe": method.facts.probe, "qp": {k: method.facts.qp[k] for k in
                                                 ("backend", "objective", "budget_used", "psd_projection",
@@ -212,9 +227,12 @@ def write(args, header: str, rows: list[dict], spear: dict | None) -> str:
         lines.append(f"| {name} | {r['bpw']:.3f} | {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | {pred} | {t} "
                      f"| {probe} | {mem} |")
     if spear:
-        lines += ["", f"Ranking check: {len(spear['allocations'])} allocations at the same budget, probe quantizer "
-                  f"(GPTQ against full-precision Hessians), fake-quantized, KL on {spear['windows']} held-out windows "
-                  f"× 2048 tokens. **Spearman ρ(predicted, measured) = {spear['spearman']:.3f}**."]
+        where = ("anywhere in [0, r_max]" if spear.get("full_range", True)
+                 else "in the QP's feasible set (its trust region)")
+        lines += ["", f"Ranking check: {len(spear['allocations'])} allocations at the same budget {where}, "
+                  "probe quantizer (GPTQ against full-precision Hessians), fake-quantized, KL on "
+                  f"{spear['windows']} held-out windows × 2048 tokens. "
+                  f"**Spearman ρ(predicted, measured) = {spear['spearman']:.3f}**."]
         if "spearman_probe_tokens" in spear:
             lines[-1] += (f" On the probes' own {spear['probe_tokens']} calibration tokens (the data the loss model "
                           f"was fitted to): ρ = {spear['spearman_probe_tokens']:.3f}.")
@@ -248,7 +266,9 @@ def main() -> None:
     p.add_argument("--trust", type=float, default=None,
                    help="QP trust region for the qp row and the ranking check (default: the method's default)")
     p.add_argument("--allocations", type=int, default=10, help="allocations in the ranking check (>= 8)")
-    p.add_argument("--spearman-windows", type=int, default=2)
+    p.add_argument("--spearman-windows", type=int, default=8, help="held-out windows the allocations are measured on")
+    p.add_argument("--full-range", action="store_true",
+                   help="ranking allocations anywhere in [0, r_max] instead of in the QP's feasible set")
     p.add_argument("--skip-spearman", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--name", default="hiratio")
