@@ -50,7 +50,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     f = p.add_argument_group("flexible (FlexibleLLM) options")
     f.add_argument("--bpw", type=float, help="honest bits-per-weight budget, metadata included (e.g. 2.5)")
-    for flag, what in (("dosa", "Hadamard rotation (default off)"), ("sbgbs", "greedy fractional bit search"),
+    for flag, what in (("dosa", "Hadamard rotation (default: on for 3 <= bpw < 4)"),
+                       ("sbgbs", "greedy fractional bit search"),
                        ("lfd", "feedback toward full-precision targets + denoising")):
         f.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=what)
     f.add_argument("--protect", choices=("columns", "groups", "none"),

@@ -27,6 +27,7 @@ PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
 PROXIES = ("block", "gptq")
 WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits
+DOSA_BUDGETS = (3.0, WIDE_BUDGET)  # budgets where the rotation is on by default (measured at 2.5, 3.5, 4.25)
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,11 @@ class FlexibleConfig:
     """FlexibleLLM settings (``QuantConfig.options``)."""
 
     bpw: float = 2.5  # honest budget over all quantized linears (codes + all metadata)
-    # Randomized Hadamard rotation of the residual stream and MLP intermediate. Off by default: on
-    # smollm2-135m it costs at 2.5 bpw (16.63 -> 17.11 perplexity) and helps at 3.5 (11.36 -> 11.12)
-    # (bench/results/flexible_ablation.md).
-    dosa: bool = False
+    # Randomized Hadamard rotation of the residual stream and MLP intermediate. None = by budget: on for
+    # DOSA_BUDGETS[0] <= bpw < DOSA_BUDGETS[1]. On smollm2-135m (bench/results/flexible_ablation.md) it costs at
+    # 2.5 bpw (16.63 -> 17.11 perplexity), helps at 3.5 (11.36 -> 11.12) and costs at 4.25 (10.18 -> 10.41),
+    # where the candidates reach 8 bits and the bit search itself protects the outlier groups.
+    dosa: bool | None = None
     protect: str = "groups"  # attribute outliers: "groups" orders columns by salience so SBGBS raises the
     #                          groups that hold them (b); "columns" keeps the top salient columns at
     #                          protect_bits, ordered last (a) (costs ~k/n bits: infeasible at 2.5 bpw, g=64)
@@ -74,6 +76,8 @@ class FlexibleConfig:
             raise FlexQuantError(f"proxy={self.proxy!r} must be one of {PROXIES}")
         if self.protect not in PROTECT:
             raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
+        if self.dosa is None:
+            object.__setattr__(self, "dosa", DOSA_BUDGETS[0] <= self.bpw < DOSA_BUDGETS[1])
         if not self.candidates:
             object.__setattr__(self, "candidates", (2, 3, 4) if self.bpw < WIDE_BUDGET else (2, 3, 4, 5, 6, 8))
         if sorted(self.candidates) != list(self.candidates) or \
