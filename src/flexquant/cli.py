@@ -63,10 +63,10 @@ def _add_quantize(sub) -> None:
     f.add_argument("--sensitivity", choices=("fisher", "none"),
                    help="weight the allocation's errors by the loss Fisher of each output (default fisher)")
     f.add_argument("--proxy", choices=("block", "gptq"),
-                   help="SBGBS error proxy: the group's Hessian block, or GPTQ's compensated cost (default block)")
+                   help="SBGBS error proxy: the group's Hessian block, or GPTQ's compensated cost (default gptq)")
     f.add_argument("--alloc-nsamples", type=int,
                    help="calibration windows of the statistics pass (allocation, Fisher, LFD's FP stream)")
-    f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.1)")
+    f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.25)")
     f.add_argument("--denoise", choices=("bias", "off"), help="LFD denoising after each block")
     f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
     from .methods.hiratio import add_cli_arguments as add_hiratio_arguments
