@@ -171,9 +171,8 @@ def trust_bounds(center: np.ndarray, r1: np.ndarray, r2: np.ndarray, upper: np.n
     if trust == 0:
         return np.zeros_like(upper), upper
     lo_pt, hi_pt = np.minimum(r1, r2), np.maximum(r1, r2)
-    lower = np.clip(center - trust * np.maximum(center - lo_pt, 0), 0, upper)
-    high = np.clip(center + trust * np.maximum(hi_pt - center, 0), lower, upper)
-    return np.minimum(lower, center), np.maximum(high, np.minimum(center, upper))
+    lower = np.clip(center - trust * np.maximum(center - lo_pt, 0), 0, upper)  # <= the centre (or upper)
+    return lower, np.clip(center + trust * np.maximum(hi_pt - center, 0), lower, upper)
 
 
 class HiRatio(Method):
