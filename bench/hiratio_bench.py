@@ -74,7 +74,10 @@ def qp_options(args) -> dict:
     a cached row is never reused under a changed default)."""
     from flexquant.methods.hiratio import HiRatioConfig
 
-    return {"bpw": args.bpw, "trust": HiRatioConfig().trust if args.trust is None else args.trust}
+    opts = {"bpw": args.bpw, "trust": HiRatioConfig().trust if args.trust is None else args.trust}
+    if args.joint_probes is not None:
+        opts["joint_probes"] = args.joint_probes
+    return opts
 
 
 def candidate_ratios(method, count: int, seed: int, full_range: bool = False) -> list[tuple[str, np.ndarray]]:
@@ -263,6 +266,9 @@ def main() -> None:
                    help="rows to run (comma list): qp (default settings), round, gptq-hi, clip, obs, equal, fp16, "
                         "gptq-w2")
     p.add_argument("--learner", default=None, help="learner of the equal-ratio baseline (default: the default's)")
+    p.add_argument("--joint-probes", type=int, default=None,
+                   help="joint probes of the loss-model refit for the qp row and the ranking check (default: "
+                        "the method's default, not written into the cache key)")
     p.add_argument("--trust", type=float, default=None,
                    help="QP trust region for the qp row and the ranking check (default: the method's default)")
     p.add_argument("--allocations", type=int, default=10, help="allocations in the ranking check (>= 8)")
@@ -314,7 +320,8 @@ def main() -> None:
         run(f"flexquant gptq w2g{args.group_size} (nearest uniform bits)", "gptq", 2)
     for peer in filter(None, args.peers.split(",")):
         run(peer, peer, 2, peer=True)
-    qp_label = "hiratio-qp" + ("" if args.trust is None else f" trust={args.trust:g}")
+    qp_label = ("hiratio-qp" + ("" if args.trust is None else f" trust={args.trust:g}")
+                + ("" if args.joint_probes is None else f" joint={args.joint_probes}"))
     main_row = run(qp_label, "hiratio", 2, qp_options(args)) if "qp" in wanted else None
     fixed = {}
     if main_row and "hiratio" in main_row:  # learner variants reuse the QP's allocation (no second probing)

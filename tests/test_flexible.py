@@ -121,3 +121,19 @@ def test_cli_flexible_flags(wide, tmp_path, capsys):
     assert "--method flexible only" in capsys.readouterr().err
     assert main(["quantize", path, "--method", "flexible", "--bpw", "3.2", "--no-lfd", "--protect", "none",
                  "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path / "f"), "-q"]) == 0
+
+
+def test_fisher_on_a_prefix_of_the_allocation_windows(wide, calib):
+    """fisher_nsamples=k: the Fisher of the first k windows, whatever alloc_nsamples is."""
+    path, _ = wide
+
+    def sensitivity(**opts):
+        qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, batch_size=4, progress=False,
+                         options=dict(bpw=3.0, **opts))
+        return qm.report["method"]["flexible"]["sensitivity"]
+
+    prefix = sensitivity(alloc_nsamples=8, fisher_nsamples=4)
+    assert prefix == pytest.approx(sensitivity(alloc_nsamples=4))
+    assert prefix != pytest.approx(sensitivity(alloc_nsamples=8))
+    with pytest.raises(FlexQuantError, match="fisher_nsamples"):
+        FlexibleConfig(fisher_nsamples=-1)

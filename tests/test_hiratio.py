@@ -259,3 +259,38 @@ def test_cli_hiratio_flags(wide, tmp_path, capsys):
                  "--clip", "minmax", "--stats-nsamples", "2", "--nsamples", "2", "--seqlen", "32",
                  "--out", str(tmp_path / "h"), "-q"]) == 0
     assert '"bpw": 2.' in capsys.readouterr().out
+
+
+def test_least_squares_fit_recovers_banded_plus_distance_couplings():
+    from flexquant.alloc.qp import fit_loss_model_lstsq
+
+    rng = np.random.default_rng(5)
+    n, band = 6, 1
+    a = rng.normal(size=n)
+    Q = np.diag(rng.uniform(1, 2, n))
+    for i in range(n - 1):
+        Q[i, i + 1] = Q[i + 1, i] = rng.normal()
+    gamma = {2: 0.3, 3: -0.2, 4: 0.1, 5: 0.05}
+    for k, gk in gamma.items():
+        for i in range(n - k):
+            Q[i, i + k] = Q[i + k, i] = gk
+    c = rng.uniform(0.1, 0.2, n)
+    truth = LossModel(a, Q, center=c)
+    points = [(r, truth(r) + 3.0) for r in rng.uniform(0.0, 0.3, (60, n))]
+    fit = fit_loss_model_lstsq(3.0, c, points, band)
+    assert np.allclose(fit.a, a, atol=1e-8) and np.allclose(fit.Q, Q, atol=1e-8)
+    assert fit.facts["rms_residual"] < 1e-10 and fit.facts["far_couplings"]["2"] == pytest.approx(0.3)
+    # without the distance terms the far couplings are not modelled: a residual is left
+    assert fit_loss_model_lstsq(3.0, c, points, band, far=False).facts["rms_residual"] > 1e-3
+
+
+def test_joint_probes_refit_and_keep_the_budget(wide, calib):
+    path, _ = wide
+    qm = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                     options=dict(bpw=2.6, learner="gptq", joint_probes=3, **FAST))
+    facts = qm.report["method"]["hiratio"]
+    assert _stored_bits(qm) == facts["allocation"]["planned_bits"] <= facts["budget"]["budget_bits"]
+    joint = facts["probe"]["joint"]
+    assert len(joint) == 3 and all(np.isfinite(p["loss"]) for p in joint)
+    assert facts["probe"]["fit"]["points"] == 1 + 2 * 2 + 1 + 3  # centre, 2 per layer, 1 pair, joint
+    assert facts["probe"]["cost"]["probes"] >= 1 + 4 + 1 + 3  # (+ the chosen allocation unless it is the centre)

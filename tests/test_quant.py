@@ -103,3 +103,23 @@ def test_group_size_must_divide():
 def test_grid_config_rejects_bad_values(bad):
     with pytest.raises(FlexQuantError):
         GridConfig(**bad)
+
+
+def test_hessian_accumulator_running_means_and_non_finite_inputs():
+    from flexquant.quant.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 7, 16, generator=g) for _ in range(3)]
+    fps = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs[:2]]  # FP inputs for a prefix only
+    acc = HessianAccumulator(16)
+    for x, fp in zip(xs, fps + [None]):
+        acc.add(x, fp)
+    X = torch.cat([x.reshape(-1, 16) for x in xs])
+    assert torch.allclose(acc.H, 2 * X.T @ X / X.shape[0], atol=1e-5)
+    Xp = torch.cat([x.reshape(-1, 16) for x in xs[:2]])
+    dX = torch.cat([(f - x).reshape(-1, 16) for x, f in zip(xs, fps)])
+    assert torch.allclose(acc.D, 2 * dX.T @ Xp / Xp.shape[0], atol=1e-5)
+    bad = xs[0].clone()
+    bad[1, 3, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        HessianAccumulator(16).add(bad)

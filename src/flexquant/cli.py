@@ -66,6 +66,8 @@ def _add_quantize(sub) -> None:
                    help="SBGBS error proxy: the group's Hessian block, or GPTQ's compensated cost (default gptq)")
     f.add_argument("--alloc-nsamples", type=int,
                    help="calibration windows of the statistics pass (allocation, Fisher, LFD's FP stream)")
+    f.add_argument("--fisher-nsamples", type=int,
+                   help="windows of the Fisher backward pass, a prefix of --alloc-nsamples (default 16; 0 = all)")
     f.add_argument("--feedback-alpha", type=float, help="LFD feedback weight (default 0.25)")
     f.add_argument("--denoise", choices=("bias", "off"), help="LFD denoising after each block")
     f.add_argument("--denoise-threshold", type=float, help="LFD: relative block noise that triggers denoising")
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLEXIBLE_FLAGS = ("bpw", "dosa", "sbgbs", "lfd", "protect", "protect_groups", "protect_bits", "candidates",
-                  "sensitivity", "proxy", "alloc_nsamples",
+                  "sensitivity", "proxy", "alloc_nsamples", "fisher_nsamples",
                   "feedback_alpha", "denoise", "denoise_threshold")
 
 

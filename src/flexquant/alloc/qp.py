@@ -77,6 +77,41 @@ def fit_loss_model(L0: float, center, x1, L1, x2, L2, pairs: dict[tuple[int, int
     return LossModel(a, Q, float(L0), None if center is None else c, {"pairs": len(pairs or {})})
 
 
+def fit_loss_model_lstsq(L0: float, center, points: list[tuple[np.ndarray, float]], band: int,
+                         far: bool = True) -> LossModel:
+    """a and Q by least squares over probe points (ratios r, measured loss L) of any kind: single-layer,
+    pairs and joint moves of many layers. Parameters: a_l, Q_ll, Q_lk for 0 < |l − k| ≤ band (band 0 = every
+    pair) and, with ``far``, one coupling per distance beyond the band (Q_lk = γ_|l−k|, Toeplitz). Solved
+    with numpy's minimum-norm least squares, so unidentified parameters stay 0."""
+    c = np.asarray(center, np.float64)
+    n = c.size
+    near = [(i, j) for i in range(n) for j in range(i + 1, n) if band == 0 or j - i <= band]
+    dists = list(range(band + 1, n)) if far and band else []
+    D = np.array([np.asarray(r, np.float64) - c for r, _ in points])  # [P, n]
+    y = np.array([L for _, L in points], np.float64) - L0
+    cols = [D, 0.5 * D**2]
+    if near:
+        ii, jj = np.array(near).T
+        cols.append(D[:, ii] * D[:, jj])
+    for k in dists:
+        cols.append((D[:, :-k] * D[:, k:]).sum(1, keepdims=True))
+    X = np.concatenate(cols, 1)
+    scale = np.abs(X).max(0)
+    scale[scale == 0] = 1.0
+    theta = np.linalg.lstsq(X / scale, y, rcond=None)[0] / scale
+    a, Q = theta[:n], np.diag(theta[n:2 * n])
+    off = theta[2 * n:]
+    for (i, j), q in zip(near, off[: len(near)]):
+        Q[i, j] = Q[j, i] = q
+    for k, g in zip(dists, off[len(near):]):
+        idx = np.arange(n - k)
+        Q[idx, idx + k] = Q[idx + k, idx] = g
+    resid = y - X @ theta
+    return LossModel(a, Q, float(L0), c, {"points": len(points), "parameters": int(X.shape[1]),
+                                          "rms_residual": float(np.sqrt(np.mean(resid**2))),
+                                          "far_couplings": dict(zip(map(str, dists), off[len(near):].tolist()))})
+
+
 def project_psd(Q: np.ndarray) -> tuple[np.ndarray, dict]:
     """The nearest (Frobenius) positive semidefinite matrix to sym(Q): negative eigenvalues set to 0."""
     S = (np.asarray(Q, np.float64) + np.asarray(Q, np.float64).T) / 2

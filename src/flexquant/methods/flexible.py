@@ -12,7 +12,7 @@ from ..alloc import GroupTable, greedy_allocate, layer_fixed_bits
 from ..config import QuantConfig
 from ..errors import FlexQuantError
 from ..pipeline import Method
-from ..pipeline.capture import capture_block_inputs
+from ..pipeline.capture import BlockInputs, capture_block_inputs
 from ..pipeline.hooks import onload
 from ..pipeline.prenorm import quantize_prenorm_block
 from ..pipeline.sensitivity import output_fisher
@@ -61,6 +61,10 @@ class FlexibleConfig:
     # Weighting of the allocation's error tables: "fisher" weights each output row by the loss Fisher of
     # that output (comparable across layers); "none" uses the layer-local tr(ΔW H ΔWᵀ) of METHODS.md.
     sensitivity: str = "fisher"
+    # Calibration windows of the Fisher backward pass (a prefix of the allocation windows, whole batches);
+    # 0 = all alloc_nsamples. The Fisher only weights output rows; at 3.5 bpw 32 windows -> 10.783 ppl,
+    # 8 -> 10.814, and the pass costs ~3 s per window on 2 cores (the speed bar: at most llm-compressor's time).
+    fisher_nsamples: int = 16
     # SBGBS error proxy per group: "block" = tr(ΔW H_kk ΔWᵀ) of METHODS.md (the group's own Hessian block, no
     # compensation); "gptq" = Σ ΔW_ij² / U_jj², the cost GPTQ pays for each column after compensating the
     # earlier ones (U: upper Cholesky factor of H⁻¹ in quantization order). At 3.5 bpw (DOSA on): block 11.12,
@@ -75,6 +79,8 @@ class FlexibleConfig:
             raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
         if self.sensitivity not in SENSITIVITY:
             raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
+        if self.fisher_nsamples < 0:
+            raise FlexQuantError(f"fisher_nsamples={self.fisher_nsamples} must be >= 0 (0 = alloc_nsamples)")
         if self.proxy not in PROXIES:
             raise FlexQuantError(f"proxy={self.proxy!r} must be one of {PROXIES}")
         if self.protect not in PROTECT:
@@ -113,7 +119,13 @@ class _Facts:
     sensitivity: dict = field(default_factory=dict)  # mean output Fisher per matrix
 
 
-def _salience(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float,
+def hinv_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """diag((H + λI)⁻¹) = diag(UᵀU)."""
+    U, _ = inverse_cholesky_upper(H, damp)
+    return (U * U).sum(0)
+
+
+def _salience(W: torch.Tensor, hinv_diag: torch.Tensor, bits: int, group_size: int,
               rows: torch.Tensor) -> torch.Tensor:
     """σ_j = Σ_i r_i (w_ij − Q(w_ij))² / [H⁻¹]_jj: the OBS cost of rounding each input column (rows
     weighted by their output sensitivity r)."""
@@ -121,8 +133,6 @@ def _salience(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp
     Wg = W.reshape(m, n // group_size, group_size)
     s, z = choose_qparams(Wg, bits)
     err = (Wg - dequantize(quantize(Wg, s, z, 2**bits - 1), s, z)).reshape(m, n)
-    U, _ = inverse_cholesky_upper(H, damp)
-    hinv_diag = (U * U).sum(0)  # diag(UᵀU) = diag(H⁻¹)
     return (rows[:, None] * err**2).sum(0) / hinv_diag
 
 
@@ -175,6 +185,7 @@ class FlexibleLLM(Method):
         # subset of the calibration batches (the feedback term and the noise are measured there).
         self.provides_fp_stream = self.fcfg.lfd
         self._fp_inputs: dict[int, object] = {}
+        self._hinv: tuple = (None, None)  # (H, H⁻¹) of the last feedback group
 
     # ----- whole-model preparation: rotation, FP Hessians, protection, allocation -----
     @torch.no_grad()
@@ -220,12 +231,27 @@ class FlexibleLLM(Method):
                 stored.append(inputs)
             inputs = inputs.with_hidden(out)
         if fisher:
-            rows = output_fisher(model, spec, stored, inputs.hidden, calib, device, progress=False)
+            nf = self.fcfg.fisher_nsamples or n
+            nb = len(self._batches_covering(stored[0], nf))
+            sub = [BlockInputs(s.hidden[:nb], s.kwargs[:nb]) for s in stored]
+            rows = output_fisher(model, spec, sub, inputs.hidden[:nb], calib[: sum(h.shape[0] for h in sub[0].hidden)],
+                                 device, progress=False)
         else:
             rows = {n: torch.ones(model.get_submodule(n).out_features) for n in hessians}
         if self.fcfg.lfd:
             self._fp_inputs = dict(enumerate(stored))
         return hessians, rows
+
+    @staticmethod
+    def _batches_covering(inputs: BlockInputs, windows: int) -> list[torch.Tensor]:
+        """The first stored batches that hold at least ``windows`` windows (at least one batch)."""
+        out, have = [], 0
+        for h in inputs.hidden:
+            out.append(h)
+            have += h.shape[0]
+            if have >= windows:
+                break
+        return out
 
     def fp_stream_inputs(self, index):
         return self._fp_inputs.pop(index)
@@ -233,15 +259,18 @@ class FlexibleLLM(Method):
     def _plan_all(self, model, spec, names, hessians, rows) -> None:
         f, g = self.fcfg, self.config.grid.group_size
         tables, fixed_total, weights = [], 0, 0
-        orders = {}
+        orders, hinv = {}, {}
         for name in names:
             W = model.get_submodule(name).weight.data.float()
             H = hessians[name]
             m, n = W.shape
             if n % g:
                 raise FlexQuantError(f"group_size={g} does not divide {n} ({name})")
-            sal = (_salience(W, H, f.candidates[0], g, self.config.gptq.damp, rows[name])
-                   if f.protect != "none" else None)
+            sal = None
+            if f.protect != "none":
+                if id(H) not in hinv:  # the linears of a group share their Hessian
+                    hinv[id(H)] = hinv_diagonal(H, self.config.gptq.damp)
+                sal = _salience(W, hinv[id(H)], f.candidates[0], g, rows[name])
             kept = torch.empty(0, dtype=torch.long)
             if f.protect == "groups":
                 order = torch.argsort(sal, descending=True, stable=True)
@@ -306,8 +335,10 @@ class FlexibleLLM(Method):
         target = W.float()
         if self.fcfg.lfd and ctx.cross is not None and self.fcfg.feedback_alpha:
             # GPTAQ-style closed form: W* = W + α·W·D·H⁻¹ makes ‖W X_fp − Ŵ X_q‖ the GPTQ objective.
-            U, _ = inverse_cholesky_upper(H, self.config.gptq.damp)
-            target = target + self.fcfg.feedback_alpha * (target @ ctx.cross) @ (U.T @ U)
+            if self._hinv[0] is not H:  # q/k/v (gate/up) share H: invert it once per group
+                U, _ = inverse_cholesky_upper(H, self.config.gptq.damp)
+                self._hinv = (H, U.T @ U)
+            target = target + self.fcfg.feedback_alpha * (target @ ctx.cross) @ self._hinv[1]
         return gptq_quantize(target, H, self.config.grid, self.config.gptq, group_bits=plan.group_bits,
                              order=plan.order)
 

@@ -22,7 +22,17 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from ..alloc.qp import QP_BACKENDS, LossModel, StepTable, fit_loss_model, project_psd, round_to_steps, solve_ratio_qp
+from ..alloc.qp import (
+    QP_BACKENDS,
+    LossModel,
+    StepTable,
+    fit_loss_model,
+    fit_loss_model_lstsq,
+    project_psd,
+    round_to_steps,
+    solve_ratio_qp,
+    spearman,
+)
 from ..config import QuantConfig
 from ..errors import FlexQuantError
 from ..pipeline import Method
@@ -66,6 +76,10 @@ class HiRatioConfig:
     # (1 = between its two probe points, where the quadratic interpolates); 0 = only 0 ≤ r ≤ r_max. Measured
     # on smollm2-135m at 2.5 bpw (bench/results/hiratio_trust.md): 0.5 → 21.07 ppl, off → 24.52 (equal 21.90).
     trust: float = 0.5
+    # Joint probes: random allocations with every layer at one of its three probed points (centre, the two
+    # probe ratios); with N > 0, a and Q are refitted by least squares over every probe (single-layer, pairs,
+    # joint), with one coupling per layer distance beyond the band. 0 = METHODS.md's per-probe formulas only.
+    joint_probes: int = 0
     ratios: tuple[float, ...] = ()  # fixed per-layer ratios (skips probing; must fit the budget)
     qp_backend: str = "auto"  # "auto" (OSQP when installed, else scipy) | "osqp" | "scipy"
     stats_nsamples: int = 32  # calibration windows of the full-precision statistics pass (Hessians, Fisher)
@@ -93,6 +107,7 @@ class HiRatioConfig:
         check(0 < self.r_max <= 1, f"r_max={self.r_max} must be in (0, 1]")
         check(0 <= self.delta <= 0.5, f"delta={self.delta} must be in [0, 0.5] (0 = automatic)")
         check(self.band >= 0, f"band={self.band} must be >= 0")
+        check(self.joint_probes >= 0, f"joint_probes={self.joint_probes} must be >= 0 (0 = off)")
         check(self.trust >= 0, f"trust={self.trust} must be >= 0 (0 = no trust region)")
         check(all(0 <= r <= 1 for r in self.ratios), f"ratios={self.ratios} must lie in [0, 1]")
         for k in ("stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch"):
@@ -467,6 +482,9 @@ class HiRatio(Method):
                     both = [sp[k] if k in (i, j) else base[k] for k in range(L)]
                     pairs[(i, j)] = eng.loss(self._changes(both, base, (i, j)), i)
             raw = fit_loss_model(L0, ratio(base), ratio(s1), L1, ratio(s2), L2, pairs, pair_point)
+            joint = []
+            if h.joint_probes:
+                raw, joint = self._joint_fit(eng, raw, base, s1, s2, sp, L0, L1, L2, pairs, ratio)
             Qp, psd = project_psd(raw.Q)
             self.loss_model = LossModel(raw.a, Qp, L0, raw.center)
             lower, hi = trust_bounds(ratio(base), ratio(s1), ratio(s2), upper, h.trust)
@@ -480,7 +498,8 @@ class HiRatio(Method):
         self.facts.probe = {"center": h.center, "L0": L0, "center_ratios": ratio(base).tolist(),
                             "L1": L1.tolist(), "L2": L2.tolist(), "r1": ratio(s1).tolist(), "r2": ratio(s2).tolist(),
                             "delta": h.delta or r_equal, "pairs": {f"{i},{j}": v for (i, j), v in pairs.items()},
-                            "band": h.band, "tokens": int(ids.numel()), "cost": probe_cost}
+                            "band": h.band, "tokens": int(ids.numel()), "cost": probe_cost, "joint": joint,
+                            "fit": raw.facts}
         equal = round_to_steps(np.full(L, r_equal), self.tables, extra, None, h.r_max)
         self.facts.qp = {
             "a": raw.a.tolist(), "Q": raw.Q.tolist(), "Q_psd": Qp.tolist(), "psd_projection": psd,
@@ -496,6 +515,41 @@ class HiRatio(Method):
                  probe_cost["probes"], probe_cost["total_seconds"], sol.backend,
                  self.facts.qp["predicted_kl"], measured)
         return steps
+
+    def _joint_fit(self, eng, raw, base, s1, s2, sp, L0, L1, L2, pairs, ratio):
+        """Measure ``joint_probes`` random allocations (each layer at its centre or one of its probe points,
+        seeded), check how the per-probe model ranks them, and refit a, Q over every probe by least squares."""
+        h, L = self.hcfg, len(base)
+        rng = np.random.default_rng(self.config.seed)
+        levels = np.array([base, s1, s2])  # [3, L] steps
+        joint, seen = [], set()
+        for _ in range(100 * h.joint_probes):  # distinct draws that move at least two layers
+            if len(joint) == h.joint_probes:
+                break
+            steps = [int(levels[k, i]) for i, k in enumerate(rng.integers(0, 3, L))]
+            diff = [i for i in range(L) if steps[i] != base[i]]
+            if len(diff) < min(2, L) or tuple(steps) in seen:
+                continue
+            seen.add(tuple(steps))
+            loss = eng.loss(self._changes(steps, base), min(diff))
+            joint.append({"ratios": ratio(steps).tolist(), "loss": loss,
+                          "per_probe_prediction": L0 + raw(ratio(steps))})
+        c = ratio(base)
+        points = [(c, L0)]
+        for i in range(L):
+            for st, Li in ((s1, L1[i]), (s2, L2[i])):
+                r = c.copy()
+                r[i] = ratio(st)[i]
+                points.append((r, float(Li)))
+        for (i, j), Lij in pairs.items():
+            r = c.copy()
+            r[[i, j]] = ratio(sp)[[i, j]]
+            points.append((r, Lij))
+        points += [(np.array(p["ratios"]), p["loss"]) for p in joint]
+        fit = fit_loss_model_lstsq(L0, c, points, h.band)
+        fit.facts["per_probe_spearman_on_joint"] = spearman([p["per_probe_prediction"] for p in joint],
+                                                            [p["loss"] for p in joint])
+        return fit, joint
 
     def predicted_kl(self, steps: list[int]) -> float:
         """The loss model's KL for an allocation (steps per layer); needs the QP allocation's probes."""
@@ -594,9 +648,9 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
-CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "center", "delta", "band", "trust", "ratios",
-             "qp_backend", "stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch",
-             "learn_steps", "learn_lr")
+CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "center", "delta", "band", "trust",
+             "joint_probes", "ratios", "qp_backend", "stats_nsamples", "probe_nsamples", "probe_seqlen",
+             "learn_nsamples", "learn_batch", "learn_steps", "learn_lr")
 
 
 def add_cli_arguments(parser) -> None:
@@ -613,6 +667,8 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--band", type=int, help="inter-layer terms probed for |l-k| <= band; 0 = all pairs (default 2)")
     g.add_argument("--trust", type=float,
                    help="QP trust region: ratios within TRUST x the probed span around centre (default 0.5; 0 = off)")
+    g.add_argument("--joint-probes", type=int,
+                   help="random joint allocations probed to refit the loss model by least squares (default 0 = off)")
     g.add_argument("--ratios", type=float, nargs="+", help="fixed per-layer ratios instead of the QP")
     g.add_argument("--qp-backend", choices=QP_BACKENDS, help="QP solver (default auto: OSQP if installed, else scipy)")
     g.add_argument("--stats-nsamples", type=int, help="windows of the full-precision statistics pass (32)")

@@ -20,17 +20,16 @@ class HessianAccumulator:
     def add(self, X: torch.Tensor, X_fp: torch.Tensor | None = None) -> None:
         X = X.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32)  # [T, n]
         T = X.shape[0]
-        if not torch.isfinite(X).all():
-            raise FloatingPointError("non-finite activations reached a linear layer during calibration")
         total = self.tokens + T
-        keep, scale = self.tokens / total, (2.0 / total) ** 0.5
-        self.H.mul_(keep).addmm_((X * scale).t(), X * scale)
+        self.H.addmm_(X.t(), X, beta=self.tokens / total, alpha=2.0 / total)
         self.tokens = total
+        # diag H = running mean of x²: non-finite iff some input was (or overflowed), checked in O(n)
+        if not torch.isfinite(self.H.diagonal()).all():
+            raise FloatingPointError("non-finite activations reached a linear layer during calibration")
         if X_fp is not None:
             dX = X_fp.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32) - X
             if self.D is None:
                 self.D = torch.zeros_like(self.H)
             total = self.cross_tokens + T
-            keep, scale = self.cross_tokens / total, (2.0 / total) ** 0.5
-            self.D.mul_(keep).addmm_((dX * scale).t(), X * scale)
+            self.D.addmm_(dX.t(), X, beta=self.cross_tokens / total, alpha=2.0 / total)
             self.cross_tokens = total
