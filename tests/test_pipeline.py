@@ -128,3 +128,20 @@ def test_prenorm_fast_path_equals_generic_path(tiny, calib_ids, rotated):
     with torch.no_grad():
         ids = calib_ids[:2]
         assert torch.allclose(outs[False][0](ids).logits, outs[True][0](ids).logits, atol=1e-5)
+
+
+def test_run_capturing_can_stop_after_the_last_named_input(tiny, calib_ids):
+    from flexquant.pipeline.hooks import run_capturing
+
+    model, _ = tiny
+    spec = get_spec(model.config.model_type)
+    inputs = capture_block_inputs(model, spec, calib_ids, torch.device("cpu"), 4)
+    block = model.get_submodule(spec.layers)[0]
+    names = ("self_attn.q_proj", "mlp.gate_proj")
+    outs, full = run_capturing(block, inputs, torch.device("cpu"), names)
+    none, partial = run_capturing(block, inputs, torch.device("cpu"), names, outputs=False)
+    assert none is None and len(outs) == len(inputs.hidden)
+    for n in names:
+        assert len(partial[n]) == len(inputs.hidden)
+        assert all(torch.equal(a, b) for a, b in zip(full[n], partial[n]))
+    assert run_capturing(block, inputs, torch.device("cpu"), (), outputs=False) == (None, {})

@@ -185,6 +185,7 @@ class FlexibleLLM(Method):
         # subset of the calibration batches (the feedback term and the noise are measured there).
         self.provides_fp_stream = self.fcfg.lfd
         self._fp_inputs: dict[int, object] = {}
+        self._fp_last: list[torch.Tensor] = []
         self._hinv: tuple = (None, None)  # (H, H⁻¹) of the last feedback group
 
     # ----- whole-model preparation: rotation, FP Hessians, protection, allocation -----
@@ -240,6 +241,7 @@ class FlexibleLLM(Method):
             rows = {n: torch.ones(model.get_submodule(n).out_features) for n in hessians}
         if self.fcfg.lfd:
             self._fp_inputs = dict(enumerate(stored))
+            self._fp_last = inputs.hidden  # the last block's FP outputs
         return hessians, rows
 
     @staticmethod
@@ -255,6 +257,11 @@ class FlexibleLLM(Method):
 
     def fp_stream_inputs(self, index):
         return self._fp_inputs.pop(index)
+
+    def fp_stream_outputs(self, index):
+        """Block ``index``'s FP outputs = the next block's stored FP inputs (the statistics pass ran them)."""
+        nxt = self._fp_inputs.get(index + 1)
+        return nxt.hidden if nxt is not None else self._fp_last
 
     def _plan_all(self, model, spec, names, hessians, rows) -> None:
         f, g = self.fcfg, self.config.grid.group_size

@@ -78,6 +78,11 @@ class Method(abc.ABC):
         (``provides_fp_stream`` methods only); called once per block, in order."""
         raise FlexQuantError(f"method {self.name} does not keep full-precision block inputs")
 
+    def fp_stream_outputs(self, index: int) -> list[torch.Tensor] | None:
+        """Full-precision outputs of block ``index`` for the batches of `fp_stream_inputs` when the method
+        has them (then the FP block runs only up to its last feedback input); None = run the whole block."""
+        return None
+
     def after_block(self, ctx: BlockContext, out_q: list[torch.Tensor],
                     out_fp: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Hook after a block is quantized (e.g. denoising); returns the quantized-stream outputs."""
@@ -137,8 +142,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     need_fp = method.needs_fp_stream or bool(method.feedback_groups)
     fp_inputs = inputs.clone() if need_fp and not method.provides_fp_stream else None
     for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
+        known_out = None
         if need_fp and method.provides_fp_stream:
             fp_inputs = method.fp_stream_inputs(i)
+            known_out = method.fp_stream_outputs(i)
         with onload(block, device):
             fp_block = copy.deepcopy(block) if need_fp else None
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_block, fp_inputs, device)
@@ -149,8 +156,11 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                     _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
                 ctx.cross = None
 
-            out_fp, x_fp = (run_capturing(fp_block, fp_inputs, device, method.feedback_groups)
+            out_fp, x_fp = (run_capturing(fp_block, fp_inputs, device, method.feedback_groups,
+                                          outputs=known_out is None)
                             if fp_block is not None else (None, None))
+            if known_out is not None:
+                out_fp = known_out
             if (fast or method.feedback_groups) and prenorm_applicable(spec, inputs, block):
                 out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp)
             elif method.feedback_groups:

@@ -56,18 +56,30 @@ def collect_hessian(block: nn.Module, linear_name: str, inputs: BlockInputs,
 
 
 @torch.no_grad()
-def run_capturing(block: nn.Module, inputs: BlockInputs, device: torch.device,
-                  linear_names: tuple[str, ...]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """Run ``block`` over all batches; return its outputs and the inputs of ``linear_names`` (CPU)."""
+def run_capturing(block: nn.Module, inputs: BlockInputs, device: torch.device, linear_names: tuple[str, ...],
+                  outputs: bool = True) -> tuple[list[torch.Tensor] | None, dict[str, list[torch.Tensor]]]:
+    """Run ``block`` over all batches; return its outputs and the inputs of ``linear_names`` (CPU).
+    ``outputs=False``: stop each forward once every named linear has seen its input (outputs None)."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in linear_names}
-    handles = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen[n].append(args[0].detach().to("cpu"))) for n in linear_names]
+    if not outputs and not linear_names:
+        return None, seen
+
+    def grab(_m, args, n):
+        seen[n].append(args[0].detach().to("cpu"))
+        if not outputs and all(len(v) == len(seen[n]) for v in seen.values()):
+            raise _StopForward
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: grab(m, a, n))
+               for n in linear_names]
     try:
         outs = []
         for h, kw in zip(inputs.hidden, inputs.kwargs):
-            out = block(h.to(device), **kw)
+            try:
+                out = block(h.to(device), **kw)
+            except _StopForward:
+                continue
             outs.append((out[0] if isinstance(out, (tuple, list)) else out).to("cpu"))
     finally:
         for handle in handles:
             handle.remove()
-    return outs, seen
+    return (outs if outputs else None), seen
