@@ -27,7 +27,7 @@ PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
 PROXIES = ("block", "gptq")
 WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits
-DOSA_BUDGETS = (3.0, WIDE_BUDGET)  # budgets where the rotation is on by default (measured at 2.5, 3.5, 4.25)
+DOSA_BUDGETS = (1.0, WIDE_BUDGET)  # budgets where the rotation is on by default (measured at 2.5, 3.5, 4.25)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class FlexibleConfig:
 
     bpw: float = 2.5  # honest budget over all quantized linears (codes + all metadata)
     # Randomized Hadamard rotation of the residual stream and MLP intermediate. None = by budget: on for
-    # DOSA_BUDGETS[0] <= bpw < DOSA_BUDGETS[1]. On smollm2-135m (bench/results/flexible_ablation.md) it costs at
+    # DOSA_BUDGETS[0] <= bpw < DOSA_BUDGETS[1]. bench/results/flexible_final2.md (fisher_nsamples 16): 2.5 bpw
+    # off 15.339 / on 15.096, 3.5 off 10.871 / on 10.770. Earlier (Fisher on 32 windows,
+    # bench/results/flexible_ablation.md) it cost at
     # 2.5 bpw (16.63 -> 17.11 perplexity), helps at 3.5 (11.36 -> 11.12) and costs at 4.25 (10.18 -> 10.41),
     # where the candidates reach 8 bits and the bit search itself protects the outlier groups.
     dosa: bool | None = None
@@ -62,8 +64,8 @@ class FlexibleConfig:
     # that output (comparable across layers); "none" uses the layer-local tr(ΔW H ΔWᵀ) of METHODS.md.
     sensitivity: str = "fisher"
     # Calibration windows of the Fisher backward pass (a prefix of the allocation windows, whole batches);
-    # 0 = all alloc_nsamples. The Fisher only weights output rows; at 3.5 bpw 32 windows -> 10.783 ppl,
-    # 8 -> 10.814, and the pass costs ~3 s per window on 2 cores (the speed bar: at most llm-compressor's time).
+    # 0 = all alloc_nsamples. The Fisher only weights output rows; at 3.5 bpw 32 / 16 / 8 windows -> 10.783 /
+    # 10.770 / 10.814 ppl, and the pass costs ~3 s per window on 2 cores (the speed bar: llm-compressor's time).
     fisher_nsamples: int = 16
     # SBGBS error proxy per group: "block" = tr(ΔW H_kk ΔWᵀ) of METHODS.md (the group's own Hessian block, no
     # compensation); "gptq" = Σ ΔW_ij² / U_jj², the cost GPTQ pays for each column after compensating the
@@ -233,7 +235,7 @@ class FlexibleLLM(Method):
             inputs = inputs.with_hidden(out)
         if fisher:
             nf = self.fcfg.fisher_nsamples or n
-            nb = len(self._batches_covering(stored[0], nf))
+            nb = self._batches_covering(stored[0], nf)
             sub = [BlockInputs(s.hidden[:nb], s.kwargs[:nb]) for s in stored]
             rows = output_fisher(model, spec, sub, inputs.hidden[:nb], calib[: sum(h.shape[0] for h in sub[0].hidden)],
                                  device, progress=False)
@@ -245,15 +247,14 @@ class FlexibleLLM(Method):
         return hessians, rows
 
     @staticmethod
-    def _batches_covering(inputs: BlockInputs, windows: int) -> list[torch.Tensor]:
-        """The first stored batches that hold at least ``windows`` windows (at least one batch)."""
-        out, have = [], 0
-        for h in inputs.hidden:
-            out.append(h)
+    def _batches_covering(inputs: BlockInputs, windows: int) -> int:
+        """How many of the first stored batches hold at least ``windows`` windows (at least one batch)."""
+        have = 0
+        for count, h in enumerate(inputs.hidden, 1):
             have += h.shape[0]
             if have >= windows:
-                break
-        return out
+                return count
+        return len(inputs.hidden)
 
     def fp_stream_inputs(self, index):
         return self._fp_inputs.pop(index)
