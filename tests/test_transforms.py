@@ -6,7 +6,7 @@ import torch
 
 from flexquant.models import get_spec
 from flexquant.models.builtin import tiny_llama
-from flexquant.transforms.hadamard import factorize, fwht, hadamard_matrix, small_hadamard
+from flexquant.transforms.hadamard import factorize, hadamard_matrix, kron_apply, small_hadamard
 from flexquant.transforms.rotate import incoherence, rotate_model
 
 
@@ -32,9 +32,9 @@ def test_rotation_matrices_are_orthogonal_and_flat(n):
         assert torch.allclose(M.abs(), torch.full_like(M, 1 / math.sqrt(n)))
 
 
-def test_fwht_matches_sylvester():
+def test_kron_chain_matches_sylvester():
     x = torch.randn(3, 256, dtype=torch.float64)
-    assert torch.allclose(fwht(x), x @ small_hadamard(256), atol=1e-10)
+    assert torch.allclose(kron_apply(x, [small_hadamard(4), small_hadamard(64)]), x @ small_hadamard(256), atol=1e-10)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Hadamard matrices of any order we can build, and a fast Walsh–Hadamard transform.
+"""Hadamard matrices of any order we can build, and a fast Hadamard transform (Kronecker chain of small matmuls).
 
 Order n = a·2^k is built as H_a ⊗ H_(2^k): Sylvester for powers of two, Paley I (a = q+1, q ≡ 3
 mod 4 prime) and Paley II (a = 2(q+1), q ≡ 1 mod 4 prime) for the small factor a, generated from
@@ -99,19 +99,6 @@ def small_factor(spec: HadamardSpec, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + spec.a)
     Q, R = torch.linalg.qr(torch.randn(spec.a, spec.a, generator=g, dtype=torch.float64))
     return Q * torch.sign(torch.diagonal(R))
-
-
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform along the last dim (power of two), O(n log n)."""
-    n = x.shape[-1]
-    shape = x.shape
-    h = 1
-    y = x.reshape(-1, n)
-    while h < n:
-        y = y.view(-1, n // (2 * h), 2, h)
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        h *= 2
-    return y.reshape(shape)
 
 
 # Power-of-two Hadamard factors are applied as dense ±1 matmuls of at most this order (a Kronecker chain):
