@@ -43,6 +43,10 @@ VARIANTS = {
     "rule-rotation": {"transform": "rule", "rule_default": "rotation"},
     "rule-affine": {"transform": "rule", "rule_default": "affine"},
 }
+# The same with the learned rotation (orthogonal Kronecker factors trained from the Hadamard) as "rotation".
+LEARNED = "-learned"
+VARIANTS.update({v + LEARNED: {**o, "rotation": "learned"} for v, o in list(VARIANTS.items())
+                 if v not in ("none", "affine")})
 
 
 def rule_timing(model_dir: str, repeats: int) -> dict:
@@ -109,16 +113,17 @@ def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
     """The issue's bar, checked for each rule orientation, plus the rule/search agreement."""
     out = []
     by = {(r.get("setting"), r.get("variant")): r for r in rows if "perplexity" in r and r["kind"] != "reference"}
-    for setting in SETTINGS:
-        aff, rot, srch = (by.get((setting, v)) for v in ("affine", "rotation", "search"))
+    for setting, rk in ((s, r) for s in SETTINGS for r in ("", LEARNED)):
+        aff, rot, srch = (by.get((setting, v)) for v in ("affine", "rotation" + rk, "search" + rk))
+        kind = "learned rotation" if rk else "Hadamard rotation"
         for orient in ("rotation", "affine"):
-            rule = by.get((setting, f"rule-{orient}"))
-            if not (rule and aff and rot):
+            rule = by.get((setting, f"rule-{orient}{rk}"))
+            if not (rule and aff and (rot or setting != "W4A4KV4")):
                 continue
             if setting == "W4A4KV4":
                 best = min(aff["perplexity"], rot["perplexity"])
-                line = (f"- {setting}, rule (ordinary sites {orient}): perplexity {rule['perplexity']:.3f} vs "
-                        f"better of all-affine / all-rotation {best:.3f}: "
+                line = (f"- {setting}, {kind}, rule (ordinary sites {orient}): perplexity {rule['perplexity']:.3f} "
+                        f"vs better of all-affine / all-rotation {best:.3f}: "
                         f"{'met' if rule['perplexity'] <= best else 'NOT met'}")
                 if srch:
                     ratio = rule_time["median_seconds"] / srch["facts"]["search_seconds"]
@@ -126,13 +131,13 @@ def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
                              f"search {srch['facts']['search_seconds']:.0f} s = {ratio:.4f}× "
                              f"({'met' if ratio <= 0.2 else 'NOT met'}, bar ≤ 0.2×)")
             else:
-                line = (f"- {setting}, rule (ordinary sites {orient}): perplexity {rule['perplexity']:.3f} vs "
-                        f"all-affine {aff['perplexity']:.3f}: "
+                line = (f"- {setting}, {kind}, rule (ordinary sites {orient}): perplexity "
+                        f"{rule['perplexity']:.3f} vs all-affine {aff['perplexity']:.3f}: "
                         f"{'met' if rule['perplexity'] <= aff['perplexity'] else 'NOT met'}")
             out.append(line)
         if srch and srch["facts"].get("agreement"):
             ag = srch["facts"]["agreement"]
-            out.append(f"- {setting}, rule/search agreement over {sum(srch['facts']['counts'].values())} sites: "
+            out.append(f"- {setting}, {kind}, rule/search agreement over {sum(srch['facts']['counts'].values())} sites: "
                        + ", ".join(f"ordinary sites {k}: {v:.1%}" for k, v in ag.items()))
     return out
 

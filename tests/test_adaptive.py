@@ -18,7 +18,13 @@ from flexquant.methods import build_method
 from flexquant.methods.adaptive import AdaptiveConfig, agreement, kurtosis, robust_z, rule_choice
 from flexquant.models import get_spec
 from flexquant.pipeline.capture import capture_block_inputs, run_block
-from flexquant.transforms.affine import HadamardRotation, KroneckerAffine, kron_factors
+from flexquant.transforms.affine import (
+    HadamardRotation,
+    KroneckerAffine,
+    KroneckerRotation,
+    build_transform,
+    kron_factors,
+)
 
 FAST = dict(train_nsamples=2, train_steps=2, search_steps=2)
 
@@ -42,12 +48,12 @@ def test_kron_factors_balanced_with_hadamard_init(n, ab):
     assert kron_factors(n) == ab
 
 
-@pytest.mark.parametrize("cls", [KroneckerAffine, HadamardRotation])
+@pytest.mark.parametrize("cls", [KroneckerAffine, KroneckerRotation, HadamardRotation])
 def test_transform_apply_fold_unapply_are_consistent(cls):
     T = cls(96, seed=1)
-    if isinstance(T, KroneckerAffine):  # move off the (orthogonal) initialisation
-        with torch.no_grad():
-            for p in T.parameters():
+    with torch.no_grad():  # move the learnable ones off their (orthogonal) initialisation
+        for p in T.parameters():
+            if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     x, W = torch.randn(5, 96, dtype=torch.float64), torch.randn(7, 96, dtype=torch.float64)
     M = T.matrix()
@@ -63,6 +69,26 @@ def test_affine_starts_as_an_orthogonal_rotation_and_freezes_to_float16():
     T.freeze()
     assert T.P1.dtype == torch.float16 and not T.P1.requires_grad
     assert T.stored_bits() == 16 * (576 + 24 * 24 + 24 * 24)
+
+
+def test_learned_rotation_stays_orthogonal_and_freezes_to_what_it_computed():
+    T = KroneckerRotation(96, seed=2)
+    assert [n for n, p in T.named_parameters() if p.requires_grad] == ["A1", "A2"]  # signs and start fixed
+    assert torch.allclose(T.matrix(), KroneckerAffine(96, seed=2).matrix())  # starts at the same Hadamard
+    with torch.no_grad():
+        T.A1.add_(0.3 * torch.randn_like(T.A1))
+        T.A2.add_(0.3 * torch.randn_like(T.A2))
+    M = T.matrix()
+    assert torch.allclose(M @ M.T, torch.eye(96, dtype=torch.float64), atol=1e-5)
+    assert not torch.allclose(M, KroneckerAffine(96, seed=2).matrix(), atol=1e-2)  # it did move
+    F = T.freeze()
+    assert isinstance(F, KroneckerAffine) and F.describe()["kind"] == "orthogonal" and F.P1.dtype == torch.float16
+    assert torch.allclose(F.matrix(), M, atol=2e-3)  # float16 storage
+    x, W = torch.randn(3, 96, dtype=torch.float64), torch.randn(5, 96, dtype=torch.float64)
+    assert torch.allclose(F(x) @ F.fold(W).T, x @ W.T, atol=1e-9)  # exact inverse of the stored values
+    G = build_transform(F.describe())
+    G.load_state_dict(F.state_dict())
+    assert G.describe() == F.describe() and torch.equal(G.matrix(), F.matrix())
 
 
 # ----- quantizers -----
@@ -108,11 +134,12 @@ def test_kv_quantization_round_trips_within_its_grid(kind, bits):
 
 
 # ----- the whole method -----
-@pytest.mark.parametrize("mode", ["none", "rotation", "affine", "search", "rule"])
-def test_all_bits_16_transformed_model_equals_the_original(tiny, ids, mode):
+@pytest.mark.parametrize("mode,rotation", [("none", "hadamard"), ("rotation", "hadamard"), ("rotation", "learned"),
+                                           ("affine", "hadamard"), ("search", "learned"), ("rule", "hadamard")])
+def test_all_bits_16_transformed_model_equals_the_original(tiny, ids, mode, rotation):
     model = copy.deepcopy(tiny[0]).double()
     ref = model(input_ids=ids).logits
-    m, method = _prepare(model, ids, w_bits=16, a_bits=16, k_bits=16, v_bits=16, transform=mode)
+    m, method = _prepare(model, ids, w_bits=16, a_bits=16, k_bits=16, v_bits=16, transform=mode, rotation=rotation)
     assert getattr(m, actquant.runtime.ATTRIBUTE) is not None
     out = m(input_ids=ids).logits
     assert torch.allclose(out, ref, atol=1e-9, rtol=0), (out - ref).abs().max()
@@ -161,17 +188,19 @@ def test_search_reports_choice_and_agreement(tiny, ids):
     assert f["selection_seconds"] == f["search_seconds"] > 0 and f["rule_seconds"] < f["search_seconds"]
 
 
-def test_save_load_round_trip_reapplies_activation_and_kv_quantization(tiny, tmp_path):
+@pytest.mark.parametrize("transform,rotation", [("rule", "hadamard"), ("rotation", "learned")])
+def test_save_load_round_trip_reapplies_activation_and_kv_quantization(tiny, tmp_path, transform, rotation):
     calib = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5))
     qm = fq.quantize("tiny-llama", method="adaptive", bits=4, group_size=32, calib_ids=calib, nsamples=4,
-                     seqlen=48, progress=False, options={**FAST, "transform": "rule", "k_bits": 2, "v_bits": 3})
+                     seqlen=48, progress=False, options={**FAST, "transform": transform, "rotation": rotation,
+                                                         "k_bits": 2, "v_bits": 3})
     ids = calib[:1]
     with torch.no_grad():
         before = qm.model(input_ids=ids).logits
     path = fq.save(qm, tmp_path / "ck", plot=False)
     qc = json.loads((path / "quant_config.json").read_text())
     assert qc["actquant"]["settings"] == {"w_bits": 4, "a_bits": 4, "k_bits": 2, "v_bits": 3,
-                                          "transform": "rule", "group_size": 32}
+                                          "transform": transform, "group_size": 32}
     loaded = fq.load(path)
     with torch.no_grad():
         after = loaded.model(input_ids=ids).logits
@@ -197,6 +226,8 @@ def test_bad_settings_fail_clearly():
         AdaptiveConfig(rule_default="none")
     with pytest.raises(FlexQuantError, match="w_bits"):
         AdaptiveConfig(w_bits=5)
+    with pytest.raises(FlexQuantError, match="rotation"):
+        AdaptiveConfig(rotation="spin")
 
 
 def test_cli_quantize_eval_generate(tmp_path, capsys):

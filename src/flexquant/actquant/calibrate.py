@@ -25,18 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.attention import use_kv_attention
-from ..transforms.affine import HadamardRotation, KroneckerAffine
+from ..transforms.affine import HadamardRotation, KroneckerAffine, KroneckerRotation
 from .quantizers import clip_ratio, fake_quant_asym, fake_quant_sym, fake_quant_weight
 from .runtime import KVQuantizer, SiteQuantizer
 
 TYPES = ("none", "rotation", "affine")
+ROTATIONS = ("hadamard", "learned")  # the rotation type: fixed randomized Hadamard, or learned orthogonal from it
 
 
-def make_transform(kind: str, n: int, seed: int) -> nn.Module | None:
+def make_transform(kind: str, n: int, seed: int, rotation: str = "hadamard") -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "rotation":
-        return HadamardRotation(n, seed)
+        return KroneckerRotation(n, seed) if rotation == "learned" else HadamardRotation(n, seed)
     if kind == "affine":
         return KroneckerAffine(n, seed)
     raise ValueError(f"unknown transform type {kind!r}; known: {', '.join(TYPES)}")
@@ -67,6 +68,7 @@ class TrainSettings:
     clip_lr: float = 1e-2  # clipping ratios
     mix_lr: float = 5e-2  # search logits
     clip_init: float = 0.95  # activation / KV clipping ratio at the start
+    rotation: str = "hadamard"  # the "rotation" type (ROTATIONS)
 
 
 @dataclass
@@ -84,10 +86,11 @@ class BlockResult:
 class _Site(nn.Module):
     """The candidate transforms of one site with their clipping ratios and (search) mixing logits."""
 
-    def __init__(self, spec: SiteSpec, types: tuple[str, ...], a_bits: int, seed: int, clip_init: float):
+    def __init__(self, spec: SiteSpec, types: tuple[str, ...], a_bits: int, seed: int, clip_init: float,
+                 rotation: str = "hadamard"):
         super().__init__()
         self.spec, self.types, self.a_bits = spec, types, a_bits
-        self.transforms = nn.ModuleList([make_transform(t, spec.n, seed) or nn.Identity() for t in types])
+        self.transforms = nn.ModuleList([make_transform(t, spec.n, seed, rotation) or nn.Identity() for t in types])
         self.act_clip = nn.Parameter(torch.full((len(types),), clip_init))
         self.mix = nn.Parameter(torch.zeros(len(types))) if len(types) > 1 else None
         self._cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
@@ -132,12 +135,13 @@ class _SiteLinear(nn.Module):
 class _KVTrain(nn.Module):
     """Training-time keys/values: Σ_t π_t Q(k·S_t)·S_t⁻¹ with the q/k/v site's π (keys) and the o site's (values)."""
 
-    def __init__(self, head_dim: int, k_site: _Site, v_site: _Site, bits: Bits, seed: int, clip_init: float):
+    def __init__(self, head_dim: int, k_site: _Site, v_site: _Site, bits: Bits, seed: int, clip_init: float,
+                 rotation: str = "hadamard"):
         super().__init__()
         self.k_site, self.v_site, self.bits = k_site, v_site, bits
-        self.k_transforms = nn.ModuleList([make_transform(t, head_dim, seed + 7) or nn.Identity()
+        self.k_transforms = nn.ModuleList([make_transform(t, head_dim, seed + 7, rotation) or nn.Identity()
                                            for t in k_site.types])
-        self.v_transforms = nn.ModuleList([make_transform(t, head_dim, seed + 8) or nn.Identity()
+        self.v_transforms = nn.ModuleList([make_transform(t, head_dim, seed + 8, rotation) or nn.Identity()
                                            for t in v_site.types])
         self.k_clip = nn.Parameter(torch.full((len(k_site.types),), clip_init))
         self.v_clip = nn.Parameter(torch.full((len(v_site.types),), clip_init))
@@ -165,13 +169,14 @@ class _KVTrain(nn.Module):
 def _param_groups(sites: list[_Site], linears: list[_SiteLinear], kv: _KVTrain | None, s: TrainSettings):
     transform, clip, mix = [], [], []
     for site in sites:
-        transform += [p for T in site.transforms for p in T.parameters()]
+        transform += [p for T in site.transforms for p in T.parameters() if p.requires_grad]
         clip.append(site.act_clip)
         if site.mix is not None:
             mix.append(site.mix)
     clip += [lin.w_clip for lin in linears]
     if kv is not None:
-        transform += [p for T in list(kv.k_transforms) + list(kv.v_transforms) for p in T.parameters()]
+        transform += [p for T in list(kv.k_transforms) + list(kv.v_transforms) for p in T.parameters()
+                      if p.requires_grad]
         clip += [kv.k_clip, kv.v_clip]
     groups = [{"params": transform, "lr": s.lr}, {"params": clip, "lr": s.clip_lr}, {"params": mix, "lr": s.mix_lr}]
     return [g for g in groups if g["params"]]
@@ -202,8 +207,8 @@ def calibrate_block(block: nn.Module, sites: list[SiteSpec], types: dict[str, tu
     tb = copy.deepcopy(block).to(device)
     for p in tb.parameters():
         p.requires_grad_(False)
-    train_sites = {s.name: _Site(s, types[s.name], bits.a, seed + 31 * j, settings.clip_init).to(device)
-                   for j, s in enumerate(sites)}
+    train_sites = {s.name: _Site(s, types[s.name], bits.a, seed + 31 * j, settings.clip_init,
+                                 settings.rotation).to(device) for j, s in enumerate(sites)}
     linears = []
     for s in sites:
         for name in s.linears:
@@ -213,7 +218,7 @@ def calibrate_block(block: nn.Module, sites: list[SiteSpec], types: dict[str, tu
             linears.append(lin)
     attn = tb.get_submodule(attention)
     kv = _KVTrain(head_dim, train_sites[kv_sites[0]], train_sites[kv_sites[1]], bits, seed,
-                  settings.clip_init).to(device)
+                  settings.clip_init, settings.rotation).to(device)
     attn.__dict__["_fq_kv"] = kv
     use_kv_attention(attn, True)  # the copy has its own config object
     groups = _param_groups(list(train_sites.values()), linears, kv, settings)

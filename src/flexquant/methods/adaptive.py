@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..actquant.calibrate import Bits, SiteSpec, TrainSettings, calibrate_block, finalize_block
+from ..actquant.calibrate import ROTATIONS, Bits, SiteSpec, TrainSettings, calibrate_block, finalize_block
 from ..actquant.runtime import ActQuantRuntime, install
 from ..config import SUPPORTED_BITS, QuantConfig
 from ..errors import FlexQuantError
@@ -61,6 +61,9 @@ class AdaptiveConfig:
     # W4A4KV4 (bench/results/adaptive.md): affine 14.61 ppl, 88% agreement with the search; rotation 16.64, 12%.
     rule_default: str = "affine"
     z_threshold: float = 3.5
+    # The rotation type: "hadamard" (fixed randomized Hadamard, QuaRot) or "learned" (orthogonal Kronecker factors
+    # trained from that Hadamard, SpinQuant-style: the affine family with unit singular values).
+    rotation: str = "hadamard"
     train_nsamples: int = 4  # calibration windows the transforms and clipping ratios are trained on
     train_steps: int = 16  # Adam steps per block (one window per step)
     search_steps: int = 16  # steps of the differentiable search per block (before recalibration)
@@ -78,6 +81,8 @@ class AdaptiveConfig:
             raise FlexQuantError(f"transform={self.transform!r} must be one of {', '.join(MODES)}")
         if self.rule_default not in CANDIDATES:
             raise FlexQuantError(f"rule_default={self.rule_default!r} must be one of {', '.join(CANDIDATES)}")
+        if self.rotation not in ROTATIONS:
+            raise FlexQuantError(f"rotation={self.rotation!r} must be one of {', '.join(ROTATIONS)}")
         if not self.z_threshold > 0:
             raise FlexQuantError(f"z_threshold={self.z_threshold} must be > 0 (3.5 is the usual value)")
         if self.train_nsamples < 1 or self.train_steps < 0 or self.search_steps < 1:
@@ -182,8 +187,8 @@ class Adaptive(Method):
 
         n = min(a.train_nsamples, calib_ids.shape[0])
         inputs = capture_block_inputs(model, spec, calib_ids[:n], device, batch_size=1)
-        settings = TrainSettings(steps=a.train_steps, lr=a.affine_lr)
-        search = TrainSettings(steps=a.search_steps, lr=a.affine_lr)
+        settings = TrainSettings(steps=a.train_steps, lr=a.affine_lr, rotation=a.rotation)
+        search = TrainSettings(steps=a.search_steps, lr=a.affine_lr, rotation=a.rotation)
         site_q, site_hooks, kv_q, kv_paths = {}, {}, {}, {}
         chosen, mixes, blocks = [], [], []
         search_seconds = calib_seconds = 0.0
@@ -255,7 +260,7 @@ register("adaptive")(Adaptive)
 
 
 # ----- command line (`flexquant quantize --method adaptive ...`) -----
-CLI_FLAGS = ("w_bits", "a_bits", "k_bits", "v_bits", "transform", "rule_default", "z_threshold",
+CLI_FLAGS = ("w_bits", "a_bits", "k_bits", "v_bits", "transform", "rule_default", "z_threshold", "rotation",
              "train_nsamples", "train_steps", "search_steps", "affine_lr")
 
 
@@ -272,6 +277,9 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--rule-default", choices=CANDIDATES,
                    help="the rule's type for ordinary sites; outlier sites get the other (default affine)")
     g.add_argument("--z-threshold", type=float, help="robust z-score above which a site is an outlier (3.5)")
+    g.add_argument("--rotation", choices=ROTATIONS,
+                   help="the rotation type: fixed randomized Hadamard, or orthogonal factors learned from it "
+                        "(default hadamard)")
     g.add_argument("--train-nsamples", type=int, help="calibration windows the transforms are trained on (4)")
     g.add_argument("--train-steps", type=int, help="training steps per block (16)")
     g.add_argument("--search-steps", type=int, help="differentiable-search steps per block (16)")

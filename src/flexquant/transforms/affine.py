@@ -11,6 +11,10 @@ transformed space but consumed in the original one (the K/V cache).
   into the weights, so the loaded model computes exactly what was calibrated).
 * `HadamardRotation` (QuaRot-style): the fixed randomized Hadamard rotation of `transforms.rotate`;
   T⁻ᵀ = T, stored as one sign bit per channel (the Hadamard factor is rebuilt from its order).
+* `KroneckerRotation` (SpinQuant-style, the affine family with unit singular values): T = diag(s)·(R1 ⊗ R2)
+  with fixed random signs s and learnable orthogonal factors R_i = H_i·exp(A_i − A_iᵀ), starting at the
+  same randomized Hadamard; frozen, it is stored like an affine transform (float16 d, P1, P2; kind
+  "orthogonal"), and folded with the exact inverses of those stored values.
 """
 
 from __future__ import annotations
@@ -123,6 +127,54 @@ class KroneckerAffine(nn.Module):
         return torch.diag(self.d.double()) @ torch.kron(self.P1.double(), self.P2.double())
 
 
+class KroneckerRotation(KroneckerAffine):
+    """x ↦ (x ⊙ s)·(R1 ⊗ R2) with R_i = H_i·exp(A_i − A_iᵀ) orthogonal: a learnable rotation (training form)."""
+
+    kind = "orthogonal"
+
+    def __init__(self, n: int, seed: int = 0, factors: tuple[int, int] | None = None):
+        super().__init__(n, seed, factors)
+        for p in (self.d, self.P1, self.P2):  # the signs and the Hadamard start stay fixed
+            p.requires_grad_(False)
+        self.A1 = nn.Parameter(torch.zeros(self.a, self.a))
+        self.A2 = nn.Parameter(torch.zeros(self.b, self.b))
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """R1, R2 computed in ``dtype`` (float64 paths stay orthogonal to float64 precision)."""
+        return tuple(P.to(dtype) @ torch.linalg.matrix_exp((A - A.T).to(dtype))
+                     for P, A in ((self.P1, self.A1), (self.P2, self.A2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        R1, R2 = self.factors(x.dtype)
+        return kron_apply(x * self.d.to(x.dtype), R1, R2)
+
+    apply_to = forward
+
+    def unapply(self, y: torch.Tensor) -> torch.Tensor:
+        """y·T⁻¹ = y·Tᵀ = (y·(R1ᵀ ⊗ R2ᵀ)) ⊙ s."""
+        R1, R2 = self.factors(y.dtype)
+        return kron_apply(y, R1.T, R2.T) * self.d.to(y.dtype)
+
+    def fold(self, W: torch.Tensor) -> torch.Tensor:
+        """W·T⁻ᵀ = W·T for an orthogonal T."""
+        R1, R2 = self.factors(W.dtype)
+        return kron_apply(W * self.d.to(W.dtype), R1, R2)
+
+    @torch.no_grad()
+    def freeze(self) -> KroneckerAffine:
+        """The trained rotation as a frozen float16 `KroneckerAffine` of kind "orthogonal" (exact inverses of
+        the stored values are what gets folded, so fp16 rounding of R cannot break the model's identity)."""
+        R1, R2 = self.factors(torch.float64)
+        out = KroneckerAffine(self.n, 0, (self.a, self.b))
+        out.kind = self.kind
+        out.d.data, out.P1.data, out.P2.data = self.d.data.clone(), R1.clone(), R2.clone()
+        return out.to(self.d.device).freeze()
+
+    def matrix(self) -> torch.Tensor:
+        R1, R2 = self.factors(torch.float64)
+        return torch.diag(self.d.double()) @ torch.kron(R1, R2)
+
+
 class HadamardRotation(nn.Module):
     """The fixed randomized Hadamard rotation x ↦ x·Q of `transforms.rotate.Rotation` (Q⁻ᵀ = Q)."""
 
@@ -180,14 +232,16 @@ class HadamardRotation(nn.Module):
         return self.forward(torch.eye(self.n, dtype=torch.float64))
 
 
-TRANSFORMS = {"affine": KroneckerAffine, "rotation": HadamardRotation}
+TRANSFORMS = {"affine": KroneckerAffine, "orthogonal": KroneckerRotation, "rotation": HadamardRotation}
 
 
 def build_transform(desc: dict, seed: int = 0) -> nn.Module:
     """A transform skeleton from its `describe()` record (its tensors are loaded afterwards)."""
     kind = desc.get("kind")
-    if kind == "affine":
-        return KroneckerAffine(desc["n"], seed, tuple(desc["factors"])).freeze()
+    if kind in ("affine", "orthogonal"):  # a frozen learned rotation is stored like an affine transform
+        out = KroneckerAffine(desc["n"], seed, tuple(desc["factors"]))
+        out.kind = kind
+        return out.freeze()
     if kind == "rotation":
         return HadamardRotation(desc["n"], seed)
     raise FlexQuantError(f"unknown transform kind {kind!r}; known: {', '.join(TRANSFORMS)}")
