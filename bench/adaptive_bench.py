@@ -137,7 +137,8 @@ def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
             out.append(line)
         if srch and srch["facts"].get("agreement"):
             ag = srch["facts"]["agreement"]
-            out.append(f"- {setting}, {kind}, rule/search agreement over {sum(srch['facts']['counts'].values())} sites: "
+            n_sites = sum(srch["facts"]["counts"].values())
+            out.append(f"- {setting}, {kind}, rule/search agreement over {n_sites} sites: "
                        + ", ".join(f"ordinary sites {k}: {v:.1%}" for k, v in ag.items()))
     return out
 
