@@ -47,6 +47,22 @@ VARIANTS = {
 LEARNED = "-learned"
 VARIANTS.update({v + LEARNED: {**o, "rotation": "learned"} for v, o in list(VARIANTS.items())
                  if v not in ("none", "affine")})
+# The rule scoring the raw checkpoint weights instead of the weights with the norm scales folded in.
+VARIANTS.update({v.replace("rule-", "rule-raw-"): {**o, "rule_weights": "raw"} for v, o in list(VARIANTS.items())
+                 if v.startswith("rule-")})
+
+
+def rule_rows(names) -> list[tuple[str, str, str]]:
+    """(rule variant, its all-rotation baseline, description) for every rule variant among ``names``."""
+    out = []
+    for v in names:
+        if v.startswith("rule-"):
+            o = VARIANTS[v]
+            rot = "rotation" + (LEARNED if o.get("rotation") == "learned" else "")
+            what = (f"rule ({o.get('rule_weights', 'folded')} weights, ordinary sites {o['rule_default']}, "
+                    f"{o.get('rotation', 'hadamard')} rotation)")
+            out.append((v, rot, what))
+    return out
 
 
 def rule_timing(model_dir: str, repeats: int) -> dict:
@@ -109,37 +125,72 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_means(rows: list[dict]) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(setting, variant) -> (mean perplexity, sample standard deviation, seeds) where a variant ran with 2+ seeds."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["kind"] != "reference" and "perplexity" in r:
+            runs.setdefault((r["setting"], r["base"]), []).append(r["perplexity"])
+    return {k: (statistics.mean(v), statistics.stdev(v), len(v)) for k, v in runs.items() if len(v) > 1}
+
+
+def bar_line(setting: str, what: str, rule: float, aff: float | None, rot: float | None) -> str | None:
+    """The issue's perplexity bar for one rule variant: W4A4KV4 ≤ the better of all-affine and all-rotation,
+    W3A3K2V2 ≤ all-affine."""
+    if aff is None:
+        return None
+    best = min(aff, rot) if setting == "W4A4KV4" and rot is not None else aff
+    against = ("better of all-affine / all-rotation" if setting != "W3A3K2V2" and rot is not None else
+               "all-affine" + (" (all-rotation not run here)" if setting == "W4A4KV4" else ""))
+    return f"{what}: perplexity {rule:.3f} vs {against} {best:.3f}: {'met' if rule <= best else 'NOT met'}"
+
+
+def seed_table(rows: list[dict]) -> str:
+    means = seed_means(rows)
+    if not means:
+        return ""
+    lines = ["Across transform seeds (mean ± sample standard deviation of the perplexity):", "",
+             "| setting | variant | seeds | perplexity |", "|---|---|---|---|"]
+    lines += [f"| {s} | {v} | {n} | {m:.3f} ± {sd:.3f} |" for (s, v), (m, sd, n) in means.items()]
+    lines.append("")
+    for s in SETTINGS:
+        for v, rot, what in rule_rows(VARIANTS):
+            if (s, v) in means:
+                line = bar_line(s, what, means[(s, v)][0], (means.get((s, "affine")) or (None,))[0],
+                                (means.get((s, rot)) or (None,))[0])
+                if line:
+                    lines.append(f"- {s}, mean over seeds, {line}")
+    return "\n".join(lines) + "\n"
+
+
 def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
-    """The issue's bar, checked for each rule orientation, plus the rule/search agreement."""
+    """The issue's bar for every rule variant (seed 0 rows), plus the rule/search agreement."""
     out = []
     by = {(r.get("setting"), r.get("variant")): r for r in rows if "perplexity" in r and r["kind"] != "reference"}
-    for setting, rk in ((s, r) for s in SETTINGS for r in ("", LEARNED)):
-        aff, rot, srch = (by.get((setting, v)) for v in ("affine", "rotation" + rk, "search" + rk))
-        kind = "learned rotation" if rk else "Hadamard rotation"
-        for orient in ("rotation", "affine"):
-            rule = by.get((setting, f"rule-{orient}{rk}"))
-            if not (rule and aff and (rot or setting != "W4A4KV4")):
+
+    def ppl(setting, v):
+        return by[(setting, v)]["perplexity"] if (setting, v) in by else None
+
+    for setting in SETTINGS:
+        srch = by.get((setting, "search"))
+        for v, rot, what in rule_rows(VARIANTS):
+            if (setting, v) not in by:
                 continue
-            if setting == "W4A4KV4":
-                best = min(aff["perplexity"], rot["perplexity"])
-                line = (f"- {setting}, {kind}, rule (ordinary sites {orient}): perplexity {rule['perplexity']:.3f} "
-                        f"vs better of all-affine / all-rotation {best:.3f}: "
-                        f"{'met' if rule['perplexity'] <= best else 'NOT met'}")
-                if srch:
-                    ratio = rule_time["median_seconds"] / srch["facts"]["search_seconds"]
-                    line += (f"; selection {rule_time['median_seconds']:.2f} s (median of {rule_time['repeats']}) vs "
-                             f"search {srch['facts']['search_seconds']:.0f} s = {ratio:.4f}× "
-                             f"({'met' if ratio <= 0.2 else 'NOT met'}, bar ≤ 0.2×)")
-            else:
-                line = (f"- {setting}, {kind}, rule (ordinary sites {orient}): perplexity "
-                        f"{rule['perplexity']:.3f} vs all-affine {aff['perplexity']:.3f}: "
-                        f"{'met' if rule['perplexity'] <= aff['perplexity'] else 'NOT met'}")
-            out.append(line)
-        if srch and srch["facts"].get("agreement"):
-            ag = srch["facts"]["agreement"]
-            n_sites = sum(srch["facts"]["counts"].values())
-            out.append(f"- {setting}, {kind}, rule/search agreement over {n_sites} sites: "
-                       + ", ".join(f"ordinary sites {k}: {v:.1%}" for k, v in ag.items()))
+            line = bar_line(setting, what, ppl(setting, v), ppl(setting, "affine"), ppl(setting, rot))
+            if line and setting == "W4A4KV4" and srch:
+                ratio = rule_time["median_seconds"] / srch["facts"]["search_seconds"]
+                line += (f"; selection {rule_time['median_seconds']:.2f} s (median of {rule_time['repeats']}) vs "
+                         f"search {srch['facts']['search_seconds']:.0f} s = {ratio:.4f}× "
+                         f"({'met' if ratio <= 0.2 else 'NOT met'}, bar ≤ 0.2×)")
+            if line:
+                out.append(f"- {setting}, {line}")
+        for sv in ("search", "search" + LEARNED):
+            srch = by.get((setting, sv))
+            if srch and srch["facts"].get("agreement"):
+                ag = srch["facts"]["agreement"]
+                n_sites = sum(srch["facts"]["counts"].values())
+                out.append(f"- {setting}, rule/{sv} agreement over {n_sites} sites (scored weights / type of ordinary "
+                           "sites): " + ", ".join(f"{k}: {v:.1%}" for k, v in ag.items()))
     return out
 
 
@@ -155,8 +206,9 @@ def main() -> None:
     p.add_argument("--search-steps", type=int, default=16)
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 2048 tokens")
     p.add_argument("--rule-repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0, help="transform seed (random signs, initial transforms); rows of a "
-                   "seed other than 0 are labelled with it")
+    p.add_argument("--seeds", default="0", help="transform seeds, comma-separated (random signs, initial transforms); "
+                   "rows of a seed other than 0 are labelled with it, and with several seeds the report adds each "
+                   "variant's mean and spread and the bar on the means")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--name", default="adaptive")
     p.add_argument("--fresh", action="store_true")
@@ -179,31 +231,33 @@ def main() -> None:
     train = {"train_nsamples": args.train_nsamples, "train_steps": args.train_steps, "search_steps": args.search_steps}
     setting_key = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}"
 
-    for setting in args.settings:
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for setting, seed in ((st, sd) for sd in seeds for st in args.settings):
         w, a, k, v = SETTINGS[setting]
         for variant in filter(None, args.variants.split(",")):
             options = {"w_bits": w, "a_bits": a, "k_bits": k, "v_bits": v, **VARIANTS[variant], **train,
-                       **({"seed": args.seed} if args.seed else {})}
+                       **({"seed": seed} if seed else {})}
             key = f"{setting_key}:{json.dumps(options, sort_keys=True)}"
             cached = cache.get(key)
             if cached is not None:
-                log.info("reusing %s %s", setting, variant)
-                rows.append(cached)
+                log.info("reusing %s %s seed %d", setting, variant, seed)
+                row = cached
             else:
                 row = fd.run_quantization("flexquant", "adaptive", w, args, work, options)
-                row.update(setting=setting, variant=variant + (f" seed={args.seed}" if args.seed else ""))
                 method_facts(row)
                 fd.evaluate_row(row, windows, ref)
-                rows.append(row)
                 if "error" not in row:
                     cache.put(key, row)
+            row.update(setting=setting, variant=variant + (f" seed={seed}" if seed else ""), base=variant, seed=seed)
+            rows.append(row)
             write(args, header, rows, rule_time)
     print(write(args, header, rows, rule_time))
 
 
 def write(args, header: str, rows: list[dict], rule_time: dict) -> str:
     md = (f"{header}\n\n{table(rows)}\n\nRule selection time, measured apart: {rule_time['median_seconds']:.3f} s "
-          f"(median of {rule_time['repeats']}).\n\n" + "\n".join(verdicts(rows, rule_time)) + "\n")
+          f"(median of {rule_time['repeats']}).\n\n" + "\n".join(verdicts(rows, rule_time)) + "\n\n"
+          + seed_table(rows))
     payload = {"header": header, "rule_timing": rule_time, "rows": rows}
     for suffix, text in ((".md", md), (".json", json.dumps(payload, indent=1))):
         path = Path(args.out, args.name + suffix)

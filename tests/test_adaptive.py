@@ -17,6 +17,7 @@ from flexquant.errors import FlexQuantError
 from flexquant.methods import build_method
 from flexquant.methods.adaptive import AdaptiveConfig, agreement, kurtosis, robust_z, rule_choice
 from flexquant.models import get_spec
+from flexquant.models.builtin import tiny_llama
 from flexquant.pipeline.capture import capture_block_inputs, run_block
 from flexquant.transforms.affine import (
     HadamardRotation,
@@ -180,10 +181,28 @@ def test_rule_flags_outlier_sites_in_either_orientation():
     assert agreement([{"a": "x", "b": "y"}], [{"a": "x", "b": "x"}]) == 0.5
 
 
+@pytest.mark.parametrize("weights", ["raw", "folded"])
+def test_rule_scores_raw_or_folded_weights(ids, weights):
+    """An outlier norm scale makes the folded q/k/v weights heavy-tailed, not the raw ones (6 layers, so the
+    robust z-score has a spread to measure against)."""
+    model, _ = tiny_llama(layers=6, hidden=64, intermediate=128)
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = 60.0
+    _, method = _prepare(model, ids[:1, :16], w_bits=16, transform="rule", rule_weights=weights, train_steps=1,
+                         train_nsamples=1)
+    f = method.facts
+    raw, used = f["kurtosis_raw"][1]["qkv"], f["kurtosis"][1]["qkv"]
+    assert (used == raw) == (weights == "raw")
+    assert f["rule"][f"{weights}/affine"] == f["choice"]
+    folded_choice = f["rule"]["folded/affine"][1]["qkv"]
+    assert folded_choice == "rotation" and f["choice"][1]["qkv"] == ("rotation" if weights == "folded" else "affine")
+
+
 def test_search_reports_choice_and_agreement(tiny, ids):
     _, method = _prepare(tiny[0], ids, transform="search")
     f = method.facts
-    assert set(f["agreement"]) == {"rotation", "affine"} and all(0 <= v <= 1 for v in f["agreement"].values())
+    assert set(f["agreement"]) == {f"{w}/{d}" for w in ("raw", "folded") for d in ("rotation", "affine")}
+    assert all(0 <= v <= 1 for v in f["agreement"].values())
     assert all(t in ("affine", "rotation") for c in f["choice"] for t in c.values())
     assert f["selection_seconds"] == f["search_seconds"] > 0 and f["rule_seconds"] < f["search_seconds"]
 
@@ -228,6 +247,8 @@ def test_bad_settings_fail_clearly():
         AdaptiveConfig(w_bits=5)
     with pytest.raises(FlexQuantError, match="rotation"):
         AdaptiveConfig(rotation="spin")
+    with pytest.raises(FlexQuantError, match="rule_weights"):
+        AdaptiveConfig(rule_weights="norm")
 
 
 def test_cli_quantize_eval_generate(tmp_path, capsys):

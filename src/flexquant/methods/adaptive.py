@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MODES = ("none", "rotation", "affine", "search", "rule")
 CANDIDATES = ("affine", "rotation")
 SITE_NAMES = ("qkv", "o", "gate_up", "down")
+RULE_WEIGHTS = ("raw", "folded")
 KV_SITES = ("qkv", "o")  # keys follow the q/k/v site's type, values the o site's
 
 
@@ -61,6 +62,9 @@ class AdaptiveConfig:
     # W4A4KV4 (bench/results/adaptive.md): affine 14.61 ppl, 88% agreement with the search; rotation 16.64, 12%.
     rule_default: str = "affine"
     z_threshold: float = 3.5
+    # Whose kurtosis the rule scores: "raw" (the checkpoint's weights) or "folded" (after the RMSNorm scales are
+    # folded into the readers of q/k/v and gate/up; o and down have no norm, so they are the same either way).
+    rule_weights: str = "folded"
     # The rotation type: "hadamard" (fixed randomized Hadamard, QuaRot) or "learned" (orthogonal Kronecker factors
     # trained from that Hadamard, SpinQuant-style: the affine family with unit singular values).
     rotation: str = "hadamard"
@@ -81,6 +85,8 @@ class AdaptiveConfig:
             raise FlexQuantError(f"transform={self.transform!r} must be one of {', '.join(MODES)}")
         if self.rule_default not in CANDIDATES:
             raise FlexQuantError(f"rule_default={self.rule_default!r} must be one of {', '.join(CANDIDATES)}")
+        if self.rule_weights not in RULE_WEIGHTS:
+            raise FlexQuantError(f"rule_weights={self.rule_weights!r} must be one of {', '.join(RULE_WEIGHTS)}")
         if self.rotation not in ROTATIONS:
             raise FlexQuantError(f"rotation={self.rotation!r} must be one of {', '.join(ROTATIONS)}")
         if not self.z_threshold > 0:
@@ -166,17 +172,23 @@ class Adaptive(Method):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         attention = spec.linear_groups[0][0].rsplit(".", 1)[0]
         bits = Bits(self.w_bits, a.a_bits, a.k_bits, a.v_bits, self.config.grid.group_size)
+        t0 = time.perf_counter()
+        kappas = {"raw": self._kurtosis(layers, sites)}
+        raw_seconds = time.perf_counter() - t0
         if a.transform != "none":  # norm scales into the readers, so the transforms act on normalised x
             for block in layers:
                 for norm, readers in spec.norm_linear_pairs:
                     fold_norm(block.get_submodule(norm), [block.get_submodule(r) for r in readers])
-
         t0 = time.perf_counter()
-        kappa = self._kurtosis(layers, sites)
+        # With transform "none" nothing is folded: the folded scores equal the raw ones (reported, not used).
+        kappas["folded"] = self._kurtosis(layers, sites)
+        score_seconds = {"raw": raw_seconds, "folded": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        kappa = kappas[a.rule_weights]
         rule, z = rule_choice(kappa, a.rule_default, a.z_threshold)
-        rule_seconds = time.perf_counter() - t0
-        other = [r for r in CANDIDATES if r != a.rule_default][0]
-        rule_other, _ = rule_choice(kappa, other, a.z_threshold)
+        rule_seconds = time.perf_counter() - t0 + score_seconds[a.rule_weights]
+        # Every variant of the rule (scored weights / type of ordinary sites), for the agreement with the search.
+        rules = {f"{w}/{d}": rule_choice(k, d, a.z_threshold)[0] for w, k in kappas.items() for d in CANDIDATES}
         fixed = {"none": "none", "rotation": "rotation", "affine": "affine"}
         if a.transform in fixed:
             types = [{s.name: (fixed[a.transform],) for s in sites} for _ in layers]
@@ -229,8 +241,9 @@ class Adaptive(Method):
             "config": asdict(self.acfg),
             "choice": chosen,
             "kurtosis": kappa,
+            "kurtosis_raw": kappas["raw"],
             "z": z,
-            "rule": {a.rule_default: rule, other: rule_other},
+            "rule": rules,
             "selection_seconds": rule_seconds if a.transform == "rule" else
             (search_seconds if a.transform == "search" else 0.0),
             "rule_seconds": rule_seconds,
@@ -260,8 +273,8 @@ register("adaptive")(Adaptive)
 
 
 # ----- command line (`flexquant quantize --method adaptive ...`) -----
-CLI_FLAGS = ("w_bits", "a_bits", "k_bits", "v_bits", "transform", "rule_default", "z_threshold", "rotation",
-             "train_nsamples", "train_steps", "search_steps", "affine_lr")
+CLI_FLAGS = ("w_bits", "a_bits", "k_bits", "v_bits", "transform", "rule_default", "z_threshold", "rule_weights",
+             "rotation", "train_nsamples", "train_steps", "search_steps", "affine_lr")
 
 
 def add_cli_arguments(parser) -> None:
@@ -277,6 +290,9 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--rule-default", choices=CANDIDATES,
                    help="the rule's type for ordinary sites; outlier sites get the other (default affine)")
     g.add_argument("--z-threshold", type=float, help="robust z-score above which a site is an outlier (3.5)")
+    g.add_argument("--rule-weights", choices=RULE_WEIGHTS,
+                   help="the rule scores the kurtosis of the raw weights or of the weights with the norm scales "
+                        "folded in (default folded)")
     g.add_argument("--rotation", choices=ROTATIONS,
                    help="the rotation type: fixed randomized Hadamard, or orthogonal factors learned from it "
                         "(default hadamard)")
