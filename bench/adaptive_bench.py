@@ -40,16 +40,38 @@ VARIANTS = {
     "rotation": {"transform": "rotation"},
     "affine": {"transform": "affine"},
     "search": {"transform": "search"},
-    "rule-rotation": {"transform": "rule", "rule_default": "rotation"},
-    "rule-affine": {"transform": "rule", "rule_default": "affine"},
+    # The rule: kurtosis of the raw checkpoint weights (default), or of the weights with the norm scales folded in.
+    "rule-rotation": {"transform": "rule", "rule_default": "rotation", "rule_weights": "raw"},
+    "rule-affine": {"transform": "rule", "rule_default": "affine", "rule_weights": "raw"},
+    "rule-folded-rotation": {"transform": "rule", "rule_default": "rotation", "rule_weights": "folded"},
+    "rule-folded-affine": {"transform": "rule", "rule_default": "affine", "rule_weights": "folded"},
 }
 # The same with the learned rotation (orthogonal Kronecker factors trained from the Hadamard) as "rotation".
 LEARNED = "-learned"
 VARIANTS.update({v + LEARNED: {**o, "rotation": "learned"} for v, o in list(VARIANTS.items())
                  if v not in ("none", "affine")})
-# The rule scoring the raw checkpoint weights instead of the weights with the norm scales folded in.
-VARIANTS.update({v.replace("rule-", "rule-raw-"): {**o, "rule_weights": "raw"} for v, o in list(VARIANTS.items())
-                 if v.startswith("rule-")})
+# Rows cached before rule_weights existed were keyed by the options as passed, when the rule scored folded weights.
+LEGACY_DEFAULTS = {"rule_weights": "folded"}
+
+
+def config_key(setting_key: str, options: dict, defaults: dict | None = None) -> str:
+    """A cache key from the method's resolved configuration, so a changed default can never reuse a stale row."""
+    from dataclasses import asdict
+
+    from flexquant.methods.adaptive import AdaptiveConfig
+
+    resolved = asdict(AdaptiveConfig(**{**(defaults or {}), **options}))
+    return f"{setting_key}:resolved:{json.dumps(resolved, sort_keys=True)}"
+
+
+def legacy_rows(cache) -> dict[str, dict]:
+    """Rows under the old as-passed keys, re-keyed by their resolved configuration under the defaults of then."""
+    out = {}
+    for key, row in cache.rows.items():
+        if ":resolved:" not in key and ":" in key:
+            setting_key, options = key.split(":", 1)
+            out[config_key(setting_key, json.loads(options), LEGACY_DEFAULTS)] = row
+    return out
 
 
 def rule_rows(names) -> list[tuple[str, str, str]]:
@@ -165,6 +187,8 @@ def seed_table(rows: list[dict]) -> str:
 
 def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
     """The issue's bar for every rule variant (seed 0 rows), plus the rule/search agreement."""
+    from flexquant.methods.adaptive import agreement
+
     out = []
     by = {(r.get("setting"), r.get("variant")): r for r in rows if "perplexity" in r and r["kind"] != "reference"}
 
@@ -182,15 +206,11 @@ def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
                 line += (f"; selection {rule_time['median_seconds']:.2f} s (median of {rule_time['repeats']}) vs "
                          f"search {srch['facts']['search_seconds']:.0f} s = {ratio:.4f}× "
                          f"({'met' if ratio <= 0.2 else 'NOT met'}, bar ≤ 0.2×)")
+            if line and srch:
+                same = agreement(by[(setting, v)]["facts"]["choice"], srch["facts"]["choice"])
+                line += f"; agrees with the search on {same:.1%} of the sites"
             if line:
                 out.append(f"- {setting}, {line}")
-        for sv in ("search", "search" + LEARNED):
-            srch = by.get((setting, sv))
-            if srch and srch["facts"].get("agreement"):
-                ag = srch["facts"]["agreement"]
-                n_sites = sum(srch["facts"]["counts"].values())
-                out.append(f"- {setting}, rule/{sv} agreement over {n_sites} sites (scored weights / type of ordinary "
-                           "sites): " + ", ".join(f"{k}: {v:.1%}" for k, v in ag.items()))
     return out
 
 
@@ -218,6 +238,7 @@ def main() -> None:
     work = Path(args.out) / "work" / "adaptive"
     calib, windows = fd.setup(args, work, args.windows)
     cache = fd.RowCache(work, args.fresh)
+    legacy = legacy_rows(cache)
     ref, fp_row = fd.reference_row(args, windows)
     rows = [fp_row]
     rule_time = rule_timing(args.model_dir, args.rule_repeats)
@@ -237,8 +258,8 @@ def main() -> None:
         for variant in filter(None, args.variants.split(",")):
             options = {"w_bits": w, "a_bits": a, "k_bits": k, "v_bits": v, **VARIANTS[variant], **train,
                        **({"seed": seed} if seed else {})}
-            key = f"{setting_key}:{json.dumps(options, sort_keys=True)}"
-            cached = cache.get(key)
+            key = config_key(setting_key, options)
+            cached = cache.get(key) or legacy.get(key)
             if cached is not None:
                 log.info("reusing %s %s seed %d", setting, variant, seed)
                 row = cached
