@@ -3,15 +3,18 @@
 At each weight/activation/KV setting (W4A4KV4, W3A3K2V2) the same model, calibration windows and held-out
 windows are used for: no transform, all-rotation (QuaRot-style), all-affine (FlatQuant-style), the
 differentiable search, and the kurtosis rule in both orientations (ordinary sites rotation / outliers
-affine, and the reverse). Each quantization runs in its own subprocess (bench/foundation.py's job), so its
+affine, and the reverse), scoring raw or norm-folded weights; `*-learned` variants use the learned orthogonal
+rotation instead of the fixed Hadamard. Each quantization runs in its own subprocess (bench/foundation.py's job), so its
 wall time and peak memory are its own; evaluation (perplexity, KL to the full-precision model on 8×2048
 held-out pydoc tokens) runs here on the saved checkpoints, i.e. with the activation and KV quantizers that
 `flexquant.load` re-attaches.
 
     python bench/adaptive_bench.py                          # everything (hours on 2 cores)
     python bench/adaptive_bench.py --settings W4A4KV4 --variants rule-rotation,search
+    python bench/adaptive_bench.py --settings W4A4KV4 --variants affine,rule-affine --seeds 0,1,2 --name adaptive_seeds
 
-Finished rows are kept in OUT/work/adaptive/rows.json, so an interrupted run resumes.
+Finished rows are kept in OUT/work/adaptive/rows.json, keyed by the resolved method configuration, so an
+interrupted run resumes and a changed default never reuses a stale row.
 """
 
 from __future__ import annotations
@@ -88,23 +91,20 @@ def rule_rows(names) -> list[tuple[str, str, str]]:
 
 
 def rule_timing(model_dir: str, repeats: int) -> dict:
-    """Median wall time of the rule's selection (kurtosis of every site's weights + robust z-scores)."""
+    """Median wall time of the rule's selection (kurtosis of every site's raw weights + robust z-scores; scoring
+    the folded weights costs the same, the folding being part of every transform's preparation)."""
     from flexquant.methods.adaptive import SITE_NAMES, kurtosis, rule_choice
     from flexquant.models import get_spec, load_model
-    from flexquant.transforms.rotate import fold_norm
 
     model, _ = load_model(model_dir)
     spec = get_spec(model.config.model_type)
     layers = model.get_submodule(spec.layers)
-    for block in layers:
-        for norm, readers in spec.norm_linear_pairs:
-            fold_norm(block.get_submodule(norm), [block.get_submodule(r) for r in readers])
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         kappa = [{name: kurtosis(torch.cat([block.get_submodule(n).weight for n in group]))
                   for name, group in zip(SITE_NAMES, spec.linear_groups)} for block in layers]
-        rule_choice(kappa, "rotation", 3.5)
+        rule_choice(kappa, "affine", 3.5)
         times.append(time.perf_counter() - t0)
     return {"median_seconds": statistics.median(times), "repeats": repeats}
 
