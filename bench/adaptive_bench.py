@@ -58,12 +58,18 @@ LEGACY_DEFAULTS = {"rule_weights": "folded"}
 
 
 def config_key(setting_key: str, options: dict, defaults: dict | None = None) -> str:
-    """A cache key from the method's resolved configuration, so a changed default can never reuse a stale row."""
+    """A cache key from the method's resolved configuration (less the settings this transform mode does not
+    use), so a changed default can never reuse a stale row."""
     from dataclasses import asdict
 
     from flexquant.methods.adaptive import AdaptiveConfig
 
     resolved = asdict(AdaptiveConfig(**{**(defaults or {}), **options}))
+    if resolved["transform"] != "rule":  # settings the model does not depend on
+        for k in ("rule_default", "rule_weights", "z_threshold"):
+            del resolved[k]
+    if resolved["transform"] in ("none", "affine"):
+        del resolved["rotation"]
     return f"{setting_key}:resolved:{json.dumps(resolved, sort_keys=True)}"
 
 
