@@ -11,9 +11,11 @@ the o site's (head-dim transforms). How the types are chosen (``transform``):
   none / rotation / affine   every site the same (baselines; "none" keeps the norms unfolded too);
   search                     differentiable search: per-site softmax-mixed outputs of both types trained
                              jointly with the transforms, argmax, then calibration with the chosen types;
-  rule                       fast rule: kurtosis κ of the weights reading each site, robust z-score per site
-                             type across layers, z = 0.6745·(κ − median κ)/MAD(κ); sites above
+  rule                       fast rule: kurtosis κ of the weights reading each site (``rule_weights``: as
+                             stored in the checkpoint, or with the norm scales folded in), robust z-score per
+                             site type across layers, z = 0.6745·(κ − median κ)/MAD(κ); sites above
                              ``z_threshold`` are outliers and get the type that is not ``rule_default``.
+The rotation type (``rotation``) is the fixed randomized Hadamard or orthogonal Kronecker factors learned from it.
 Transforms and clipping ratios (activations, K/V, and the calibration-time weight quantizer) are trained
 per block on the MSE to the full-precision block output over a few calibration windows; then the
 transforms are folded into the weights (float64) and GPTQ quantizes the weights from Hessians of the
