@@ -61,13 +61,15 @@ class AdaptiveConfig:
     v_bits: int = 4  # values
     transform: str = "rule"
     # The type of non-outlier sites under the rule; outliers get the other. Measured both ways on smollm2-135m
-    # W4A4KV4 (bench/results/adaptive.md): affine 14.61 ppl, 88% agreement with the search; rotation 16.64, 12%.
+    # W4A4KV4 (bench/results/adaptive.md, raw weights): affine 14.44 ppl, 92.5% agreement with the search;
+    # rotation 16.88, 7.5% (folded weights: 14.61 / 88.3% and 16.64 / 11.7%).
     rule_default: str = "affine"
     z_threshold: float = 3.5
     # Whose kurtosis the rule scores: "raw" (the checkpoint's weights) or "folded" (after the RMSNorm scales are
     # folded into the readers of q/k/v and gate/up; o and down have no norm, so they are the same either way).
-    # Measured on smollm2-135m W4A4KV4, mean of 3 seeds (bench/results/adaptive_seeds.md): raw 14.39 ppl, 92.5%
-    # agreement with the search; folded 14.65, 88.3%.
+    # Measured on smollm2-135m, mean ± sd of 3 transform seeds (bench/results/adaptive_seeds*.md): W4A4KV4 raw
+    # 14.386 ± 0.051 ppl, folded 14.649 ± 0.036 (all-affine 14.381 ± 0.144); W3A3K2V2 raw 803.7 ± 25.5, folded
+    # 840.8 ± 87.3 (all-affine 800.6 ± 108.6). Search agreement: raw 92.5% / 89.2%, folded 88.3% / 85.0%.
     rule_weights: str = "raw"
     # The rotation type: "hadamard" (fixed randomized Hadamard, QuaRot) or "learned" (orthogonal Kronecker factors
     # trained from that Hadamard, SpinQuant-style: the affine family with unit singular values).
