@@ -90,7 +90,7 @@ def rule_rows(names) -> list[tuple[str, str, str]]:
         if v.startswith("rule-"):
             o = VARIANTS[v]
             rot = "rotation" + (LEARNED if o.get("rotation") == "learned" else "")
-            what = (f"rule ({o.get('rule_weights', 'folded')} weights, ordinary sites {o['rule_default']}, "
+            what = (f"rule ({o['rule_weights']} weights, ordinary sites {o['rule_default']}, "
                     f"{o.get('rotation', 'hadamard')} rotation)")
             out.append((v, rot, what))
     return out
@@ -99,17 +99,17 @@ def rule_rows(names) -> list[tuple[str, str, str]]:
 def rule_timing(model_dir: str, repeats: int) -> dict:
     """Median wall time of the rule's selection (kurtosis of every site's raw weights + robust z-scores; scoring
     the folded weights costs the same, the folding being part of every transform's preparation)."""
-    from flexquant.methods.adaptive import SITE_NAMES, kurtosis, rule_choice
+    from flexquant.methods.adaptive import SITE_NAMES, rule_choice, site_kurtosis
     from flexquant.models import get_spec, load_model
 
     model, _ = load_model(model_dir)
     spec = get_spec(model.config.model_type)
     layers = model.get_submodule(spec.layers)
+    groups = list(zip(SITE_NAMES, spec.linear_groups))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        kappa = [{name: kurtosis(torch.cat([block.get_submodule(n).weight for n in group]))
-                  for name, group in zip(SITE_NAMES, spec.linear_groups)} for block in layers]
+        kappa = [site_kurtosis(block, groups) for block in layers]
         rule_choice(kappa, "affine", 3.5)
         times.append(time.perf_counter() - t0)
     return {"median_seconds": statistics.median(times), "repeats": repeats}
@@ -167,9 +167,10 @@ def bar_line(setting: str, what: str, rule: float, aff: float | None, rot: float
     W3A3K2V2 ≤ all-affine."""
     if aff is None:
         return None
-    best = min(aff, rot) if setting == "W4A4KV4" and rot is not None else aff
-    against = ("better of all-affine / all-rotation" if setting != "W3A3K2V2" and rot is not None else
-               "all-affine" + (" (all-rotation not run here)" if setting == "W4A4KV4" else ""))
+    if setting == "W4A4KV4" and rot is not None:
+        best, against = min(aff, rot), "better of all-affine / all-rotation"
+    else:
+        best, against = aff, "all-affine" + (" (all-rotation not run here)" if setting == "W4A4KV4" else "")
     return f"{what}: perplexity {rule:.3f} vs {against} {best:.3f}: {'met' if rule <= best else 'NOT met'}"
 
 

@@ -110,6 +110,11 @@ def kurtosis(W: torch.Tensor) -> float:
     return float((x**4).mean() / (x**2).mean().clamp(min=1e-300) ** 2)
 
 
+def site_kurtosis(block, groups) -> dict[str, float]:
+    """{site: kurtosis of the weights of all linears reading it} for ``groups`` = [(site, linear names)]."""
+    return {name: kurtosis(torch.cat([block.get_submodule(n).weight for n in linears])) for name, linears in groups}
+
+
 def robust_z(values: list[float]) -> list[float]:
     """0.6745·(v − median)/MAD; with MAD = 0 every value off the median is infinitely far."""
     med = statistics.median(values)
@@ -165,10 +170,6 @@ class Adaptive(Method):
                 raise FlexQuantError(f"linear group {group} reads neither a norm's output nor a single input")
         return sites, hooks
 
-    def _kurtosis(self, layers, sites):
-        return [{s.name: kurtosis(torch.cat([block.get_submodule(n).weight for n in s.linears]))
-                 for s in sites} for block in layers]
-
     @torch.no_grad()
     def prepare(self, model, spec, calib_ids, device) -> None:
         a = self.acfg
@@ -179,16 +180,19 @@ class Adaptive(Method):
         attention = spec.linear_groups[0][0].rsplit(".", 1)[0]
         bits = Bits(self.w_bits, a.a_bits, a.k_bits, a.v_bits, self.config.grid.group_size)
         t0 = time.perf_counter()
-        kappas = {"raw": self._kurtosis(layers, sites)}
+        kappas = {"raw": [site_kurtosis(block, [(st.name, st.linears) for st in sites]) for block in layers]}
         raw_seconds = time.perf_counter() - t0
         if a.transform != "none":  # norm scales into the readers, so the transforms act on normalised x
             for block in layers:
                 for norm, readers in spec.norm_linear_pairs:
                     fold_norm(block.get_submodule(norm), [block.get_submodule(r) for r in readers])
         t0 = time.perf_counter()
-        # With transform "none" nothing is folded: the folded scores equal the raw ones (reported, not used).
-        kappas["folded"] = self._kurtosis(layers, sites)
-        score_seconds = {"raw": raw_seconds, "folded": time.perf_counter() - t0}
+        # Folding changes only the sites reading a norm; with transform "none" nothing is folded (the folded
+        # scores are then the raw ones, reported, not used).
+        normed = [(st.name, st.linears) for st in sites if hooks[st.name][0] == "output" and a.transform != "none"]
+        kappas["folded"] = [{**k, **site_kurtosis(block, normed)} for k, block in zip(kappas["raw"], layers)]
+        # Seconds to score every site one way (folded: an upper bound, it includes the raw pass over the norm sites).
+        score_seconds = {"raw": raw_seconds, "folded": raw_seconds + time.perf_counter() - t0}
         t0 = time.perf_counter()
         kappa = kappas[a.rule_weights]
         rule, z = rule_choice(kappa, a.rule_default, a.z_threshold)
