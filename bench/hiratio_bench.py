@@ -77,6 +77,8 @@ def qp_options(args) -> dict:
     opts = {"bpw": args.bpw, "trust": HiRatioConfig().trust if args.trust is None else args.trust}
     if args.joint_probes is not None:
         opts["joint_probes"] = args.joint_probes
+    if args.loss_model is not None:
+        opts["loss_model"] = args.loss_model
     return opts
 
 
@@ -172,7 +174,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     rho = spearman([r["predicted_kl"] for r in rows], [r["measured_kl"] for r in rows])
     rho_probe = spearman([r["predicted_kl"] for r in rows], [r["probe_tokens_kl"] for r in rows])
     return {"spearman": rho, "spearman_probe_tokens": rho_probe, "probe_tokens": int(probe_ids.numel()),
-            "full_range": args.full_range,
+            "full_range": args.full_range, "loss_model": method.hcfg.loss_model,
             "allocations": rows, "windows": int(win.shape[0]), "prepare_seconds": prepare_seconds,
             "probe": method.facts.probe, "qp": {k: method.facts.qp[k] for k in
                                                 ("backend", "objective", "budget_used", "psd_projection",
@@ -231,7 +233,8 @@ def write(args, header: str, rows: list[dict], spear: dict | None) -> str:
                      f"| {probe} | {mem} |")
     if spear:
         where = ("anywhere in [0, r_max]" if spear.get("full_range", True)
-                 else "in the QP's feasible set (its trust region)")
+                 else "in the QP's feasible set [0, r_max] (curve loss model: no trust region)"
+                 if spear.get("loss_model") == "curve" else "in the QP's feasible set (its trust region)")
         lines += ["", f"Ranking check: {len(spear['allocations'])} allocations at the same budget {where}, "
                   "probe quantizer (GPTQ against full-precision Hessians), fake-quantized, KL on "
                   f"{spear['windows']} held-out windows × 2048 tokens. "
@@ -269,6 +272,8 @@ def main() -> None:
     p.add_argument("--joint-probes", type=int, default=None,
                    help="joint probes of the loss-model refit for the qp row and the ranking check (default: "
                         "the method's default, not written into the cache key)")
+    p.add_argument("--loss-model", default=None, choices=("quadratic", "curve"),
+                   help="QP loss model of the qp row and the ranking check (default: the method's default)")
     p.add_argument("--trust", type=float, default=None,
                    help="QP trust region for the qp row and the ranking check (default: the method's default)")
     p.add_argument("--allocations", type=int, default=10, help="allocations in the ranking check (>= 8)")
@@ -321,7 +326,8 @@ def main() -> None:
     for peer in filter(None, args.peers.split(",")):
         run(peer, peer, 2, peer=True)
     qp_label = ("hiratio-qp" + ("" if args.trust is None else f" trust={args.trust:g}")
-                + ("" if args.joint_probes is None else f" joint={args.joint_probes}"))
+                + ("" if args.joint_probes is None else f" joint={args.joint_probes}")
+                + ("" if args.loss_model is None else f" loss_model={args.loss_model}"))
     main_row = run(qp_label, "hiratio", 2, qp_options(args)) if "qp" in wanted else None
     fixed = {}
     if main_row and "hiratio" in main_row:  # learner variants reuse the QP's allocation (no second probing)

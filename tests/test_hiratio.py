@@ -6,7 +6,17 @@ import pytest
 import torch
 
 import flexquant as fq
-from flexquant.alloc.qp import LossModel, StepTable, fit_loss_model, project_psd, round_to_steps, solve_ratio_qp
+from flexquant.alloc.qp import (
+    LossModel,
+    StepTable,
+    convex_fit,
+    fit_curve_model,
+    fit_loss_model,
+    project_psd,
+    pwl,
+    round_to_steps,
+    solve_ratio_qp,
+)
 from flexquant.cli import main
 from flexquant.config import GPTQConfig, GridConfig
 from flexquant.errors import FlexQuantError
@@ -294,3 +304,54 @@ def test_joint_probes_refit_and_keep_the_budget(wide, calib):
     assert len(joint) == 3 and all(np.isfinite(p["loss"]) for p in joint)
     assert facts["probe"]["fit"]["points"] == 1 + 2 * 2 + 1 + 3  # centre, 2 per layer, 1 pair, joint
     assert facts["probe"]["cost"]["probes"] >= 1 + 4 + 1 + 3  # (+ the chosen allocation unless it is the centre)
+
+
+def test_convex_fit_is_convex_and_exact_on_convex_data():
+    x = np.array([0.0, 0.05, 0.1, 0.1, 0.2, 0.3, 0.5])
+    y = 1 / (x + 0.05)
+    xs, g, rms = convex_fit(x, y)
+    assert list(xs) == sorted(set(x)) and rms < 1e-9 and np.allclose(g, 1 / (xs + 0.05))
+    noisy = y + np.random.default_rng(0).normal(0, 0.5, y.size)
+    xs, g, _ = convex_fit(x, noisy)
+    slopes = np.diff(g) / np.diff(xs)
+    assert (np.diff(slopes) >= -1e-9).all()  # slopes never decrease
+    assert pwl(xs, g, 0.6) == pytest.approx(g[-1] + slopes[-1] * 0.1)  # linear beyond the last knot
+
+
+@pytest.mark.parametrize("backend", ["scipy", "osqp"])
+def test_curve_qp_is_the_best_feasible_point(backend):
+    if backend == "osqp":
+        pytest.importorskip("osqp")
+    rng = np.random.default_rng(3)
+    n, c = 4, np.full(4, 0.2)
+    grid = np.linspace(0, 0.5, 6)
+    singles = [[(x, float(np.exp(-x / rng.uniform(0.05, 0.3)))) for x in grid] for _ in range(n)]
+    m = fit_curve_model(1.0, c, singles, c + 0.1, [v for _, v in (s[3] for s in singles)], {(0, 1): 0.9})
+    m.Q = project_psd(m.Q)[0]
+    cost = rng.uniform(1, 2, n)
+    budget = 0.2 * cost.sum()
+    sol = solve_ratio_qp(m, cost, budget, 0.5, backend=backend)
+    assert sol.max_violation == 0 and cost @ sol.r <= budget * (1 + 1e-9)
+    assert (sol.r >= -1e-12).all() and (sol.r <= 0.5 + 1e-12).all()
+    assert sol.objective == pytest.approx(m(sol.r))
+    # no feasible point on the budget face beats it
+    for _ in range(3000):
+        r = np.minimum(rng.dirichlet(np.ones(n)) * budget / cost, 0.5)
+        assert m(r) >= sol.objective - 1e-6
+
+
+def test_curve_loss_model_probes_curves_and_keeps_the_budget(wide, calib):
+    path, _ = wide
+    qm = fq.quantize(path, method="hiratio", group_size=64, clip="minmax", calib_ids=calib, progress=False,
+                     options=dict(bpw=2.6, learner="gptq", loss_model="curve", curve_points=[0, 0.5, 1], **FAST))
+    facts = qm.report["method"]["hiratio"]
+    assert _stored_bits(qm) == facts["allocation"]["planned_bits"] <= facts["budget"]["budget_bits"]
+    qp = facts["qp"]
+    assert qp["loss_model"] == "curve" and len(qp["curves"]) == 2 and qp["max_violation"] == 0
+    assert qp["lower"] == [0, 0]  # the curves span [0, r_max]: no trust region
+    for x, g in qp["curves"]:
+        slopes = np.diff(g) / np.diff(x)
+        assert (np.diff(slopes) >= -1e-9).all()
+    assert facts["probe"]["curve"] and all(p["layer"] in (0, 1) for p in facts["probe"]["curve"])
+    with pytest.raises(FlexQuantError, match="joint_probes"):
+        HiRatioConfig(loss_model="curve", joint_probes=4)

@@ -160,13 +160,22 @@ def plot_hiratio(report: dict, path: str | Path) -> Path | None:
     ax[0].set_ylabel("high-impact ratio r_l")
     ax[0].set_title(f"ratio per layer · {alloc['planned_bpw']:.3f} bpw (target {budget['target_bpw']})")
     ax[0].legend()
-    if qp:
+    if qp and qp.get("curves"):  # curve loss model: each layer's fitted convex curve, relative to the centre
+        c = facts["probe"]["center_ratios"]
+        for i, (xs, g) in enumerate(qp["curves"]):
+            at_c = next((v for xv, v in zip(xs, g) if xv >= c[i]), g[-1])  # the centre is one of the knots
+            ax[1].plot(xs, [v - at_c for v in g], "-", lw=1,
+                       color=plt.cm.viridis(i / max(1, len(qp["curves"]) - 1)))
+        ax[1].set_title("per-layer loss curves ΔL_l(r) (dark: first layer)")
+        ax[1].set_xlabel("ratio r_l")
+    elif qp:
         ax[1].plot(x, qp["a"], "o-", label="a_l")
         ax[1].plot(x, [row[i] for i, row in enumerate(qp["Q_psd"])], "s--", label="Q_ll (PSD)")
         ax[1].axhline(0, color="grey", lw=0.5)
         ax[1].set_title("loss model ΔL = aᵀr + ½rᵀQr")
         ax[1].set_xlabel("decoder layer")
         ax[1].legend()
+    if qp:
         im = ax[2].imshow(qp["Q_psd"], cmap="coolwarm")
         fig.colorbar(im, ax=ax[2])
         ax[2].set_title(f"Q · predicted KL {qp['predicted_kl']:.4f}, measured {qp['measured_probe_kl']:.4f}")

@@ -22,24 +22,38 @@ _FEAS_TOL = 1e-9
 
 @dataclass
 class LossModel:
-    """ΔL(r) = aᵀ(r − c) + ½ (r − c)ᵀQ(r − c) around the probed centre c (0 = METHODS.md's r = 0 form)."""
+    """ΔL(r) = aᵀ(r − c) + ½ (r − c)ᵀQ(r − c) around the probed centre c (0 = METHODS.md's r = 0 form),
+    plus, with ``curves``, a convex piecewise-linear term per layer Σ_l g_l(r_l) − g_l(c_l) (see
+    `fit_curve_model`; the QP then runs in epigraph form)."""
 
     a: np.ndarray  # [L] gradient at the centre
     Q: np.ndarray  # [L, L] (symmetric; PSD after `project_psd`)
     L0: float = 0.0  # the measured loss at the centre (ΔL is relative to it)
     center: np.ndarray | None = None  # [L]; None = 0
     facts: dict = field(default_factory=dict)
+    curves: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer: knots x (sorted), convex values g
 
     def _d(self, r) -> np.ndarray:
         r = np.asarray(r, dtype=np.float64)
         return r if self.center is None else r - self.center
 
+    def _curve_term(self, r: np.ndarray) -> float:
+        if self.curves is None:
+            return 0.0
+        c = np.zeros_like(r) if self.center is None else self.center
+        return float(sum(pwl(x, g, r[i]) - pwl(x, g, c[i]) for i, (x, g) in enumerate(self.curves)))
+
     def __call__(self, r) -> float:
         d = self._d(r)
-        return float(self.a @ d + 0.5 * d @ self.Q @ d)
+        return float(self.a @ d + 0.5 * d @ self.Q @ d) + self._curve_term(np.asarray(r, np.float64))
 
     def grad(self, r) -> np.ndarray:
-        return self.a + self.Q @ self._d(r)
+        """Gradient (for curves: the right slope of each piecewise-linear term)."""
+        g = self.a + self.Q @ self._d(r)
+        if self.curves is not None:
+            r = np.asarray(r, np.float64)
+            g = g + np.array([pwl_slope(x, v, r[i]) for i, (x, v) in enumerate(self.curves)])
+        return g
 
     def linear_term(self) -> np.ndarray:
         """q of the same objective written as qᵀr + ½rᵀQr + const."""
@@ -112,6 +126,72 @@ def fit_loss_model_lstsq(L0: float, center, points: list[tuple[np.ndarray, float
                                           "far_couplings": dict(zip(map(str, dists), off[len(near):].tolist()))})
 
 
+def pwl(x: np.ndarray, g: np.ndarray, r: float) -> float:
+    """The piecewise-linear function through (x_k, g_k) at r, extended linearly beyond the end knots."""
+    if x.size == 1:
+        return float(g[0])
+    if r < x[0] or r > x[-1]:
+        k = 0 if r < x[0] else x.size - 2
+        return float(g[k] + (g[k + 1] - g[k]) / (x[k + 1] - x[k]) * (r - x[k]))
+    return float(np.interp(r, x, g))
+
+
+def pwl_slope(x: np.ndarray, g: np.ndarray, r: float) -> float:
+    if x.size == 1:
+        return 0.0
+    k = int(np.clip(np.searchsorted(x, r, side="right") - 1, 0, x.size - 2))
+    return float((g[k + 1] - g[k]) / (x[k + 1] - x[k]))
+
+
+def convex_fit(x, y) -> tuple[np.ndarray, np.ndarray, float]:
+    """Least-squares convex piecewise-linear fit of points (x, y) with knots at the distinct x (repeated x
+    averaged): g = β0 + β1(x − x0) + Σ_j u_j·max(0, x − x_j) with u ≥ 0 (slopes never decrease).
+    Returns the knots, the fitted values there and the RMS residual over the points."""
+    from scipy.optimize import lsq_linear
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xs, inv = np.unique(x, return_inverse=True)
+    cnt = np.bincount(inv)
+    ym = np.bincount(inv, y) / cnt
+    K = xs.size
+    if K <= 2:
+        return xs, ym, float(np.sqrt(np.mean((y - ym[inv]) ** 2)))
+    X = np.column_stack([np.ones(K), xs - xs[0]] + [np.maximum(0.0, xs - xs[j]) for j in range(1, K - 1)])
+    w = np.sqrt(cnt)[:, None]
+    lb = np.r_[-np.inf, -np.inf, np.zeros(K - 2)]
+    beta = lsq_linear(X * w, ym * w[:, 0], bounds=(lb, np.inf), method="bvls").x
+    g = X @ beta
+    return xs, g, float(np.sqrt(np.mean((y - g[inv]) ** 2)))
+
+
+def fit_curve_model(L0: float, center, singles: list[list[tuple[float, float]]], pair_ratios,
+                    pair_losses, pairs: dict[tuple[int, int], float] | None = None) -> LossModel:
+    """Loss model from per-layer curves: ``singles[l]`` = (ratio, loss) with only layer l moved from the centre
+    (the centre (c_l, L0) is added); each layer's curve is a least-squares convex piecewise-linear fit
+    (`convex_fit`); the inter-layer terms are METHODS.md's pair formula Q_lk = (L_lk − L_l − L_k + L0)/(d_l d_k)
+    at the pair point (``pair_ratios``, single-layer losses ``pair_losses``), Q_ll = 0 (the curves carry each
+    layer's own curvature). Project Q with `project_psd` before solving."""
+    c = np.asarray(center, np.float64)
+    n = c.size
+    curves, resid = [], []
+    for i in range(n):
+        pts = [(float(c[i]), float(L0))] + [(float(r), float(v)) for r, v in singles[i]]
+        xs, g, rms = convex_fit([p[0] for p in pts], [p[1] for p in pts])
+        curves.append((xs, g))
+        resid.append(rms)
+    Q = np.zeros((n, n))
+    dp, Lp = np.asarray(pair_ratios, np.float64) - c, np.asarray(pair_losses, np.float64)
+    for (i, j), Lij in (pairs or {}).items():
+        if i == j:
+            raise FlexQuantError(f"pair probe ({i}, {j}) names one layer twice")
+        if dp[i] == 0 or dp[j] == 0:
+            raise FlexQuantError(f"pair probe ({i}, {j}) does not move both layers from the centre")
+        Q[i, j] = Q[j, i] = (Lij - Lp[i] - Lp[j] + L0) / (dp[i] * dp[j])
+    return LossModel(np.zeros(n), Q, float(L0), c,
+                     {"pairs": len(pairs or {}), "curve_points": int(sum(len(s) for s in singles)),
+                      "curve_rms_residual": resid}, curves)
+
+
 def project_psd(Q: np.ndarray) -> tuple[np.ndarray, dict]:
     """The nearest (Frobenius) positive semidefinite matrix to sym(Q): negative eigenvalues set to 0."""
     S = (np.asarray(Q, np.float64) + np.asarray(Q, np.float64).T) / 2
@@ -140,32 +220,34 @@ def _check(r, cost, budget, lower, upper) -> float:
                      (r - upper).max(initial=0.0)))
 
 
-def _solve_scipy(a, Q, cost, budget, lower, upper, x0):
+def _solve_scipy(P, q, G, h, bounds, x0):
+    """min ½zᵀPz + qᵀz s.t. G z ≥ h, bounds (SLSQP; trust-constr fallback)."""
     from scipy.optimize import LinearConstraint, minimize
 
-    fun = lambda r: (a @ r + 0.5 * r @ Q @ r, a + Q @ r)  # noqa: E731
-    bounds = list(zip(lower, upper))
-    cons = [{"type": "ineq", "fun": lambda r: 1.0 - (cost / budget) @ r, "jac": lambda r: -cost / budget}]
+    fun = lambda z: (q @ z + 0.5 * z @ P @ z, q + P @ z)  # noqa: E731
+    cons = [{"type": "ineq", "fun": lambda z: G @ z - h, "jac": lambda z: G}]
     res = minimize(fun, x0, jac=True, method="SLSQP", bounds=bounds, constraints=cons,
                    options={"ftol": 1e-14, "maxiter": 1000})
     if not res.success:  # fall back to the interior-point method; slower but robust
         log.info("SLSQP: %s; retrying with trust-constr", res.message)
-        res = minimize(fun, x0, jac=True, hess=lambda r: Q, method="trust-constr",
-                       bounds=bounds, constraints=[LinearConstraint(cost[None] / budget, -np.inf, 1.0)],
+        res = minimize(fun, x0, jac=True, hess=lambda z: P, method="trust-constr", bounds=bounds,
+                       constraints=[LinearConstraint(G, h, np.inf)],
                        options={"gtol": 1e-12, "xtol": 1e-14, "maxiter": 5000})
-    return np.clip(res.x, lower, upper), int(getattr(res, "nit", 0) or 0), "scipy"
+    return np.asarray(res.x, np.float64), int(getattr(res, "nit", 0) or 0), "scipy"
 
 
-def _solve_osqp(a, Q, cost, budget, lower, upper):
+def _solve_osqp(P, q, G, h, bounds):
+    """The same problem with OSQP: rows G z ≥ h and the finite bounds as rows."""
     import osqp
     from scipy import sparse
 
-    n = a.size
-    A = sparse.vstack([sparse.csc_matrix(cost[None] / budget), sparse.eye(n)], format="csc")
-    lo = np.concatenate([[-np.inf], lower])
-    hi = np.concatenate([[1.0], upper])
+    lo_b = np.array([b[0] if b[0] is not None else -np.inf for b in bounds])
+    hi_b = np.array([b[1] if b[1] is not None else np.inf for b in bounds])
+    A = sparse.vstack([sparse.csc_matrix(G), sparse.eye(q.size)], format="csc")
+    lo = np.concatenate([h, lo_b])
+    hi = np.concatenate([np.full(h.size, np.inf), hi_b])
     prob = osqp.OSQP()
-    prob.setup(sparse.csc_matrix(np.triu(Q)), a, A, lo, hi, verbose=False, eps_abs=1e-10, eps_rel=1e-10,
+    prob.setup(sparse.csc_matrix(np.triu(P)), q, A, lo, hi, verbose=False, eps_abs=1e-10, eps_rel=1e-10,
                max_iter=200000, polishing=True)
     res = prob.solve()
     if res.x is None or str(res.info.status).lower() not in ("solved", "solved inaccurate"):
@@ -173,9 +255,28 @@ def _solve_osqp(a, Q, cost, budget, lower, upper):
     return np.asarray(res.x, np.float64), int(res.info.iter), "osqp"
 
 
+def _epigraph(model: LossModel, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [G | h] of t_l ≥ every segment line of layer l's curve, over z = [r, t]: −s r_l + t_l ≥ g_k − s x_k."""
+    rows, rhs = [], []
+    for i, (x, g) in enumerate(model.curves):
+        segs = range(max(1, x.size - 1)) if x.size > 1 else [None]
+        last = None
+        for k in segs:
+            s = 0.0 if k is None else (g[k + 1] - g[k]) / (x[k + 1] - x[k])
+            if last is not None and abs(s - last) <= 1e-12 * max(1.0, abs(s)):
+                continue  # collinear with the previous segment: the same line (a degenerate row for OSQP)
+            last = s
+            row = np.zeros(2 * n)
+            row[i], row[n + i] = -s, 1.0
+            rows.append(row)
+            rhs.append(g[0] if k is None else g[k] - s * x[k])
+    return np.array(rows), np.array(rhs)
+
+
 def solve_ratio_qp(model: LossModel, cost: np.ndarray, budget: float, upper: np.ndarray | float,
                    backend: str = "auto", lower: np.ndarray | float = 0.0) -> QPSolution:
     """min ΔL(r) (``model``) s.t. costᵀr ≤ budget, lower ≤ r ≤ upper (Q must be PSD: `project_psd` first).
+    A model with convex piecewise-linear ``curves`` is solved as the equivalent QP over [r, t] (epigraph).
 
     ``backend``: "osqp" (needs the optional ``osqp`` package), "scipy" (SLSQP, trust-constr fallback) or
     "auto" (OSQP when installed, else scipy). The answer is clipped into the bounds and, if it overshoots
@@ -203,15 +304,32 @@ def solve_ratio_qp(model: LossModel, cost: np.ndarray, budget: float, upper: np.
     else:
         # a feasible start: the lower bounds plus an equal share of what is left, within the upper bounds
         x0 = np.minimum(upper, lower + (budget - cost @ lower) / cost.sum())
+        P, q = Q, a
+        G, h = cost[None] / -budget, np.array([-1.0])  # costᵀr / budget ≤ 1
+        bounds = list(zip(lower, upper))
+        if model.curves is not None:  # epigraph: z = [r, t], minimise Σ t_l with t_l above each curve
+            P = np.block([[Q, np.zeros((n, n))], [np.zeros((n, 2 * n))]])
+            q = np.concatenate([a, np.ones(n)])
+            Ge, he = _epigraph(model, n)
+            G = np.vstack([np.hstack([G, np.zeros((1, n))]), Ge])
+            h = np.concatenate([h, he])
+            bounds += [(None, None)] * n
+            x0 = np.concatenate([x0, [pwl(*model.curves[i], x0[i]) for i in range(n)]])
         if backend in ("auto", "osqp"):
             try:
-                r, it, used = _solve_osqp(a, Q, cost, budget, lower, upper)
+                z, it, used = _solve_osqp(P, q, G, h, bounds)
             except ImportError as e:
                 if backend == "osqp":
                     raise FlexQuantError("backend 'osqp' needs the osqp package: pip install 'flexquant[qp]'") from e
-                r, it, used = _solve_scipy(a, Q, cost, budget, lower, upper, x0)
+                z, it, used = _solve_scipy(P, q, G, h, bounds, x0)
+            except FlexQuantError as e:
+                if backend == "osqp":
+                    raise
+                log.info("%s; solving with scipy instead", e)
+                z, it, used = _solve_scipy(P, q, G, h, bounds, x0)
         else:
-            r, it, used = _solve_scipy(a, Q, cost, budget, lower, upper, x0)
+            z, it, used = _solve_scipy(P, q, G, h, bounds, x0)
+        r = z[:n]
     r = np.clip(r, lower, upper)
     spent = float(cost @ r)
     if spent > budget:  # solver tolerance: move back onto the budget toward the lower bounds

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from ..alloc.qp import (
     QP_BACKENDS,
     LossModel,
     StepTable,
+    fit_curve_model,
     fit_loss_model,
     fit_loss_model_lstsq,
     project_psd,
@@ -51,6 +53,7 @@ from .registry import register
 log = logging.getLogger(__name__)
 ALLOCATIONS = ("qp", "equal")
 CENTERS = ("equal", "zero")
+LOSS_MODELS = ("quadratic", "curve")
 IMPACTS = ("salience", "obs")
 HI_LEARNERS = ("clip", "round", "gptq")
 OBS_QUANTILE = 0.99  # impact "obs": a column scores the per-weight OBS costs it holds above this quantile
@@ -80,6 +83,12 @@ class HiRatioConfig:
     # probe ratios); with N > 0, a and Q are refitted by least squares over every probe (single-layer, pairs,
     # joint), with one coupling per layer distance beyond the band. 0 = METHODS.md's per-probe formulas only.
     joint_probes: int = 0
+    # Loss model: "quadratic" (METHODS.md: aᵀr + ½rᵀQr from the probes around the centre, QP within `trust`) or
+    # "curve": each layer's loss is also probed at `curve_points` (fractions of r_max) and fitted by a convex
+    # piecewise-linear curve over [0, r_max] (the measured curves are L-shaped: most of the gain in the first
+    # few groups), plus METHODS.md's pair couplings; the same QP in epigraph form over the whole range.
+    loss_model: str = "quadratic"
+    curve_points: tuple[float, ...] = (0.0, 0.06, 0.12, 0.2, 0.4, 0.56, 0.76, 1.0)
     ratios: tuple[float, ...] = ()  # fixed per-layer ratios (skips probing; must fit the budget)
     qp_backend: str = "auto"  # "auto" (OSQP when installed, else scipy) | "osqp" | "scipy"
     stats_nsamples: int = 32  # calibration windows of the full-precision statistics pass (Hessians, Fisher)
@@ -108,12 +117,17 @@ class HiRatioConfig:
         check(0 <= self.delta <= 0.5, f"delta={self.delta} must be in [0, 0.5] (0 = automatic)")
         check(self.band >= 0, f"band={self.band} must be >= 0")
         check(self.joint_probes >= 0, f"joint_probes={self.joint_probes} must be >= 0 (0 = off)")
+        check(self.loss_model in LOSS_MODELS, f"loss_model={self.loss_model!r} must be one of {LOSS_MODELS}")
+        check(all(0 <= f <= 1 for f in self.curve_points), f"curve_points={self.curve_points} must lie in [0, 1]")
+        check(not (self.loss_model == "curve" and self.joint_probes),
+              "joint_probes refit the quadratic loss model; use them with loss_model='quadratic'")
         check(self.trust >= 0, f"trust={self.trust} must be >= 0 (0 = no trust region)")
         check(all(0 <= r <= 1 for r in self.ratios), f"ratios={self.ratios} must lie in [0, 1]")
         for k in ("stats_nsamples", "probe_nsamples", "probe_seqlen", "learn_nsamples", "learn_batch"):
             check(getattr(self, k) >= 1, f"{k}={getattr(self, k)} must be >= 1")
         check(self.learn_steps >= 0 and self.learn_lr >= 0, "learn_steps and learn_lr must be >= 0")
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        object.__setattr__(self, "curve_points", tuple(float(f) for f in self.curve_points))
 
     @property
     def top_bits(self) -> int:
@@ -481,13 +495,20 @@ class HiRatio(Method):
                 for j in range(i + 1, L if h.band == 0 else min(L, i + h.band + 1)):
                     both = [sp[k] if k in (i, j) else base[k] for k in range(L)]
                     pairs[(i, j)] = eng.loss(self._changes(both, base, (i, j)), i)
-            raw = fit_loss_model(L0, ratio(base), ratio(s1), L1, ratio(s2), L2, pairs, pair_point)
+            curve = []
+            if h.loss_model == "curve":
+                raw, curve = self._curve_fit(eng, base, s1, s2, sp, L0, L1, L2, pairs, ratio)
+            else:
+                raw = fit_loss_model(L0, ratio(base), ratio(s1), L1, ratio(s2), L2, pairs, pair_point)
             joint = []
             if h.joint_probes:
                 raw, joint = self._joint_fit(eng, raw, base, s1, s2, sp, L0, L1, L2, pairs, ratio)
             Qp, psd = project_psd(raw.Q)
-            self.loss_model = LossModel(raw.a, Qp, L0, raw.center)
-            lower, hi = trust_bounds(ratio(base), ratio(s1), ratio(s2), upper, h.trust)
+            self.loss_model = LossModel(raw.a, Qp, L0, raw.center, curves=raw.curves)
+            if raw.curves is not None:  # the curves span [0, r_max]: no trust region
+                lower, hi = np.zeros(L), upper
+            else:
+                lower, hi = trust_bounds(ratio(base), ratio(s1), ratio(s2), upper, h.trust)
             sol = solve_ratio_qp(self.loss_model, cost, extra, hi, h.qp_backend, lower=lower)
             steps = round_to_steps(sol.r, self.tables, extra, self.loss_model, hi)
             diff = [i for i in range(L) if steps[i] != base[i]]
@@ -499,10 +520,12 @@ class HiRatio(Method):
                             "L1": L1.tolist(), "L2": L2.tolist(), "r1": ratio(s1).tolist(), "r2": ratio(s2).tolist(),
                             "delta": h.delta or r_equal, "pairs": {f"{i},{j}": v for (i, j), v in pairs.items()},
                             "band": h.band, "tokens": int(ids.numel()), "cost": probe_cost, "joint": joint,
-                            "fit": raw.facts}
+                            "curve": curve, "fit": raw.facts}
         equal = round_to_steps(np.full(L, r_equal), self.tables, extra, None, h.r_max)
         self.facts.qp = {
-            "a": raw.a.tolist(), "Q": raw.Q.tolist(), "Q_psd": Qp.tolist(), "psd_projection": psd,
+            "loss_model": h.loss_model, "a": raw.a.tolist(), "Q": raw.Q.tolist(), "Q_psd": Qp.tolist(),
+            "psd_projection": psd,
+            "curves": None if raw.curves is None else [[x.tolist(), g.tolist()] for x, g in raw.curves],
             "cost_bits_per_ratio": cost.tolist(), "ratio_budget_bits": extra, "trust": h.trust,
             "lower": lower.tolist(), "upper": hi.tolist(),
             "solution": sol.r.tolist(), "objective": sol.objective, "backend": sol.backend,
@@ -515,6 +538,27 @@ class HiRatio(Method):
                  probe_cost["probes"], probe_cost["total_seconds"], sol.backend,
                  self.facts.qp["predicted_kl"], measured)
         return steps
+
+    def _curve_fit(self, eng, base, s1, s2, sp, L0, L1, L2, pairs, ratio):
+        """Probe every layer alone at ``curve_points`` × r_max (whole steps; points already probed are reused)
+        and fit the curve loss model (`fit_curve_model`) on them with the centre, the two probe points and the
+        pairs."""
+        h, L = self.hcfg, len(base)
+        singles = [[(ratio(s1)[i], float(L1[i])), (ratio(s2)[i], float(L2[i]))] for i in range(L)]
+        measured = []
+        for i, t in enumerate(tqdm(self.tables, desc="hiratio curve probes", leave=False, disable=None)):
+            done = {base[i], s1[i], s2[i]}
+            for f in h.curve_points:
+                s = t.steps_below(f * h.r_max)
+                if s in done:
+                    continue
+                done.add(s)
+                steps = list(base)
+                steps[i] = s
+                loss = eng.loss(self._changes(steps, base, (i,)), i)
+                singles[i].append((t.ratio(s), loss))
+                measured.append({"layer": i, "ratio": t.ratio(s), "loss": loss})
+        return fit_curve_model(L0, ratio(base), singles, ratio(sp), L2 if sp is s2 else L1, pairs), measured
 
     def _joint_fit(self, eng, raw, base, s1, s2, sp, L0, L1, L2, pairs, ratio):
         """Measure ``joint_probes`` random allocations (each layer at its centre or one of its probe points,
@@ -649,8 +693,8 @@ def _out(o):
 
 
 CLI_FLAGS = ("b_lo", "b_hi", "allocation", "impact", "learner", "r_max", "center", "delta", "band", "trust",
-             "joint_probes", "ratios", "qp_backend", "stats_nsamples", "probe_nsamples", "probe_seqlen",
-             "learn_nsamples", "learn_batch", "learn_steps", "learn_lr")
+             "joint_probes", "loss_model", "curve_points", "ratios", "qp_backend", "stats_nsamples", "probe_nsamples",
+             "probe_seqlen", "learn_nsamples", "learn_batch", "learn_steps", "learn_lr")
 
 
 def add_cli_arguments(parser) -> None:
@@ -669,6 +713,11 @@ def add_cli_arguments(parser) -> None:
                    help="QP trust region: ratios within TRUST x the probed span around centre (default 0.5; 0 = off)")
     g.add_argument("--joint-probes", type=int,
                    help="random joint allocations probed to refit the loss model by least squares (default 0 = off)")
+    g.add_argument("--loss-model", choices=LOSS_MODELS,
+                   help="QP loss model: quadratic around the centre, or per-layer convex curves over [0, r_max] "
+                        "+ pair couplings (default quadratic)")
+    g.add_argument("--curve-points", type=float, nargs="+",
+                   help="ratios (fractions of r_max) each layer is probed at for --loss-model curve")
     g.add_argument("--ratios", type=float, nargs="+", help="fixed per-layer ratios instead of the QP")
     g.add_argument("--qp-backend", choices=QP_BACKENDS, help="QP solver (default auto: OSQP if installed, else scipy)")
     g.add_argument("--stats-nsamples", type=int, help="windows of the full-precision statistics pass (32)")
