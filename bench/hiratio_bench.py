@@ -79,6 +79,9 @@ def qp_options(args) -> dict:
         opts["joint_probes"] = args.joint_probes
     if args.loss_model is not None:
         opts["loss_model"] = args.loss_model
+    for k in ("probe_nsamples", "probe_seqlen"):
+        if getattr(args, k) is not None:
+            opts[k] = getattr(args, k)
     return opts
 
 
@@ -274,12 +277,16 @@ def main() -> None:
                         "the method's default, not written into the cache key)")
     p.add_argument("--loss-model", default=None, choices=("quadratic", "curve"),
                    help="QP loss model of the qp row and the ranking check (default: the method's default)")
+    p.add_argument("--probe-nsamples", type=int, default=None, help="probe windows (default: the method's)")
+    p.add_argument("--probe-seqlen", type=int, default=None, help="tokens per probe window (default: the method's)")
     p.add_argument("--trust", type=float, default=None,
                    help="QP trust region for the qp row and the ranking check (default: the method's default)")
     p.add_argument("--allocations", type=int, default=10, help="allocations in the ranking check (>= 8)")
     p.add_argument("--spearman-windows", type=int, default=8, help="held-out windows the allocations are measured on")
     p.add_argument("--full-range", action="store_true",
                    help="ranking allocations anywhere in [0, r_max] instead of in the QP's feasible set")
+    p.add_argument("--ratios-from", default=None,
+                   help="a ranking-check JSON: also quantize with its QP allocation as fixed ratios (no probing)")
     p.add_argument("--skip-spearman", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--name", default="hiratio")
@@ -327,7 +334,9 @@ def main() -> None:
         run(peer, peer, 2, peer=True)
     qp_label = ("hiratio-qp" + ("" if args.trust is None else f" trust={args.trust:g}")
                 + ("" if args.joint_probes is None else f" joint={args.joint_probes}")
-                + ("" if args.loss_model is None else f" loss_model={args.loss_model}"))
+                + ("" if args.loss_model is None else f" loss_model={args.loss_model}")
+                + "".join(f" {k}={getattr(args, k)}" for k in ("probe_nsamples", "probe_seqlen")
+                          if getattr(args, k) is not None))
     main_row = run(qp_label, "hiratio", 2, qp_options(args)) if "qp" in wanted else None
     fixed = {}
     if main_row and "hiratio" in main_row:  # learner variants reuse the QP's allocation (no second probing)
@@ -337,6 +346,11 @@ def main() -> None:
             run(f"hiratio-qp learner={learner}", "hiratio", 2, {**fixed, "learner": learner})
     if "obs" in wanted:
         run("hiratio-qp-obs", "hiratio", 2, {**bpw, "impact": "obs"})
+    if args.ratios_from:  # another run's QP allocation, fixed (its probe cost is in that run's report)
+        src = json.loads(Path(args.ratios_from).read_text())["spearman"]
+        qp_alloc = next(a for a in src["allocations"] if a["allocation"] == "qp")
+        run(f"hiratio QP ratios of {Path(args.ratios_from).stem} (fixed)", "hiratio", 2,
+            {**bpw, "ratios": qp_alloc["ratios"]})
     learner = args.learner or default.learner
     if "equal" in wanted:
         run("equal-ratio", "hiratio", 2, {**bpw, "allocation": "equal", "learner": learner})
