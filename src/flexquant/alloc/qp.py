@@ -237,7 +237,7 @@ def _solve_scipy(P, q, G, h, bounds, x0):
 
 
 def _solve_osqp(P, q, G, h, bounds):
-    """The same problem with OSQP: rows G z ≥ h and the finite bounds as rows."""
+    """The same problem with OSQP: rows G z ≥ h, then one row per variable for its bounds."""
     import osqp
     from scipy import sparse
 
@@ -279,8 +279,9 @@ def solve_ratio_qp(model: LossModel, cost: np.ndarray, budget: float, upper: np.
     A model with convex piecewise-linear ``curves`` is solved as the equivalent QP over [r, t] (epigraph).
 
     ``backend``: "osqp" (needs the optional ``osqp`` package), "scipy" (SLSQP, trust-constr fallback) or
-    "auto" (OSQP when installed, else scipy). The answer is clipped into the bounds and, if it overshoots
-    the budget by solver tolerance, scaled back onto it, so it is always feasible.
+    "auto" (OSQP when installed, else scipy; scipy also when OSQP stops unsolved). The answer is clipped into
+    the bounds and, if it overshoots the budget by solver tolerance, scaled back onto it, so it is always
+    feasible.
     """
     if backend not in QP_BACKENDS:
         raise FlexQuantError(f"qp backend {backend!r} is unknown; choose one of {QP_BACKENDS}")
