@@ -269,6 +269,9 @@ def test_cli_hiratio_flags(wide, tmp_path, capsys):
                  "--clip", "minmax", "--stats-nsamples", "2", "--nsamples", "2", "--seqlen", "32",
                  "--out", str(tmp_path / "h"), "-q"]) == 0
     assert '"bpw": 2.' in capsys.readouterr().out
+    assert main(["quantize", path, "--method", "hiratio", "--bpw", "2.6", "--loss-model", "curve",
+                 "--curve-points", "0", "2", "--out", str(tmp_path / "c"), "-q"]) == 2
+    assert "curve_points" in capsys.readouterr().err  # a fraction above 1 is named with its fix
 
 
 def test_least_squares_fit_recovers_banded_plus_distance_couplings():

@@ -118,7 +118,8 @@ class HiRatioConfig:
         check(self.band >= 0, f"band={self.band} must be >= 0")
         check(self.joint_probes >= 0, f"joint_probes={self.joint_probes} must be >= 0 (0 = off)")
         check(self.loss_model in LOSS_MODELS, f"loss_model={self.loss_model!r} must be one of {LOSS_MODELS}")
-        check(all(0 <= f <= 1 for f in self.curve_points), f"curve_points={self.curve_points} must lie in [0, 1]")
+        check(all(0 <= f <= 1 for f in self.curve_points),
+              f"curve_points={self.curve_points} must lie in [0, 1]: they are fractions of r_max")
         check(not (self.loss_model == "curve" and self.joint_probes),
               "joint_probes refit the quadratic loss model; use them with loss_model='quadratic'")
         check(self.trust >= 0, f"trust={self.trust} must be >= 0 (0 = no trust region)")
