@@ -84,11 +84,20 @@ def fit_loss_model(L0: float, center, x1, L1, x2, L2, pairs: dict[tuple[int, int
     a = (e1 * d2**2 / 2 - e2 * d1**2 / 2) / det
     Q[np.diag_indices(n)] = (d1 * e2 - d2 * e1) / det
     dp, Lp = (d1, np.asarray(L1, np.float64)) if pair_point == 1 else (d2, np.asarray(L2, np.float64))
+    _pair_couplings(Q, pairs, dp, Lp, L0)
+    return LossModel(a, Q, float(L0), None if center is None else c, {"pairs": len(pairs or {})})
+
+
+def _pair_couplings(Q: np.ndarray, pairs: dict[tuple[int, int], float] | None, dp: np.ndarray, Lp: np.ndarray,
+                    L0: float) -> None:
+    """Q_lk = (L_lk − L_l − L_k + L0)/(d_l d_k) into Q for every probed pair: d = the pair point's offset from
+    the centre, L_l = the single-layer loss there."""
     for (i, j), Lij in (pairs or {}).items():
         if i == j:
             raise FlexQuantError(f"pair probe ({i}, {j}) names one layer twice")
+        if dp[i] == 0 or dp[j] == 0:
+            raise FlexQuantError(f"pair probe ({i}, {j}) does not move both layers from the centre")
         Q[i, j] = Q[j, i] = (Lij - Lp[i] - Lp[j] + L0) / (dp[i] * dp[j])
-    return LossModel(a, Q, float(L0), None if center is None else c, {"pairs": len(pairs or {})})
 
 
 def fit_loss_model_lstsq(L0: float, center, points: list[tuple[np.ndarray, float]], band: int,
@@ -126,21 +135,25 @@ def fit_loss_model_lstsq(L0: float, center, points: list[tuple[np.ndarray, float
                                           "far_couplings": dict(zip(map(str, dists), off[len(near):].tolist()))})
 
 
+def _segment(x: np.ndarray, r: float) -> int:
+    """The segment [x_k, x_k+1] that holds r (the first or last one beyond the ends)."""
+    return int(np.clip(np.searchsorted(x, r, side="right") - 1, 0, x.size - 2))
+
+
+def pwl_slope(x: np.ndarray, g: np.ndarray, r: float) -> float:
+    """The slope at r of the piecewise-linear function through (x_k, g_k) (the right slope at a knot)."""
+    if x.size == 1:
+        return 0.0
+    k = _segment(x, r)
+    return float((g[k + 1] - g[k]) / (x[k + 1] - x[k]))
+
+
 def pwl(x: np.ndarray, g: np.ndarray, r: float) -> float:
     """The piecewise-linear function through (x_k, g_k) at r, extended linearly beyond the end knots."""
     if x.size == 1:
         return float(g[0])
-    if r < x[0] or r > x[-1]:
-        k = 0 if r < x[0] else x.size - 2
-        return float(g[k] + (g[k + 1] - g[k]) / (x[k + 1] - x[k]) * (r - x[k]))
-    return float(np.interp(r, x, g))
-
-
-def pwl_slope(x: np.ndarray, g: np.ndarray, r: float) -> float:
-    if x.size == 1:
-        return 0.0
-    k = int(np.clip(np.searchsorted(x, r, side="right") - 1, 0, x.size - 2))
-    return float((g[k + 1] - g[k]) / (x[k + 1] - x[k]))
+    k = _segment(x, r)
+    return float(g[k] + pwl_slope(x, g, r) * (r - x[k]))
 
 
 def convex_fit(x, y) -> tuple[np.ndarray, np.ndarray, float]:
@@ -180,13 +193,7 @@ def fit_curve_model(L0: float, center, singles: list[list[tuple[float, float]]],
         curves.append((xs, g))
         resid.append(rms)
     Q = np.zeros((n, n))
-    dp, Lp = np.asarray(pair_ratios, np.float64) - c, np.asarray(pair_losses, np.float64)
-    for (i, j), Lij in (pairs or {}).items():
-        if i == j:
-            raise FlexQuantError(f"pair probe ({i}, {j}) names one layer twice")
-        if dp[i] == 0 or dp[j] == 0:
-            raise FlexQuantError(f"pair probe ({i}, {j}) does not move both layers from the centre")
-        Q[i, j] = Q[j, i] = (Lij - Lp[i] - Lp[j] + L0) / (dp[i] * dp[j])
+    _pair_couplings(Q, pairs, np.asarray(pair_ratios, np.float64) - c, np.asarray(pair_losses, np.float64), L0)
     return LossModel(np.zeros(n), Q, float(L0), c,
                      {"pairs": len(pairs or {}), "curve_points": int(sum(len(s) for s in singles)),
                       "curve_rms_residual": resid}, curves)
@@ -220,12 +227,13 @@ def _check(r, cost, budget, lower, upper) -> float:
                      (r - upper).max(initial=0.0)))
 
 
-def _solve_scipy(P, q, G, h, bounds, x0):
-    """min ½zᵀPz + qᵀz s.t. G z ≥ h, bounds (SLSQP; trust-constr fallback)."""
-    from scipy.optimize import LinearConstraint, minimize
+def _solve_scipy(P, q, G, h, lb, ub, x0):
+    """min ½zᵀPz + qᵀz s.t. G z ≥ h, lb ≤ z ≤ ub (±inf allowed) (SLSQP; trust-constr fallback)."""
+    from scipy.optimize import Bounds, LinearConstraint, minimize
 
     fun = lambda z: (q @ z + 0.5 * z @ P @ z, q + P @ z)  # noqa: E731
     cons = [{"type": "ineq", "fun": lambda z: G @ z - h, "jac": lambda z: G}]
+    bounds = Bounds(lb, ub)
     res = minimize(fun, x0, jac=True, method="SLSQP", bounds=bounds, constraints=cons,
                    options={"ftol": 1e-14, "maxiter": 1000})
     if not res.success:  # fall back to the interior-point method; slower but robust
@@ -236,16 +244,14 @@ def _solve_scipy(P, q, G, h, bounds, x0):
     return np.asarray(res.x, np.float64), int(getattr(res, "nit", 0) or 0), "scipy"
 
 
-def _solve_osqp(P, q, G, h, bounds):
+def _solve_osqp(P, q, G, h, lb, ub):
     """The same problem with OSQP: rows G z ≥ h, then one row per variable for its bounds."""
     import osqp
     from scipy import sparse
 
-    lo_b = np.array([b[0] if b[0] is not None else -np.inf for b in bounds])
-    hi_b = np.array([b[1] if b[1] is not None else np.inf for b in bounds])
     A = sparse.vstack([sparse.csc_matrix(G), sparse.eye(q.size)], format="csc")
-    lo = np.concatenate([h, lo_b])
-    hi = np.concatenate([np.full(h.size, np.inf), hi_b])
+    lo = np.concatenate([h, lb])
+    hi = np.concatenate([np.full(h.size, np.inf), ub])
     prob = osqp.OSQP()
     prob.setup(sparse.csc_matrix(np.triu(P)), q, A, lo, hi, verbose=False, eps_abs=1e-10, eps_rel=1e-10,
                max_iter=200000, polishing=True)
@@ -259,17 +265,16 @@ def _epigraph(model: LossModel, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows [G | h] of t_l ≥ every segment line of layer l's curve, over z = [r, t]: −s r_l + t_l ≥ g_k − s x_k."""
     rows, rhs = [], []
     for i, (x, g) in enumerate(model.curves):
-        segs = range(max(1, x.size - 1)) if x.size > 1 else [None]
+        slopes = np.diff(g) / np.diff(x) if x.size > 1 else np.zeros(1)  # one knot: the constant g_0
         last = None
-        for k in segs:
-            s = 0.0 if k is None else (g[k + 1] - g[k]) / (x[k + 1] - x[k])
+        for k, s in enumerate(slopes):
             if last is not None and abs(s - last) <= 1e-12 * max(1.0, abs(s)):
                 continue  # collinear with the previous segment: the same line (a degenerate row for OSQP)
             last = s
             row = np.zeros(2 * n)
             row[i], row[n + i] = -s, 1.0
             rows.append(row)
-            rhs.append(g[0] if k is None else g[k] - s * x[k])
+            rhs.append(g[k] - s * x[k])
     return np.array(rows), np.array(rhs)
 
 
@@ -307,29 +312,29 @@ def solve_ratio_qp(model: LossModel, cost: np.ndarray, budget: float, upper: np.
         x0 = np.minimum(upper, lower + (budget - cost @ lower) / cost.sum())
         P, q = Q, a
         G, h = cost[None] / -budget, np.array([-1.0])  # costᵀr / budget ≤ 1
-        bounds = list(zip(lower, upper))
+        lb, ub = lower, upper
         if model.curves is not None:  # epigraph: z = [r, t], minimise Σ t_l with t_l above each curve
             P = np.block([[Q, np.zeros((n, n))], [np.zeros((n, 2 * n))]])
             q = np.concatenate([a, np.ones(n)])
             Ge, he = _epigraph(model, n)
             G = np.vstack([np.hstack([G, np.zeros((1, n))]), Ge])
             h = np.concatenate([h, he])
-            bounds += [(None, None)] * n
+            lb, ub = np.concatenate([lower, np.full(n, -np.inf)]), np.concatenate([upper, np.full(n, np.inf)])
             x0 = np.concatenate([x0, [pwl(*model.curves[i], x0[i]) for i in range(n)]])
         if backend in ("auto", "osqp"):
             try:
-                z, it, used = _solve_osqp(P, q, G, h, bounds)
+                z, it, used = _solve_osqp(P, q, G, h, lb, ub)
             except ImportError as e:
                 if backend == "osqp":
                     raise FlexQuantError("backend 'osqp' needs the osqp package: pip install 'flexquant[qp]'") from e
-                z, it, used = _solve_scipy(P, q, G, h, bounds, x0)
+                z, it, used = _solve_scipy(P, q, G, h, lb, ub, x0)
             except FlexQuantError as e:
                 if backend == "osqp":
                     raise
                 log.info("%s; solving with scipy instead", e)
-                z, it, used = _solve_scipy(P, q, G, h, bounds, x0)
+                z, it, used = _solve_scipy(P, q, G, h, lb, ub, x0)
         else:
-            z, it, used = _solve_scipy(P, q, G, h, bounds, x0)
+            z, it, used = _solve_scipy(P, q, G, h, lb, ub, x0)
         r = z[:n]
     r = np.clip(r, lower, upper)
     spent = float(cost @ r)

@@ -544,8 +544,8 @@ class HiRatio(Method):
         """Probe every layer alone at ``curve_points`` × r_max (whole steps; points already probed are reused)
         and fit the curve loss model (`fit_curve_model`) on them with the centre, the two probe points and the
         pairs."""
-        h, L = self.hcfg, len(base)
-        singles = [[(ratio(s1)[i], float(L1[i])), (ratio(s2)[i], float(L2[i]))] for i in range(L)]
+        h, r1, r2 = self.hcfg, ratio(s1), ratio(s2)
+        singles = [[(r1[i], float(L1[i])), (r2[i], float(L2[i]))] for i in range(len(base))]
         measured = []
         for i, t in enumerate(tqdm(self.tables, desc="hiratio curve probes", leave=False, disable=None)):
             done = {base[i], s1[i], s2[i]}
