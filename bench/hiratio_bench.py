@@ -85,6 +85,20 @@ def qp_options(args) -> dict:
     return opts
 
 
+def at_budget(w: np.ndarray, cost: np.ndarray, bits: float, r_max: float) -> np.ndarray:
+    """Ratios proportional to the shape ``w`` that spend ``bits`` (cost = bits per unit ratio per layer),
+    clipped at r_max with the excess handed to the other layers in proportion to w."""
+    r = w / (cost @ w) * bits
+    for _ in range(50):
+        r = np.minimum(r, r_max)
+        left = bits - cost @ r
+        free = r < r_max - 1e-12
+        if left <= 1 or not free.any():
+            break
+        r[free] += left * w[free] / (cost[free] @ w[free])
+    return r
+
+
 def candidate_ratios(method, count: int, seed: int, full_range: bool = False) -> list[tuple[str, np.ndarray]]:
     """Allocations at the same ratio budget: the QP's, equal, shaped ones and random ones.
 
@@ -107,15 +121,7 @@ def candidate_ratios(method, count: int, seed: int, full_range: bool = False) ->
         shapes.append((f"random {len(shapes) - 4}", rng.dirichlet(np.full(L, 0.7))))
     out = [("qp", np.array(method.facts.allocation["ratios"])), ("equal", c)]
     for name, w in shapes[: count - 2]:
-        r = w / (cost @ w) * budget["ratio_budget_bits"]
-        for _ in range(50):  # clip at r_max and hand the excess to the others
-            r = np.minimum(r, r_max)
-            left = budget["ratio_budget_bits"] - cost @ r
-            free = r < r_max - 1e-12
-            if left <= 1 or not free.any():
-                break
-            r[free] += left * w[free] / (cost[free] @ w[free])
-        d = r - c
+        d = at_budget(w, cost, budget["ratio_budget_bits"], r_max) - c
         with np.errstate(divide="ignore", invalid="ignore"):
             room = np.where(d > 0, (upper - c) / d, np.where(d < 0, (lower - c) / d, np.inf))
         out.append((name, c + min(1.0, float(room.min())) * d))

@@ -32,6 +32,7 @@ class LossModel:
     center: np.ndarray | None = None  # [L]; None = 0
     facts: dict = field(default_factory=dict)
     curves: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer: knots x (sorted), convex values g
+    _g0: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def _d(self, r) -> np.ndarray:
         r = np.asarray(r, dtype=np.float64)
@@ -40,8 +41,10 @@ class LossModel:
     def _curve_term(self, r: np.ndarray) -> float:
         if self.curves is None:
             return 0.0
-        c = np.zeros_like(r) if self.center is None else self.center
-        return float(sum(pwl(x, g, r[i]) - pwl(x, g, c[i]) for i, (x, g) in enumerate(self.curves)))
+        if self._g0 is None:  # the curves at the centre, once
+            c = np.zeros(len(self.curves)) if self.center is None else self.center
+            self._g0 = sum(pwl(x, g, c[i]) for i, (x, g) in enumerate(self.curves))
+        return float(sum(pwl(x, g, r[i]) for i, (x, g) in enumerate(self.curves)) - self._g0)
 
     def __call__(self, r) -> float:
         d = self._d(r)

@@ -1,0 +1,163 @@
+"""A second ranking check of the hiratio curve loss model on fresh allocations (issue 6).
+
+The ranking check of bench/hiratio_bench.py measures 10 fixed allocations (the QP's, equal, five shapes, three
+random ones). This one draws ``--allocations`` new ones at the same budget (seeded, not the ranking check's
+seed): smooth random profiles exp(Σ_k a_k cos(kπx)) at two amplitudes and Dirichlet draws at two
+concentrations, a quarter each. The loss model is rebuilt from the probes a curve run stored in its JSON
+(``--from``, no new probing: same calibration, same probe quantizer), and every allocation is measured with
+the probe quantizer on the probes' own tokens and on the held-out windows. Reported: Spearman ρ of the
+prediction against both, the ceiling (probe-token KL against held-out KL), and the model's RMS error.
+
+    python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import foundation  # noqa: E402
+from hiratio_bench import at_budget  # noqa: E402
+
+log = logging.getLogger("bench.hiratio_fresh")
+
+
+def curve_model_from_probe(probe: dict, loss_model: str):
+    """The QP's loss model of a curve run, from the probes its report stored (what `_qp_allocation` fits)."""
+    from flexquant.alloc.qp import LossModel, fit_curve_model, project_psd
+
+    if loss_model != "curve" or not probe.get("curve"):
+        raise SystemExit("--from needs a ranking-check JSON of a run with --loss-model curve")
+    L = len(probe["L1"])
+    singles = [[(probe["r1"][i], probe["L1"][i]), (probe["r2"][i], probe["L2"][i])] for i in range(L)]
+    for e in probe["curve"]:
+        singles[e["layer"]].append((e["ratio"], e["loss"]))
+    pairs = {tuple(map(int, k.split(","))): v for k, v in probe["pairs"].items()}
+    raw = fit_curve_model(probe["L0"], probe["center_ratios"], singles, probe["r2"], probe["L2"], pairs)
+    Qp, _ = project_psd(raw.Q)
+    return LossModel(raw.a, Qp, probe["L0"], raw.center, curves=raw.curves)
+
+
+def shapes(L: int, count: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, L)
+    out = []
+    for k in range(count):
+        kind = k % 4
+        if kind < 2:
+            amp = (0.5, 1.0)[kind]
+            out.append((f"smooth {amp:g}", np.exp(sum(rng.normal(0, amp) * np.cos(j * np.pi * x) for j in (1, 2, 3)))))
+        else:
+            alpha = (4.0, 1.5)[kind - 2]
+            out.append((f"dirichlet {alpha:g}", rng.dirichlet(np.full(L, alpha))))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="src", required=True, help="ranking-check JSON of a --loss-model curve run")
+    p.add_argument("--allocations", type=int, default=40)
+    p.add_argument("--seed", type=int, default=1, help="seed of the fresh allocations (the ranking check uses 0)")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows of 2048 tokens")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--name", default="hiratio_fresh")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from flexquant.alloc.qp import round_to_steps, spearman
+    from flexquant.config import QuantConfig
+    from flexquant.eval import evaluate_windows, reference_logprobs
+    from flexquant.methods import build_method
+    from flexquant.models import get_spec, load_model
+
+    src = json.loads(Path(args.src).read_text())["spearman"]
+    probe = src["probe"]
+    model_fn = curve_model_from_probe(probe, src.get("loss_model"))
+    work = Path(args.out) / "work" / "hiratio"
+    calib, windows = foundation.setup(args, work, args.windows)
+    ref, _ = foundation.reference_row(args, windows)
+    model, _ = load_model(args.model_dir)
+    spec = get_spec(model.config.model_type)
+    config = QuantConfig(model=args.model_dir, method="hiratio", nsamples=calib.shape[0], seqlen=calib.shape[1],
+                         options={"bpw": 2.5, "allocation": "equal"}).replace(group_size=args.group_size)
+    method = build_method(config)
+    method.keep_probe_weights = True
+    method.prepare(model, spec, calib, torch.device("cpu"))  # statistics and step tables only: no probes
+    fp = dict(method._fp)
+    for n, w in fp.items():
+        model.get_submodule(n).weight.data = w
+    centre = [t.ratio(s) for t, s in zip(method.tables, method.facts.allocation["steps"])]
+    if not np.allclose(centre, probe["center_ratios"]):
+        raise SystemExit(f"{args.src} was probed around another centre (other calibration or budget)")
+    bud, h = method.facts.budget, method.hcfg
+    cost = np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
+    probe_ids = calib[: h.probe_nsamples, : h.probe_seqlen]
+    if probe_ids.numel() != probe["tokens"]:
+        raise SystemExit(f"{args.src} probed {probe['tokens']} tokens; the default probe set has {probe_ids.numel()}")
+    probe_ref = reference_logprobs(model, probe_ids, progress=False)
+    win, refs = windows[: args.windows], ref[: args.windows]
+    rows = []
+    try:
+        for name, w in shapes(len(method.tables), args.allocations, args.seed):
+            r = at_budget(w, cost, bud["ratio_budget_bits"], h.r_max)
+            steps = round_to_steps(r, method.tables, bud["ratio_budget_bits"], None, h.r_max)
+            ratios = [t.ratio(s) for t, s in zip(method.tables, steps)]
+            t0 = time.perf_counter()
+            for n, wq in method.probe_weights(steps).items():
+                model.get_submodule(n).weight.data = wq
+            res = evaluate_windows(model, win, refs, progress=False)
+            on_probe = evaluate_windows(model, probe_ids, probe_ref, progress=False)
+            for n, wf in fp.items():
+                model.get_submodule(n).weight.data = wf
+            used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
+            rows.append({"allocation": name, "ratios": ratios, "bpw": (bud["low_bits"] + used) / bud["weights"],
+                         "predicted_kl": model_fn.L0 + model_fn(ratios), "measured_kl": res["kl_divergence"],
+                         "measured_ppl": res["perplexity"], "probe_tokens_kl": on_probe["kl_divergence"],
+                         "seconds": time.perf_counter() - t0})
+            log.info("%d/%d %-12s predicted %.4f held-out %.4f probe tokens %.4f", len(rows), args.allocations, name,
+                     rows[-1]["predicted_kl"], rows[-1]["measured_kl"], rows[-1]["probe_tokens_kl"])
+    finally:
+        for n, wf in fp.items():
+            model.get_submodule(n).weight.data = wf
+    pred, held, tok = (np.array([a[k] for a in rows]) for k in ("predicted_kl", "measured_kl", "probe_tokens_kl"))
+    summary = {"allocations": len(rows), "spearman_held_out": spearman(pred, held),
+               "spearman_probe_tokens": spearman(pred, tok), "ceiling_probe_vs_held_out": spearman(tok, held),
+               "rms_error_probe_tokens": float(np.sqrt(np.mean((pred - tok) ** 2))),
+               "measured_spread_probe_tokens": float(tok.std())}
+    header = (f"smollm2-135m, hiratio curve loss model of `{Path(args.src).name}` on {len(rows)} fresh allocations "
+              f"(seed {args.seed}) at the same 2.5 bpw budget; probe quantizer, fake-quantized; held-out KL on "
+              f"{win.shape[0]} windows × 2048 tokens, probe-token KL on the {probe_ids.numel()} probe tokens; "
+              f"{dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}")
+    lines = [header, "", "| measure | value |", "|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
+              for k, v in summary.items()]
+    lines += ["", "| allocation | bpw | predicted KL | held-out KL | held-out ppl | probe-token KL |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {a['allocation']} | {a['bpw']:.4f} | {a['predicted_kl']:.4f} | {a['measured_kl']:.4f} "
+              f"| {a['measured_ppl']:.3f} | {a['probe_tokens_kl']:.4f} |" for a in rows]
+    md = "\n".join(lines) + "\n"
+    for suffix, text in ((".md", md), (".json", json.dumps({"header": header, "summary": summary, "rows": rows},
+                                                           indent=1))):
+        path = Path(args.out, args.name + suffix)
+        path.with_suffix(".tmp").write_text(text)
+        path.with_suffix(".tmp").replace(path)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
