@@ -9,6 +9,8 @@ the probe quantizer on the probes' own tokens and on the held-out windows. Repor
 prediction against both, the ceiling (probe-token KL against held-out KL), and the model's RMS error.
 
     python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json
+    python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json --rows bench/results/hiratio_fresh.json
+                                  # the analysis again on the recorded measurements (no model run)
 """
 
 from __future__ import annotations
@@ -65,29 +67,46 @@ def shapes(L: int, count: int, seed: int) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src", required=True, help="ranking-check JSON of a --loss-model curve run")
-    p.add_argument("--allocations", type=int, default=40)
-    p.add_argument("--seed", type=int, default=1, help="seed of the fresh allocations (the ranking check uses 0)")
-    p.add_argument("--windows", type=int, default=8, help="held-out windows of 2048 tokens")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--out", default=str(ROOT / "bench/results"))
-    p.add_argument("--name", default="hiratio_fresh")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def reweight_cv(model_fn, rows: list[dict], folds: int = 8) -> dict:
+    """Is the model's error structured? Refit non-negative weights on the per-layer curve deviations
+    (ΔL ≈ Σ_l w_l·[g_l(r_l) − g_l(c_l)], ridge toward w = 1; one weight, 3 or 5 depth groups, or one per layer)
+    on the probe-token KL of the allocations, and report the k-fold cross-validated RMS error of each (the
+    plain model has no fitted weights: its RMS is the reference)."""
+    from scipy.optimize import lsq_linear
 
-    from flexquant.alloc.qp import round_to_steps, spearman
+    from flexquant.alloc.qp import pwl
+
+    c, L0 = model_fn.center, model_fn.L0
+    D = np.array([[pwl(x, g, a["ratios"][i]) - pwl(x, g, c[i]) for i, (x, g) in enumerate(model_fn.curves)]
+                  for a in rows])
+    rest = np.array([model_fn(a["ratios"]) for a in rows]) - D.sum(1)  # pair couplings, kept as they are
+    y = np.array([a["probe_tokens_kl"] for a in rows]) - L0 - rest
+    L, fold = D.shape[1], np.arange(len(rows)) % folds
+    out = {"plain model": float(np.sqrt(np.mean((D.sum(1) - y) ** 2)))}
+    for name, groups in (("one weight", 1), ("3 depth groups", 3), ("5 depth groups", 5), ("one per layer", L)):
+        G = np.zeros((L, groups))
+        for k, ix in enumerate(np.array_split(np.arange(L), groups)):
+            G[ix, k] = 1.0
+        for lam in (0.01, 0.1, 1.0):
+            err = []
+            for f in range(folds):
+                X = D[fold != f] @ G
+                A = np.vstack([X, np.sqrt(lam) * np.eye(groups)])
+                b = np.r_[y[fold != f], np.sqrt(lam) * np.ones(groups)]
+                w = lsq_linear(A, b, bounds=(0, np.inf)).x
+                err.append(D[fold == f] @ G @ w - y[fold == f])
+            out[f"{name}, ridge {lam:g}"] = float(np.sqrt(np.mean(np.concatenate(err) ** 2)))
+    return out
+
+
+def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
+    """Every fresh allocation measured with the probe quantizer: held-out and probe-token KL."""
+    from flexquant.alloc.qp import round_to_steps
     from flexquant.config import QuantConfig
     from flexquant.eval import evaluate_windows, reference_logprobs
     from flexquant.methods import build_method
     from flexquant.models import get_spec, load_model
 
-    src = json.loads(Path(args.src).read_text())["spearman"]
-    probe = src["probe"]
-    model_fn = curve_model_from_probe(probe, src.get("loss_model"))
     work = Path(args.out) / "work" / "hiratio"
     calib, windows = foundation.setup(args, work, args.windows)
     ref, _ = foundation.reference_row(args, windows)
@@ -134,25 +153,59 @@ def main() -> None:
     finally:
         for n, wf in fp.items():
             model.get_submodule(n).weight.data = wf
+    where = (f"held-out KL on {win.shape[0]} windows × 2048 tokens, probe-token KL on the {probe_ids.numel()} "
+             f"probe tokens; {dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
+             f"torch {torch.__version__}")
+    return rows, where
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="src", required=True, help="ranking-check JSON of a --loss-model curve run")
+    p.add_argument("--allocations", type=int, default=40)
+    p.add_argument("--seed", type=int, default=1, help="seed of the fresh allocations (the ranking check uses 0)")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows of 2048 tokens")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--name", default="hiratio_fresh")
+    p.add_argument("--rows", default=None, help="a result JSON of this script: analyse its recorded measurements again")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from flexquant.alloc.qp import spearman
+
+    src = json.loads(Path(args.src).read_text())["spearman"]
+    probe = src["probe"]
+    model_fn = curve_model_from_probe(probe, src.get("loss_model"))
+    if args.rows:  # re-analyse recorded measurements
+        done = json.loads(Path(args.rows).read_text())
+        rows, where = done["rows"], done["where"]
+    else:
+        rows, where = measure(args, probe, model_fn)
     pred, held, tok = (np.array([a[k] for a in rows]) for k in ("predicted_kl", "measured_kl", "probe_tokens_kl"))
     summary = {"allocations": len(rows), "spearman_held_out": spearman(pred, held),
                "spearman_probe_tokens": spearman(pred, tok), "ceiling_probe_vs_held_out": spearman(tok, held),
                "rms_error_probe_tokens": float(np.sqrt(np.mean((pred - tok) ** 2))),
                "measured_spread_probe_tokens": float(tok.std())}
+    summary["cv_rms_error_of_refits"] = reweight_cv(model_fn, rows)
     header = (f"smollm2-135m, hiratio curve loss model of `{Path(args.src).name}` on {len(rows)} fresh allocations "
-              f"(seed {args.seed}) at the same 2.5 bpw budget; probe quantizer, fake-quantized; held-out KL on "
-              f"{win.shape[0]} windows × 2048 tokens, probe-token KL on the {probe_ids.numel()} probe tokens; "
-              f"{dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}")
+              f"(seed {args.seed}) at the same 2.5 bpw budget; probe quantizer, fake-quantized; {where}")
     lines = [header, "", "| measure | value |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
-              for k, v in summary.items()]
+              for k, v in summary.items() if not isinstance(v, dict)]
+    lines += ["", f"Refits of per-layer weights on the curve terms ({len(rows)} allocations' probe-token KL, 8-fold "
+              "cross-validated RMS error; lower than the plain model's would mean a structured error):", "",
+              "| model | CV RMS error |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in summary["cv_rms_error_of_refits"].items()]
     lines += ["", "| allocation | bpw | predicted KL | held-out KL | held-out ppl | probe-token KL |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {a['allocation']} | {a['bpw']:.4f} | {a['predicted_kl']:.4f} | {a['measured_kl']:.4f} "
               f"| {a['measured_ppl']:.3f} | {a['probe_tokens_kl']:.4f} |" for a in rows]
     md = "\n".join(lines) + "\n"
-    for suffix, text in ((".md", md), (".json", json.dumps({"header": header, "summary": summary, "rows": rows},
-                                                           indent=1))):
+    record = {"header": header, "where": where, "summary": summary, "rows": rows}
+    for suffix, text in ((".md", md), (".json", json.dumps(record, indent=1))):
         path = Path(args.out, args.name + suffix)
         path.with_suffix(".tmp").write_text(text)
         path.with_suffix(".tmp").replace(path)
