@@ -1,0 +1,53 @@
+"""The ranking-check helpers of bench/hiratio_bench.py and bench/hiratio_fresh.py (pure numpy on stored data)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+hiratio_bench = pytest.importorskip("hiratio_bench")
+hiratio_fresh = pytest.importorskip("hiratio_fresh")
+
+
+def test_at_budget_spends_the_bits_within_r_max():
+    rng = np.random.default_rng(0)
+    cost = rng.uniform(1e5, 3e5, 12)
+    for w in (rng.dirichlet(np.full(12, 0.3)), np.ones(12), np.exp(np.linspace(-3, 3, 12))):
+        bits = 0.15 * cost.sum()
+        r = hiratio_bench.at_budget(w, cost, bits, 0.4)
+        assert r.max() <= 0.4 + 1e-12 and r.min() >= 0
+        assert cost @ r == pytest.approx(bits, abs=1.0)
+
+
+def test_curve_model_rebuilt_from_stored_probes_matches_the_runs_predictions():
+    src = json.loads((ROOT / "bench/results/hiratio_curve.json").read_text())["spearman"]
+    model = hiratio_fresh.curve_model_from_probe(src["probe"], src["loss_model"])
+    for a in src["allocations"]:
+        assert model.L0 + model(a["ratios"]) == pytest.approx(a["predicted_kl"], abs=1e-9)
+    with pytest.raises(SystemExit, match="loss-model curve"):
+        hiratio_fresh.curve_model_from_probe(src["probe"], "quadratic")
+
+
+def _rows(model, y_of_d, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        r = np.clip(model.center + rng.normal(0, 0.08, model.center.size), 0, 0.5)
+        d = np.array([np.interp(r[i], *c) - np.interp(model.center[i], *c) for i, c in enumerate(model.curves)])
+        rows.append({"ratios": r.tolist(), "probe_tokens_kl": model.L0 + y_of_d(d, rng)})
+    return rows
+
+
+def test_reweight_cv_finds_structured_error_and_not_noise():
+    src = json.loads((ROOT / "bench/results/hiratio_curve.json").read_text())["spearman"]
+    model = hiratio_fresh.curve_model_from_probe(src["probe"], src["loss_model"])
+    model.Q = np.zeros_like(model.Q)  # curve terms only: the synthetic truth below has no couplings
+    half = (model.center.size + 1) // 2
+    structured = hiratio_fresh.reweight_cv(model, _rows(model, lambda d, rng: 2.0 * d[:half].sum() + d[half:].sum()))
+    assert min(v for k, v in structured.items() if k.startswith("3 depth")) < 0.5 * structured["plain model"]
+    noise = hiratio_fresh.reweight_cv(model, _rows(model, lambda d, rng: d.sum() + rng.normal(0, 0.03)))
+    assert min(noise.values()) > 0.8 * noise["plain model"]
