@@ -177,7 +177,13 @@ def main() -> None:
 
     from flexquant.alloc.qp import spearman
 
-    src = json.loads(Path(args.src).read_text())["spearman"]
+    for path in filter(None, (args.src, args.rows)):
+        if not Path(path).is_file():
+            raise SystemExit(f"{path} does not exist: give a result JSON of bench/hiratio_bench.py (--from) or of "
+                             "this script (--rows)")
+    src = json.loads(Path(args.src).read_text()).get("spearman")
+    if not src or "probe" not in src:
+        raise SystemExit(f"{args.src} has no ranking check with probes: run bench/hiratio_bench.py --loss-model curve")
     probe = src["probe"]
     model_fn = curve_model_from_probe(probe, src.get("loss_model"))
     if args.rows:  # re-analyse recorded measurements
