@@ -12,6 +12,8 @@ RMS error, and whether refitting per-layer weights lowers its cross-validated er
     python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json
     python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json --rows bench/results/hiratio_fresh.json
                                   # the analysis again on the recorded measurements (no model run)
+    python bench/hiratio_fresh.py --exact-sum bench/results/hiratio_joint_study.json
+                                  # joint probes against the exact sum of single-layer changes
 """
 
 from __future__ import annotations
@@ -100,6 +102,33 @@ def reweight_cv(model_fn, rows: list[dict], folds: int = 8) -> dict:
     return out
 
 
+def exact_sum_check(probe: dict) -> dict:
+    """For a run with joint probes (``--joint-probes``: each layer at its centre or one of its two probe points),
+    the joint loss against L0 + the exact sum of the measured single-layer changes (L1/L2 − L0 of the moved
+    layers): no fitted model, so any miss is the loss's own non-additivity."""
+    c, L0 = np.asarray(probe["center_ratios"]), probe["L0"]
+    levels = [(np.asarray(probe["r1"]), np.asarray(probe["L1"])), (np.asarray(probe["r2"]), np.asarray(probe["L2"]))]
+    pred, meas, moved = [], [], []
+    for q in probe.get("joint") or []:
+        r, d = np.asarray(q["ratios"]), 0.0
+        for i in np.flatnonzero(np.abs(r - c) > 1e-9):
+            hit = [Ls[i] for rs, Ls in levels if abs(r[i] - rs[i]) <= 1e-9]
+            if not hit:
+                raise SystemExit(f"joint probe moves layer {i} off its probe points: not a table check")
+            d += hit[0] - L0
+        pred.append(L0 + d)
+        meas.append(q["loss"])
+        moved.append(int(np.sum(np.abs(r - c) > 1e-9)))
+    if not pred:
+        raise SystemExit("the run stored no joint probes: run bench/hiratio_bench.py --joint-probes N")
+    pred, meas = np.array(pred), np.array(meas)
+    from flexquant.alloc.qp import spearman
+
+    return {"joint_probes": len(pred), "mean_layers_moved": float(np.mean(moved)),
+            "rms_miss": float(np.sqrt(np.mean((pred - meas) ** 2))), "mean_miss": float(np.mean(pred - meas)),
+            "spread": float(meas.std()), "spearman": spearman(pred, meas)}
+
+
 def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     """Every fresh allocation measured with the probe quantizer: held-out and probe-token KL."""
     from flexquant.alloc.qp import round_to_steps
@@ -162,7 +191,9 @@ def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src", required=True, help="ranking-check JSON of a --loss-model curve run")
+    p.add_argument("--from", dest="src", help="ranking-check JSON of a --loss-model curve run")
+    p.add_argument("--exact-sum", default=None, metavar="JSON",
+                   help="instead: the additivity check of a run with joint probes (e.g. hiratio_joint_study.json)")
     p.add_argument("--allocations", type=int, default=40)
     p.add_argument("--seed", type=int, default=1, help="seed of the fresh allocations (the ranking check uses 0)")
     p.add_argument("--windows", type=int, default=8, help="held-out windows of 2048 tokens")
@@ -177,6 +208,14 @@ def main() -> None:
 
     from flexquant.alloc.qp import spearman
 
+    if not (args.src or args.exact_sum):
+        p.error("give --from (or --exact-sum)")
+    if args.exact_sum:
+        if not Path(args.exact_sum).is_file():
+            raise SystemExit(f"{args.exact_sum} does not exist")
+        facts = exact_sum_check(json.loads(Path(args.exact_sum).read_text())["spearman"]["probe"])
+        print(json.dumps(facts, indent=1))
+        return
     for path in filter(None, (args.src, args.rows)):
         if not Path(path).is_file():
             raise SystemExit(f"{path} does not exist: give a result JSON of bench/hiratio_bench.py (--from) or of "

@@ -51,3 +51,15 @@ def test_reweight_cv_finds_structured_error_and_not_noise():
     assert min(v for k, v in structured.items() if k.startswith("3 depth")) < 0.5 * structured["plain model"]
     noise = hiratio_fresh.reweight_cv(model, _rows(model, lambda d, rng: d.sum() + rng.normal(0, 0.03)))
     assert min(noise.values()) > 0.8 * noise["plain model"]
+
+
+def test_exact_sum_check_on_the_stored_joint_probes():
+    probe = json.loads((ROOT / "bench/results/hiratio_joint_study.json").read_text())["spearman"]["probe"]
+    facts = hiratio_fresh.exact_sum_check(probe)
+    assert facts["joint_probes"] == len(probe["joint"]) == 60
+    assert facts["rms_miss"] == pytest.approx(0.1094, abs=1e-3) and facts["spread"] == pytest.approx(0.2457, abs=1e-3)
+    off = dict(probe, joint=[dict(probe["joint"][0], ratios=[x + 0.01 for x in probe["joint"][0]["ratios"]])])
+    with pytest.raises(SystemExit, match="off its probe points"):
+        hiratio_fresh.exact_sum_check(off)
+    with pytest.raises(SystemExit, match="no joint probes"):
+        hiratio_fresh.exact_sum_check(dict(probe, joint=[]))
