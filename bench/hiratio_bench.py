@@ -85,6 +85,33 @@ def qp_options(args) -> dict:
     return opts
 
 
+def layer_costs(method) -> np.ndarray:
+    """Extra stored bits per unit of ratio, per layer (what the budget constraint of the QP charges)."""
+    return np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
+
+
+def measure_allocation(model, method, fp: dict, steps: list[int], windows, refs, probe_ids, probe_ref) -> dict:
+    """An allocation (steps per layer) under the probe quantizer, fake-quantized: KL and perplexity on the held-out
+    windows, KL on the probe tokens, its stored bpw; the full-precision weights ``fp`` are put back after."""
+    from flexquant.eval import evaluate_windows
+
+    t0 = time.perf_counter()
+    try:
+        for n, w in method.probe_weights(steps).items():
+            model.get_submodule(n).weight.data = w
+        res = evaluate_windows(model, windows, refs, progress=False)
+        on_probe = evaluate_windows(model, probe_ids, probe_ref, progress=False)
+    finally:
+        for n, w in fp.items():
+            model.get_submodule(n).weight.data = w
+    used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
+    bud = method.facts.budget
+    return {"ratios": [t.ratio(s) for t, s in zip(method.tables, steps)], "ratio_bits": used,
+            "bpw": (bud["low_bits"] + used) / bud["weights"], "measured_kl": res["kl_divergence"],
+            "measured_ppl": res["perplexity"], "probe_tokens_kl": on_probe["kl_divergence"],
+            "seconds": time.perf_counter() - t0}
+
+
 def at_budget(w: np.ndarray, cost: np.ndarray, bits: float, r_max: float) -> np.ndarray:
     """Ratios proportional to the shape ``w`` that spend ``bits`` (cost = bits per unit ratio per layer),
     clipped at r_max with the excess handed to the other layers in proportion to w."""
@@ -107,7 +134,7 @@ def candidate_ratios(method, count: int, seed: int, full_range: bool = False) ->
     the bounds (both spend the budget exactly, so every r does). ``full_range``: within [0, r_max] only."""
     L = len(method.tables)
     budget = method.facts.budget
-    cost = np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
+    cost = layer_costs(method)
     r_max = method.hcfg.r_max
     c = np.full(L, budget["equal_ratio"])
     qp = method.facts.qp
@@ -134,7 +161,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
 
     from flexquant.alloc.qp import round_to_steps, spearman
     from flexquant.config import QuantConfig
-    from flexquant.eval import evaluate_windows, reference_logprobs
+    from flexquant.eval import reference_logprobs
     from flexquant.methods import build_method
     from flexquant.models import get_spec, load_model
 
@@ -157,29 +184,13 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     probe_ref = reference_logprobs(model, probe_ids, progress=False)
     extra = method.facts.budget["ratio_budget_bits"]
     rows = []
-    try:
-        for name, r in candidate_ratios(method, args.allocations, seed=0, full_range=args.full_range):
-            steps = (method.facts.allocation["steps"] if name == "qp"
-                     else round_to_steps(r, method.tables, extra, None, method.hcfg.r_max))
-            t1 = time.perf_counter()
-            for n, w in method.probe_weights(steps).items():
-                model.get_submodule(n).weight.data = w
-            res = evaluate_windows(model, win, refs, progress=False)
-            on_probe = evaluate_windows(model, probe_ids, probe_ref, progress=False)
-            for n, w in fp.items():
-                model.get_submodule(n).weight.data = w
-            used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
-            bud = method.facts.budget
-            rows.append({"allocation": name, "ratios": [t.ratio(s) for t, s in zip(method.tables, steps)],
-                         "ratio_bits": used, "bpw": (bud["low_bits"] + used) / bud["weights"],
-                         "predicted_kl": method.predicted_kl(steps), "measured_kl": res["kl_divergence"],
-                         "measured_ppl": res["perplexity"], "probe_tokens_kl": on_probe["kl_divergence"],
-                         "seconds": time.perf_counter() - t1})
-            log.info("allocation %-14s predicted %.4f measured %.4f (bpw %.4f)", name, rows[-1]["predicted_kl"],
-                     rows[-1]["measured_kl"], rows[-1]["bpw"])
-    finally:
-        for n, w in fp.items():
-            model.get_submodule(n).weight.data = w
+    for name, r in candidate_ratios(method, args.allocations, seed=0, full_range=args.full_range):
+        steps = (method.facts.allocation["steps"] if name == "qp"
+                 else round_to_steps(r, method.tables, extra, None, method.hcfg.r_max))
+        row = measure_allocation(model, method, fp, steps, win, refs, probe_ids, probe_ref)
+        rows.append({"allocation": name, **row, "predicted_kl": method.predicted_kl(steps)})
+        log.info("allocation %-14s predicted %.4f measured %.4f (bpw %.4f)", name, rows[-1]["predicted_kl"],
+                 rows[-1]["measured_kl"], rows[-1]["bpw"])
     rho = spearman([r["predicted_kl"] for r in rows], [r["measured_kl"] for r in rows])
     rho_probe = spearman([r["predicted_kl"] for r in rows], [r["probe_tokens_kl"] for r in rows])
     return {"spearman": rho, "spearman_probe_tokens": rho_probe, "probe_tokens": int(probe_ids.numel()),

@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import foundation  # noqa: E402
-from hiratio_bench import at_budget  # noqa: E402
+from hiratio_bench import at_budget, layer_costs, measure_allocation  # noqa: E402
 
 log = logging.getLogger("bench.hiratio_fresh")
 
@@ -133,7 +132,7 @@ def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     """Every fresh allocation measured with the probe quantizer: held-out and probe-token KL."""
     from flexquant.alloc.qp import round_to_steps
     from flexquant.config import QuantConfig
-    from flexquant.eval import evaluate_windows, reference_logprobs
+    from flexquant.eval import reference_logprobs
     from flexquant.methods import build_method
     from flexquant.models import get_spec, load_model
 
@@ -154,35 +153,20 @@ def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     if not np.allclose(centre, probe["center_ratios"]):
         raise SystemExit(f"{args.src} was probed around another centre (other calibration or budget)")
     bud, h = method.facts.budget, method.hcfg
-    cost = np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
+    cost = layer_costs(method)
     probe_ids = calib[: h.probe_nsamples, : h.probe_seqlen]
     if probe_ids.numel() != probe["tokens"]:
         raise SystemExit(f"{args.src} probed {probe['tokens']} tokens; the default probe set has {probe_ids.numel()}")
     probe_ref = reference_logprobs(model, probe_ids, progress=False)
     win, refs = windows[: args.windows], ref[: args.windows]
     rows = []
-    try:
-        for name, w in shapes(len(method.tables), args.allocations, args.seed):
-            r = at_budget(w, cost, bud["ratio_budget_bits"], h.r_max)
-            steps = round_to_steps(r, method.tables, bud["ratio_budget_bits"], None, h.r_max)
-            ratios = [t.ratio(s) for t, s in zip(method.tables, steps)]
-            t0 = time.perf_counter()
-            for n, wq in method.probe_weights(steps).items():
-                model.get_submodule(n).weight.data = wq
-            res = evaluate_windows(model, win, refs, progress=False)
-            on_probe = evaluate_windows(model, probe_ids, probe_ref, progress=False)
-            for n, wf in fp.items():
-                model.get_submodule(n).weight.data = wf
-            used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
-            rows.append({"allocation": name, "ratios": ratios, "bpw": (bud["low_bits"] + used) / bud["weights"],
-                         "predicted_kl": model_fn.L0 + model_fn(ratios), "measured_kl": res["kl_divergence"],
-                         "measured_ppl": res["perplexity"], "probe_tokens_kl": on_probe["kl_divergence"],
-                         "seconds": time.perf_counter() - t0})
-            log.info("%d/%d %-12s predicted %.4f held-out %.4f probe tokens %.4f", len(rows), args.allocations, name,
-                     rows[-1]["predicted_kl"], rows[-1]["measured_kl"], rows[-1]["probe_tokens_kl"])
-    finally:
-        for n, wf in fp.items():
-            model.get_submodule(n).weight.data = wf
+    for name, w in shapes(len(method.tables), args.allocations, args.seed):
+        r = at_budget(w, cost, bud["ratio_budget_bits"], h.r_max)
+        steps = round_to_steps(r, method.tables, bud["ratio_budget_bits"], None, h.r_max)
+        row = measure_allocation(model, method, fp, steps, win, refs, probe_ids, probe_ref)
+        rows.append({"allocation": name, **row, "predicted_kl": model_fn.L0 + model_fn(row["ratios"])})
+        log.info("%d/%d %-12s predicted %.4f held-out %.4f probe tokens %.4f", len(rows), args.allocations, name,
+                 rows[-1]["predicted_kl"], rows[-1]["measured_kl"], rows[-1]["probe_tokens_kl"])
     where = (f"held-out KL on {win.shape[0]} windows × 2048 tokens, probe-token KL on the {probe_ids.numel()} "
              f"probe tokens; {dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
              f"torch {torch.__version__}")

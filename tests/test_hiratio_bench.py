@@ -63,3 +63,31 @@ def test_exact_sum_check_on_the_stored_joint_probes():
         hiratio_fresh.exact_sum_check(off)
     with pytest.raises(SystemExit, match="no joint probes"):
         hiratio_fresh.exact_sum_check(dict(probe, joint=[]))
+
+
+def test_measure_allocation_puts_the_weights_back_and_counts_the_stored_bits():
+    import torch
+
+    from flexquant.config import QuantConfig
+    from flexquant.eval import reference_logprobs
+    from flexquant.methods import build_method
+    from flexquant.models import get_spec
+    from flexquant.models.builtin import tiny_llama
+
+    model, _ = tiny_llama(hidden=128, intermediate=256, layers=2)
+    model.eval()
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    config = QuantConfig(model="tiny", method="hiratio", nsamples=4, seqlen=64,
+                         options={"bpw": 2.6, "allocation": "equal", "stats_nsamples": 4}).replace(group_size=64)
+    method = build_method(config)
+    method.keep_probe_weights = True
+    method.prepare(model, get_spec(model.config.model_type), calib, torch.device("cpu"))
+    fp = {n: model.get_submodule(n).weight.data for blk in method.blocks for n in blk}
+    before = {n: w.clone() for n, w in fp.items()}
+    ref = reference_logprobs(model, calib, progress=False)
+    steps = method.facts.allocation["steps"]
+    row = hiratio_bench.measure_allocation(model, method, fp, steps, calib[:2], ref[:2], calib[2:], ref[2:])
+    assert all(torch.equal(model.get_submodule(n).weight.data, w) for n, w in before.items())
+    assert row["bpw"] == pytest.approx(method.facts.allocation["planned_bpw"])
+    assert row["ratios"] == method.facts.allocation["ratios"]
+    assert row["measured_kl"] > 0 and row["probe_tokens_kl"] > 0
