@@ -101,6 +101,17 @@ def reweight_cv(model_fn, rows: list[dict], folds: int = 8) -> dict:
     return out
 
 
+def ranking_check(path: str) -> dict:
+    """The ranking check (with its probes) that a result JSON of bench/hiratio_bench.py stored."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path} does not exist: give a result JSON of bench/hiratio_bench.py")
+    src = json.loads(Path(path).read_text()).get("spearman")
+    if not src or "probe" not in src:
+        raise SystemExit(f"{path} has no ranking check with probes: run bench/hiratio_bench.py (--loss-model curve "
+                         "for --from, --joint-probes N for --exact-sum)")
+    return src
+
+
 def exact_sum_check(probe: dict) -> dict:
     """For a run with joint probes (``--joint-probes``: each layer at its centre or one of its two probe points),
     the joint loss against L0 + the exact sum of the measured single-layer changes (L1/L2 − L0 of the moved
@@ -195,18 +206,11 @@ def main() -> None:
     if not (args.src or args.exact_sum):
         p.error("give --from (or --exact-sum)")
     if args.exact_sum:
-        if not Path(args.exact_sum).is_file():
-            raise SystemExit(f"{args.exact_sum} does not exist")
-        facts = exact_sum_check(json.loads(Path(args.exact_sum).read_text())["spearman"]["probe"])
-        print(json.dumps(facts, indent=1))
+        print(json.dumps(exact_sum_check(ranking_check(args.exact_sum)["probe"]), indent=1))
         return
-    for path in filter(None, (args.src, args.rows)):
-        if not Path(path).is_file():
-            raise SystemExit(f"{path} does not exist: give a result JSON of bench/hiratio_bench.py (--from) or of "
-                             "this script (--rows)")
-    src = json.loads(Path(args.src).read_text()).get("spearman")
-    if not src or "probe" not in src:
-        raise SystemExit(f"{args.src} has no ranking check with probes: run bench/hiratio_bench.py --loss-model curve")
+    if args.rows and not Path(args.rows).is_file():
+        raise SystemExit(f"{args.rows} does not exist: give a result JSON of this script (--rows)")
+    src = ranking_check(args.src)
     probe = src["probe"]
     model_fn = curve_model_from_probe(probe, src.get("loss_model"))
     if args.rows:  # re-analyse recorded measurements
