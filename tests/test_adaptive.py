@@ -18,6 +18,7 @@ from flexquant.methods import build_method
 from flexquant.methods.adaptive import AdaptiveConfig, agreement, kurtosis, robust_z, rule_choice
 from flexquant.models import get_spec
 from flexquant.models.builtin import tiny_llama
+from flexquant.pipeline import prepare_model
 from flexquant.pipeline.capture import capture_block_inputs, run_block
 from flexquant.transforms.affine import (
     HadamardRotation,
@@ -34,7 +35,7 @@ def _prepare(model, ids, **options):
     m = copy.deepcopy(model)
     config = QuantConfig(model="tiny-llama", method="adaptive").replace(group_size=32, options={**FAST, **options})
     method = build_method(config)
-    method.prepare(m, get_spec("llama"), ids, torch.device("cpu"))
+    prepare_model(m, get_spec("llama"), method, ids, torch.device("cpu"))
     return m, method
 
 

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 import flexquant as fq
+from flexquant.alloc import error_table as _error_table
 from flexquant.cli import main
 from flexquant.errors import FlexQuantError
-from flexquant.methods.flexible import FlexibleConfig, _error_table
+from flexquant.methods.flexible import FlexibleConfig
 from flexquant.models.builtin import tiny_llama
 from flexquant.nn import QuantLinear
 
@@ -118,7 +119,7 @@ def test_config_and_budget_errors(wide, calib):
 def test_cli_flexible_flags(wide, tmp_path, capsys):
     path, _ = wide
     assert main(["quantize", path, "--method", "gptq", "--bpw", "2.5", "--out", str(tmp_path / "x"), "-q"]) == 2
-    assert "--method flexible only" in capsys.readouterr().err
+    assert "--bpw applies to --method flexible or hiratio only (this run is --method gptq)" in capsys.readouterr().err
     assert main(["quantize", path, "--method", "flexible", "--bpw", "3.2", "--no-lfd", "--protect", "none",
                  "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path / "f"), "-q"]) == 0
 

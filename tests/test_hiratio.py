@@ -17,14 +17,16 @@ from flexquant.alloc.qp import (
     round_to_steps,
     solve_ratio_qp,
 )
+from flexquant.alloc.ratio_qp import trust_bounds
 from flexquant.cli import main
 from flexquant.config import GPTQConfig, GridConfig
 from flexquant.errors import FlexQuantError
-from flexquant.methods.hiratio import HiRatioConfig, latent_high_columns, trust_bounds
+from flexquant.methods.hiratio import HiRatioConfig
 from flexquant.models.builtin import tiny_llama
 from flexquant.nn import QuantLinear
 from flexquant.quant import gptq_quantize
 from flexquant.quant.grid import log_scale, log_scale_base, log_scale_codes
+from flexquant.quant.impact import latent_high_columns
 from flexquant.quant.learned import LearnableGroups
 
 FAST = dict(stats_nsamples=4, probe_nsamples=2, probe_seqlen=64, learn_nsamples=2, learn_batch=1, learn_steps=6)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from flexquant.config import GridConfig
-from flexquant.format.pack import pack_bits, result_to_tensors, stored_bits, tensors_to_result, unpack_bits
 from flexquant.nn import QuantLinear
 from flexquant.quant import gptq_quantize, rtn_quantize
+from flexquant.quant.pack import pack_bits, result_to_tensors, stored_bits, tensors_to_result, unpack_bits
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -63,7 +63,7 @@ def _compact_results(correlated_layer):
 
 
 def test_compact_metadata_round_trips_and_costs_what_it_stores(correlated_layer):
-    from flexquant.alloc import layer_fixed_bits
+    from flexquant.alloc import Layout, fixed_bits
 
     for r in _compact_results(correlated_layer):
         t = result_to_tensors(r)
@@ -78,13 +78,14 @@ def test_compact_metadata_round_trips_and_costs_what_it_stores(correlated_layer)
         ng = n // r.group_size
         n16 = int((~r.quantized_groups).sum())
         codes_bits = sum(r.group_size * m * int(b) for b in r.group_bits.tolist() if b < 16)
-        fixed = layer_fixed_bits(m, n, r.group_size, r.sym, r.perm is not None, False, n16, 8, r.zero_bits)
+        fixed = fixed_bits(Layout(m, n, r.group_size, r.sym, 8, r.zero_bits, r.perm is not None), n16)
         assert q.stored_bits() == codes_bits + fixed + m * r.group_size * n16 * 16
         nq = ng - n16
         saved = m * nq * 8 - 16 * m  # 8-bit codes instead of fp16 scales, plus one fp16 base per row
         if not r.sym and r.zero_bits == 4:
             saved += m * nq * 8 - t["zeros_b4"].numel() * 32
-        assert layer_fixed_bits(m, n, r.group_size, r.sym, r.perm is not None, False, n16) - fixed == saved > 0
+        classic = fixed_bits(Layout(m, n, r.group_size, r.sym, 16, 8, r.perm is not None), n16)
+        assert classic - fixed == saved > 0
 
 
 def test_log_scales_cost_little_accuracy(correlated_layer):

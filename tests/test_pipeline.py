@@ -65,25 +65,33 @@ def test_gptq_beats_rtn_on_the_model(tiny, calib_ids):
 
 
 def test_fp_stream_is_offered_to_methods(tiny, calib_ids):
-    """A method asking for the full-precision stream gets FP inputs that differ from the quantized ones."""
+    """A method asking the statistics pass to keep full-precision inputs gets them in the block loop, and with
+    feedback groups the block's FP outputs in after_block: exactly the untouched model's hidden states."""
     from flexquant.methods.baselines import GPTQ
+    from flexquant.pipeline import StatsRequest, quantize_model
 
-    seen, fp_out = [], []
+    seen, fp_in, fp_out = [], [], []
 
     class Probe(GPTQ):
-        needs_fp_stream = True
+        feedback_groups = ("self_attn.q_proj",)
+
+        def prepare(self, model, spec):
+            return StatsRequest(windows=4, hessians=False, keep_windows=4)
 
         def after_block(self, ctx, out_q, out_fp):
             seen.append(float((torch.cat(out_q) - torch.cat(out_fp)).norm() / torch.cat(out_fp).norm()))
+            fp_in.append(torch.cat(ctx.fp_inputs.hidden))
             fp_out.append(torch.cat(out_fp))
             return out_q
 
     model = copy.deepcopy(tiny[0])
     cfg = QuantConfig(model="tiny-llama").replace(bits=2, group_size=32)
-    quantize_blocks(model, get_spec("llama"), Probe(cfg), calib_ids[:4], torch.device("cpu"), progress=False)
+    quantize_model(model, get_spec("llama"), Probe(cfg), calib_ids[:4], torch.device("cpu"), batch_size=2,
+                   progress=False)
     assert len(seen) == 2 and all(s > 0.01 for s in seen)
     with torch.no_grad():  # the FP stream is exactly the untouched model's hidden states
         ref = tiny[0](calib_ids[:4], output_hidden_states=True).hidden_states
+    assert torch.allclose(fp_in[0], ref[0], atol=1e-5) and torch.allclose(fp_in[1], ref[1], atol=1e-5)
     assert torch.allclose(fp_out[0], ref[1], atol=1e-5)
 
 

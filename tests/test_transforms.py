@@ -55,7 +55,7 @@ def test_rotated_model_equals_original_in_float64(float64_norms):
     with torch.no_grad():
         ref = model(ids).logits
         rotated = copy.deepcopy(model)
-        facts = rotate_model(rotated, get_spec("llama"), seed=3)
+        facts = rotate_model(rotated, get_spec("llama"), seed=3).facts
         out = rotated(ids).logits
     assert torch.allclose(out, ref, atol=1e-10, rtol=0)
     assert facts["online"]["small_factor"] == 20 and len(facts["online"]["sites"]) == 2

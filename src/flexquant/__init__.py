@@ -1,7 +1,6 @@
 """flexquant: post-training quantization with honest bit accounting and packed checkpoints."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import QuantizedModel, evaluate, export, generate, load, quantize, save  # noqa: E402
 from .config import GPTQConfig, GridConfig, QuantConfig  # noqa: E402
 from .errors import CheckpointError, FlexQuantError  # noqa: E402

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .actquant.runtime import attach as attach_actquant
+from .actquant.runtime import install as install_actquant
+from .alloc.cost import result_bits
 from .config import QuantConfig
 from .data import calibration_windows, eval_windows
 from .errors import FlexQuantError
@@ -23,7 +25,8 @@ from .format.checkpoint import QUANT_CONFIG, load_checkpoint, save_checkpoint
 from .methods import build_method
 from .models import get_spec, load_model
 from .nn.quant_linear import QuantLinear
-from .pipeline import quantize_blocks
+from .pipeline import quantize_model
+from .recipe import RECIPE, write_recipe
 from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report
 
 log = logging.getLogger(__name__)
@@ -62,65 +65,81 @@ def _check_group_size(model: nn.Module, spec, group_size: int) -> None:
             )
 
 
-def pack_model(model: nn.Module, results: dict) -> nn.Module:
-    """Replace each quantized linear by a `QuantLinear` built from its `QuantResult`."""
+def pack_model(model: nn.Module, results: dict, runtime=None) -> nn.Module:
+    """Replace each quantized linear by a `QuantLinear` built from its `QuantResult` (with the online rotation
+    the result carries), and connect the activation/KV runtime of weight-activation methods (``runtime``, or
+    the one the model already holds). The stored bits are checked against the cost model (`alloc.cost`)."""
     for name, r in results.items():
         parent, _, child = name.rpartition(".")
         lin = model.get_submodule(name)
-        rot = getattr(lin, "online_rotation", None)
-        q = QuantLinear.from_result(r, lin.bias, dtype=lin.weight.dtype,
-                                    rotation=None if rot is None else rot.rotation())
+        q = QuantLinear.from_result(r, lin.bias, dtype=lin.weight.dtype, rotation=r.rotation)
+        planned = result_bits(r, r.rotation)
+        if q.stored_bits() != planned:
+            log.warning("%s stores %d bits, the cost model planned %d: the reported bpw is the stored one",
+                        name, q.stored_bits(), planned)
         setattr(model.get_submodule(parent), child, q)
-    attach_actquant(model)  # online activation/KV quantizers follow the packed linears (no-op without)
+    if runtime is not None:
+        install_actquant(model, runtime)
+    else:
+        attach_actquant(model)  # a runtime the model holds follows its packed linears (no-op without one)
     return model
 
 
 def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,
              progress: bool = True, **settings) -> QuantizedModel:
     """Quantize ``model`` (built-in name, folder or hub id) with ``config`` (and/or flat ``settings``
-    such as ``method="gptq", bits=3, group_size=64``). Returns the packed model and its report."""
+    such as ``method="gptq", bits=3, group_size=64``, ``options=dict(...)`` for the method's options).
+    ``calib_ids`` [N, L] replaces the calibration windows the config describes. Returns the packed model and
+    its report; ``QuantizedModel.config`` is the resolved config (what `save` writes as the recipe)."""
     config = config or QuantConfig()
     if model is not None:
         settings["model"] = model
     if settings:
         config = config.replace(**settings)
+    method = build_method(config)  # validates the method's options before the model is loaded
+    config = method.config  # grid settings the method filled in
     t_load = time.perf_counter()
     hf_model, tok = load_model(config.model)
     t0 = time.perf_counter()
     load_seconds = t0 - t_load
     spec = get_spec(hf_model.config.model_type)
     _check_group_size(hf_model, spec, config.grid.group_size)
-    method = build_method(config)
-    config = method.config  # grid settings the method filled in
     device = resolve_device(config.device)
+    given = calib_ids is not None
     if method.needs_calibration and calib_ids is None:
         calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
     log.info("quantizing %s with %s at %d bits, group %d on %s", config.model, config.method,
              config.grid.bits, config.grid.group_size, device)
-    method.prepare(hf_model, spec, calib_ids, device)
-    results, records, notes = quantize_blocks(hf_model, spec, method, calib_ids if method.needs_calibration
-                                              else None, device, config.batch_size, progress)
-    pack_model(hf_model, results)
+    results, records, notes = quantize_model(hf_model, spec, method, calib_ids if method.needs_calibration
+                                             else None, device, config.batch_size, progress)
+    pack_model(hf_model, results, getattr(method, "runtime", None))
     seconds = time.perf_counter() - t0
     report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
                           None if calib_ids is None or not method.needs_calibration else int(calib_ids.numel()))
     report["summary"]["load_seconds"] = load_seconds
+    report["calibration"]["windows_given"] = given  # passed in by the caller: the recipe cannot redraw them
     report["method"] = method.summary()
     return QuantizedModel(hf_model, tok, config, report)
 
 
 def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
-    """Write the packed checkpoint (and the run report) to ``path`` atomically."""
+    """Write the packed checkpoint, its recipe (``recipe.yaml``) and the run report to ``path`` atomically."""
     meta = {"quant_config": qmodel.config.to_dict() if qmodel.config else None,
             "summary": qmodel.report.get("summary")}
-    path = save_checkpoint(qmodel.model, qmodel.tokenizer, path, meta, overwrite=overwrite)
-    if qmodel.report:
-        (path / "report.json").write_text(json.dumps(qmodel.report, indent=2))
-        if plot:
-            plot_report(qmodel.report, path / "report.png")
-            plot_flexible(qmodel.report, path / "report_flexible.png")
-            plot_hiratio(qmodel.report, path / "report_hiratio.png")
-    return path
+
+    def extras(folder: Path) -> None:
+        if qmodel.config is not None:
+            write_recipe(qmodel.config, folder / RECIPE,
+                         note=None if not qmodel.report.get("calibration", {}).get("windows_given") else
+                         "the calibration windows were passed in by the caller: this recipe redraws its own")
+        if qmodel.report:
+            (folder / "report.json").write_text(json.dumps(qmodel.report, indent=2))
+            if plot:
+                plot_report(qmodel.report, folder / "report.png")
+                plot_flexible(qmodel.report, folder / "report_flexible.png")
+                plot_hiratio(qmodel.report, folder / "report_hiratio.png")
+
+    return save_checkpoint(qmodel.model, qmodel.tokenizer, path, meta, overwrite=overwrite, extras=extras)
 
 
 def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verify: bool = True) -> QuantizedModel:
@@ -150,7 +169,7 @@ def export(path: str | Path, out: str | Path, format: str = "compressed-tensors"
     return export_checkpoint(path, out, format, **options)
 
 
-def _as_model(obj, device):
+def as_model(obj, device):
     """(nn.Module, tokenizer, bpw or None) from a checkpoint path, model name, QuantizedModel or module."""
     if isinstance(obj, QuantizedModel):
         return obj.model, obj.tokenizer, obj.bpw
@@ -179,13 +198,13 @@ def evaluate(model, text: str = "pydoc", seqlen: int = 2048, windows: int | None
     (with a reference), bpw (for quantized models), windows, seqlen, tokens.
     """
     dev = resolve_device(device)
-    m, tok, bpw = _as_model(model, dev)
+    m, tok, bpw = as_model(model, dev)
     tok = tokenizer or tok
     if tok is None:
         raise FlexQuantError("evaluate() needs a tokenizer for a bare nn.Module: pass tokenizer=")
     ref = None
     if reference is not None:
-        ref, _, _ = _as_model(reference, dev)
+        ref, _, _ = as_model(reference, dev)
         if ref.config.vocab_size != m.config.vocab_size:
             raise FlexQuantError("the reference model has a different vocabulary; KL needs the same tokenizer")
     win = eval_windows(tok, text, seqlen, windows)
@@ -197,7 +216,7 @@ def evaluate(model, text: str = "pydoc", seqlen: int = 2048, windows: int | None
 
 def generate(qmodel, prompt: str, max_new_tokens: int = 64, do_sample: bool = False) -> str:
     """Greedy (or sampled) continuation of ``prompt`` with the KV cache on."""
-    model, tok, _ = _as_model(qmodel, "cpu")
+    model, tok, _ = as_model(qmodel, "cpu")
     if tok is None:
         raise FlexQuantError("this model has no tokenizer to encode the prompt")
     ids = tok(prompt, return_tensors="pt")

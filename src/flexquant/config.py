@@ -1,6 +1,9 @@
-"""Typed, versioned configuration: frozen dataclasses validated in ``__post_init__``, JSON round-trip.
+"""Typed, versioned configuration: frozen dataclasses validated in ``__post_init__``, JSON/YAML round-trip.
 
-CLI flags are named exactly like these fields (``--group-size`` <-> ``group_size``).
+Every field carries its help text (and choices) as metadata; the command line is generated from them
+(``--group-size`` <-> ``group_size``), and a recipe file is the serialised `QuantConfig`. Each method
+declares its own options dataclass (a `MethodConfig`), registered by method name in `METHOD_CONFIGS`
+when the method registry is filled; `QuantConfig.options` is an instance of it.
 """
 
 from __future__ import annotations
@@ -22,21 +25,119 @@ def _check(cond: bool, msg: str) -> None:
         raise FlexQuantError(msg)
 
 
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its help text (and allowed values) for the generated CLI and `flexquant methods`."""
+    meta = {"help": help, **({"choices": tuple(choices)} if choices is not None else {})}
+    return field(default=default, metadata=meta)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@dataclass(frozen=True)
+class FieldKind:
+    """What a config field holds: a scalar ``base`` type, or a tuple of them; maybe None."""
+
+    base: type
+    is_tuple: bool = False
+    optional: bool = False
+
+
+def field_kind(f: dataclasses.Field) -> FieldKind | None:
+    """The kind of a scalar, optional or tuple field from its annotation (None for nested configs)."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = text.endswith(" | None")
+    text = text.removesuffix(" | None")
+    if text.startswith("tuple[") and text.endswith(", ...]"):
+        return FieldKind(_TYPES[text[6:-6]], True, optional)
+    return FieldKind(_TYPES[text], False, optional) if text in _TYPES else None
+
+
+def _scalar(kind: type, value: Any) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` for dataclass ``cls`` with each checked against its field's type (lists become tuples, ints
+    become floats where a float is expected); a wrong type is a clear error naming the field."""
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        kind = field_kind(f)
+        if f.name not in values or kind is None:
+            continue
+        v = values[f.name]
+        if v is None and kind.optional:
+            continue
+        items = v if kind.is_tuple and isinstance(v, (list, tuple)) else None if kind.is_tuple else [v]
+        if items is None or not all(_scalar(kind.base, x) for x in items):
+            want = f"a list of {kind.base.__name__}" if kind.is_tuple else kind.base.__name__
+            raise FlexQuantError(f"{where}{f.name}={v!r} must be {want}{' or null' if kind.optional else ''}")
+        if kind.is_tuple:
+            out[f.name] = tuple(kind.base(x) for x in items)
+        elif kind.base is float:
+            out[f.name] = float(v)
+    return out
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's options (frozen; validated in ``__post_init__``)."""
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], method: str) -> MethodConfig:
+        """An instance from plain values (a recipe's lists become tuples); unknown names say whose they are."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                owners = sorted(m for m, c in METHOD_CONFIGS.items() if key in {f.name for f in dataclasses.fields(c)})
+                where = f"it belongs to --method {' / '.join(owners)}" if owners else "no method has it"
+                raise FlexQuantError(f"option {key!r} does not apply to --method {method} ({where}); "
+                                     f"`flexquant methods` lists each method's options")
+        return cls(**check_types(cls, values, f"{method} option "))
+
+    def changed(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (as given: a None default is still "unset")."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default}
+
+
+@dataclass(frozen=True)
+class NoOptions(MethodConfig):
+    """Options of methods configured by the grid and GPTQ settings alone (rtn, gptq)."""
+
+
+# method name -> its options class; filled by `flexquant.methods` as methods register.
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def method_options(method: str, options: MethodConfig | dict | None) -> MethodConfig:
+    """``options`` as ``method``'s config type (a dict, another method's instance or None are converted)."""
+    if method not in METHOD_CONFIGS:
+        raise FlexQuantError(f"unknown method {method!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
+    cls = METHOD_CONFIGS[method]
+    if isinstance(options, cls):
+        return options
+    if isinstance(options, MethodConfig):
+        options = options.changed()
+    return cls.from_mapping(dict(options or {}), method)
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """Uniform integer grid: ``bits`` per weight, scale (and zero) per row and group of columns."""
 
-    bits: int = 4
-    group_size: int = 64
-    sym: bool = False
-    # "mse": shrink the min-max range per group to minimise the rounding error (GPTQ's `mse` option).
-    clip: str = "mse"
-    # Metadata per group: 16 = fp16 scales; 8 = 8-bit codes on a per-row logarithmic grid (32 steps per
-    # octave below an fp16 row maximum, `quant.grid.log_scale`). None = the method's default
-    # (`Method.default_grid`: fp16 for rtn/gptq).
-    scale_bits: int | None = None
-    # Asymmetric zero points: 8 = one byte each; 4 = packed nibbles (needs bits <= 4). None = method default.
-    zero_bits: int | None = None
+    bits: int = option(4, "bits per weight (the base width; fractional budgets use --bpw)", SUPPORTED_BITS)
+    group_size: int = option(64, "input columns per scale/zero group; must divide every linear's input size")
+    sym: bool = option(False, "symmetric grid (no stored zero points)")
+    clip: str = option("mse", "per-group range: min-max, or shrunk to minimise the rounding error", CLIP_MODES)
+    scale_bits: int | None = option(None, "per-group scales: 16 = fp16, 8 = 8-bit codes on a per-row log grid "
+                                          "with an fp16 row base; unset = the method's default", (16, 8))
+    zero_bits: int | None = option(None, "asymmetric zero points: 8 = bytes, 4 = nibbles (bits <= 4); "
+                                         "unset = the method's default", (8, 4))
 
     def __post_init__(self) -> None:
         _check(
@@ -62,9 +163,9 @@ class GridConfig:
 class GPTQConfig:
     """GPTQ solver settings (METHODS.md, Baselines)."""
 
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
+    damp: float = option(0.01, "GPTQ Hessian damping, times the mean of its diagonal (retried upward on failure)")
+    block_size: int = option(128, "GPTQ lazy-update block (columns)")
+    act_order: bool = option(True, "GPTQ: quantize columns by descending Hessian diagonal (permutation stored)")
 
     def __post_init__(self) -> None:
         _check(0 < self.damp < 1, f"damp={self.damp} must be in (0, 1); 0.01 is the usual value")
@@ -73,21 +174,21 @@ class GPTQConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything that defines one quantization run."""
+    """Everything that defines one quantization run (a recipe file is this, serialised)."""
 
-    model: str = "smollm2-135m"
-    method: str = "gptq"
+    model: str = option("smollm2-135m", "smollm2-135m (offline demo), tiny-llama (random, for tries), a folder "
+                                        "or a hub id")
+    method: str = option("gptq", "the quantization method (`flexquant methods` lists them)")
     grid: GridConfig = field(default_factory=GridConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    # Calibration: `nsamples` random windows of `seqlen` tokens of the text `calib`, drawn with `seed`.
-    calib: str = "pydoc"
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    # Method-specific settings (validated by the method's own config class).
-    options: dict = field(default_factory=dict)
+    calib: str = option("pydoc", "calibration text: pydoc (embedded) | wikitext2 | c4 | a file or folder")
+    nsamples: int = option(128, "calibration windows")
+    seqlen: int = option(512, "tokens per calibration window")
+    seed: int = option(0, "seed of the calibration window draw")
+    batch_size: int = option(8, "calibration windows per forward pass")
+    device: str = option("auto", "auto | cpu | cuda[:N]")
+    # The method's options: an instance of its registered `MethodConfig` (a dict is converted).
+    options: MethodConfig = field(default_factory=NoOptions)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -101,12 +202,17 @@ class QuantConfig:
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+        object.__setattr__(self, "options", method_options(self.method, self.options))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_plain(self) -> dict[str, Any]:
+        """The config as JSON types only (tuples as lists): what a recipe file holds."""
+        return json.loads(json.dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
@@ -116,8 +222,11 @@ class QuantConfig:
         _check(not unknown, f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
         for name, sub in (("grid", GridConfig), ("gptq", GPTQConfig)):
             if isinstance(d.get(name), dict):
-                d[name] = sub(**d[name])
-        return cls(**d)
+                fields = {f.name for f in dataclasses.fields(sub)}
+                _check(set(d[name]) <= fields, f"unknown {name} settings {sorted(set(d[name]) - fields)}; "
+                                               f"known: {sorted(fields)}")
+                d[name] = sub(**check_types(sub, d[name], f"{name}."))
+        return cls(**check_types(cls, d, ""))
 
     def replace(self, **flat: Any) -> QuantConfig:
         """A copy with fields changed; names of grid/gptq fields (``bits``, ``damp``, ...) reach them."""
@@ -132,7 +241,8 @@ class QuantConfig:
             elif k in top_fields:
                 top[k] = v
             else:
-                raise FlexQuantError(f"unknown setting {k!r}")
+                raise FlexQuantError(f"unknown setting {k!r}: a run setting, grid or GPTQ field; method options "
+                                     "go in options=dict(...)")
         for n, changes in nested.items():
             if changes:
                 top[n] = dataclasses.replace(getattr(self, n), **changes)

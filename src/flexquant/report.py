@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
 from .actquant.runtime import stored_bits as actquant_bits
 from .nn.quant_linear import QuantLinear
 
@@ -34,8 +35,6 @@ def bit_summary(model: torch.nn.Module) -> dict:
 
 def build_report(config, model, records, block_notes, seconds: float, peak_rss_mb: float,
                  calib_tokens: int | None) -> dict:
-    from . import __version__
-
     bits = bit_summary(model)
     layers = []
     for r in records:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from flexquant.cli.vision import main
 from flexquant.vision import (
     VisionError,
     VisionQuantConfig,
@@ -16,7 +17,6 @@ from flexquant.vision import (
     quantize_classifier,
     save_quantized,
 )
-from flexquant.vision.cli import main
 from flexquant.vision.data import iter_image_folder
 
 TINY = VisionQuantConfig(w_bits=3, a_bits=4, iters=3)

@@ -1,5 +1,9 @@
-"""Bit allocation: exact bit costs, error tables and the greedy block-level search (SBGBS)."""
+"""Bit allocation: the exact cost model, error proxies, the greedy block-level search (SBGBS) and the ratio QP
+with its probes (high-impact ratios)."""
 
-from .greedy import GroupTable, greedy_allocate, layer_fixed_bits
+from .cost import Layout, code_bits, fixed_bits, linear_bits, result_bits
+from .greedy import GroupTable, greedy_allocate
+from .sensitivity import PROXIES, error_table
 
-__all__ = ["GroupTable", "greedy_allocate", "layer_fixed_bits"]
+__all__ = ["PROXIES", "GroupTable", "Layout", "code_bits", "error_table", "fixed_bits", "greedy_allocate",
+           "linear_bits", "result_bits"]

@@ -4,7 +4,7 @@ Every group of g input columns of every linear in scope is a "block" with an err
 each candidate bit-width. All blocks start at the lowest candidate; a max-heap on the marginal gain
 per stored bit [E(b) − E(b')] / (m·g·(b' − b)) spends the remaining budget. Because the heap spans
 all matrices in scope, sensitive matrices win bits automatically. Metadata (scales, zeros, bit map,
-permutation, rotation signs) does not depend on the bit-widths, so it is paid up front.
+permutation, rotation signs) does not depend on the bit-widths, so it is paid up front (`alloc.cost`).
 """
 
 from __future__ import annotations
@@ -28,23 +28,6 @@ class GroupTable:
     errors: torch.Tensor  # [ng, len(candidates)], non-increasing along candidates is not required
     fixed: torch.Tensor  # [ng] bool: groups whose bits are fixed (protected) at ``fixed_bits``
     fixed_bits: int = 0
-
-
-def layer_fixed_bits(m: int, n: int, group_size: int, sym: bool, permuted: bool, rotated: bool,
-                     fp16_groups: int = 0, scale_bits: int = 16, zero_bits: int = 8) -> int:
-    """Stored bits of one linear that do not depend on the bit-widths: scales (16, or 8-bit codes + an fp16
-    base per row), zeros (8 or 4, asymmetric), bit map (8 per group), permutation (16 or 32 per column),
-    online-rotation signs (1 per column). Packed 4-bit zeros fill whole int32 words."""
-    ng = n // group_size
-    nq = ng - fp16_groups
-    bits = m * nq * scale_bits + (16 * m if scale_bits == 8 else 0) + ng * 8
-    if not sym:
-        bits += m * nq * 8 if zero_bits == 8 else -(-m * nq // 32) * 4 * 32
-    if permuted:
-        bits += n * (16 if n <= 2**15 else 32)
-    if rotated:
-        bits += -(-n // 32) * 32
-    return bits
 
 
 def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[str, torch.Tensor], int]:

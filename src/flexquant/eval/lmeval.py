@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,17 +21,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'flexquant[lmeval]'  (lm-eval>=0.4.9)"
 
 
-def add_arguments(p) -> None:
-    g = p.add_argument_group("lm-evaluation-harness (instead of perplexity)")
-    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy")
-    g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (local tasks)")
-    g.add_argument("--num-fewshot", type=int, default=None)
-    g.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
-    g.add_argument("--lm-batch-size", type=int, default=1, help="lm-eval batch size")
-    g.add_argument("--output", default=None, help="also write the results as JSON to this file")
-
-
-def _import_lm_eval():
+def import_lm_eval():
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM
@@ -107,7 +96,7 @@ def _load_tasks(tasks: list[str], task_manager, offline: bool) -> dict:
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
               limit: float | None = None, batch_size: int = 1, device: str = "cpu") -> dict:
     """lm-eval results for ``tasks`` on an in-memory causal LM: {"results": {task: {metric: value}}, ...}."""
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    lm_eval, HFLM, TaskManager = import_lm_eval()
     from ..models.loader import _hub_reachable
 
     if include_path is not None and not Path(include_path).is_dir():
@@ -133,25 +122,3 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None = Non
     return {"results": results, "n_samples": (out or {}).get("n-samples", {}),
             "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
             "num_fewshot": num_fewshot, "limit": limit, "offline": offline}
-
-
-def run_cli(a) -> int:
-    """`flexquant eval MODEL --tasks ...`."""
-    from .. import api
-
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise FlexQuantError("--tasks is empty; name at least one lm-eval task")
-    _import_lm_eval()  # fail before the model is loaded
-    model, tok, bpw = api._as_model(a.model, api.resolve_device(a.device))
-    res = run_tasks(model, tok, tasks, a.include_path, a.num_fewshot, a.limit, a.lm_batch_size, a.device)
-    res.update({"model": str(a.model), "bpw": bpw})
-    if a.output:
-        Path(a.output).write_text(json.dumps(res, indent=2))
-    if a.json:
-        print(json.dumps(res))
-    else:
-        for task, metrics in res["results"].items():
-            shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"{task:>20}: {shown}")
-    return 0

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._version import __version__
 from ..actquant import runtime as actquant
-from ..errors import CheckpointError, FlexQuantError
+from ..atomic import atomic_folder
+from ..errors import CheckpointError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
 
@@ -45,18 +45,11 @@ def _state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: bool = False) -> Path:
-    """Write a packed model to ``path`` atomically. ``meta`` goes into quant_config.json."""
-    from .. import __version__
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FlexQuantError(f"output folder {path} already exists; remove it or pass --overwrite")
-    if path.exists() and not (path / QUANT_CONFIG).is_file() and any(path.iterdir()):
-        raise FlexQuantError(f"refusing to overwrite {path}: it is not empty and not a flexquant checkpoint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: bool = False,
+                    extras: Callable[[Path], None] | None = None) -> Path:
+    """Write a packed model to ``path`` atomically. ``meta`` goes into quant_config.json; ``extras(folder)``
+    writes further files (recipe, report) into the folder before it is renamed into place."""
+    with atomic_folder(path, overwrite, QUANT_CONFIG, "flexquant checkpoint") as tmp:
         modules = {
             name: {"in_features": m.in_features, "out_features": m.out_features,
                    "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
@@ -82,17 +75,9 @@ def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: b
         if runtime is not None:  # online transforms + activation/KV quantizers, re-attached by load
             qc["actquant"] = {**runtime.describe(), "stored_bits": runtime.stored_bits()}
         (tmp / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        if extras is not None:
+            extras(tmp)
+    return Path(path)
 
 
 def read_quant_config(path: str | Path) -> dict:

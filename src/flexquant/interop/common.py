@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .._version import __version__
+from ..atomic import atomic_folder
 from ..errors import FlexQuantError
 from ..format.checkpoint import QUANT_CONFIG, TENSORS, read_quant_config, read_tensors
-from ..format.pack import tensors_to_result
 from ..nn.quant_linear import ROTATION_BUFFERS, rotation_from_tensors
+from ..quant.pack import tensors_to_result
 from ..quant.result import FP16_BITS
 
 log = logging.getLogger(__name__)
@@ -232,29 +232,13 @@ def write_folder(out: str | Path, src: Source, tensors: dict[str, torch.Tensor],
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise FlexQuantError("--out must differ from the source checkpoint folder")
-    if out.exists() and not overwrite:
-        raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
-    if out.exists() and not (out / EXPORT_INFO).is_file() and any(out.iterdir()):
-        raise FlexQuantError(f"refusing to overwrite {out}: it is not empty and not a flexquant export")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out, overwrite, EXPORT_INFO, "flexquant export") as tmp:
         _write_tensors(tmp, tensors, shard_bytes)
         for fname, obj in json_files.items():
             (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
         for f in src.path.iterdir():
             if f.is_file() and f.name not in OWN_FILES and f.name not in json_files:
                 shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -283,8 +267,6 @@ def _write_tensors(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: 
 
 
 def export_info(src: Source, format_name: str, dtype: str, online_rotation: str) -> dict:
-    from .. import __version__
-
     return {"flexquant_version": __version__, "format": format_name, "dtype": dtype,
             "source": str(src.path), "source_checksums": src.qc.get("checksums", {}),
             "source_method": (src.qc.get("quant_config") or {}).get("method"),

@@ -20,7 +20,7 @@ import re
 import torch
 
 from ..errors import FlexQuantError
-from ..format.pack import pack_bits, unpack_bits
+from ..quant.pack import pack_bits, unpack_bits
 from .common import (
     DTYPES,
     EXPORT_INFO,

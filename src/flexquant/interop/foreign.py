@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError, FlexQuantError
-from ..format.pack import pack_bits
 from ..nn.quant_linear import QuantLinear
+from ..quant.pack import pack_bits
 from . import ct, gptq
 from .common import GridLayer
 

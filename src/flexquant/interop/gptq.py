@@ -21,8 +21,9 @@ import re
 
 import torch
 
+from .._version import __version__
 from ..errors import FlexQuantError
-from ..format.pack import pack_bits, unpack_bits
+from ..quant.pack import pack_bits, unpack_bits
 from .common import (
     DTYPES,
     EXPORT_INFO,
@@ -121,8 +122,6 @@ def _block_modules(src: Source) -> list[list[str]] | None:
 def quantize_config(src: Source, checkpoint_format: str) -> dict:
     """One model-wide setting (GPTQ loaders in transformers ignore per-layer overrides); layers written dense
     are named in ``modules_in_block_to_quantize`` (optimum) and as GPTQModel ``dynamic`` skips."""
-    from .. import __version__
-
     keys = {_key(layer) for layer in src.grids.values()}
     if len(keys) > 1:
         shown = ", ".join(f"{b} bits/group {g}/{'sym' if s else 'asym'}" for b, g, s in sorted(keys))

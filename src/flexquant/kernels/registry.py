@@ -81,3 +81,15 @@ def select(layer, device: torch.device, prefer: str | None = None) -> Kernel:
         return k
     usable = [k for k in KERNELS.values() if k.supports(layer, device)]
     return max(usable, key=lambda k: k.priority)
+
+
+def rotate(R, x: torch.Tensor) -> torch.Tensor:
+    """x·Q of a `flexquant.transforms.rotate.Rotation` R: one fused Triton launch on CUDA where it covers the
+    size and dtype (`kernels.triton_hadamard`), else R's own torch arithmetic."""
+    if x.is_cuda:
+        from .triton_hadamard import triton_rotate
+
+        y = triton_rotate(R.signs, R.factor, x)
+        if y is not None:
+            return y
+    return R.apply(x)

@@ -113,7 +113,7 @@ def layout_supported(layer) -> bool:
 
 def build_plan(layer, device: torch.device) -> _Plan:
     """Derive (once) the per-segment metadata the kernel launches need; host reads happen here only."""
-    from ..format.pack import unpack_bits
+    from ..quant.pack import unpack_bits
 
     m, n, g = layer.out_features, layer.in_features, layer.group_size
     gb = layer.group_bits.to("cpu", torch.int64)

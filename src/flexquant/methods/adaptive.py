@@ -33,11 +33,9 @@ import torch
 
 from ..actquant.calibrate import ROTATIONS, Bits, SiteSpec, TrainSettings, calibrate_block, finalize_block
 from ..actquant.runtime import ActQuantRuntime, install
-from ..config import SUPPORTED_BITS, QuantConfig
+from ..config import SUPPORTED_BITS, MethodConfig, option
 from ..errors import FlexQuantError
-from ..pipeline import Method
-from ..pipeline.capture import capture_block_inputs, run_block
-from ..pipeline.hooks import onload
+from ..pipeline import Method, StatsRequest
 from ..quant import gptq_quantize, rtn_quantize
 from ..quant.result import FP16_BITS
 from ..transforms.rotate import fold_norm
@@ -52,33 +50,27 @@ KV_SITES = ("qkv", "o")  # keys follow the q/k/v site's type, values the o site'
 
 
 @dataclass(frozen=True)
-class AdaptiveConfig:
-    """Settings of ``--method adaptive`` (``QuantConfig.options``)."""
+class AdaptiveConfig(MethodConfig):
+    """Weight-activation-KV options."""
 
-    w_bits: int | None = None  # None: the grid's ``bits``; 16: weights kept in float16
-    a_bits: int = 4  # activations, symmetric per token (16 = not quantized)
-    k_bits: int = 4  # keys, asymmetric per head and token
-    v_bits: int = 4  # values
-    transform: str = "rule"
-    # The type of non-outlier sites under the rule; outliers get the other. Measured both ways on smollm2-135m
-    # W4A4KV4 (bench/results/adaptive.md, raw weights): affine 14.44 ppl, 92.5% agreement with the search;
-    # rotation 16.88, 7.5% (folded weights: 14.61 / 88.3% and 16.64 / 11.7%).
-    rule_default: str = "affine"
-    z_threshold: float = 3.5
-    # Whose kurtosis the rule scores: "raw" (the checkpoint's weights) or "folded" (after the RMSNorm scales are
-    # folded into the readers of q/k/v and gate/up; o and down have no norm, so they are the same either way).
-    # Measured on smollm2-135m, mean ± sd of 3 transform seeds (bench/results/adaptive_seeds*.md): W4A4KV4 raw
-    # 14.386 ± 0.051 ppl, folded 14.649 ± 0.036 (all-affine 14.381 ± 0.144); W3A3K2V2 raw 803.7 ± 25.5, folded
-    # 840.8 ± 87.3 (all-affine 800.6 ± 108.6). Search agreement: raw 92.5% / 89.2%, folded 88.3% / 85.0%.
-    rule_weights: str = "raw"
-    # The rotation type: "hadamard" (fixed randomized Hadamard, QuaRot) or "learned" (orthogonal Kronecker factors
-    # trained from that Hadamard, SpinQuant-style: the affine family with unit singular values).
-    rotation: str = "hadamard"
-    train_nsamples: int = 4  # calibration windows the transforms and clipping ratios are trained on
-    train_steps: int = 16  # Adam steps per block (one window per step)
-    search_steps: int = 16  # steps of the differentiable search per block (before recalibration)
-    affine_lr: float = 5e-3  # Adam learning rate of the affine transforms
-    seed: int = 0
+    w_bits: int | None = option(None, "weight bits (sets --bits; 16 = float16 weights); unset = --bits")
+    a_bits: int = option(4, "activation bits, symmetric per token (16 = not quantized)")
+    k_bits: int = option(4, "key-cache bits, asymmetric per head (16 = not quantized)")
+    v_bits: int = option(4, "value-cache bits, asymmetric per head (16 = not quantized)")
+    transform: str = option("rule", "per-site transform: one type everywhere (none, rotation, affine), the "
+                                    "differentiable search, or the kurtosis rule", MODES)
+    rule_default: str = option("affine", "the rule's type for ordinary sites; outlier sites get the other",
+                               CANDIDATES)
+    z_threshold: float = option(3.5, "robust z-score of the kurtosis above which a site is an outlier")
+    rule_weights: str = option("raw", "the rule scores the kurtosis of the raw weights or of the weights with "
+                                      "the norm scales folded in", RULE_WEIGHTS)
+    rotation: str = option("hadamard", "the rotation type: fixed randomized Hadamard, or orthogonal Kronecker "
+                                       "factors learned from it", ROTATIONS)
+    train_nsamples: int = option(4, "calibration windows the transforms and clipping ratios are trained on")
+    train_steps: int = option(16, "Adam steps per block (one window per step)")
+    search_steps: int = option(16, "steps of the differentiable search per block (before recalibration)")
+    affine_lr: float = option(5e-3, "Adam learning rate of the affine transforms")
+    transform_seed: int = option(0, "seed of the random signs and initial transforms")
 
     def __post_init__(self) -> None:
         for name in ("a_bits", "k_bits", "v_bits"):
@@ -140,17 +132,26 @@ def agreement(a: list[dict[str, str]], b: list[dict[str, str]]) -> float:
     return sum(p == q for p, q in pairs) / len(pairs)
 
 
+@register
 class Adaptive(Method):
-    name = "adaptive"
+    """Weights, per-token activations and the per-head KV cache, with an affine or rotation transform per site."""
 
-    def __init__(self, config: QuantConfig):
-        self.acfg = AdaptiveConfig(**config.options)
-        w = self.acfg.w_bits
+    name = "adaptive"
+    Config = AdaptiveConfig
+
+    @classmethod
+    def resolve(cls, config):
+        """``w_bits`` (when a quantized width) is the grid's ``bits``."""
+        w = config.options.w_bits
         if w is not None and w != FP16_BITS and w != config.grid.bits:
             config = config.replace(bits=w)
-        self.config = config
-        self.w_bits = FP16_BITS if w == FP16_BITS else config.grid.bits
+        return super().resolve(config)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.w_bits = FP16_BITS if self.options.w_bits == FP16_BITS else config.grid.bits
         self.facts: dict = {}
+        self.runtime: ActQuantRuntime | None = None
 
     # ----- whole-model preparation: transforms, clipping, selection -----
     def _sites(self, model, spec):
@@ -171,14 +172,27 @@ class Adaptive(Method):
         return sites, hooks
 
     @torch.no_grad()
-    def prepare(self, model, spec, calib_ids, device) -> None:
-        a = self.acfg
-        sites, hooks = self._sites(model, spec)
+    def prepare(self, model, spec) -> StatsRequest:
+        """Score the sites, fold the norms, choose the types; the statistics pass then calibrates each block on
+        full-precision inputs (`_calibrate_block`)."""
+        a = self.options
+        self.spec, self.sites, self.hooks = spec, *self._sites(model, spec)
         layers = model.get_submodule(spec.layers)
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        attention = spec.linear_groups[0][0].rsplit(".", 1)[0]
-        bits = Bits(self.w_bits, a.a_bits, a.k_bits, a.v_bits, self.config.grid.group_size)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.attention = spec.linear_groups[0][0].rsplit(".", 1)[0]
+        self.bits = Bits(self.w_bits, a.a_bits, a.k_bits, a.v_bits, self.config.grid.group_size)
+        self.types = self._choose_types(layers, spec)
+        self.settings = TrainSettings(steps=a.train_steps, lr=a.affine_lr, rotation=a.rotation)
+        self.search = TrainSettings(steps=a.search_steps, lr=a.affine_lr, rotation=a.rotation)
+        self.quantizers = ({}, {}, {}, {})  # site quantizers, their hooks, K/V quantizers, their attention paths
+        self.chosen, self.mixes, self.blocks = [], [], []
+        self.seconds = {"search": 0.0, "calibration": 0.0}
+        return StatsRequest(windows=a.train_nsamples, hessians=False, batch_size=1, on_block=self._calibrate_block)
+
+    def _choose_types(self, layers, spec) -> list[dict]:
+        """Kurtosis scores (raw and folded), the rule's choice and the candidate types of every site."""
+        a, sites = self.options, self.sites
         t0 = time.perf_counter()
         kappas = {"raw": [site_kurtosis(block, [(st.name, st.linears) for st in sites]) for block in layers]}
         raw_seconds = time.perf_counter() - t0
@@ -189,83 +203,75 @@ class Adaptive(Method):
         t0 = time.perf_counter()
         # Folding changes only the sites reading a norm; with transform "none" nothing is folded (the folded
         # scores are then the raw ones, reported, not used).
-        normed = [(st.name, st.linears) for st in sites if hooks[st.name][0] == "output" and a.transform != "none"]
+        normed = [(st.name, st.linears) for st in sites if self.hooks[st.name][0] == "output" and a.transform != "none"]
         kappas["folded"] = [{**k, **site_kurtosis(block, normed)} for k, block in zip(kappas["raw"], layers)]
         # Seconds to score every site one way (folded: an upper bound, it includes the raw pass over the norm sites).
         score_seconds = {"raw": raw_seconds, "folded": raw_seconds + time.perf_counter() - t0}
         t0 = time.perf_counter()
         kappa = kappas[a.rule_weights]
         rule, z = rule_choice(kappa, a.rule_default, a.z_threshold)
-        rule_seconds = time.perf_counter() - t0 + score_seconds[a.rule_weights]
+        self.rule_seconds = time.perf_counter() - t0 + score_seconds[a.rule_weights]
         # Every variant of the rule (scored weights / type of ordinary sites), for the agreement with the search.
-        rules = {f"{w}/{d}": rule_choice(k, d, a.z_threshold)[0] for w, k in kappas.items() for d in CANDIDATES}
-        fixed = {"none": "none", "rotation": "rotation", "affine": "affine"}
-        if a.transform in fixed:
-            types = [{s.name: (fixed[a.transform],) for s in sites} for _ in layers]
-        elif a.transform == "rule":
-            types = [{s: (t,) for s, t in r.items()} for r in rule]
-        else:
-            types = [{s.name: CANDIDATES for s in sites} for _ in layers]
+        self.rules = {f"{w}/{d}": rule_choice(k, d, a.z_threshold)[0] for w, k in kappas.items() for d in CANDIDATES}
+        self.kappas, self.z = kappas, z
+        if a.transform in ("none", "rotation", "affine"):
+            return [{s.name: (a.transform,) for s in sites} for _ in layers]
+        if a.transform == "rule":
+            return [{s: (t,) for s, t in r.items()} for r in rule]
+        return [{s.name: CANDIDATES for s in sites} for _ in layers]
 
-        n = min(a.train_nsamples, calib_ids.shape[0])
-        inputs = capture_block_inputs(model, spec, calib_ids[:n], device, batch_size=1)
-        settings = TrainSettings(steps=a.train_steps, lr=a.affine_lr, rotation=a.rotation)
-        search = TrainSettings(steps=a.search_steps, lr=a.affine_lr, rotation=a.rotation)
-        site_q, site_hooks, kv_q, kv_paths = {}, {}, {}, {}
-        chosen, mixes, blocks = [], [], []
-        search_seconds = calib_seconds = 0.0
-        for i, block in enumerate(layers):
-            prefix = f"{spec.layers}.{i}"
-            seed = a.seed * 100_003 + 1009 * i
-            with onload(block, device):
-                targets = run_block(block, inputs, device)
-                note = {"block": i}
-                if a.transform == "search":
-                    res, _, _ = calibrate_block(block, sites, types[i], attention, KV_SITES, head_dim, bits,
-                                                inputs, targets, device, search, seed)
-                    search_seconds += res.seconds
-                    types[i] = {s: (t,) for s, t in res.choice.items()}
-                    mixes.append(res.mix)
-                    note.update(search_loss=res.loss_last, search_seconds=res.seconds)
-                res, trained, kv = calibrate_block(block, sites, types[i], attention, KV_SITES, head_dim, bits,
-                                                   inputs, targets, device, settings, seed)
-                calib_seconds += res.seconds
-                quantizers, kvq = finalize_block(block, sites, trained, kv, KV_SITES, head_dim, bits)
-            chosen.append({s: t[0] for s, t in types[i].items()})
-            note.update(loss_first=res.loss_first, loss_last=res.loss_last, reverted=res.reverted, seconds=res.seconds)
-            blocks.append(note)
-            for s in sites:
-                key = f"l{i}_{s.name}"
-                site_q[key] = quantizers[s.name]
-                where, path = hooks[s.name][0], hooks[s.name][1]
-                site_hooks[key] = (f"{prefix}.{path}", where)
-            kv_q[f"l{i}"] = kvq
-            kv_paths[f"l{i}"] = f"{prefix}.{attention}"
-            inputs = inputs.with_hidden(targets)  # the next block trains on full-precision inputs
-            log.info("adaptive block %d: %s, loss %.3g -> %.3g", i, chosen[-1], res.loss_first, res.loss_last)
+    def _calibrate_block(self, i: int, block, inputs, targets, device) -> None:
+        """Train (search, then calibrate) block ``i``'s transforms and clipping on its FP inputs and outputs,
+        and fold them into its weights."""
+        a = self.options
+        seed = a.transform_seed * 100_003 + 1009 * i
+        args = (block, self.sites)
+        tail = (self.attention, KV_SITES, self.head_dim, self.bits, inputs, targets, device)
+        note = {"block": i}
+        if a.transform == "search":
+            res, _, _ = calibrate_block(*args, self.types[i], *tail, self.search, seed)
+            self.seconds["search"] += res.seconds
+            self.types[i] = {s: (t,) for s, t in res.choice.items()}
+            self.mixes.append(res.mix)
+            note.update(search_loss=res.loss_last, search_seconds=res.seconds)
+        res, trained, kv = calibrate_block(*args, self.types[i], *tail, self.settings, seed)
+        self.seconds["calibration"] += res.seconds
+        quantizers, kvq = finalize_block(block, self.sites, trained, kv, KV_SITES, self.head_dim, self.bits)
+        self.chosen.append({s: t[0] for s, t in self.types[i].items()})
+        note.update(loss_first=res.loss_first, loss_last=res.loss_last, reverted=res.reverted, seconds=res.seconds)
+        self.blocks.append(note)
+        site_q, site_hooks, kv_q, kv_paths = self.quantizers
+        prefix = f"{self.spec.layers}.{i}"
+        for st in self.sites:
+            key = f"l{i}_{st.name}"
+            site_q[key] = quantizers[st.name]
+            where, path = self.hooks[st.name]
+            site_hooks[key] = (f"{prefix}.{path}", where)
+        kv_q[f"l{i}"] = kvq
+        kv_paths[f"l{i}"] = f"{prefix}.{self.attention}"
+        log.info("adaptive block %d: %s, loss %.3g -> %.3g", i, self.chosen[-1], res.loss_first, res.loss_last)
 
-        settings_rec = {"w_bits": self.w_bits, "a_bits": a.a_bits, "k_bits": a.k_bits, "v_bits": a.v_bits,
-                        "transform": a.transform, "group_size": self.config.grid.group_size}
-        install(model, ActQuantRuntime(site_q, site_hooks, kv_q, kv_paths, settings_rec))
+    def plan(self, model, spec, stats, calib_ids, device) -> None:
+        """Install the calibrated activation/KV quantizers (the block loop's Hessians see them) and the facts."""
+        a = self.options
+        settings = {"w_bits": self.w_bits, "a_bits": a.a_bits, "k_bits": a.k_bits, "v_bits": a.v_bits,
+                    "transform": a.transform, "group_size": self.config.grid.group_size}
+        self.runtime = install(model, ActQuantRuntime(*self.quantizers, settings))
+        chosen = self.chosen
         self.facts = {
-            "config": asdict(self.acfg),
-            "choice": chosen,
-            "kurtosis": kappa,
-            "kurtosis_raw": kappas["raw"],
-            "z": z,
-            "rule": rules,
-            "selection_seconds": rule_seconds if a.transform == "rule" else
-            (search_seconds if a.transform == "search" else 0.0),
-            "rule_seconds": rule_seconds,
-            "search_seconds": search_seconds,
-            "calibration_seconds": calib_seconds,
-            "train_tokens": int(calib_ids[:n].numel()),
-            "blocks": blocks,
+            "config": asdict(a), "choice": chosen, "kurtosis": self.kappas[a.rule_weights],
+            "kurtosis_raw": self.kappas["raw"], "z": self.z, "rule": self.rules,
+            "selection_seconds": self.rule_seconds if a.transform == "rule" else
+            (self.seconds["search"] if a.transform == "search" else 0.0),
+            "rule_seconds": self.rule_seconds, "search_seconds": self.seconds["search"],
+            "calibration_seconds": self.seconds["calibration"],
+            "train_tokens": int(calib_ids[: a.train_nsamples].numel()),
+            "blocks": self.blocks,
             "counts": {t: sum(c[s] == t for c in chosen for s in c) for t in ("none",) + CANDIDATES},
         }
         if a.transform == "search":
-            self.facts["mix"] = mixes
-            self.facts["agreement"] = {d: agreement(r, chosen) for d, r in self.facts["rule"].items()}
+            self.facts["mix"] = self.mixes
+            self.facts["agreement"] = {d: agreement(r, chosen) for d, r in self.rules.items()}
             log.info("rule/search agreement: %s", self.facts["agreement"])
 
     # ----- per linear -----
@@ -277,50 +283,3 @@ class Adaptive(Method):
 
     def summary(self) -> dict:
         return {"adaptive": self.facts}
-
-
-register("adaptive")(Adaptive)
-
-
-# ----- command line (`flexquant quantize --method adaptive ...`) -----
-CLI_FLAGS = ("w_bits", "a_bits", "k_bits", "v_bits", "transform", "rule_default", "z_threshold", "rule_weights",
-             "rotation", "train_nsamples", "train_steps", "search_steps", "affine_lr")
-
-
-def add_cli_arguments(parser) -> None:
-    """The adaptive method's flags, named like `AdaptiveConfig` fields."""
-    g = parser.add_argument_group("adaptive (weight-activation-KV quantization) options")
-    g.add_argument("--w-bits", type=int, help="weight bits (overrides --bits; 16 = float16 weights)")
-    g.add_argument("--a-bits", type=int, help="activation bits, per token (default 4; 16 = off)")
-    g.add_argument("--k-bits", type=int, help="key-cache bits, per head (default 4; 16 = off)")
-    g.add_argument("--v-bits", type=int, help="value-cache bits, per head (default 4; 16 = off)")
-    g.add_argument("--transform", choices=MODES,
-                   help="per-site transform: one type everywhere, the differentiable search, or the kurtosis "
-                        "rule (default rule)")
-    g.add_argument("--rule-default", choices=CANDIDATES,
-                   help="the rule's type for ordinary sites; outlier sites get the other (default affine)")
-    g.add_argument("--z-threshold", type=float, help="robust z-score above which a site is an outlier (3.5)")
-    g.add_argument("--rule-weights", choices=RULE_WEIGHTS,
-                   help="the rule scores the kurtosis of the raw weights or of the weights with the norm scales "
-                        "folded in (default raw)")
-    g.add_argument("--rotation", choices=ROTATIONS,
-                   help="the rotation type: fixed randomized Hadamard, or orthogonal factors learned from it "
-                        "(default hadamard)")
-    g.add_argument("--train-nsamples", type=int, help="calibration windows the transforms are trained on (4)")
-    g.add_argument("--train-steps", type=int, help="training steps per block (16)")
-    g.add_argument("--search-steps", type=int, help="differentiable-search steps per block (16)")
-    g.add_argument("--affine-lr", type=float, help="learning rate of the affine transforms (5e-3)")
-
-
-def cli_options(args, options: dict) -> dict:
-    """The method options from parsed flags: adaptive's (validated; ``--w-bits`` sets ``--bits``) when
-    ``--method adaptive``, else ``options`` unchanged (adaptive flags with another method are an error)."""
-    given = {k: getattr(args, k) for k in CLI_FLAGS if getattr(args, k, None) is not None}
-    if args.method != "adaptive":
-        if given:
-            raise FlexQuantError(f"--{next(iter(given)).replace('_', '-')} applies to --method adaptive only")
-        return options
-    AdaptiveConfig(**given)
-    if given.get("w_bits") in SUPPORTED_BITS:
-        args.bits = given["w_bits"]
-    return given

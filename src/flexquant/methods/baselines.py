@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-from ..config import QuantConfig
 from ..pipeline import Method
 from ..quant import gptq_quantize, rtn_quantize
 from .registry import register
 
 
+@register
 class RTN(Method):
+    """Round to nearest per group: no data (METHODS.md, Baselines)."""
+
     name = "rtn"
     needs_calibration = False
-
-    def __init__(self, config: QuantConfig):
-        self.config = config
 
     def quantize_linear(self, ctx, name, W, H):
         return rtn_quantize(W, self.config.grid)
 
 
+@register
 class GPTQ(Method):
-    name = "gptq"
+    """GPTQ: column-by-column rounding with Hessian-based error compensation (METHODS.md, Baselines)."""
 
-    def __init__(self, config: QuantConfig):
-        self.config = config
+    name = "gptq"
 
     def quantize_linear(self, ctx, name, W, H):
         return gptq_quantize(W, H, self.config.grid, self.config.gptq)
-
-
-register("rtn")(RTN)
-register("gptq")(GPTQ)

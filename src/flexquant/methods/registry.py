@@ -1,32 +1,32 @@
-"""Method registry: ``--method NAME`` -> a factory taking the `QuantConfig`."""
+"""Method registry: ``--method NAME`` -> the method class; its options class goes to `config.METHOD_CONFIGS`.
+
+Filled when `flexquant.methods` is imported (each method module registers its class); this module imports
+no method, so there is no import circle.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ..config import QuantConfig
+from ..config import METHOD_CONFIGS, QuantConfig
 from ..errors import FlexQuantError
 from ..pipeline import Method
 
-METHODS: dict[str, Callable[[QuantConfig], Method]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
-def register(name: str):
-    def deco(factory):
-        METHODS[name] = factory
-        return factory
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``--method cls.name`` with options ``cls.Config``."""
+    METHODS[cls.name] = cls
+    METHOD_CONFIGS[cls.name] = cls.Config
+    return cls
 
-    return deco
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise FlexQuantError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
 
 
 def build_method(config: QuantConfig) -> Method:
-    from . import adaptive, baselines, flexible, hiratio  # noqa: F401  (registers them all)
-
-    if config.method not in METHODS:
-        raise FlexQuantError(f"unknown method {config.method!r}; available: {', '.join(sorted(METHODS))}")
-    factory = METHODS[config.method]
-    defaults = factory.default_grid(config) if hasattr(factory, "default_grid") else Method.default_grid(config)
-    unset = {k: v for k, v in defaults.items() if getattr(config.grid, k) is None}
-    if unset:  # the method's own defaults for what the user left unset
-        config = config.replace(**unset)
-    return factory(config)
+    """The method of ``config``, built from the config it resolves (grid settings it fills in)."""
+    cls = get_method(config.method)
+    return cls(cls.resolve(config))

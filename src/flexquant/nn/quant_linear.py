@@ -1,12 +1,12 @@
-"""`QuantLinear`: a linear layer whose weight is stored packed (see `flexquant.format.pack`)."""
+"""`QuantLinear`: a linear layer whose weight is stored packed (see `flexquant.quant.pack`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..format.pack import pack_bits, result_to_tensors, stored_bits, tensors_to_result, unpack_bits
-from ..kernels import select
+from ..kernels import rotate, select
+from ..quant.pack import pack_bits, result_to_tensors, stored_bits, tensors_to_result, unpack_bits
 from ..quant.result import QuantResult
 from ..transforms.hadamard import small_hadamard
 from ..transforms.rotate import Rotation
@@ -90,7 +90,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._rotation is not None:
-            x = self._rotation.apply(x)
+            x = rotate(self._rotation, x)
         if self._kernel is None:
             self._kernel = select(self, x.device, self.kernel_name)
         return self._kernel.forward(self, x)

@@ -80,3 +80,4 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> li
         out = out[0] if isinstance(out, (tuple, list)) else out
         outs.append(out.to("cpu"))
     return outs
+

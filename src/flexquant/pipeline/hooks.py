@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..quant.hessian import HessianAccumulator
-from .capture import BlockInputs, _StopForward
+from .capture import BlockInputs, _StopForward, run_block
 
 
 @contextlib.contextmanager
@@ -83,3 +83,16 @@ def run_capturing(block: nn.Module, inputs: BlockInputs, device: torch.device, l
         for handle in handles:
             handle.remove()
     return (outs if outputs else None), seen
+
+
+@torch.no_grad()
+def run_blocks(layers, inputs: BlockInputs, device: torch.device, start: int = 0,
+               keep: list | None = None) -> list[torch.Tensor]:
+    """The outputs of blocks ``start``, ``start + 1``, ... of ``layers`` over stored inputs, each block on the
+    device only while it runs; ``keep`` (a list) receives each block's input batches."""
+    for i in range(start, len(layers)):
+        if keep is not None:
+            keep.append(inputs.hidden)
+        with onload(layers[i], device):
+            inputs = inputs.with_hidden(run_block(layers[i], inputs, device))
+    return inputs.hidden

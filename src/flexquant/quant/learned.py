@@ -7,7 +7,8 @@ Two families (METHODS.md §2.5 option):
   before rounding, plus learnable range factors in [½, 1], trained with signed gradient descent.
 
 Both produce scales on the stored grid (fp16, or the 8-bit logarithmic grid below an fp16 row base) and
-integer zero points, so the learned result packs exactly. Pure tensor functions: no model walking.
+integer zero points, so the learned result packs exactly. `learn_tails` trains them on the output error of
+one block (the caller hands it the block and its inputs and targets; no model walking here).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from .grid import log_scale, log_scale_codes
+from .result import QuantResult
 
 LEARNERS = ("clip", "round")
 _CLIP_INIT = 4.0  # sigmoid(4) = 0.982: OmniQuant's initial clipping
@@ -125,3 +129,79 @@ class _SignSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
+@dataclass
+class HighTail:
+    """One linear's high-precision tail to learn: its quantized result (whose last ``k`` groups in quantization
+    order are the tail), the latent weights of the tail [m, k·g] and the dequantized rest [m, n − k·g], both
+    in quantization order."""
+
+    name: str  # path of the linear inside the block
+    result: QuantResult
+    latent: torch.Tensor
+    low: torch.Tensor
+
+
+def _output(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+def learn_tails(block: nn.Module, tails: list[HighTail], X: torch.Tensor, T: torch.Tensor, kwargs: dict,
+                bits: int, kind: str, steps: int, batch: int, lr: float) -> dict:
+    """Train a learnable quantizer (``kind``: clip | round) of every tail at ``bits`` on the MSE between the
+    block's outputs on inputs X [N, L, d] and the targets T, ``batch`` windows per step, for ``steps`` steps.
+
+    Where the trained quantizers lower the MSE over all windows, their codes, scales and zeros replace the
+    tails' in each `QuantResult` (in place); the block's own weights are left to the caller. Returns the facts:
+    MSE before and after, and which was kept."""
+    dev = X.device
+    learners = []
+    for t in tails:
+        m, kc = t.latent.shape
+        g = t.result.group_size
+        r = t.result
+        lg = LearnableGroups(t.latent.view(m, kc // g, g).to(dev), bits, kind,
+                             None if r.scale_base is None else r.scale_base.to(dev), r.sym)
+        learners.append((t.name, r, lg, t.low.to(dev), torch.argsort(r.perm).to(dev)))
+    dtype = block.get_submodule(tails[0].name).weight.dtype
+
+    def weights():
+        return {f"{n}.weight": torch.cat([low, lg.fake_quant().reshape(low.shape[0], -1)], 1)[:, inv].to(dtype)
+                for n, _, lg, low, inv in learners}
+
+    def mse(ws, idx) -> torch.Tensor:
+        return ((_output(functional_call(block, ws, (X[idx],), kwargs)) - T[idx]) ** 2).mean()
+
+    chunks = [slice(i, i + batch) for i in range(0, X.shape[0], batch)]
+    with torch.no_grad():
+        init = sum(float(mse({}, c)) for c in chunks) / len(chunks)
+    opt = make_optimizer(kind, [p for _, _, lg, _, _ in learners for p in lg.params], lr)
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = mse(weights(), chunks[step % len(chunks)])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                for _, _, lg, _, _ in learners:
+                    lg.clamp_()
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+    with torch.no_grad():
+        learned = sum(float(mse(weights(), c)) for c in chunks) / len(chunks)
+    facts = {"learner": kind, "gptq_mse": init, "learned_mse": learned,
+             "kept": "learned" if learned < init else "gptq", "linears": [t.name for t in tails]}
+    if learned < init:
+        for _, r, lg, _, _ in learners:
+            codes, scales, zeros = lg.export()
+            m, k, g = codes.shape
+            r.codes[:, -k * g:] = codes.reshape(m, -1).to(r.codes.device)
+            r.scales[:, -k:] = scales.to(r.scales.device)
+            if r.zeros is not None:
+                r.zeros[:, -k:] = zeros.to(r.zeros.dtype).to(r.zeros.device)
+    return facts

@@ -32,6 +32,9 @@ class QuantResult:
     # set, every scale is log_scale(base, code) and is stored as its 8-bit code; zeros stored in 4 or 8 bits.
     scale_base: torch.Tensor | None = None
     zero_bits: int = 8
+    # An online input rotation (a `transforms.rotate.Rotation`) the layer applies before its matmul: the packed
+    # layer stores it and re-applies it (FlexibleLLM's down_proj). None = no transform.
+    rotation: object | None = None
     stats: dict = field(default_factory=dict)  # solver diagnostics (losses, damping used, ...)
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import FlexQuantError
-from ..format.pack import pack_bits, unpack_bits
+from ..quant.pack import pack_bits, unpack_bits
 from .hadamard import factorize, hadamard_transform, small_factor, small_hadamard
 from .rotate import Rotation
 

@@ -36,13 +36,8 @@ class Rotation:
         return cls(signs, small_factor(factorize(n), seed))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x·Q along the last dim, in x's dtype (float64 math for float64 inputs)."""
-        if x.is_cuda:  # one fused Triton launch where it covers this size and dtype (kernels.triton_hadamard)
-            from ..kernels.triton_hadamard import triton_rotate
-
-            y = triton_rotate(self.signs, self.factor, x)
-            if y is not None:
-                return y
+        """x·Q along the last dim, in x's dtype (float64 math for float64 inputs); plain torch (the packed
+        model's layers run it through `flexquant.kernels.rotate`, which has a fused GPU path)."""
         return hadamard_transform(x * self.signs.to(x.dtype), self.factor.to(x.dtype))
 
 
@@ -94,15 +89,24 @@ class OnlineRotation(nn.Module):
 
 
 def attach_online_rotation(lin: nn.Module, R: Rotation) -> None:
-    """Make ``lin`` rotate its input by R before its matmul (removable by `detach_online_rotation`)."""
-    rot = OnlineRotation(R).to(lin.weight.device if hasattr(lin, "weight") else "cpu")
-    lin.online_rotation = rot
-    lin._rot_handle = lin.register_forward_pre_hook(lambda m, args: (m.online_rotation(args[0]),) + args[1:])
+    """Make ``lin`` rotate its input by R before its matmul while the model is being quantized (the rotation
+    is a submodule so that it follows the layer's device moves; the packed layer stores its own copy)."""
+    lin.online_rotation = OnlineRotation(R).to(lin.weight.device if hasattr(lin, "weight") else "cpu")
+    lin.register_forward_pre_hook(lambda m, args: (m.online_rotation(args[0]),) + args[1:])
+
+
+@dataclass
+class RotatedModel:
+    """What `rotate_model` did: facts for the report, and the online rotation of each layer that has one
+    (the packed layer stores it: `QuantResult.rotation`)."""
+
+    facts: dict
+    online: dict[str, Rotation]
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> dict:
-    """Rotate ``model`` in place (exactly equivalent). Returns per-site facts for the report."""
+def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> RotatedModel:
+    """Rotate ``model`` in place (exactly equivalent)."""
     layers = model.get_submodule(spec.layers)
     d = model.config.hidden_size
     untie_lm_head(model, spec)
@@ -116,6 +120,7 @@ def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> dict:
     emb.weight.data = Rres.apply(emb.weight.data.double()).to(emb.weight.dtype)
     _rotate_in(model.get_submodule(spec.lm_head), Rres)
     facts = {"residual": {"n": d, "small_factor": Rres.factor.shape[0], "hadamard": factorize(d).exact}}
+    online: dict[str, Rotation] = {}
     for i, block in enumerate(layers):
         for name in spec.residual_readers:
             _rotate_in(block.get_submodule(name), Rres)
@@ -126,10 +131,11 @@ def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> dict:
             Rm = Rotation.random(lin.in_features, seed + 1 + i)
             _rotate_in(lin, Rm)
             attach_online_rotation(lin, Rm)
+            online[f"{spec.layers}.{i}.{name}"] = Rm
             facts.setdefault("online", {"n": lin.in_features, "small_factor": Rm.factor.shape[0],
                                         "hadamard": factorize(lin.in_features).exact, "sites": []})
             facts["online"]["sites"].append(f"{spec.layers}.{i}.{name}")
-    return facts
+    return RotatedModel(facts, online)
 
 
 def incoherence(W: torch.Tensor) -> float:

@@ -1,7 +1,6 @@
 """`flexquant vision quantize`: quantize a torchvision-style classifier on an image folder.
 
-The top-level CLI calls `register(subparsers)` and dispatches to `run(args)`; `main()` runs the same
-commands stand-alone (``python -m flexquant.vision quantize ...``). Flags are named like config fields.
+Flags are named like the fields of `VisionQuantConfig`. `main()` runs the command stand-alone (tests).
 """
 
 from __future__ import annotations
@@ -12,8 +11,8 @@ import logging
 import sys
 import time
 
-from .config import VisionQuantConfig
-from .errors import VisionError
+from ..vision.config import VisionQuantConfig
+from ..vision.errors import VisionError
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _quantize(args: argparse.Namespace) -> dict:
-    from .api import evaluate_top1, quantize_classifier
-    from .checkpoint import save_quantized
-    from .data import iter_image_folder, list_image_folder, load_image_folder
-    from .models import build_model, load_weights
+    from ..vision.api import evaluate_top1, quantize_classifier
+    from ..vision.checkpoint import save_quantized
+    from ..vision.data import iter_image_folder, list_image_folder, load_image_folder
+    from ..vision.models import build_model, load_weights
 
     for flag in ("image_size", "calib_size"):
         if getattr(args, flag) < 1:
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m flexquant.vision quantize ...``."""
+    """Stand-alone entry point: the arguments after ``flexquant vision``."""
     parser = argparse.ArgumentParser(prog="flexquant")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["vision", *(sys.argv[1:] if argv is None else argv)])

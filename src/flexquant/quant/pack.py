@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.grid import log_scale, log_scale_codes
-from ..quant.result import FP16_BITS, QuantResult
+from .grid import log_scale, log_scale_codes
+from .result import FP16_BITS, QuantResult
 
 PACK_BITS = tuple(range(1, 9))
 

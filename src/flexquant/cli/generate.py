@@ -1,0 +1,20 @@
+"""`flexquant generate`: greedy (or sampled) text from a checkpoint."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a checkpoint")
+    p.add_argument("path", help="a checkpoint folder (flexquant, GPTQ or compressed-tensors)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(a) -> int:
+    from .. import api
+
+    qm = api.load(a.path)
+    print(api.generate(qm, a.prompt, a.max_new_tokens, do_sample=a.sample))
+    return 0

@@ -1,0 +1,87 @@
+"""What a method is to the pipeline: a recipe of a few hooks over the block loop (DESIGN.md, data flow).
+
+The pipeline calls, in order: `Method.resolve` (class-level: grid settings the method decides),
+`prepare` (whole-model transforms; returns what full-precision statistics it needs), the statistics pass,
+`plan` (allocation from those statistics), then per block `quantize_linear` for every linear and
+`after_block`, and finally `summary` for the run report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, NoOptions, QuantConfig
+from ..models.spec import ModelSpec
+from ..quant.result import QuantResult
+from .capture import BlockInputs
+from .statistics import FPStatistics, StatsRequest
+
+
+@dataclass
+class BlockContext:
+    """What a method sees while one decoder block is being quantized."""
+
+    index: int
+    prefix: str  # module path of the block, e.g. "model.layers.3"
+    block: nn.Module  # on the compute device; its weights are replaced as linears are quantized
+    inputs: BlockInputs  # quantized stream (outputs of the already-quantized blocks)
+    fp_inputs: BlockInputs | None = None  # full-precision inputs kept by the statistics pass (first windows)
+    device: torch.device = torch.device("cpu")
+    notes: dict = field(default_factory=dict)  # per-block facts the method wants in the report
+    # D = 2(X_fp − X_q)ᵀX_q/T of the group being quantized, for the method's ``feedback_groups``
+    cross: torch.Tensor | None = None
+
+
+class Method:
+    """A quantization recipe. Subclasses set ``name``, ``Config`` (their options dataclass) and
+    ``quantize_linear``; the other hooks default to doing nothing."""
+
+    name = "base"
+    Config: type[MethodConfig] = NoOptions
+    needs_calibration = True  # False: data-free (RTN); no forward passes at all
+    # Groups (named by their first linear) that also get D = 2(X_fp − X_q)ᵀX_q/T in ``ctx.cross``; needs the
+    # statistics pass to keep full-precision inputs, and pre-norm blocks.
+    feedback_groups: tuple[str, ...] = ()
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.options = config.options
+
+    @classmethod
+    def resolve(cls, config: QuantConfig) -> QuantConfig:
+        """The run's config with what the user left unset filled in: classic fp16 scales and byte zero points
+        unless the method has measured better (``grid_defaults``)."""
+        unset = {k: v for k, v in cls.grid_defaults(config.options).items() if getattr(config.grid, k) is None}
+        return dataclasses.replace(config, grid=dataclasses.replace(config.grid, **unset)) if unset else config
+
+    @classmethod
+    def grid_defaults(cls, options: MethodConfig) -> dict:
+        return {"scale_bits": 16, "zero_bits": 8}
+
+    def prepare(self, model: nn.Module, spec: ModelSpec) -> StatsRequest | None:
+        """Whole-model transforms before any statistics; returns the statistics the method needs (or None)."""
+        return None
+
+    def plan(self, model: nn.Module, spec: ModelSpec, stats: FPStatistics | None, calib_ids: torch.Tensor | None,
+             device: torch.device) -> None:
+        """Decisions from the statistics before the block loop (bit allocation, ratios); default none."""
+        return None
+
+    def quantize_linear(self, ctx: BlockContext | None, name: str, W: torch.Tensor,
+                        H: torch.Tensor | None) -> QuantResult:
+        """The `QuantResult` of linear ``name`` (weight W, input Hessian H or None if data-free)."""
+        raise TypeError(f"{type(self).__name__} must define quantize_linear")
+
+    def after_block(self, ctx: BlockContext, out_q: list[torch.Tensor],
+                    out_fp: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Hook after a block is quantized (denoising, learned quantizers); returns the quantized-stream
+        outputs. ``out_fp``: the block's full-precision outputs when the method has feedback groups."""
+        return out_q
+
+    def summary(self) -> dict:
+        """Method-specific facts for the run report."""
+        return {}

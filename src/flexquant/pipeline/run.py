@@ -1,0 +1,34 @@
+"""One method over one model: prepare -> statistics pass -> plan -> block loop (DESIGN.md, data flow 3-6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.spec import ModelSpec
+from .blocks import quantize_blocks
+from .method import Method
+from .statistics import FPStatistics, fp_statistics
+
+
+def prepare_model(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
+                  device: torch.device, batch_size: int = 8, progress: bool = False) -> FPStatistics | None:
+    """The method's whole-model steps before the block loop: its transforms, the statistics pass it asks
+    for, and its plan. Returns the statistics (their kept inputs serve the block loop)."""
+    request = method.prepare(model, spec)
+    stats = None
+    if request is not None:
+        stats = fp_statistics(model, spec, calib_ids, device, batch_size, request, progress)
+    method.plan(model, spec, stats, calib_ids, device)
+    if stats is not None:
+        stats.hessians.clear()  # the plan has used them; the block loop collects its own
+        stats.fisher.clear()
+    return stats
+
+
+def quantize_model(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
+                   device: torch.device, batch_size: int = 8, progress: bool = True):
+    """Quantize ``model`` in place with ``method``; returns quantize_blocks' (results, records, notes)."""
+    stats = prepare_model(model, spec, method, calib_ids, device, batch_size, progress)
+    return quantize_blocks(model, spec, method, calib_ids if method.needs_calibration else None, device,
+                           batch_size, progress, stats=stats)
