@@ -9,9 +9,9 @@ wall time and peak memory are its own; evaluation (perplexity, KL to the full-pr
 held-out pydoc tokens) runs here on the saved checkpoints, i.e. with the activation and KV quantizers that
 `flexquant.load` re-attaches.
 
-    python bench/adaptive_bench.py                          # everything (hours on 2 cores)
-    python bench/adaptive_bench.py --settings W4A4KV4 --variants rule-rotation,search
-    python bench/adaptive_bench.py --settings W4A4KV4 --variants affine,rule-affine --seeds 0,1,2 --name adaptive_seeds
+    python -m bench.adaptive_bench                          # everything (hours on 2 cores)
+    python -m bench.adaptive_bench --settings W4A4KV4 --variants rule-rotation,search
+    python -m bench.adaptive_bench --settings W4A4KV4 --variants affine,rule-affine --seeds 0,1,2 --name adaptive_seeds
 
 Finished rows are kept in OUT/work/adaptive/rows.json, keyed by the resolved method configuration, so an
 interrupted run resumes and a changed default never reuses a stale row.
@@ -26,14 +26,12 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import foundation as fd  # noqa: E402  (the shared job / evaluation helpers)
+from bench import foundation as fd  # the shared job / evaluation helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")

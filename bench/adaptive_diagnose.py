@@ -4,7 +4,7 @@ For each checkpoint folder: as saved; K/V cache at 16 bits; activations and K/V 
 activations at 16 bits with the K/V cache as saved; activations as saved except the down_proj input.
 Evaluated on the first WINDOWS held-out pydoc windows of 2048 tokens (no reference: perplexity only).
 
-    python bench/adaptive_diagnose.py bench/results/work/adaptive/<checkpoint> [...] --out result.json
+    python -m bench.adaptive_diagnose bench/results/work/adaptive/<checkpoint> [...] --out result.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ original: prefill of one 2048-token window (the `flexquant eval` workload) and g
 64 new tokens after a 32-token prompt (the `flexquant generate` workload). Medians of --repeats
 runs after one warm-up; ratios are quantized time / original time.
 
-    python bench/cpu_speed.py bench/results/work/flexquant-gptq-w3g64 [more checkpoints]
+    python -m bench.cpu_speed bench/results/work/flexquant-gptq-w3g64 [more checkpoints]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Hugging Face decode costs ~30 ms of Python per token and would hide the kernels.
 in a CUDA graph (position and token live in device tensors, updated inside the graph), and
 tokens/s is 128 replays over their measured time; median of 5 such runs.
 
-    PYTHONPATH=src python3 bench/decode_gpu.py [--out bench/results]
+    PYTHONPATH=src python3 -m bench.decode_gpu [--out bench/results]
 """
 
 from __future__ import annotations
@@ -23,18 +23,15 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from flexquant.config import GridConfig  # noqa: E402
-from flexquant.nn import QuantLinear  # noqa: E402
-from flexquant.quant import rtn_quantize  # noqa: E402
-from flexquant.transforms.rotate import Rotation  # noqa: E402
+from flexquant.config import GridConfig
+from flexquant.nn import QuantLinear
+from flexquant.quant import rtn_quantize
+from flexquant.transforms.rotate import Rotation
 
 LAYERS, D, FF, HEADS, VOCAB, CTX = 32, 4096, 11008, 32, 32000, 256
 HD = D // HEADS
@@ -227,7 +224,7 @@ def main():
              "group 128, asymmetric), embedding/norms/lm_head fp16 in every row; q/k/v and gate/up fused in both. "
              f"One hand-written decode step (static KV cache of {CTX}) captured in a CUDA graph; tokens/s = "
              "median of 5 runs of 128 replays. "
-             "Produced by `PYTHONPATH=src python3 bench/decode_gpu.py`.", "",
+             "Produced by `PYTHONPATH=src python3 -m bench.decode_gpu`.", "",
              "| model | tokens/s (graph) | ms/token | speed-up vs fp16 | eager tokens/s |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {r['speedup']:.2f}× "

@@ -10,8 +10,8 @@ calibration 128 × 512 tokens of the pydoc calibration split, seed 0).
 2. llm-compressor GPTQ w4g64 (.venv-peers, ``bash bench/peers_env.sh``) is saved as its own compressed-tensors
    checkpoint; flexquant evaluates that folder and must give llm-compressor's perplexity within 0.5%.
 
-    python bench/export_bench.py            # everything; quantized models are reused from OUT/work/export
-    python bench/export_bench.py --skip-llmc
+    python -m bench.export_bench            # everything; quantized models are reused from OUT/work/export
+    python -m bench.export_bench --skip-llmc
 
 Results: bench/results/export.{md,json}.
 """
@@ -129,8 +129,8 @@ def hf_check(source: str, export: str, windows_file: str) -> dict:
 
 
 def run_check(python: Path, source: Path, export: Path, windows_file: Path, env: dict | None = None) -> dict:
-    cmd = [str(python), __file__, "_check", str(source), str(export), str(windows_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    cmd = [str(python), "-m", "bench.export_bench", "_check", str(source), str(export), str(windows_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ["failed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -144,10 +144,10 @@ def llmc_import(args, work: Path, calib_file: Path, windows_file: Path) -> dict:
         peers = ROOT / ".venv-peers/bin/python"
         if not peers.exists():
             return {"error": "the peers' environment is missing: run `bash bench/peers_env.sh`"}
-        cmd = [str(peers), str(ROOT / "bench/llmc_export.py"), "--model", args.model_dir, "--calib", str(calib_file),
+        cmd = [str(peers), "-m", "bench.llmc_export", "--model", args.model_dir, "--calib", str(calib_file),
                "--eval", str(windows_file), "--bits", "4", "--group-size", "64", "--out", str(out)]
         log.info("running llm-compressor GPTQ w4g64 (.venv-peers)")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             return {"error": proc.stderr.strip().splitlines()[-3:]}
     peer = json.loads((out / "llmc_report.json").read_text())
@@ -209,9 +209,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import flexquant as fq
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    import foundation  # bench/foundation.py: the demo model, calibration file and held-out windows
+    from bench import foundation  # the demo model, calibration file and held-out windows
 
     work = Path(args.out) / "work" / "export"
     calib, windows = foundation.setup(args, work, args.windows)

@@ -5,8 +5,8 @@ to a safetensors file) and is evaluated in this process on the same held-out win
 same full-precision reference. Each quantization runs in its own subprocess so that its wall time
 and peak resident memory are its own.
 
-    python bench/foundation.py                       # all methods at 4, 3, 2 bits, group 64
-    python bench/foundation.py --bits 3 --peers ""  # flexquant only, 3 bits
+    python -m bench.foundation                       # all methods at 4, 3, 2 bits, group 64
+    python -m bench.foundation --bits 3 --peers ""  # flexquant only, 3 bits
 
 Peers run from the separate environment made by ``bash bench/peers_env.sh`` (.venv-peers).
 """
@@ -68,7 +68,7 @@ def run_quantization(kind: str, method: str, bits: int, args, work: Path, option
     tag = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in options.items())
     out = work / f"{kind}-{method}-w{bits}g{args.group_size}{tag}"
     if kind == "flexquant":
-        cmd = [sys.executable, __file__, "_job", "--model", args.model_dir, "--method", method,
+        cmd = [sys.executable, "-m", "bench.foundation", "_job", "--model", args.model_dir, "--method", method,
                "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
                "--out", str(out), "--options", json.dumps(options or {})]
     else:
@@ -77,7 +77,7 @@ def run_quantization(kind: str, method: str, bits: int, args, work: Path, option
                "--group-size", str(args.group_size), "--out", str(out)]
     log.info("running %s", " ".join(cmd[1:4] + cmd[5:]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         log.error("%s %s w%d failed:\n%s", kind, method, bits, proc.stderr[-3000:])

@@ -9,9 +9,9 @@ Rows (same calibration windows, same held-out evaluation windows, same full-prec
 Then the ranking check: the QP's predicted loss against the measured KL (probe quantizer, fake-quantized,
 held-out windows) for ≥ 8 allocations at the same budget, with the Spearman correlation.
 
-    python bench/hiratio_bench.py                   # everything (resumes finished rows from the cache)
-    python bench/hiratio_bench.py --peers ''        # without llm-compressor
-    python bench/hiratio_bench.py --skip-spearman   # quantization rows only
+    python -m bench.hiratio_bench                   # everything (resumes finished rows from the cache)
+    python -m bench.hiratio_bench --peers ''        # without llm-compressor
+    python -m bench.hiratio_bench --skip-spearman   # quantization rows only
 
 Quantizations run as subprocesses of bench/foundation.py's job entry (own wall time and peak memory);
 evaluation uses bench/foundation.py's functions on the same windows.
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import foundation  # reference, evaluation, peers and the quantization job
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import foundation  # noqa: E402  (bench/foundation.py: reference, evaluation, peers and the quantization job)
 
 log = logging.getLogger("bench.hiratio")
 
@@ -44,12 +44,12 @@ log = logging.getLogger("bench.hiratio")
 def run_flexquant(label: str, method: str, bits: int, options: dict, args, work: Path) -> dict:
     """One flexquant quantization through foundation.py's job entry (a subprocess)."""
     out = work / label
-    cmd = [sys.executable, str(ROOT / "bench/foundation.py"), "_job", "--model", args.model_dir, "--method", method,
+    cmd = [sys.executable, "-m", "bench.foundation", "_job", "--model", args.model_dir, "--method", method,
            "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
            "--out", str(out), "--options", json.dumps(options)]
     log.info("running %s: %s %s", label, method, json.dumps(options))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         log.error("%s failed:\n%s", label, proc.stderr[-3000:])
         return {"kind": "flexquant", "label": label, "method": method, "bits": bits, "options": options,
@@ -87,7 +87,18 @@ def qp_options(args) -> dict:
 
 def layer_costs(method) -> np.ndarray:
     """Extra stored bits per unit of ratio, per layer (what the budget constraint of the QP charges)."""
-    return np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.tables])
+    return np.array([t.bits[-1] / t.weights[-1] * t.total for t in method.ratio_plan.tables])
+
+
+def facts(method) -> dict:
+    """The method's run-report facts (budget, probes, QP, allocation)."""
+    return method.summary()["hiratio"]
+
+
+def predicted_kl(method, steps: list[int]) -> float:
+    """The QP loss model's KL for an allocation (steps per layer)."""
+    model = method.loss_model
+    return model.L0 + model(method.ratio_plan.ratios(steps))
 
 
 def measure_allocation(model, method, fp: dict, steps: list[int], windows, refs, probe_ids, probe_ref) -> dict:
@@ -97,16 +108,16 @@ def measure_allocation(model, method, fp: dict, steps: list[int], windows, refs,
 
     t0 = time.perf_counter()
     try:
-        for n, w in method.probe_weights(steps).items():
+        for n, w in method.prober.weights(steps).items():
             model.get_submodule(n).weight.data = w
         res = evaluate_windows(model, windows, refs, progress=False)
         on_probe = evaluate_windows(model, probe_ids, probe_ref, progress=False)
     finally:
         for n, w in fp.items():
             model.get_submodule(n).weight.data = w
-    used = sum(int(t.bits[s]) for t, s in zip(method.tables, steps))
-    bud = method.facts.budget
-    return {"ratios": [t.ratio(s) for t, s in zip(method.tables, steps)], "ratio_bits": used,
+    used = method.ratio_plan.bits(steps)
+    bud = facts(method)["budget"]
+    return {"ratios": method.ratio_plan.ratios(steps).tolist(), "ratio_bits": used,
             "bpw": (bud["low_bits"] + used) / bud["weights"], "measured_kl": res["kl_divergence"],
             "measured_ppl": res["perplexity"], "probe_tokens_kl": on_probe["kl_divergence"],
             "seconds": time.perf_counter() - t0}
@@ -132,12 +143,12 @@ def candidate_ratios(method, count: int, seed: int, full_range: bool = False) ->
     By default every allocation lies in the QP's feasible set (its bounds, e.g. the trust region): a shape's
     allocation r_w is pulled toward the equal allocation c, r = c + λ(r_w − c) with the largest λ ≤ 1 that keeps
     the bounds (both spend the budget exactly, so every r does). ``full_range``: within [0, r_max] only."""
-    L = len(method.tables)
-    budget = method.facts.budget
+    L = len(method.ratio_plan.tables)
+    budget = facts(method)["budget"]
     cost = layer_costs(method)
-    r_max = method.hcfg.r_max
+    r_max = method.options.r_max
     c = np.full(L, budget["equal_ratio"])
-    qp = method.facts.qp
+    qp = facts(method)["qp"]
     lower, upper = ((np.zeros(L), np.full(L, r_max)) if full_range or "lower" not in qp
                     else (np.array(qp["lower"]), np.array(qp["upper"])))
     x = np.linspace(0, 1, L)
@@ -146,7 +157,7 @@ def candidate_ratios(method, count: int, seed: int, full_range: bool = False) ->
     rng = np.random.default_rng(seed)
     while len(shapes) < count - 2:
         shapes.append((f"random {len(shapes) - 4}", rng.dirichlet(np.full(L, 0.7))))
-    out = [("qp", np.array(method.facts.allocation["ratios"])), ("equal", c)]
+    out = [("qp", np.array(facts(method)["allocation"]["ratios"])), ("equal", c)]
     for name, w in shapes[: count - 2]:
         d = at_budget(w, cost, budget["ratio_budget_bits"], r_max) - c
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -164,6 +175,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     from flexquant.eval import reference_logprobs
     from flexquant.methods import build_method
     from flexquant.models import get_spec, load_model
+    from flexquant.pipeline import prepare_model
 
     calib = load_file(work / "calib.safetensors")["input_ids"]
     model, _ = load_model(args.model_dir)
@@ -171,32 +183,31 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     config = QuantConfig(model=args.model_dir, method="hiratio", nsamples=calib.shape[0], seqlen=calib.shape[1],
                          options=qp_options(args)).replace(group_size=args.group_size)
     method = build_method(config)
-    method.keep_probe_weights = True
     t0 = time.perf_counter()
-    method.prepare(model, spec, calib, torch.device("cpu"))
+    prepare_model(model, spec, method, calib, torch.device("cpu"), config.batch_size)
     prepare_seconds = time.perf_counter() - t0
-    fp = {n: model.get_submodule(n).weight.data for blk in method.blocks for n in blk}
+    fp = {n: model.get_submodule(n).weight.data for blk in method.ratio_plan.blocks for n in blk}
     win = windows[: args.spearman_windows]
     refs = ref[: args.spearman_windows]
     # The probes' own tokens too: does the loss model rank allocations on the data it was fitted to?
-    h = method.hcfg
+    h = method.options
     probe_ids = calib[: h.probe_nsamples, : h.probe_seqlen]
     probe_ref = reference_logprobs(model, probe_ids, progress=False)
-    extra = method.facts.budget["ratio_budget_bits"]
+    extra = facts(method)["budget"]["ratio_budget_bits"]
     rows = []
     for name, r in candidate_ratios(method, args.allocations, seed=0, full_range=args.full_range):
-        steps = (method.facts.allocation["steps"] if name == "qp"
-                 else round_to_steps(r, method.tables, extra, None, method.hcfg.r_max))
+        steps = (facts(method)["allocation"]["steps"] if name == "qp"
+                 else round_to_steps(r, method.ratio_plan.tables, extra, None, h.r_max))
         row = measure_allocation(model, method, fp, steps, win, refs, probe_ids, probe_ref)
-        rows.append({"allocation": name, **row, "predicted_kl": method.predicted_kl(steps)})
+        rows.append({"allocation": name, **row, "predicted_kl": predicted_kl(method, steps)})
         log.info("allocation %-14s predicted %.4f measured %.4f (bpw %.4f)", name, rows[-1]["predicted_kl"],
                  rows[-1]["measured_kl"], rows[-1]["bpw"])
     rho = spearman([r["predicted_kl"] for r in rows], [r["measured_kl"] for r in rows])
     rho_probe = spearman([r["predicted_kl"] for r in rows], [r["probe_tokens_kl"] for r in rows])
     return {"spearman": rho, "spearman_probe_tokens": rho_probe, "probe_tokens": int(probe_ids.numel()),
-            "full_range": args.full_range, "loss_model": method.hcfg.loss_model,
+            "full_range": args.full_range, "loss_model": h.loss_model,
             "allocations": rows, "windows": int(win.shape[0]), "prepare_seconds": prepare_seconds,
-            "probe": method.facts.probe, "qp": {k: method.facts.qp[k] for k in
+            "probe": facts(method)["probe"], "qp": {k: facts(method)["qp"][k] for k in
                                                 ("backend", "objective", "budget_used", "psd_projection",
                                                  "predicted_kl", "measured_probe_kl")}}
 

@@ -9,10 +9,10 @@ the probe quantizer on the probes' own tokens and on the held-out windows. Repor
 prediction against both, how well the probe tokens stand for the held-out data (ρ of their KLs), the model's
 RMS error, and whether refitting per-layer weights lowers its cross-validated error (`reweight_cv`).
 
-    python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json
-    python bench/hiratio_fresh.py --from bench/results/hiratio_curve.json --rows bench/results/hiratio_fresh.json
+    python -m bench.hiratio_fresh --from bench/results/hiratio_curve.json
+    python -m bench.hiratio_fresh --from bench/results/hiratio_curve.json --rows bench/results/hiratio_fresh.json
                                   # the analysis again on the recorded measurements (no model run)
-    python bench/hiratio_fresh.py --exact-sum bench/results/hiratio_joint_study.json
+    python -m bench.hiratio_fresh --exact-sum bench/results/hiratio_joint_study.json
                                   # joint probes against the exact sum of single-layer changes
 """
 
@@ -24,16 +24,15 @@ import json
 import logging
 import os
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import foundation
+from bench.hiratio_bench import at_budget, facts, layer_costs, measure_allocation
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import foundation  # noqa: E402
-from hiratio_bench import at_budget, layer_costs, measure_allocation  # noqa: E402
 
 log = logging.getLogger("bench.hiratio_fresh")
 
@@ -139,6 +138,11 @@ def exact_sum_check(probe: dict) -> dict:
             "spread": float(meas.std()), "spearman": spearman(pred, meas)}
 
 
+def method_linears(model, spec) -> list[str]:
+    layers = model.get_submodule(spec.layers)
+    return [f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for n in spec.linears]
+
+
 def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     """Every fresh allocation measured with the probe quantizer: held-out and probe-token KL."""
     from flexquant.alloc.qp import round_to_steps
@@ -146,6 +150,7 @@ def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     from flexquant.eval import reference_logprobs
     from flexquant.methods import build_method
     from flexquant.models import get_spec, load_model
+    from flexquant.pipeline import prepare_model
 
     work = Path(args.out) / "work" / "hiratio"
     calib, windows = foundation.setup(args, work, args.windows)
@@ -155,15 +160,14 @@ def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     config = QuantConfig(model=args.model_dir, method="hiratio", nsamples=calib.shape[0], seqlen=calib.shape[1],
                          options={"bpw": 2.5, "allocation": "equal"}).replace(group_size=args.group_size)
     method = build_method(config)
-    method.keep_probe_weights = True
-    method.prepare(model, spec, calib, torch.device("cpu"))  # statistics and step tables only: no probes
-    fp = dict(method._fp)
-    for n, w in fp.items():
-        model.get_submodule(n).weight.data = w
-    centre = [t.ratio(s) for t, s in zip(method.tables, method.facts.allocation["steps"])]
+    fp = {n: model.get_submodule(n).weight.data for n in method_linears(model, spec)}
+    # statistics and step tables only: no probes
+    prepare_model(model, spec, method, calib, torch.device("cpu"), config.batch_size)
+    tables = method.ratio_plan.tables
+    centre = method.ratio_plan.ratios(facts(method)["allocation"]["steps"]).tolist()
     if not np.allclose(centre, probe["center_ratios"]):
         raise SystemExit(f"{args.src} was probed around another centre (other calibration or budget)")
-    bud, h = method.facts.budget, method.hcfg
+    bud, h = facts(method)["budget"], method.options
     cost = layer_costs(method)
     probe_ids = calib[: h.probe_nsamples, : h.probe_seqlen]
     if probe_ids.numel() != probe["tokens"]:
@@ -171,9 +175,9 @@ def measure(args, probe: dict, model_fn) -> tuple[list[dict], str]:
     probe_ref = reference_logprobs(model, probe_ids, progress=False)
     win, refs = windows[: args.windows], ref[: args.windows]
     rows = []
-    for name, w in shapes(len(method.tables), args.allocations, args.seed):
+    for name, w in shapes(len(tables), args.allocations, args.seed):
         r = at_budget(w, cost, bud["ratio_budget_bits"], h.r_max)
-        steps = round_to_steps(r, method.tables, bud["ratio_budget_bits"], None, h.r_max)
+        steps = round_to_steps(r, tables, bud["ratio_budget_bits"], None, h.r_max)
         row = measure_allocation(model, method, fp, steps, win, refs, probe_ids, probe_ref)
         rows.append({"allocation": name, **row, "predicted_kl": model_fn.L0 + model_fn(row["ratios"])})
         log.info("%d/%d %-12s predicted %.4f held-out %.4f probe tokens %.4f", len(rows), args.allocations, name,

@@ -9,7 +9,7 @@ from L2), divided by k. Bytes counted per call: codes + scales + zeros + per-chu
 (read) + y (written); the split-K workspace traffic (L2-resident) is not counted. The device-to-device copy
 bandwidth is measured in the same run (bytes read + written).
 
-    PYTHONPATH=src python3 bench/kernels_gpu.py [--sweep] [--out bench/results]
+    PYTHONPATH=src python3 -m bench.kernels_gpu [--sweep] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ import json
 import math
 import os
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from flexquant.config import GridConfig  # noqa: E402
-from flexquant.kernels import triton_quant as tq  # noqa: E402
-from flexquant.nn import QuantLinear  # noqa: E402
-from flexquant.quant import rtn_quantize  # noqa: E402
+from flexquant.config import GridConfig
+from flexquant.kernels import triton_quant as tq
+from flexquant.nn import QuantLinear
+from flexquant.quant import rtn_quantize
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 BITS = {"2": [2], "3": [3], "4": [4], "2.5mix": None}
@@ -255,7 +252,7 @@ def main() -> None:
              f"**{copy_bw / 1e9:.0f} GB/s**. Shapes are out×in; group size 128, asymmetric; medians of 30 CUDA-graph "
              "replays over ≥3×L2 of rotated copies. Batch 1 runs the FMA path, batch ≥ 2 the tensor-core path; "
              f"tile choice (swept in the same run): `{json.dumps(tq.TUNING)}`. "
-             "Produced by `PYTHONPATH=src python3 bench/kernels_gpu.py --auto`.", "",
+             "Produced by `PYTHONPATH=src python3 -m bench.kernels_gpu --auto`.", "",
              "| out×in | bits | bpw | batch | kernel µs | MB read+written | GB/s | % of copy BW | fp16 µs | fp16 GB/s "
              "| speed-up vs fp16 | rel. err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """llm-compressor GPTQ, saved as its own compressed-tensors checkpoint (the import side of bench/export_bench.py).
 
-    .venv-peers/bin/python bench/llmc_export.py --model MODEL_DIR --calib CALIB.safetensors \
+    .venv-peers/bin/python -m bench.llmc_export --model MODEL_DIR --calib CALIB.safetensors \
         --eval EVAL.safetensors --bits 4 --group-size 64 --out OUT_DIR
 
 Runs the same GPTQModifier recipe as bench/peers.py (int, asymmetric, group-wise, float16 scales, lm_head
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import load_calib, perplexity, publish, run_llmc_gptq  # noqa: E402
+from bench.peers import load_calib, perplexity, publish, run_llmc_gptq
 
 log = logging.getLogger("llmc_export")
 

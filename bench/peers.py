@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a peer quantizer on a Hugging Face Llama folder and save its *dequantized* weights.
 
-    python bench/peers.py {llmc-gptq,hqq} --model MODEL_DIR --calib TOKENS.safetensors \
+    python -m bench.peers {llmc-gptq,hqq} --model MODEL_DIR --calib TOKENS.safetensors \
         --bits B --group-size 64 --out OUT_DIR
 
 Peers (run them from the separate venv made by ``bench/peers_env.sh``, not the core venv):

@@ -8,8 +8,8 @@ as Markdown and JSON.
 Splits are fixed: train (FP training and calibration), val (for choosing hyper-parameters) and test
 (reported). Use ``--eval-split val`` while tuning; the default reports the test split.
 
-    python bench/vision_bench.py                      # full run (5 seeds), ~10 min on one core
-    python bench/vision_bench.py --seeds 0 --bits 2   # quick look
+    python -m bench.vision_bench                      # full run (5 seeds), ~10 min on one core
+    python -m bench.vision_bench --seeds 0 --bits 2   # quick look
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
 """The ranking-check helpers of bench/hiratio_bench.py and bench/hiratio_fresh.py (pure numpy on stored data)."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import hiratio_bench, hiratio_fresh
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-hiratio_bench = pytest.importorskip("hiratio_bench")
-hiratio_fresh = pytest.importorskip("hiratio_fresh")
 
 
 def test_at_budget_spends_the_bits_within_r_max():
@@ -73,6 +71,7 @@ def test_measure_allocation_puts_the_weights_back_and_counts_the_stored_bits():
     from flexquant.methods import build_method
     from flexquant.models import get_spec
     from flexquant.models.builtin import tiny_llama
+    from flexquant.pipeline import prepare_model
 
     model, _ = tiny_llama(hidden=128, intermediate=256, layers=2)
     model.eval()
@@ -80,14 +79,14 @@ def test_measure_allocation_puts_the_weights_back_and_counts_the_stored_bits():
     config = QuantConfig(model="tiny", method="hiratio", nsamples=4, seqlen=64,
                          options={"bpw": 2.6, "allocation": "equal", "stats_nsamples": 4}).replace(group_size=64)
     method = build_method(config)
-    method.keep_probe_weights = True
-    method.prepare(model, get_spec(model.config.model_type), calib, torch.device("cpu"))
-    fp = {n: model.get_submodule(n).weight.data for blk in method.blocks for n in blk}
+    prepare_model(model, get_spec(model.config.model_type), method, calib, torch.device("cpu"))
+    fp = {n: model.get_submodule(n).weight.data for blk in method.ratio_plan.blocks for n in blk}
     before = {n: w.clone() for n, w in fp.items()}
     ref = reference_logprobs(model, calib, progress=False)
-    steps = method.facts.allocation["steps"]
+    facts = method.summary()["hiratio"]
+    steps = facts["allocation"]["steps"]
     row = hiratio_bench.measure_allocation(model, method, fp, steps, calib[:2], ref[:2], calib[2:], ref[2:])
     assert all(torch.equal(model.get_submodule(n).weight.data, w) for n, w in before.items())
-    assert row["bpw"] == pytest.approx(method.facts.allocation["planned_bpw"])
-    assert row["ratios"] == method.facts.allocation["ratios"]
+    assert row["bpw"] == pytest.approx(facts["allocation"]["planned_bpw"])
+    assert row["ratios"] == facts["allocation"]["ratios"]
     assert row["measured_kl"] > 0 and row["probe_tokens_kl"] > 0

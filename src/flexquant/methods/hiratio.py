@@ -96,7 +96,7 @@ class HiRatio(Method):
         rgrid = RatioGrid(h.b_lo, h.b_hi, grid.group_size, grid.sym, grid.scale_bits, grid.zero_bits,
                           self.config.gptq.act_order)
         plan = self.ratio_plan = RatioPlan(blocks, lins, rgrid, cap)
-        self.prober = ProbeQuantizer(plan, self._fp, stats.hessians, grid, self.config.gptq)
+        self.prober = ProbeQuantizer(plan, self._fp, dict(stats.hessians), grid, self.config.gptq)
         N = sum(lin.m * lin.n for lin in lins.values())
         budget, base = int(h.bpw * N), plan.base_bits()
         extra = budget - base
