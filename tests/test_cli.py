@@ -58,3 +58,76 @@ def test_bits_out_of_range_is_rejected_by_the_parser():
     proc = subprocess.run([sys.executable, "-m", "flexquant.cli", "quantize", "tiny-llama", "--bits", "5",
                            "--out", "x"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_methods_lists_every_method_with_its_defaults(capsys):
+    import dataclasses
+
+    from flexquant.methods import METHODS
+
+    assert main(["methods", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) == set(METHODS) >= {"rtn", "gptq", "flexible", "hiratio", "adaptive"}
+    for name, cls in METHODS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        assert set(info[name]["options"]) == set(fields)
+        for opt, f in fields.items():
+            default = info[name]["options"][opt]["default"]
+            assert (tuple(default) if isinstance(default, list) else default) == f.default
+            assert info[name]["options"][opt]["help"]
+    assert main(["methods", "flexible"]) == 0
+    out = capsys.readouterr().out
+    assert "--feedback-alpha" in out and "default: 0.25" in out and "hiratio" not in out
+    assert main(["methods", "nope", "-q"]) == 2
+
+
+def test_every_option_is_a_generated_flag():
+    """`flexquant quantize --help` has a flag for every run, grid, GPTQ and method field (none hand-written)."""
+    import dataclasses
+
+    from flexquant.config import METHOD_CONFIGS, GPTQConfig, GridConfig
+
+    help_text = subprocess.run([sys.executable, "-m", "flexquant.cli", "quantize", "--help"], capture_output=True,
+                               text=True).stdout
+    names = [f.name for c in (GridConfig, GPTQConfig, *METHOD_CONFIGS.values()) for f in dataclasses.fields(c)]
+    names += ["method", "calib", "nsamples", "seqlen", "seed", "batch_size", "device"]
+    missing = [n for n in names if "--" + n.replace("_", "-") not in help_text]
+    assert not missing and "--recipe" in help_text
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--method", "flexible", "--b-lo", "3"], "--b-lo applies to --method hiratio only (this run is --method flexible)"),
+    (["--method", "hiratio", "--a-bits", "4"], "--a-bits applies to --method adaptive only"),
+    (["--bpw", "3"], "--bpw applies to --method flexible or hiratio only (this run is --method gptq)"),
+    (["--method", "flexible", "--protect", "both"], "invalid choice"),
+    (["--method", "nope"], "unknown method 'nope'"),
+])
+def test_a_flag_of_another_method_is_a_clear_error(argv, msg, tmp_path, capsys):
+    try:
+        rc = main(["quantize", "tiny-llama", *argv, "--out", str(tmp_path / "o"), "-q"])
+    except SystemExit as e:  # argparse's own checks (choices) exit 2 too
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_recipe_flags_override_it_and_bad_recipes_fail_clearly(ckpt, tmp_path, capsys):
+    from flexquant.recipe import read_recipe
+
+    recipe = read_recipe(ckpt)  # a checkpoint folder stands for its recipe.yaml
+    assert recipe.method == "gptq" and recipe.grid.bits == 4 and recipe.grid.scale_bits == 16  # resolved
+    out = tmp_path / "r3"
+    assert main(["quantize", "--recipe", str(ckpt / "recipe.yaml"), "--bits", "3", "--out", str(out), "-q"]) == 0
+    assert read_recipe(out).grid.bits == 3 and read_recipe(out).nsamples == recipe.nsamples
+    bad = {"missing.yaml": None, "broken.yaml": "model: [unclosed", "list.yaml": "- 1\n- 2\n",
+           "field.yaml": "model: tiny-llama\nbitz: 3\n", "type.yaml": "nsamples: many\n",
+           "grid.json": json.dumps({"grid": {"bits": "four"}}), "opt.yaml": "method: flexible\noptions: {b_lo: 2}\n"}
+    msgs = {"missing.yaml": "does not exist", "broken.yaml": "is not valid YAML", "list.yaml": "must hold a mapping",
+            "field.yaml": "unknown QuantConfig fields ['bitz']", "type.yaml": "nsamples='many' must be int",
+            "grid.json": "grid.bits='four' must be int", "opt.yaml": "'b_lo' does not apply to --method flexible"}
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert main(["quantize", "--recipe", str(tmp_path / name), "--out", str(tmp_path / "x"), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msgs[name] in err[0], (name, err)

@@ -1,5 +1,6 @@
-"""Checkpoints of fixed-seed runs stay bit-identical: the reference digests were made by the code before the
-issue-20 renovation (tests/regression_cases.py)."""
+"""Checkpoints of fixed-seed runs stay bit-identical (the reference digests were made by the code before the
+issue-20 renovation, tests/regression_cases.py), store exactly the bits their plan and the cost model say, and
+their recipe.yaml reproduces them through the command line."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,18 @@ from pathlib import Path
 import pytest
 from regression_cases import CASES, digest, run_case
 
+import flexquant as fq
+from flexquant.alloc.cost import result_bits
+from flexquant.cli import main
+from flexquant.nn import QuantLinear
+
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_digests.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regression")
+    return {name: run_case(name, root / name) for name in CASES}
 
 
 def test_every_case_has_a_reference():
@@ -15,5 +27,26 @@ def test_every_case_has_a_reference():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_checkpoint_tensors_are_bit_identical(name, tmp_path):
-    assert digest(run_case(name, tmp_path / name)) == REFERENCE[name]
+def test_checkpoint_tensors_are_bit_identical(saved, name):
+    assert digest(saved[name]) == REFERENCE[name]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_planned_bits_equal_stored_bits(saved, name):
+    """The cost model gives every stored layer's bits exactly; a method's planned bpw is the stored bpw."""
+    qm = fq.load(saved[name])
+    layers = [m for m in qm.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(result_bits(q.to_result(), q._rotation) == q.stored_bits() for q in layers)
+    method = qm.report["method"]
+    planned = (method.get("flexible") or method.get("hiratio") or {}).get("allocation", {}).get("planned_bpw")
+    if name.startswith(("flexible", "hiratio")):
+        weights = sum(q.in_features * q.out_features for q in layers)
+        assert planned == pytest.approx(sum(q.stored_bits() for q in layers) / weights, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_recipe_reproduces_the_checkpoint(saved, name, tmp_path):
+    recipe = saved[name] / "recipe.yaml"
+    assert recipe.read_text().startswith("# flexquant")
+    assert main(["quantize", "--recipe", str(recipe), "--out", str(tmp_path / "again"), "-q"]) == 0
+    assert digest(tmp_path / "again") == REFERENCE[name]
