@@ -99,13 +99,37 @@ def gptq_quantize(
         W, H = W[:, perm], H[perm][:, perm]
     U, lam = inverse_cholesky_upper(H, cfg.damp)
     base = log_scale_base(W.view(m, ng, g), group_bits, grid.sym) if grid.scale_bits == 8 else None
+    codes, scales, zeros, Q, loss = _solve(W, U, group_bits, grid, base, cfg.block_size)
 
+    qmask = (group_bits < FP16_BITS).to(W.device)
+    Qg = Q.view(m, ng, g)
+    return QuantResult(
+        codes=codes,
+        scales=scales[:, qmask].contiguous(),
+        zeros=None if grid.sym else zeros[:, qmask].to(torch.uint8).contiguous(),
+        group_bits=group_bits,
+        group_size=g,
+        sym=grid.sym,
+        perm=perm,
+        fp16_cols=Qg[:, ~qmask].reshape(m, -1).half() if not bool(qmask.all()) else None,
+        stats={"gptq_loss": loss, "damp": lam},
+        scale_base=base,
+        zero_bits=grid.zero_bits or 8,
+    )
+
+
+def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: GridConfig, base, B: int):
+    """The GPTQ column loop over W [m, n] (quantization order) with U the upper Cholesky factor of H⁻¹:
+    each column rounded, its error spread onto the later columns, in lazy blocks of B columns; group
+    parameters from the group's compensated weights when its first column comes. W is updated in place.
+    Returns (codes, scales, zeros, dequantized Q, OBS loss)."""
+    m, n = W.shape
+    g, ng = grid.group_size, n // grid.group_size
     codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(m, ng, device=W.device)
     zeros = torch.zeros(m, ng, device=W.device)
     Q = torch.zeros_like(W)
     losses = torch.zeros(m, device=W.device)
-    B = cfg.block_size
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -132,19 +156,4 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    qmask = (group_bits < FP16_BITS).to(W.device)
-    Qg = Q.view(m, ng, g)
-    return QuantResult(
-        codes=codes,
-        scales=scales[:, qmask].contiguous(),
-        zeros=None if grid.sym else zeros[:, qmask].to(torch.uint8).contiguous(),
-        group_bits=group_bits,
-        group_size=g,
-        sym=grid.sym,
-        perm=perm,
-        fp16_cols=Qg[:, ~qmask].reshape(m, -1).half() if not bool(qmask.all()) else None,
-        stats={"gptq_loss": float(losses.sum()), "damp": lam},
-        scale_base=base,
-        zero_bits=grid.zero_bits or 8,
-    )
+    return codes, scales, zeros, Q, float(losses.sum())
