@@ -262,7 +262,7 @@ def main() -> None:
         w, a, k, v = SETTINGS[setting]
         for variant in filter(None, args.variants.split(",")):
             options = {"w_bits": w, "a_bits": a, "k_bits": k, "v_bits": v, **VARIANTS[variant], **train,
-                       **({"seed": seed} if seed else {})}
+                       **({"transform_seed": seed} if seed else {})}
             key = config_key(setting_key, options)
             cached = cache.get(key) or legacy.get(key)
             if cached is not None:

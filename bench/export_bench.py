@@ -79,7 +79,7 @@ def fp16_weights(model):
     from flexquant.nn.quant_linear import QuantLinear
 
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantLinear) and mod._rotation is None:
+        if isinstance(mod, QuantLinear) and mod.rotation_order == 0:
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             lin.weight.data = mod.dequantized_weight().half().float()
             if mod.bias is not None:

@@ -36,7 +36,7 @@ def test_planned_bits_equal_stored_bits(saved, name):
     """The cost model gives every stored layer's bits exactly; a method's planned bpw is the stored bpw."""
     qm = fq.load(saved[name])
     layers = [m for m in qm.model.modules() if isinstance(m, QuantLinear)]
-    assert layers and all(result_bits(q.to_result(), q._rotation) == q.stored_bits() for q in layers)
+    assert layers and all(result_bits(q.to_result(), q.rotation) == q.stored_bits() for q in layers)
     method = qm.report["method"]
     planned = (method.get("flexible") or method.get("hiratio") or {}).get("allocation", {}).get("planned_bpw")
     if name.startswith(("flexible", "hiratio")):

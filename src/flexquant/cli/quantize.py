@@ -18,6 +18,7 @@ NOT_CONFIG = {"command", "quiet", "recipe", "out", "overwrite", "eval_windows", 
 def register(sub) -> None:
     p = sub.add_parser(
         "quantize", help="quantize a model and write a packed checkpoint",
+        usage="flexquant quantize [MODEL] --out DIR [--recipe FILE] [--method NAME] [option flags]",
         description="Quantize MODEL (built-in name, local folder or hub id) and save a packed checkpoint into "
                     "--out with its recipe (recipe.yaml), a JSON run report (report.json) and plots. Settings "
                     "come from the flags, or from a recipe file (--recipe) that the flags then override. "

@@ -59,6 +59,11 @@ class QuantLinear(nn.Module):
             tensors.update(rotation_tensors(rotation))
         return cls(n, m, r.group_size, r.sym, tensors, b, rotation.factor.shape[0] if rotation is not None else 0)
 
+    @property
+    def rotation(self) -> Rotation | None:
+        """The online input rotation applied before the matmul (None: none)."""
+        return self._rotation
+
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.buffer_names}
 
