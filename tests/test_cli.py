@@ -85,9 +85,8 @@ def test_every_option_is_a_generated_flag():
     """`flexquant quantize --help` has a flag for every run, grid, GPTQ and method field (none hand-written)."""
     import dataclasses
 
-    from flexquant.config import METHOD_CONFIGS, GPTQConfig, GridConfig
-
     from flexquant.cli import build_parser
+    from flexquant.config import METHOD_CONFIGS, GPTQConfig, GridConfig
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -99,7 +98,7 @@ def test_every_option_is_a_generated_flag():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--method", "flexible", "--b-lo", "3"], "--b-lo applies to --method hiratio only (this run is --method flexible)"),
+    (["--method", "flexible", "--b-lo", "3"], "--b-lo applies to --method hiratio only (this run is --method flex"),
     (["--method", "hiratio", "--a-bits", "4"], "--a-bits applies to --method adaptive only"),
     (["--bpw", "3"], "--bpw applies to --method flexible or hiratio only (this run is --method gptq)"),
     (["--method", "flexible", "--protect", "both"], "invalid choice"),

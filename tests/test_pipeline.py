@@ -153,3 +153,33 @@ def test_run_capturing_can_stop_after_the_last_named_input(tiny, calib_ids):
         assert len(partial[n]) == len(inputs.hidden)
         assert all(torch.equal(a, b) for a, b in zip(full[n], partial[n]))
     assert run_capturing(block, inputs, torch.device("cpu"), (), outputs=False) == (None, {})
+
+
+def test_statistics_pass_gives_fp_hessians_kept_inputs_and_block_calls(tiny, calib_ids):
+    """One pass: H of every linear equals collect_hessian on the untouched model, every linear of a group
+    shares its H tensor, the kept inputs are the model's hidden states, on_block sees each block's FP inputs and
+    outputs, and the Fisher covers whole batches from the start."""
+    from flexquant.pipeline import StatsRequest, collect_hessian, fp_statistics
+
+    model, spec, dev = tiny[0], get_spec("llama"), torch.device("cpu")
+    calls = []
+    request = StatsRequest(windows=6, fisher_windows=3, keep_windows=5,
+                           on_block=lambda i, block, inp, out, device: calls.append((i, inp, out)))
+    stats = fp_statistics(model, spec, calib_ids, dev, 2, request)
+    assert stats.windows == 6 and set(stats.fisher) == set(stats.hessians) and len(stats.hessians) == 14
+    inputs = capture_block_inputs(model, spec, calib_ids[:6], dev, 2)
+    for i, block in enumerate(model.model.layers):
+        for group in spec.linear_groups:
+            H = collect_hessian(block, group[0], inputs, dev)
+            got = [stats.hessians[f"model.layers.{i}.{n}"] for n in group]
+            assert all(g is got[0] for g in got) and torch.allclose(got[0], H, rtol=1e-4, atol=1e-6)
+        kept = stats.inputs.get(i)
+        assert [h.shape[0] for h in kept.hidden] == [2, 2, 1]  # the first 5 windows
+        assert torch.equal(torch.cat(kept.hidden), torch.cat(inputs.hidden)[:5])
+        assert calls[i][0] == i and torch.equal(torch.cat(calls[i][1].hidden), torch.cat(inputs.hidden))
+        inputs = inputs.with_hidden(run_block(block, inputs, dev))
+        assert torch.allclose(torch.cat(calls[i][2]), torch.cat(inputs.hidden), atol=1e-6)
+    assert torch.allclose(torch.cat(stats.last_output), torch.cat(inputs.hidden)[:5], atol=1e-6)
+    # fisher_windows=3 -> the first two batches (4 windows): the same as a pass over those 4 windows alone
+    alone = fp_statistics(model, spec, calib_ids, dev, 2, StatsRequest(windows=4, fisher_windows=4))
+    assert all(torch.allclose(stats.fisher[n], alone.fisher[n], rtol=1e-5) for n in alone.fisher)
