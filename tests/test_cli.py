@@ -98,7 +98,8 @@ def test_every_option_is_a_generated_flag():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--method", "flexible", "--b-lo", "3"], "--b-lo applies to --method hiratio only (this run is --method flex"),
+    (["--method", "flexible", "--b-lo", "3"],
+     "--b-lo applies to --method hiratio only (this run is --method flexible)"),
     (["--method", "hiratio", "--a-bits", "4"], "--a-bits applies to --method adaptive only"),
     (["--bpw", "3"], "--bpw applies to --method flexible or hiratio only (this run is --method gptq)"),
     (["--method", "flexible", "--protect", "both"], "invalid choice"),
