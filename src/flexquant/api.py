@@ -112,7 +112,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
              config.grid.bits, config.grid.group_size, device)
     results, records, notes = quantize_model(hf_model, spec, method, calib_ids if method.needs_calibration
                                              else None, device, config.batch_size, progress)
-    pack_model(hf_model, results, getattr(method, "runtime", None))
+    pack_model(hf_model, results, method.runtime)
     seconds = time.perf_counter() - t0
     report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
                           None if calib_ids is None or not method.needs_calibration else int(calib_ids.numel()))

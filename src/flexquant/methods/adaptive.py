@@ -151,7 +151,6 @@ class Adaptive(Method):
         super().__init__(config)
         self.w_bits = FP16_BITS if self.options.w_bits == FP16_BITS else config.grid.bits
         self.facts: dict = {}
-        self.runtime: ActQuantRuntime | None = None
 
     # ----- whole-model preparation: transforms, clipping, selection -----
     def _sites(self, model, spec):

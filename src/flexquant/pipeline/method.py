@@ -46,6 +46,8 @@ class Method:
     # Groups (named by their first linear) that also get D = 2(X_fp − X_q)ᵀX_q/T in ``ctx.cross``; needs the
     # statistics pass to keep full-precision inputs, and pre-norm blocks.
     feedback_groups: tuple[str, ...] = ()
+    # The activation/KV-cache runtime a weight-activation method hands the packer (`actquant`); None: weights only.
+    runtime = None
 
     def __init__(self, config: QuantConfig):
         self.config = config
