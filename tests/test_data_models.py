@@ -23,6 +23,12 @@ def test_windows(tiny):
     assert a.shape == (4, 64) and torch.equal(a, b) and not torch.equal(a, c)
     e = eval_windows(tok, "pydoc", 1024, windows=3)
     assert e.shape == (3, 1024)
+    e.zero_()  # the tokens are kept per (tokenizer, text): what a caller gets is its own copy
+    again = eval_windows(tok, "pydoc", 1024, windows=3)
+    assert again.any() and torch.equal(again[:, :64], eval_windows(tiny_llama()[1], "pydoc", 1024, 3)[:, :64])
+    calib_text = load_text("pydoc", "calib")  # a cached tokenization is the tokenizer's own
+    direct = tok(calib_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    assert torch.equal(calibration_windows(tok, "pydoc", 1, direct.numel() - 1)[0], direct[:-1])  # one start: 0
 
 
 def test_local_text_sources(tmp_path, tiny):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -82,9 +83,29 @@ def load_text(source: str, split: str) -> str:
     return text
 
 
+_TOKENS: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (tokenizer, text) digests -> ids
+_TOKENS_KEPT = 4
+
+
+def _fingerprint(tokenizer) -> str:
+    """What the tokenization depends on: a fast tokenizer's whole definition, else its class, name and size."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else \
+        f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
 def _tokens(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
-    return ids.to(torch.long)
+    """The token ids of ``text`` (read-only: callers copy what they return); the last few texts are kept, so
+    that repeated runs in one process (several quantizations, quantize then evaluate) tokenize once."""
+    key = (_fingerprint(tokenizer), hashlib.sha256(text.encode()).hexdigest())
+    if key not in _TOKENS:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+        _TOKENS[key] = ids.to(torch.long)
+        while len(_TOKENS) > _TOKENS_KEPT:
+            _TOKENS.popitem(last=False)
+    _TOKENS.move_to_end(key)
+    return _TOKENS[key]
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -112,4 +133,4 @@ def eval_windows(tokenizer, source: str, seqlen: int, windows: int | None = None
     w = available if windows is None else min(windows, available)
     if windows is not None and windows > available:
         log.warning("only %d windows of %d tokens available (asked %d)", available, seqlen, windows)
-    return ids[: w * seqlen].view(w, seqlen)
+    return ids[: w * seqlen].clone().view(w, seqlen)
