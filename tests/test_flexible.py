@@ -32,7 +32,7 @@ def _kl(ref, model, ids):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("bpw", [3.0, 3.3, 3.7])
+@pytest.mark.parametrize("bpw", [3.0, 3.3])  # 2.5 and 3.5 (gptq proxy): tests/test_regression.py
 def test_fractional_budget_is_hit_from_stored_bits(wide, calib, bpw):
     path, _ = wide
     qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, progress=False,

@@ -41,11 +41,19 @@ def test_planned_bits_equal_stored_bits(saved, name):
     planned = (method.get("flexible") or method.get("hiratio") or {}).get("allocation", {}).get("planned_bpw")
     if name.startswith(("flexible", "hiratio")):
         weights = sum(q.in_features * q.out_features for q in layers)
-        assert planned == pytest.approx(sum(q.stored_bits() for q in layers) / weights, abs=1e-12)
+        stored = sum(q.stored_bits() for q in layers) / weights
+        target = CASES[name]["options"]["bpw"]
+        # SBGBS lands within 0.02 below the budget; hiratio's steps are whole column groups (coarse on tiny layers)
+        slack = 0.02 if name.startswith("flexible") else 0.1
+        assert planned == pytest.approx(stored, abs=1e-12) and target - slack <= stored <= target
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_recipe_reproduces_the_checkpoint(saved, name, tmp_path):
+def test_recipe_reproduces_the_checkpoint(saved, name, tmp_path, monkeypatch):
+    from flexquant import api
+
+    for plot in ("plot_report", "plot_flexible", "plot_hiratio"):  # the tensors are compared; plots cost ~1 s
+        monkeypatch.setattr(api, plot, lambda report, path: None)
     recipe = saved[name] / "recipe.yaml"
     assert recipe.read_text().startswith("# flexquant")
     assert main(["quantize", "--recipe", str(recipe), "--out", str(tmp_path / "again"), "-q"]) == 0
