@@ -84,3 +84,21 @@ def test_save_refuses_existing_and_leaves_nothing_half_written(saved, tmp_path, 
     with pytest.raises(OSError):
         fq.save(qm, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no temp folder, no partial output
+
+
+def test_checkpoints_with_an_older_config_record_still_load(tmp_path, caplog):
+    """A quant_config.json written before the typed configs (renamed or unknown options) loads: renamed
+    options are mapped, an unreadable record only costs the config."""
+    qm = fq.quantize("tiny-llama", method="rtn", bits=4, group_size=32, progress=False)
+    path = fq.save(qm, tmp_path / "ck", plot=False)
+    qc_file = path / "quant_config.json"
+    qc = json.loads(qc_file.read_text())
+    for options, method, expect in (({"bpw": 3.0, "seed": 2}, "flexible", 2), ({"no_such_option": 1}, "gptq", None)):
+        qc["quant_config"].update(method=method, options=options)
+        qc_file.write_text(json.dumps(qc))
+        loaded = fq.load(path, verify=False)
+        if expect is None:
+            assert loaded.config is None and "does not parse" in caplog.text
+        else:
+            assert loaded.config.options.rotation_seed == expect
+        assert loaded.model(torch.zeros(1, 4, dtype=torch.long)).logits.shape[-1] == 258

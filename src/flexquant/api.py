@@ -152,10 +152,31 @@ def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verif
         model, tok, info = load_foreign(path, kernel=kernel)
         return QuantizedModel(model.to(resolve_device(device)), tok, None, {"foreign": info})
     model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify)
-    cfg = QuantConfig.from_dict(qc["quant_config"]) if qc.get("quant_config") else None
+    cfg = _recorded_config(path, qc.get("quant_config"))
     report_file = Path(path) / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return QuantizedModel(model.to(resolve_device(device)), tok, cfg, report)
+
+
+# Option names checkpoints made before the typed configs may hold, by method: old name -> current name.
+_RENAMED_OPTIONS = {"flexible": {"seed": "rotation_seed"}, "adaptive": {"seed": "transform_seed"}}
+
+
+def _recorded_config(path, recorded: dict | None) -> QuantConfig | None:
+    """The `QuantConfig` a checkpoint records; older names are mapped, and a record this version cannot read
+    only costs the config (the model loads all the same)."""
+    if not recorded:
+        return None
+    recorded = dict(recorded)
+    renames = _RENAMED_OPTIONS.get(recorded.get("method"), {})
+    if isinstance(recorded.get("options"), dict):
+        recorded["options"] = {renames.get(k, k): v for k, v in recorded["options"].items()}
+    try:
+        return QuantConfig.from_dict(recorded)
+    except FlexQuantError as e:
+        log.warning("%s: its recorded quantization config does not parse with this flexquant (%s); loaded "
+                    "without it", path, e)
+        return None
 
 
 def is_checkpoint(path: str | Path) -> bool:
