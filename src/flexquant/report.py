@@ -110,7 +110,7 @@ def plot_flexible(report: dict, path: str | Path) -> Path | None:
                        f"planned {facts['allocation']['planned_bpw']:.3f})")
     ax[0, 0].set_xlabel("linear (model order)")
     hist = facts["allocation"]["histogram"]
-    ax[0, 1].bar([str(k) for k in hist], list(hist.values()), color="tab:green")
+    ax[0, 1].bar(range(len(hist)), list(hist.values()), color="tab:green", tick_label=[str(k) for k in hist])
     ax[0, 1].set_title("groups per bit-width")
     prot = facts.get("protected") or {}
     if prot:
