@@ -16,18 +16,22 @@ from torch import nn
 
 from .actquant.runtime import attach as attach_actquant
 from .actquant.runtime import install as install_actquant
+from .actquant.runtime import stored_bits as actquant_bits
 from .alloc.cost import result_bits
-from .config import QuantConfig
+from .atomic import atomic_folder
+from .config import QuantConfig, parse_bytes
 from .data import calibration_windows, eval_windows
 from .errors import FlexQuantError
 from .eval import evaluate_windows, peak_rss_mb
-from .format.checkpoint import QUANT_CONFIG, load_checkpoint, save_checkpoint
+from .format.checkpoint import QUANT_CONFIG, CheckpointWriter, load_checkpoint, save_checkpoint
 from .methods import build_method
 from .models import get_spec, load_model
+from .models.loader import load_streamed
+from .models.stream import residency
 from .nn.quant_linear import QuantLinear
-from .pipeline import quantize_model
+from .pipeline import ActivationStore, quantize_model
 from .recipe import RECIPE, write_recipe
-from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report
+from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report, summarize_bits
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,12 @@ class QuantizedModel:
     tokenizer: object
     config: QuantConfig | None = None
     report: dict = field(default_factory=dict)
+    path: Path | None = None  # where the checkpoint was written as the run went (`quantize(out=...)`)
 
     @property
     def bpw(self) -> float:
+        if self.path is not None and not _materialized(self.model):
+            return self.report["summary"]["bpw"]
         return bit_summary(self.model)["bpw"]
 
 
@@ -65,10 +72,9 @@ def _check_group_size(model: nn.Module, spec, group_size: int) -> None:
             )
 
 
-def pack_model(model: nn.Module, results: dict, runtime=None) -> nn.Module:
+def pack_results(model: nn.Module, results: dict) -> None:
     """Replace each quantized linear by a `QuantLinear` built from its `QuantResult` (with the online rotation
-    the result carries), and connect the activation/KV runtime of weight-activation methods (``runtime``, or
-    the one the model already holds). The stored bits are checked against the cost model (`alloc.cost`)."""
+    the result carries); the stored bits are checked against the cost model (`alloc.cost`)."""
     for name, r in results.items():
         parent, _, child = name.rpartition(".")
         lin = model.get_submodule(name)
@@ -78,6 +84,12 @@ def pack_model(model: nn.Module, results: dict, runtime=None) -> nn.Module:
             log.warning("%s stores %d bits, the cost model planned %d: the reported bpw is the stored one",
                         name, q.stored_bits(), planned)
         setattr(model.get_submodule(parent), child, q)
+
+
+def pack_model(model: nn.Module, results: dict, runtime=None) -> nn.Module:
+    """`pack_results`, then connect the activation/KV runtime of weight-activation methods (``runtime``, or
+    the one the model already holds)."""
+    pack_results(model, results)
     if runtime is not None:
         install_actquant(model, runtime)
     else:
@@ -85,12 +97,38 @@ def pack_model(model: nn.Module, results: dict, runtime=None) -> nn.Module:
     return model
 
 
+def _load_for_run(config: QuantConfig, device: torch.device):
+    """(model, tokenizer): streamed block by block when the config allows and the model has safetensors files,
+    else loaded whole. On the CPU, half-precision weights are computed in float32."""
+    cpu = device.type == "cpu"
+    if config.stream != "off":
+        loaded = load_streamed(config.model, torch.float32 if cpu else None)
+        if loaded is not None:
+            return loaded
+        if config.stream == "on":
+            raise FlexQuantError(f"--stream on needs a model folder with safetensors weights; {config.model} has "
+                                 "none (it is built in code or stored otherwise): pass --stream auto or off")
+    model, tok = load_model(config.model)
+    if cpu and model.dtype in (torch.float16, torch.bfloat16):
+        model = model.float()
+    return model, tok
+
+
+def _store(config: QuantConfig) -> ActivationStore:
+    return ActivationStore(config.store_dtype, parse_bytes(config.max_memory), config.offload_dir or None)
+
+
 def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,
-             progress: bool = True, **settings) -> QuantizedModel:
+             progress: bool = True, out: str | Path | None = None, overwrite: bool = False, plot: bool = True,
+             **settings) -> QuantizedModel:
     """Quantize ``model`` (built-in name, folder or hub id) with ``config`` (and/or flat ``settings``
     such as ``method="gptq", bits=3, group_size=64``, ``options=dict(...)`` for the method's options).
     ``calib_ids`` [N, L] replaces the calibration windows the config describes. Returns the packed model and
-    its report; ``QuantizedModel.config`` is the resolved config (what `save` writes as the recipe)."""
+    its report; ``QuantizedModel.config`` is the resolved config (what `save` writes as the recipe).
+
+    With ``out``, the checkpoint is written there as the run goes (a shard per finished block, then renamed
+    into place; `save` is not needed): with a streamed model, neither the full-precision nor the packed model
+    is ever held whole. The returned model is then read back from ``out`` when used."""
     config = config or QuantConfig()
     if model is not None:
         settings["model"] = model
@@ -98,35 +136,96 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
         config = config.replace(**settings)
     method = build_method(config)  # validates the method's options before the model is loaded
     config = method.config  # grid settings the method filled in
-    t_load = time.perf_counter()
-    hf_model, tok = load_model(config.model)
-    t0 = time.perf_counter()
-    load_seconds = t0 - t_load
-    spec = get_spec(hf_model.config.model_type)
-    _check_group_size(hf_model, spec, config.grid.group_size)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
     device = resolve_device(config.device)
-    given = calib_ids is not None
-    if method.needs_calibration and calib_ids is None:
-        calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
-    log.info("quantizing %s with %s at %d bits, group %d on %s", config.model, config.method,
-             config.grid.bits, config.grid.group_size, device)
-    results, records, notes = quantize_model(hf_model, spec, method, calib_ids if method.needs_calibration
-                                             else None, device, config.batch_size, progress)
-    pack_model(hf_model, results, method.runtime)
-    seconds = time.perf_counter() - t0
-    report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
-                          None if calib_ids is None or not method.needs_calibration else int(calib_ids.numel()))
-    report["summary"]["load_seconds"] = load_seconds
-    report["calibration"]["windows_given"] = given  # passed in by the caller: the recipe cannot redraw them
-    report["method"] = method.summary()
-    return QuantizedModel(hf_model, tok, config, report)
+    t_load = time.perf_counter()
+    hf_model, tok = _load_for_run(config, device)
+    run = _Run(config, method, hf_model, tok, device, time.perf_counter() - t_load, calib_ids, progress)
+    if out is None:
+        return run.in_memory()
+    with atomic_folder(out, overwrite, QUANT_CONFIG, "flexquant checkpoint") as tmp:
+        qm = run.to_folder(tmp, plot)
+    qm.path = Path(out)
+    return qm
 
 
-def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
-    """Write the packed checkpoint, its recipe (``recipe.yaml``) and the run report to ``path`` atomically."""
-    meta = {"quant_config": qmodel.config.to_dict() if qmodel.config else None,
+class _Run:
+    """One quantization run's steps (`quantize`): calibration data, the pipeline with per-block packing, the
+    report; the packed blocks either stay in memory or go to a checkpoint writer as they are finished."""
+
+    def __init__(self, config, method, model, tok, device, load_seconds, calib_ids, progress):
+        self.config, self.method, self.model, self.tok, self.device = config, method, model, tok, device
+        self.spec = get_spec(model.config.model_type)
+        self.res = residency(model, self.spec)
+        _check_group_size(model, self.spec, config.grid.group_size)
+        self.given = calib_ids is not None
+        if method.needs_calibration and calib_ids is None:
+            calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
+        self.calib_ids = calib_ids if method.needs_calibration else None
+        self.load_seconds, self.progress = load_seconds, progress
+        self.bits: dict[str, tuple[int, int]] = {}  # packed linear -> (stored bits, weights)
+        self.writer: CheckpointWriter | None = None
+
+    def _on_block(self, i: int, block: nn.Module, results: dict) -> None:
+        pack_results(self.model, results)
+        for name in results:
+            q = self.model.get_submodule(name)
+            self.bits[name] = (q.stored_bits(), q.in_features * q.out_features)
+        if self.writer is not None:
+            self.writer.add(i, block, f"{self.spec.layers}.{i}.")
+            self.res.release(i)
+        else:
+            self.res.keep(i)
+
+    def _quantize(self) -> dict:
+        c = self.config
+        log.info("quantizing %s with %s at %d bits, group %d on %s%s", c.model, c.method, c.grid.bits,
+                 c.grid.group_size, self.device, " (weights streamed block by block)" if self.res.streamed else "")
+        t0 = time.perf_counter()
+        store = _store(c)
+        try:
+            _, records, notes = quantize_model(self.model, self.spec, self.method, self.calib_ids, self.device,
+                                               c.batch_size, self.progress, store, self._on_block)
+        finally:
+            store.close()
+        if self.method.runtime is not None:
+            install_actquant(self.model, self.method.runtime)
+        else:
+            attach_actquant(self.model)
+        bits = summarize_bits(self.bits, actquant_bits(self.model))
+        report = build_report(c, bits, records, notes, time.perf_counter() - t0, peak_rss_mb(),
+                              None if self.calib_ids is None else int(self.calib_ids.numel()))
+        report["summary"]["load_seconds"] = self.load_seconds
+        report["calibration"]["windows_given"] = self.given  # passed in by the caller: a recipe redraws its own
+        report["method"] = self.method.summary()
+        report["memory"] = {"streamed": self.res.streamed, "store": store.summary(),
+                            "weights_read_bytes": getattr(self.res, "reads", None)}
+        return report
+
+    def in_memory(self) -> QuantizedModel:
+        report = self._quantize()
+        self.res.pin_all()  # a streamed model's ends are read now: the packed model is complete in memory
+        return QuantizedModel(self.model, self.tok, self.config, report)
+
+    def to_folder(self, folder: Path, plot: bool) -> QuantizedModel:
+        n = len(self.model.get_submodule(self.spec.layers))
+        self.writer = CheckpointWriter(folder, n + 1)
+        report = self._quantize()
+        with self.res.ends("cpu"):
+            self.writer.add(n, self.model, "", skip=self.spec.layers)
+        qm = QuantizedModel(self.model, self.tok, self.config, report)
+        self.writer.finish(self.model, self.tok, _meta(qm))
+        _extras(qm, plot)(folder)
+        return qm
+
+
+def _meta(qmodel: QuantizedModel) -> dict:
+    return {"quant_config": qmodel.config.to_dict() if qmodel.config else None,
             "summary": qmodel.report.get("summary")}
 
+
+def _extras(qmodel: QuantizedModel, plot: bool):
     def extras(folder: Path) -> None:
         if qmodel.config is not None:
             write_recipe(qmodel.config, folder / RECIPE,
@@ -138,8 +237,20 @@ def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot
                 plot_report(qmodel.report, folder / "report.png")
                 plot_flexible(qmodel.report, folder / "report_flexible.png")
                 plot_hiratio(qmodel.report, folder / "report_hiratio.png")
+    return extras
 
-    return save_checkpoint(qmodel.model, qmodel.tokenizer, path, meta, overwrite=overwrite, extras=extras)
+
+def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot: bool = True) -> Path:
+    """Write the packed checkpoint, its recipe (``recipe.yaml``) and the run report to ``path`` atomically."""
+    if qmodel.path is not None and not _materialized(qmodel.model):
+        qmodel = load(qmodel.path)  # a run written as it went: its model is read back to be saved elsewhere
+    spec = get_spec(qmodel.model.config.model_type)
+    return save_checkpoint(qmodel.model, qmodel.tokenizer, path, _meta(qmodel), overwrite=overwrite,
+                           extras=_extras(qmodel, plot), layers=spec.layers)
+
+
+def _materialized(model: nn.Module) -> bool:
+    return not any(t.is_meta for t in model.state_dict().values())
 
 
 def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verify: bool = True) -> QuantizedModel:
@@ -193,6 +304,8 @@ def export(path: str | Path, out: str | Path, format: str = "compressed-tensors"
 def as_model(obj, device):
     """(nn.Module, tokenizer, bpw or None) from a checkpoint path, model name, QuantizedModel or module."""
     if isinstance(obj, QuantizedModel):
+        if obj.path is not None and not _materialized(obj.model):
+            obj = load(obj.path, device=str(device))
         return obj.model, obj.tokenizer, obj.bpw
     if isinstance(obj, nn.Module):
         return obj, None, bit_summary(obj)["bpw"]

@@ -20,6 +20,28 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_MODES = ("minmax", "mse")
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'8GB' -> 8·10⁹, '512MiB' -> 512·2²⁰, '' / None -> None (no limit)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value < 0:
+        raise FlexQuantError(f"memory size {text!r} is not understood; write it like 512MB, 8GB or 16GiB")
+    return int(value * _UNITS[unit])
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise FlexQuantError(msg)
@@ -187,6 +209,13 @@ class QuantConfig:
     seed: int = option(0, "seed of the calibration window draw")
     batch_size: int = option(8, "calibration windows per forward pass")
     device: str = option("auto", "auto | cpu | cuda[:N]")
+    stream: str = option("auto", "read the model's weights one decoder block at a time from its safetensors files "
+                                 "(auto: when it has them; off: load it whole)", ("auto", "on", "off"))
+    store_dtype: str = option("float16", "dtype of the activations kept between blocks (statistics stay float32)",
+                              ("float16", "bfloat16", "float32"))
+    max_memory: str = option("", "host memory for kept activations, e.g. 512MB or 8GB; beyond it they spill to "
+                                 "--offload-dir ('' = no limit)")
+    offload_dir: str = option("", "folder for spilled activations ('' = a temporary folder)")
     # The method's options: an instance of its registered `MethodConfig` (a dict is converted).
     options: MethodConfig = field(default_factory=NoOptions)
     format_version: int = CONFIG_FORMAT_VERSION
@@ -200,6 +229,7 @@ class QuantConfig:
         _check(self.nsamples >= 1, f"nsamples={self.nsamples} must be >= 1")
         _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        parse_bytes(self.max_memory)
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
         object.__setattr__(self, "options", method_options(self.method, self.options))

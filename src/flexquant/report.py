@@ -17,25 +17,25 @@ from .nn.quant_linear import QuantLinear
 log = logging.getLogger(__name__)
 
 
+def summarize_bits(layers: dict[str, tuple[int, int]], runtime: int = 0) -> dict:
+    """The bit summary of packed linears given as {path: (stored bits, weights)}, plus ``runtime`` bits (the
+    online transforms and clipping ratios of weight-activation methods)."""
+    bits = sum(b for b, _ in layers.values()) + runtime
+    weights = sum(w for _, w in layers.values())
+    return {"stored_bits": bits, "quantized_weights": weights, "bpw": bits / weights if weights else None,
+            "per_layer_bpw": {n: b / w for n, (b, w) in layers.items()}, "runtime_bits": runtime}
+
+
 def bit_summary(model: torch.nn.Module) -> dict:
     """Stored bits and weights of the quantized linears, read from the packed tensors."""
-    bits = weights = 0
-    per_layer = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            b, w = m.stored_bits(), m.in_features * m.out_features
-            bits += b
-            weights += w
-            per_layer[name] = b / w
-    runtime = actquant_bits(model)  # online transforms and clipping ratios of weight-activation methods
-    bits += runtime
-    return {"stored_bits": bits, "quantized_weights": weights, "bpw": bits / weights if weights else None,
-            "per_layer_bpw": per_layer, "runtime_bits": runtime}
+    layers = {name: (m.stored_bits(), m.in_features * m.out_features)
+              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return summarize_bits(layers, actquant_bits(model))
 
 
-def build_report(config, model, records, block_notes, seconds: float, peak_rss_mb: float,
+def build_report(config, bits: dict, records, block_notes, seconds: float, peak_rss_mb: float,
                  calib_tokens: int | None) -> dict:
-    bits = bit_summary(model)
+    """The run report; ``bits`` is `bit_summary` of the packed model (or `summarize_bits` of its layers)."""
     layers = []
     for r in records:
         d = asdict(r)

@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def run_info(a) -> int:
-    from ..format.checkpoint import QUANT_CONFIG, TENSORS, read_quant_config
+    from ..format.checkpoint import QUANT_CONFIG, read_quant_config, tensor_files
     from ..interop import foreign_format
 
     path = Path(a.path)
@@ -32,7 +32,7 @@ def run_info(a) -> int:
         "bpw": sum(m["bpw"] * weights[n] for n, m in mods.items()) / total_w if total_w else None,
         "quantized_weights": total_w,
         "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-        "tensor_file_bytes": (path / TENSORS).stat().st_size if (path / TENSORS).is_file() else None,
+        "tensor_file_bytes": sum(f.stat().st_size for f in tensor_files(path, qc)),
         "modules": mods,
     }
     if a.json:

@@ -1,9 +1,11 @@
-"""Packed checkpoints: ``model.safetensors`` + ``quant_config.json`` (+ HF config and tokenizer).
+"""Packed checkpoints: safetensors shards (``model-0000k-of-0000n.safetensors``, one per decoder block and one
+for the rest, with ``model.safetensors.index.json``) + ``quant_config.json`` (+ HF config and tokenizer).
 
-Written atomically: everything goes to a temporary sibling folder that is renamed into place, so
-an interrupted save never leaves a half-written checkpoint. ``quant_config.json`` records the
-format version, the library version, per-module settings and sha256 checksums of the tensor file;
-loading verifies them and reads tensors from safetensors only (no pickle).
+Written atomically: everything goes to a temporary sibling folder that is renamed into place, so an
+interrupted save never leaves a half-written checkpoint. A streamed run writes each block's shard as the block
+is finished (`CheckpointWriter`), so the packed model never sits in memory whole. ``quant_config.json``
+records the format version, the library version, per-module settings and the sha256 of every shard; loading
+verifies them and reads tensors from safetensors only (no pickle). Format 2 (one ``model.safetensors``) loads.
 """
 
 from __future__ import annotations
@@ -14,67 +16,108 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .._version import __version__
 from ..actquant import runtime as actquant
 from ..atomic import atomic_folder
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
+from ..tensorio import TensorFiles
 
 log = logging.getLogger(__name__)
-# 2: optional compact metadata (scale_codes + scale_base, zeros_b4); version-1 checkpoints still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 2: optional compact metadata (scale_codes + scale_base, zeros_b4); 3: sharded by block. 1 and 2 still load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 QUANT_CONFIG = "quant_config.json"
-TENSORS = "model.safetensors"
+TENSORS = "model.safetensors"  # the single tensor file of formats 1-2
+INDEX = "model.safetensors.index.json"
 
 
-def _state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """All persistent tensors, with tied (shared-storage) duplicates dropped."""
-    state, seen = {}, {}
-    for name, t in model.state_dict().items():
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _state_for_save(module: torch.nn.Module, prefix: str = "", skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The module's persistent tensors (names with ``prefix``), tied (shared-storage) duplicates dropped, those
+    under ``skip`` (a child path) and those still on the meta device left out."""
+    state, seen = {}, set()
+    for name, t in module.state_dict().items():
+        if (skip and name.startswith(skip + ".")) or t.is_meta:
+            continue
         key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
         if key is not None and key in seen:
             continue
         if key is not None:
-            seen[key] = name
-        state[name] = t.detach().contiguous().cpu()
+            seen.add(key)
+        state[prefix + name] = t.detach().contiguous().cpu()
     return state
 
 
-def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: bool = False,
-                    extras: Callable[[Path], None] | None = None) -> Path:
-    """Write a packed model to ``path`` atomically. ``meta`` goes into quant_config.json; ``extras(folder)``
-    writes further files (recipe, report) into the folder before it is renamed into place."""
-    with atomic_folder(path, overwrite, QUANT_CONFIG, "flexquant checkpoint") as tmp:
-        modules = {
-            name: {"in_features": m.in_features, "out_features": m.out_features,
-                   "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
-                   "bits": sorted(set(m.group_bits.tolist())), "bpw": round(m.bpw, 6),
-                   "rotation_order": m.rotation_order}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)
-        }
-        save_file(_state_for_save(model), tmp / TENSORS, metadata={"format": "pt", "flexquant": str(FORMAT_VERSION)})
-        model.config.save_pretrained(tmp)
+def module_records(module: torch.nn.Module, prefix: str = "") -> dict[str, dict]:
+    """quant_config.json's record of each `QuantLinear` under ``module`` (paths with ``prefix``)."""
+    return {
+        prefix + name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
+                        "sym": m.sym, "bias": m.bias is not None, "bits": sorted(set(m.group_bits.tolist())),
+                        "bpw": round(m.bpw, 6), "rotation_order": m.rotation_order}
+        for name, m in module.named_modules() if isinstance(m, QuantLinear)
+    }
+
+
+class CheckpointWriter:
+    """Writes a checkpoint shard by shard into ``folder`` (a temporary one that the caller renames into place):
+    `add` one block's tensors as shard k of n, then `finish` with the rest of the model."""
+
+    def __init__(self, folder: Path, shards: int):
+        self.folder, self.shards = Path(folder), shards
+        self.weight_map: dict[str, str] = {}
+        self.checksums: dict[str, str] = {}
+        self.modules: dict[str, dict] = {}
+        self.dtype: str | None = None
+
+    def add(self, k: int, module: torch.nn.Module, prefix: str, skip: str | None = None) -> None:
+        """Write ``module``'s tensors (paths ``prefix`` + name) as shard ``k``."""
+        tensors = _state_for_save(module, prefix, skip)
+        name = shard_name(k, self.shards)
+        save_file(tensors, self.folder / name, metadata={"format": "pt", "flexquant": str(FORMAT_VERSION)})
+        self.checksums[name] = sha256_file(self.folder / name)
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.modules.update(module_records(module, prefix))
+        floats = [t.dtype for t in module.parameters() if t.is_floating_point() and not t.is_meta]
+        self.dtype = self.dtype or (str(floats[0]).replace("torch.", "") if floats else None)
+
+    def finish(self, model, tokenizer, meta: dict) -> None:
+        """The index, HF config, tokenizer and quant_config.json (after every shard is written)."""
+        index = {"metadata": {"total_size": sum((self.folder / f).stat().st_size for f in self.checksums)},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+        model.config.save_pretrained(self.folder)
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(self.folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        qc = {
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "modules": modules,
-            "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
-            **meta,
-        }
+            tokenizer.save_pretrained(self.folder)
+        qc = {"format_version": FORMAT_VERSION, "library_version": __version__,
+              "torch_dtype": self.dtype or "float32", "modules": dict(sorted(self.modules.items())),
+              "checksums": self.checksums, **meta}
         runtime = getattr(model, actquant.ATTRIBUTE, None)
         if runtime is not None:  # online transforms + activation/KV quantizers, re-attached by load
             qc["actquant"] = {**runtime.describe(), "stored_bits": runtime.stored_bits()}
-        (tmp / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
+        (self.folder / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
+
+
+def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: bool = False,
+                    extras: Callable[[Path], None] | None = None, layers: str = "model.layers") -> Path:
+    """Write a packed model held in memory to ``path`` atomically, a shard per decoder block (at ``layers``)
+    and one for the rest. ``meta`` goes into quant_config.json; ``extras(folder)`` writes further files
+    (recipe, report) into the folder before it is renamed into place."""
+    blocks = model.get_submodule(layers)
+    with atomic_folder(path, overwrite, QUANT_CONFIG, "flexquant checkpoint") as tmp:
+        writer = CheckpointWriter(tmp, len(blocks) + 1)
+        for k, block in enumerate(blocks):
+            writer.add(k, block, f"{layers}.{k}.")
+        writer.add(len(blocks), model, "", skip=layers)
+        writer.finish(model, tokenizer, meta)
         if extras is not None:
             extras(tmp)
     return Path(path)
@@ -98,23 +141,40 @@ def read_quant_config(path: str | Path) -> dict:
     return qc
 
 
+def tensor_files(path: str | Path, qc: dict) -> list[Path]:
+    """The checkpoint's tensor files (shards of format 3, the single file of formats 1-2), each checked to
+    exist (and, in `read_tensors`, against its recorded sha256)."""
+    path = Path(path)
+    names = sorted(qc.get("checksums", {})) if qc.get("format_version", 2) >= 3 else [TENSORS]
+    if not names:
+        raise CheckpointError(f"{path}/{QUANT_CONFIG} names no tensor files; the checkpoint is incomplete")
+    for name in names:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is missing {name}; the checkpoint is incomplete")
+    return [path / n for n in names]
+
+
+def verify_file(f: Path, qc: dict) -> None:
+    want = qc.get("checksums", {}).get(f.name)
+    if want is None or sha256_file(f) != want:
+        raise CheckpointError(
+            f"{f} does not match the checksum in {QUANT_CONFIG}: the file is truncated or was modified; "
+            "re-save or re-download the checkpoint"
+        )
+
+
 def read_tensors(path: str | Path, qc: dict, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, after checking the file against the recorded sha256."""
-    f = Path(path) / TENSORS
-    if not f.is_file():
-        raise CheckpointError(f"{path} is missing {TENSORS}; the checkpoint is incomplete")
-    if verify:
-        want = qc.get("checksums", {}).get(TENSORS)
-        if want is None or sha256_file(f) != want:
-            raise CheckpointError(
-                f"{f} does not match the checksum in {QUANT_CONFIG}: the file is truncated or was modified; "
-                "re-save or re-download the checkpoint"
-            )
-    try:
-        with safe_open(f, framework="pt") as sf:
-            return {k: sf.get_tensor(k) for k in sf.keys()}
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise CheckpointError(f"{f} could not be read as safetensors ({e})") from e
+    """The checkpoint's tensors, after checking each file against its recorded sha256 (plain reads, no map)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in tensor_files(path, qc):
+        if verify:
+            verify_file(f, qc)
+        try:
+            files = TensorFiles.single(f)
+            out.update({k: files.get(k) for k in files.names()})
+        except FlexQuantError as e:
+            raise CheckpointError(f"{f} could not be read as safetensors ({e})") from e
+    return out
 
 
 def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = True):

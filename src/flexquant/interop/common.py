@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .._version import __version__
 from ..atomic import atomic_folder
 from ..errors import FlexQuantError
-from ..format.checkpoint import QUANT_CONFIG, TENSORS, read_quant_config, read_tensors
+from ..format.checkpoint import INDEX, QUANT_CONFIG, TENSORS, read_quant_config, read_tensors
 from ..nn.quant_linear import ROTATION_BUFFERS, rotation_from_tensors
 from ..quant.pack import tensors_to_result
 from ..quant.result import FP16_BITS
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Files of a flexquant checkpoint that describe flexquant's own layout; everything else (tokenizer,
 # generation config, chat template) is copied into the export as is.
-OWN_FILES = {TENSORS, QUANT_CONFIG, "config.json", "report.json", "report.png", "report_flexible.png",
+OWN_FILES = {TENSORS, INDEX, QUANT_CONFIG, "config.json", "report.json", "report.png", "report_flexible.png",
              "report.md", "report.html"}
 SHARD_BYTES = 4 * 2**30  # tensors per safetensors file before the export is sharded (with an index)
 EXPORT_INFO = "flexquant_export.json"
@@ -237,7 +237,8 @@ def write_folder(out: str | Path, src: Source, tensors: dict[str, torch.Tensor],
         for fname, obj in json_files.items():
             (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
         for f in src.path.iterdir():
-            if f.is_file() and f.name not in OWN_FILES and f.name not in json_files:
+            if (f.is_file() and f.name not in OWN_FILES and f.name not in json_files
+                    and not (f.name.startswith("model-") and f.name.endswith(".safetensors"))):
                 shutil.copy2(f, tmp / f.name)
     return out
 

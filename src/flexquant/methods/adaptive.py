@@ -35,6 +35,7 @@ from ..actquant.calibrate import ROTATIONS, Bits, SiteSpec, TrainSettings, calib
 from ..actquant.runtime import ActQuantRuntime, install
 from ..config import SUPPORTED_BITS, MethodConfig, option
 from ..errors import FlexQuantError
+from ..models.stream import residency
 from ..pipeline import Method, StatsRequest
 from ..quant import gptq_quantize, rtn_quantize
 from ..quant.result import FP16_BITS
@@ -175,6 +176,7 @@ class Adaptive(Method):
         """Score the sites, fold the norms, choose the types; the statistics pass then calibrates each block on
         full-precision inputs (`_calibrate_block`)."""
         a = self.options
+        residency(model, spec).pin_all("adaptive scores and folds every block up front")
         self.spec, self.sites, self.hooks = spec, *self._sites(model, spec)
         layers = model.get_submodule(spec.layers)
         cfg = model.config

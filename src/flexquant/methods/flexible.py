@@ -12,6 +12,7 @@ import torch
 from ..alloc import PROXIES, GroupTable, Layout, error_table, fixed_bits, greedy_allocate
 from ..config import MethodConfig, option
 from ..errors import FlexQuantError
+from ..models.stream import residency
 from ..pipeline import Method, StatsRequest
 from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
@@ -136,17 +137,33 @@ class FlexibleLLM(Method):
             self.feedback_groups = tuple(g[0] for g in spec.linear_groups if g[0] in spec.residual_readers)
         self.spec_writer = spec.residual_writers[-1]
         if f.dosa:
-            names = self._names(model, spec)
-            before = {n: incoherence(model.get_submodule(n).weight) for n in names}
+            res, inc = residency(model, spec), {}
+
+            def observe(stage):  # incoherence of each linear the first time its block is seen (before/after)
+                def fn(i, block):
+                    for n in spec.linears:
+                        inc.setdefault(f"{spec.layers}.{i}.{n}", {}).setdefault(
+                            stage, incoherence(block.get_submodule(n).weight))
+                return fn
+
+            res.transform_blocks(observe("before"))
             rotated = rotate_model(model, spec, seed=f.rotation_seed)
-            self.facts.rotation, self.online = rotated.facts, rotated.online
-            self.facts.incoherence = {n: {"before": before[n], "after": incoherence(model.get_submodule(n).weight)}
-                                      for n in names}
+            res.transform_blocks(observe("after"))
+            self.facts.rotation, self.online, self.facts.incoherence = rotated.facts, rotated.online, inc
         # A whole number of batches, so that the kept FP inputs are the first batches of the block loop.
         windows = max(bs, f.alloc_nsamples // bs * bs)
         return StatsRequest(windows=windows,
                             fisher_windows=(f.fisher_nsamples or windows) if f.sensitivity == "fisher" else 0,
                             keep_windows=windows if f.lfd else 0)
+
+    @staticmethod
+    def _weights(model, spec):
+        """(path, float32 weight) of every linear, one block resident at a time."""
+        res = residency(model, spec)
+        for i in range(len(model.get_submodule(spec.layers))):
+            with res.block(i, "cpu") as block:
+                for n in spec.linears:
+                    yield f"{spec.layers}.{i}.{n}", block.get_submodule(n).weight.data.float()
 
     @staticmethod
     def _names(model, spec) -> list[str]:
@@ -165,8 +182,7 @@ class FlexibleLLM(Method):
         names = self._names(model, spec)
         tables, orders, hinv = [], {}, {}
         fixed_total = weights = 0
-        for name in names:
-            W = model.get_submodule(name).weight.data.float()
+        for name, W in self._weights(model, spec):
             table, order, nkept = self._linear_table(name, W, stats.hessians[name], rows[name], hinv)
             tables.append(table)
             orders[name] = (order, nkept)

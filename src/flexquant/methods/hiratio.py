@@ -28,6 +28,7 @@ from ..alloc.qp import LossModel, round_to_steps
 from ..alloc.ratio import RatioGrid, RatioLinear, RatioPlan
 from ..alloc.ratio_qp import RatioSearch
 from ..errors import FlexQuantError
+from ..models.stream import residency
 from ..pipeline import Method, StatsRequest, run_block
 from ..pipeline.statistics import first_windows
 from ..quant import gptq_quantize
@@ -76,6 +77,7 @@ class HiRatio(Method):
 
     def prepare(self, model, spec) -> StatsRequest:
         h, layers = self.options, model.get_submodule(spec.layers)
+        residency(model, spec).pin_all("hiratio probes the whole model")
         if h.ratios and len(h.ratios) != len(layers):
             raise FlexQuantError(f"ratios has {len(h.ratios)} entries; the model has {len(layers)} layers")
         self.linears = spec.linears

@@ -59,6 +59,56 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise _hub_error(name, e) from e
 
 
+def local_folder(name: str) -> Path | None:
+    """The local folder a model name resolves to (hub ids are downloaded to the cache first), or None for
+    the models built in code."""
+    if name == "tiny-llama":
+        return None
+    path = resolve_model_path(name)
+    if Path(path).exists():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # the hub client raises many error types (offline, gated, missing)
+        raise _hub_error(name, e) from e
+
+
+def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) with the model as a skeleton on the meta device whose decoder blocks are read from
+    its safetensors files one at a time (`models.stream.Streamed`), or None when ``name`` cannot be streamed
+    (a model built in code, or a folder without safetensors weights)."""
+    folder = local_folder(name)
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return None
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..tensorio import TensorFiles
+    from .spec import get_spec
+    from .stream import ATTRIBUTE, Streamed
+
+    if not (folder / "config.json").is_file():
+        raise FlexQuantError(f"{folder} is a folder without config.json; it is not a Hugging Face model")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from e
+    spec = get_spec(config.model_type)
+    files = TensorFiles(folder)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    dtype = dtype or stored
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                 trust_remote_code=trust_remote_code)
+    res = Streamed(model, spec, files, dtype, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    object.__setattr__(model, ATTRIBUTE, res)
+    return model.eval(), load_tokenizer(str(folder), trust_remote_code)
+
+
 def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) on CPU in the stored dtype (or ``dtype``), eval mode, KV cache off."""
     if name == "tiny-llama":

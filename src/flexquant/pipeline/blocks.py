@@ -9,17 +9,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
+from ..models.stream import residency
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
-from .capture import capture_block_inputs, run_block
-from .hooks import collect_hessian, onload, run_capturing
+from .capture import BlockInputs, capture_block_inputs, run_block
+from .hooks import collect_hessian, run_capturing
 from .method import BlockContext, Method
 from .prenorm import prenorm_applicable, quantize_prenorm_block
+from .progress import BlockProgress
 from .statistics import FPStatistics
+from .store import ActivationStore, MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -55,63 +57,98 @@ def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 8, progress: bool = True, fast: bool = True,
-                    stats: FPStatistics | None = None):
+                    stats: FPStatistics | None = None, store: ActivationStore | None = None,
+                    on_block=None, start: int = 0, inputs: BlockInputs | None = None):
     """Quantize every linear of every decoder block in place (fake-quant weights written back).
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
     ``stats`` (from the statistics pass): its kept full-precision block inputs are offered to the method as
     ``ctx.fp_inputs``; with ``method.feedback_groups`` the FP block also runs up to its last feedback input
     to give the GPTAQ cross terms, and its outputs (the next block's kept inputs) reach ``after_block``.
+    ``store`` keeps the quantized stream between blocks. ``on_block(i, block, results)``, when given, receives
+    each finished block (still resident, its fake-quant weights in place) with its {path: QuantResult}, and the
+    results are not kept here. ``start``/``inputs``: resume at block ``start`` whose quantized-stream inputs
+    are ``inputs``.
 
     Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
     """
+    res = residency(model, spec)
     layers = model.get_submodule(spec.layers)
+    store = store if store is not None else MemoryStore()
     results: dict[str, QuantResult] = {}
     records: list[LinearRecord] = []
     notes: list[dict] = []
+    bar = BlockProgress(len(layers), f"{method.name} blocks", progress, start, store)
+
+    def finish(i, block, mine):
+        if on_block is not None:
+            on_block(i, block, mine)
+        else:
+            results.update(mine)
+
     if not method.needs_calibration:
-        for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
-            with onload(block, device):
+        for i in bar:
+            with res.block(i, device) as block:
+                mine: dict[str, QuantResult] = {}
                 for name in spec.linears:
                     _quantize_one(method, None, f"{spec.layers}.{i}", name, block.get_submodule(name),
-                                  None, results, records)
+                                  None, mine, records)
+                finish(i, block, mine)
         return results, records, notes
 
-    inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
-    for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
+    if inputs is None:
+        with res.ends(device, (spec.embed,)):
+            inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
+    store.put("stream", inputs)
+    del inputs
+    for i in bar:
+        inputs = store.get("stream")
         fp_inputs = stats.inputs.get(i) if stats is not None else None
         feedback = method.feedback_groups if fp_inputs is not None else ()
         if method.feedback_groups and fp_inputs is None:
             raise FlexQuantError(f"method {method.name} asks for feedback but its statistics kept no "
                                  f"full-precision inputs of block {i}")
-        with onload(block, device):
+        mine = {}
+        with res.block(i, device) as block:
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device)
-
-            def quantize_group(group, H, D=None, ctx=ctx, block=block):
-                ctx.cross = D
-                for name in group:
-                    _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
-                ctx.cross = None
-
-            out_fp, x_fp = None, None
-            if feedback:
-                # the FP block runs only up to its last feedback input: its outputs are already known
-                out_fp = stats.fp_outputs(i, len(layers))
-                fp_block = copy.deepcopy(block)
-                _, x_fp = run_capturing(fp_block, fp_inputs, device, feedback, outputs=out_fp is None)
-                del fp_block
-            if (fast or feedback) and prenorm_applicable(spec, inputs, block):
-                out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp)
-            elif feedback:
-                raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "
-                                     "is not declared so in its ModelSpec")
-            else:
-                for group in spec.linear_groups:
-                    quantize_group(group, collect_hessian(block, group[0], inputs, device))
-                out_q = run_block(block, inputs, device)
-            out_q = method.after_block(ctx, out_q, out_fp)
+            out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
+                                    fast, mine, records)
+            finish(i, block, mine)
         if stats is not None:
             stats.inputs.drop(i)
-        inputs = inputs.with_hidden(out_q)
-        notes.append({"block": i, **ctx.notes})
+        kwargs, block_notes = inputs.kwargs, ctx.notes
+        del inputs, fp_inputs, ctx
+        store.put("stream", BlockInputs(out_q, kwargs))
+        del out_q
+        notes.append({"block": i, **block_notes})
+    store.drop("stream")
     return results, records, notes
+
+
+def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, nblocks, fast, results, records):
+    """One block's linear groups, then the method's after-block step; the block's quantized-stream outputs."""
+    device = ctx.device
+
+    def quantize_group(group, H, D=None):
+        ctx.cross = D
+        for name in group:
+            _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
+        ctx.cross = None
+
+    out_fp, x_fp = None, None
+    if feedback:
+        # the FP block runs only up to its last feedback input: its outputs are already known
+        out_fp = stats.fp_outputs(ctx.index, nblocks)
+        fp_block = copy.deepcopy(block)
+        _, x_fp = run_capturing(fp_block, fp_inputs, device, feedback, outputs=out_fp is None)
+        del fp_block
+    if (fast or feedback) and prenorm_applicable(spec, inputs, block):
+        out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp)
+    elif feedback:
+        raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "
+                             "is not declared so in its ModelSpec")
+    else:
+        for group in spec.linear_groups:
+            quantize_group(group, collect_hessian(block, group[0], inputs, device))
+        out_q = run_block(block, inputs, device)
+    return method.after_block(ctx, out_q, out_fp)

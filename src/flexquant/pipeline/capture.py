@@ -46,7 +46,9 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, input_ids: torch.Ten
     """Run the model up to decoder block 0 on ``input_ids`` [N, L] and record that block's inputs."""
     layers = model.get_submodule(spec.layers)
     base = model.get_submodule(spec.layers.rsplit(".", 1)[0])
-    others = [m for name, m in base.named_children() if m is not layers]
+    # the embedding and the rotary tables (the caller makes a streamed model's embedding resident); modules
+    # still on the meta device (a streamed model's final norm) are not used before block 0
+    others = [m for m in base.children() if m is not layers and not any(t.is_meta for t in m.state_dict().values())]
     for m in others:
         m.to(device)
     hidden, kwargs_list = [], []

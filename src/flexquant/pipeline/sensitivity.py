@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.spec import ModelSpec
+from ..models.stream import residency
 from .capture import BlockInputs
-from .hooks import onload
 
 
 def _output(out):
@@ -31,9 +31,9 @@ def _output(out):
 def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor], ids: list[torch.Tensor],
                     device: torch.device) -> list[torch.Tensor]:
     """∂(summed next-token NLL)/∂(last block output) per batch."""
-    norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
     grads = []
-    with onload(norm, device), onload(head, device):
+    with residency(model, spec).ends(device, (spec.final_norm, spec.lm_head)):
+        norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
         for h, y in zip(hidden, ids):
             with torch.enable_grad():
                 h = h.to(device).float().requires_grad_(True)
@@ -71,9 +71,9 @@ def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInp
     grad = _head_gradients(model, spec, last_output, ids, device)
     fisher: dict[str, torch.Tensor] = {}
     for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output sensitivity", disable=not progress):
-        block, inputs = layers[i], block_inputs[i]
-        acc = {name: torch.zeros(block.get_submodule(name).out_features, device=device) for name in spec.linears}
-        with onload(block, device):
+        inputs = block_inputs[i]
+        acc = {name: torch.zeros(layers[i].get_submodule(name).out_features, device=device) for name in spec.linears}
+        with residency(model, spec).block(i, device) as block:
             params = [p.requires_grad for p in block.parameters()]
             for p in block.parameters():
                 p.requires_grad_(False)

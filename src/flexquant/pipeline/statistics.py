@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..models.spec import ModelSpec
+from ..models.stream import residency
 from .capture import BlockInputs, capture_block_inputs, run_block
-from .hooks import collect_hessian, onload
+from .hooks import collect_hessian
 from .prenorm import prenorm_applicable, quantize_prenorm_block
+from .progress import BlockProgress
 from .sensitivity import output_fisher
 from .store import ActivationStore, MemoryStore
 
@@ -50,7 +51,7 @@ class FPStatistics:
     windows: int
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: ActivationStore = field(default_factory=MemoryStore)
+    inputs: object = field(default_factory=lambda: _Keyed(MemoryStore(), "fp"))  # .get/.put/.drop by block
     last_output: list[torch.Tensor] = field(default_factory=list)  # the last block's outputs, kept windows
     seconds: float = 0.0  # wall time of the pass
 
@@ -92,17 +93,22 @@ def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, devi
 
 @torch.no_grad()
 def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, device: torch.device,
-                  batch_size: int, request: StatsRequest, progress: bool = False) -> FPStatistics:
-    """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]``."""
+                  batch_size: int, request: StatsRequest, progress: bool = False,
+                  store: ActivationStore | None = None) -> FPStatistics:
+    """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]``; what it keeps goes to
+    ``store`` (an unbounded float32 one by default)."""
     t0 = time.perf_counter()
-    layers = model.get_submodule(spec.layers)
+    res = residency(model, spec)
+    nblocks = len(model.get_submodule(spec.layers))
+    store = store if store is not None else MemoryStore()
     calib = calib_ids[: max(1, min(calib_ids.shape[0], request.windows))]
-    inputs = capture_block_inputs(model, spec, calib, device, request.batch_size or batch_size)
-    stats = FPStatistics(windows=calib.shape[0])
+    with res.ends(device, (spec.embed,)):
+        inputs = capture_block_inputs(model, spec, calib, device, request.batch_size or batch_size)
+    stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"))
     nb = batches_covering([h.shape[0] for h in inputs.hidden], request.fisher_windows)
-    fisher_inputs: list[BlockInputs] = []
-    for i, block in enumerate(tqdm(layers, desc="full-precision statistics", disable=not progress)):
-        with onload(block, device):
+    fisher_inputs = _Keyed(store, "fisher")
+    for i in BlockProgress(nblocks, "full-precision statistics", progress, store=store):
+        with res.block(i, device) as block:
             if request.hessians:
                 def keep(group, H, i=i):
                     for n in group:
@@ -113,14 +119,37 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
             if request.on_block is not None:
                 request.on_block(i, block, inputs, out, device)
         if request.fisher_windows:
-            fisher_inputs.append(BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
+            fisher_inputs.put(i, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
         if request.keep_windows:
             stats.inputs.put(i, first_windows(inputs, request.keep_windows))
         inputs = inputs.with_hidden(out)
+        del out
     if request.fisher_windows:
-        ids = calib[: sum(h.shape[0] for h in fisher_inputs[0].hidden)]
+        ids = calib[: sum(h.shape[0] for h in inputs.hidden[:nb])]
         stats.fisher = output_fisher(model, spec, fisher_inputs, inputs.hidden[:nb], ids, device, progress=False)
+        for i in range(nblocks):
+            fisher_inputs.drop(i)
     if request.keep_windows:
         stats.last_output = first_windows(inputs, request.keep_windows).hidden
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+class _Keyed:
+    """A view of a store under one key prefix, indexed by block (what `FPStatistics.inputs` and the Fisher
+    pass read)."""
+
+    def __init__(self, store: ActivationStore, prefix: str):
+        self.store, self.prefix = store, prefix
+
+    def put(self, index: int, inputs: BlockInputs) -> None:
+        self.store.put((self.prefix, index), inputs)
+
+    def get(self, index: int) -> BlockInputs | None:
+        return self.store.get((self.prefix, index))
+
+    def __getitem__(self, index: int) -> BlockInputs:
+        return self.get(index)
+
+    def drop(self, index: int) -> None:
+        self.store.drop((self.prefix, index))

@@ -1,40 +1,154 @@
-"""Where the statistics pass keeps full-precision block inputs for the block loop (one small interface, so
-that half precision or disk offload can replace the in-memory store without touching the methods)."""
+"""The one place activations kept between blocks live: the quantized stream, the full-precision block inputs
+(LFD, learned quantizers), the Fisher pass's inputs, probe inputs.
+
+Tensors are kept in a storage dtype (float16 by default; statistics are still accumulated in float32) and
+handed back in the dtype they were put in. With a byte budget, what would exceed it is written to raw files
+under an offload folder and read back with plain reads (no memory map, so a spilled tensor is resident only
+while its reader holds it). A batch whose values do not fit float16 (|x| > 65504) is kept in float32.
+"""
 
 from __future__ import annotations
 
-import abc
+import os
+import shutil
+import tempfile
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import torch
+
+from ..config import parse_bytes  # noqa: F401 - re-exported for callers of the store
+from ..errors import FlexQuantError
 from .capture import BlockInputs
 
-
-class ActivationStore(abc.ABC):
-    """Block inputs by block index."""
-
-    @abc.abstractmethod
-    def put(self, index: int, inputs: BlockInputs) -> None:
-        """Keep ``inputs`` as block ``index``'s."""
-
-    @abc.abstractmethod
-    def get(self, index: int) -> BlockInputs | None:
-        """Block ``index``'s inputs, or None when none are kept."""
-
-    @abc.abstractmethod
-    def drop(self, index: int) -> None:
-        """Forget block ``index``'s inputs (the block loop is past it)."""
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+F16_MAX = 65504.0
 
 
-class MemoryStore(ActivationStore):
-    """Tensors kept as they are, in host memory."""
+@dataclass
+class _Kept:
+    """One kept batch: in memory (``tensor``) or in a file (``path``), with its original dtype."""
 
-    def __init__(self) -> None:
-        self._blocks: dict[int, BlockInputs] = {}
+    dtype: torch.dtype  # dtype it was put in (and is given back in)
+    shape: tuple[int, ...]
+    stored: torch.dtype
+    tensor: torch.Tensor | None = None
+    path: Path | None = None
 
-    def put(self, index: int, inputs: BlockInputs) -> None:
-        self._blocks[index] = inputs
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * torch.empty((), dtype=self.stored).element_size()
 
-    def get(self, index: int) -> BlockInputs | None:
-        return self._blocks.get(index)
 
-    def drop(self, index: int) -> None:
-        self._blocks.pop(index, None)
+class ActivationStore:
+    """Block inputs (`BlockInputs`) by key, in ``dtype``, spilling to ``offload_dir`` beyond ``max_bytes``."""
+
+    def __init__(self, dtype: str | torch.dtype = "float16", max_bytes: int | None = None,
+                 offload_dir: str | Path | None = None):
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.max_bytes = max_bytes
+        self._dir_given = Path(offload_dir) if offload_dir else None
+        self._dir: Path | None = None
+        self._items: dict[Hashable, tuple[list[_Kept], list[dict]]] = {}
+        self._count = 0
+        self.memory_bytes = self.disk_bytes = 0
+        self.peak_memory_bytes = self.peak_disk_bytes = self.written_bytes = 0
+
+    # ----- the interface -----
+    def put(self, key: Hashable, inputs: BlockInputs) -> None:
+        """Keep ``inputs`` under ``key`` (replacing what was there)."""
+        self.drop(key)
+        kept = [self._keep(h) for h in inputs.hidden]
+        self._items[key] = (kept, list(inputs.kwargs))
+
+    def get(self, key: Hashable) -> BlockInputs | None:
+        """The inputs kept under ``key`` (fresh tensors in their original dtype), or None."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        kept, kwargs = item
+        return BlockInputs([self._load(k) for k in kept], kwargs)
+
+    def drop(self, key: Hashable) -> None:
+        item = self._items.pop(key, None)
+        if item is None:
+            return
+        for k in item[0]:
+            if k.path is not None:
+                k.path.unlink(missing_ok=True)
+                self.disk_bytes -= k.nbytes
+            else:
+                self.memory_bytes -= k.nbytes
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def close(self) -> None:
+        """Forget everything and remove the spill files (and the folder when the store made it)."""
+        for key in list(self._items):
+            self.drop(key)
+        if self._dir is not None and self._dir_given is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+
+    def summary(self) -> dict:
+        return {"dtype": str(self.dtype).replace("torch.", ""), "max_bytes": self.max_bytes,
+                "peak_memory_bytes": self.peak_memory_bytes, "peak_disk_bytes": self.peak_disk_bytes,
+                "written_bytes": self.written_bytes,
+                "offload_dir": str(self._dir or self._dir_given or "") or None}
+
+    # ----- keeping one tensor -----
+    def _keep(self, h: torch.Tensor) -> _Kept:
+        h = h.detach()
+        stored = self.dtype if h.is_floating_point() and h.element_size() > self.dtype.itemsize else h.dtype
+        if stored == torch.float16 and bool(h.abs().amax() > F16_MAX):
+            stored = h.dtype  # would overflow float16: keep this batch as it is
+        k = _Kept(h.dtype, tuple(h.shape), stored)
+        data = h.to("cpu", stored)
+        if self.max_bytes is not None and self.memory_bytes + k.nbytes > self.max_bytes:
+            k.path = self._spill(data)
+            self.disk_bytes += k.nbytes
+            self.written_bytes += k.nbytes
+            self.peak_disk_bytes = max(self.peak_disk_bytes, self.disk_bytes)
+        else:
+            k.tensor = data  # may be the caller's tensor itself (float32 storage): nobody writes to kept inputs
+            self.memory_bytes += k.nbytes
+            self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
+        return k
+
+    def _folder(self) -> Path:
+        if self._dir is None:
+            if self._dir_given is not None:
+                self._dir_given.mkdir(parents=True, exist_ok=True)
+                self._dir = Path(tempfile.mkdtemp(dir=self._dir_given, prefix="flexquant-store-"))
+            else:
+                self._dir = Path(tempfile.mkdtemp(prefix="flexquant-store-"))
+        return self._dir
+
+    def _spill(self, data: torch.Tensor) -> Path:
+        self._count += 1
+        path = self._folder() / f"{self._count:08d}.bin"
+        raw = data.contiguous().view(torch.uint8) if data.numel() else data
+        try:
+            raw.numpy().tofile(path)
+        except OSError as e:
+            raise FlexQuantError(f"could not write kept activations to {path.parent} ({e}); free disk space there "
+                                 "or pass another --offload-dir") from e
+        return path
+
+    def _load(self, k: _Kept) -> torch.Tensor:
+        if k.tensor is not None:
+            return k.tensor.to(k.dtype)  # the kept tensor itself when no conversion is needed: read-only
+        raw = torch.from_numpy(np.fromfile(k.path, dtype=np.uint8))
+        return raw.view(k.stored).reshape(k.shape).to(k.dtype)
+
+    def __del__(self) -> None:  # spill files never outlive the run
+        if self._dir is not None and self._dir_given is None and os.path is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def MemoryStore() -> ActivationStore:  # noqa: N802 - the in-memory store of earlier versions
+    """An unbounded store that keeps tensors as they are (float32 stays float32)."""
+    return ActivationStore("float32")

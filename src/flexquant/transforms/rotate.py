@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models.spec import ModelSpec
+from ..models.stream import residency
 from .hadamard import factorize, hadamard_transform, small_factor
 
 
@@ -78,8 +79,9 @@ class OnlineRotation(nn.Module):
 
     def __init__(self, R: Rotation):
         super().__init__()
-        self.register_buffer("signs", R.signs.float())
-        self.register_buffer("factor", R.factor.float())
+        # not persistent: the packed layer stores its own copy, and a streamed block's reload keeps these
+        self.register_buffer("signs", R.signs.float(), persistent=False)
+        self.register_buffer("factor", R.factor.float(), persistent=False)
 
     def rotation(self) -> Rotation:
         return Rotation(self.signs, self.factor)
@@ -90,7 +92,10 @@ class OnlineRotation(nn.Module):
 
 def attach_online_rotation(lin: nn.Module, R: Rotation) -> None:
     """Make ``lin`` rotate its input by R before its matmul while the model is being quantized (the rotation
-    is a submodule so that it follows the layer's device moves; the packed layer stores its own copy)."""
+    is a submodule so that it follows the layer's device moves; the packed layer stores its own copy). Attaching
+    twice is a no-op (a streamed block is transformed again each time it is read)."""
+    if isinstance(getattr(lin, "online_rotation", None), OnlineRotation):
+        return
     lin.online_rotation = OnlineRotation(R).to(lin.weight.device if hasattr(lin, "weight") else "cpu")
     lin.register_forward_pre_hook(lambda m, args: (m.online_rotation(args[0]),) + args[1:])
 
@@ -105,36 +110,53 @@ class RotatedModel:
 
 
 @torch.no_grad()
+def _rotate_ends(model: nn.Module, spec: ModelSpec, R: Rotation) -> None:
+    """Untie the head, fold the final norm into it, rotate the embedding rows and the head's input space."""
+    untie_lm_head(model, spec)
+    fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)])
+    emb = model.get_submodule(spec.embed)
+    emb.weight.data = R.apply(emb.weight.data.double()).to(emb.weight.dtype)
+    _rotate_in(model.get_submodule(spec.lm_head), R)
+
+
+@torch.no_grad()
+def _rotate_block(block: nn.Module, spec: ModelSpec, R: Rotation, online: dict[str, Rotation]) -> None:
+    """Fold the block's norms, rotate its residual readers and writers, and its online-rotated inputs."""
+    for norm_name, readers in spec.norm_linear_pairs:
+        fold_norm(block.get_submodule(norm_name), [block.get_submodule(r) for r in readers])
+    for name in spec.residual_readers:
+        _rotate_in(block.get_submodule(name), R)
+    for name in spec.residual_writers:
+        _rotate_out(block.get_submodule(name), R)
+    for name, Rm in online.items():
+        lin = block.get_submodule(name)
+        _rotate_in(lin, Rm)
+        attach_online_rotation(lin, Rm)
+
+
+@torch.no_grad()
 def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> RotatedModel:
-    """Rotate ``model`` in place (exactly equivalent)."""
+    """Rotate ``model`` (exactly equivalent): in place for a model held in memory; for a streamed one the
+    rotation is applied to each block and to the ends whenever they are read (`models.stream`)."""
+    res = residency(model, spec)
     layers = model.get_submodule(spec.layers)
     d = model.config.hidden_size
-    untie_lm_head(model, spec)
-    for block in layers:
-        for norm_name, readers in spec.norm_linear_pairs:
-            fold_norm(block.get_submodule(norm_name), [block.get_submodule(r) for r in readers])
-    fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)])
-
     Rres = Rotation.random(d, seed)
-    emb = model.get_submodule(spec.embed)
-    emb.weight.data = Rres.apply(emb.weight.data.double()).to(emb.weight.dtype)
-    _rotate_in(model.get_submodule(spec.lm_head), Rres)
+    res.transform_ends(lambda m: _rotate_ends(m, spec, Rres))
+    model.config.tie_word_embeddings = False
     facts = {"residual": {"n": d, "small_factor": Rres.factor.shape[0], "hadamard": factorize(d).exact}}
     online: dict[str, Rotation] = {}
+    per_block: list[dict[str, Rotation]] = []
     for i, block in enumerate(layers):
-        for name in spec.residual_readers:
-            _rotate_in(block.get_submodule(name), Rres)
-        for name in spec.residual_writers:
-            _rotate_out(block.get_submodule(name), Rres)
+        mine = {}
         for name in spec.online_rotations:
-            lin = block.get_submodule(name)
-            Rm = Rotation.random(lin.in_features, seed + 1 + i)
-            _rotate_in(lin, Rm)
-            attach_online_rotation(lin, Rm)
-            online[f"{spec.layers}.{i}.{name}"] = Rm
-            facts.setdefault("online", {"n": lin.in_features, "small_factor": Rm.factor.shape[0],
-                                        "hadamard": factorize(lin.in_features).exact, "sites": []})
+            n = block.get_submodule(name).in_features
+            mine[name] = online[f"{spec.layers}.{i}.{name}"] = Rotation.random(n, seed + 1 + i)
+            facts.setdefault("online", {"n": n, "small_factor": mine[name].factor.shape[0],
+                                        "hadamard": factorize(n).exact, "sites": []})
             facts["online"]["sites"].append(f"{spec.layers}.{i}.{name}")
+        per_block.append(mine)
+    res.transform_blocks(lambda i, block: _rotate_block(block, spec, Rres, per_block[i]))
     return RotatedModel(facts, online)
 
 

@@ -1,0 +1,233 @@
+"""Where a model's weights live while it is quantized (its residency).
+
+* `Residency` (in memory): the model was loaded whole; a block is moved to the compute device while it runs
+  and back to the CPU after. Transforms are applied once, to every block, when they are registered.
+* `Streamed`: the model is a skeleton on the meta device; a decoder block's tensors are read from the
+  safetensors files (plain reads, `flexquant.tensorio`) when the pipeline reaches it, the registered transforms
+  are applied to them, and they are dropped again when the pipeline leaves it, so host memory holds about one
+  block at a time whatever the depth. The embedding, final norm and head ("the ends") are read only while they
+  are used. A block can be kept (its quantized form stays resident) or handed to a writer and released.
+
+A transform is a function ``fn(index, block)`` (blocks) or ``fn(model)`` (the ends) that changes weights in
+place and gives the same result however often it is applied to freshly read weights; structural changes it
+makes (a pre-hook, a submodule) must be idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..tensorio import TensorFiles
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+ATTRIBUTE = "flexquant_residency"
+
+
+def residency(model: nn.Module, spec: ModelSpec | None = None) -> Residency:
+    """The model's residency (a model loaded whole gets an in-memory one on first use)."""
+    res = getattr(model, ATTRIBUTE, None)
+    if res is None:
+        if spec is None:
+            from .spec import get_spec
+
+            spec = get_spec(model.config.model_type)
+        res = Residency(model, spec)
+        object.__setattr__(model, ATTRIBUTE, res)  # not a submodule: no parameters, not in the state dict
+    return res
+
+
+def end_paths(spec: ModelSpec) -> tuple[str, str, str]:
+    return spec.embed, spec.final_norm, spec.lm_head
+
+
+class Residency:
+    """A model held whole in memory."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        self.model, self.spec = model, spec
+        self.layers = model.get_submodule(spec.layers)
+
+    @contextlib.contextmanager
+    def block(self, i: int, device: torch.device | str) -> Iterator[nn.Module]:
+        """Block ``i`` on ``device`` for the duration (then back on the CPU)."""
+        blk = self.layers[i]
+        blk.to(device)
+        try:
+            yield blk
+        finally:
+            blk.to("cpu")
+
+    @contextlib.contextmanager
+    def ends(self, device: torch.device | str, parts: tuple[str, ...] = ()) -> Iterator[None]:
+        """The modules at ``parts`` (model paths; default: embedding, final norm, head) on ``device``."""
+        mods = [self.model.get_submodule(p) for p in (parts or end_paths(self.spec))]
+        for m in mods:
+            m.to(device)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.to("cpu")
+
+    def transform_blocks(self, fn: Callable[[int, nn.Module], None]) -> None:
+        for i, blk in enumerate(self.layers):
+            fn(i, blk)
+
+    def transform_ends(self, fn: Callable[[nn.Module], None]) -> None:
+        fn(self.model)
+
+    def keep(self, i: int) -> None:
+        """Block ``i``'s weights are final: keep them resident (a no-op in memory)."""
+
+    def release(self, i: int) -> None:
+        """Drop block ``i``'s tensors (written elsewhere); a no-op for a model held whole."""
+
+    def pin_all(self, reason: str = "") -> None:
+        """Hold every block in memory from now on (for methods that need the whole model at once)."""
+
+    def materialized_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values() if not t.is_meta)
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _release(module: nn.Module) -> None:
+    for name, t in list(module.state_dict(keep_vars=True).items()):
+        if not t.is_meta:
+            _assign(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+class Streamed(Residency):
+    """A meta-device skeleton whose tensors are read from ``files`` block by block, in ``dtype``."""
+
+    streamed = True
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, files: TensorFiles, dtype: torch.dtype,
+                 tied: bool = False):
+        super().__init__(model, spec)
+        self.files, self.dtype, self.tied = files, dtype, tied
+        self.block_fns: list[Callable] = []
+        self.end_fns: list[Callable] = []
+        self.resident: set[int] = set()  # blocks whose tensors are in memory (kept or pinned)
+        self.pinned = False
+        self.reads = 0  # bytes read from the files (for the report)
+
+    # ----- reading -----
+    def _read(self, module: nn.Module, prefix: str) -> None:
+        for name, t in module.state_dict(keep_vars=True).items():
+            if not t.is_meta:
+                continue
+            full = f"{prefix}.{name}"
+            if full not in self.files:
+                raise _missing(full, self.files)
+            value = self.files.get(full, self.dtype if t.is_floating_point() else None)
+            self.reads += value.numel() * value.element_size()
+            _assign(module, name, value)
+
+    def _load_block(self, i: int) -> None:
+        blk = self.layers[i]
+        self._read(blk, f"{self.spec.layers}.{i}")
+        for fn in self.block_fns:
+            fn(i, blk)
+
+    @contextlib.contextmanager
+    def block(self, i: int, device: torch.device | str) -> Iterator[nn.Module]:
+        fresh = i not in self.resident
+        if fresh:
+            self._load_block(i)
+        blk = self.layers[i]
+        blk.to(device)
+        try:
+            yield blk
+        finally:
+            blk.to("cpu")
+            if fresh and i not in self.resident and not self.pinned:
+                _release(blk)
+
+    def _load_ends(self, parts: tuple[str, ...]) -> list[nn.Module]:
+        embed, norm, head = end_paths(self.spec)
+        before = self.reads
+        want = set(parts) if parts and not self.end_fns else {embed, norm, head}  # transforms need all three
+        mods = []
+        for path in (embed, norm, head):
+            if path not in want:
+                continue
+            mod = self.model.get_submodule(path)
+            if path == head and self.tied and f"{head}.weight" not in self.files:
+                emb = self.model.get_submodule(embed)
+                if emb.weight.is_meta:
+                    self._read(emb, embed)
+                    mods.append(emb)
+                mod.weight = emb.weight  # tied, as the model was saved
+            else:
+                self._read(mod, path)
+            mods.append(mod)
+        if self.reads != before:  # freshly read: transform (held ends are transformed already)
+            for fn in self.end_fns:
+                fn(self.model)
+        return mods
+
+    @contextlib.contextmanager
+    def ends(self, device: torch.device | str, parts: tuple[str, ...] = ()) -> Iterator[None]:
+        mods = self._load_ends(parts)
+        for m in mods:
+            m.to(device)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.to("cpu")
+                if not self.pinned:
+                    _release(m)
+
+    # ----- transforms and lifetime -----
+    def transform_blocks(self, fn: Callable[[int, nn.Module], None]) -> None:
+        self.block_fns.append(fn)
+        for i in sorted(self.resident):
+            fn(i, self.layers[i])
+
+    def transform_ends(self, fn: Callable[[nn.Module], None]) -> None:
+        self.end_fns.append(fn)
+        if self.pinned:
+            fn(self.model)
+
+    def keep(self, i: int) -> None:
+        self.resident.add(i)
+
+    def release(self, i: int) -> None:
+        self.resident.discard(i)
+        _release(self.layers[i])
+
+    def pin_all(self, reason: str = "") -> None:
+        """Read every block and the ends once and keep them (the model is then held whole)."""
+        if self.pinned:
+            return
+        log.info("holding the whole model in memory%s", f" ({reason})" if reason else "")
+        for i in range(len(self.layers)):
+            if i not in self.resident:
+                self._load_block(i)
+                self.resident.add(i)
+        self._load_ends(())
+        self.pinned = True
+
+
+def _missing(name: str, files: TensorFiles):
+    from ..errors import FlexQuantError
+
+    return FlexQuantError(f"tensor {name} is missing from the weights in {files.folder}: the files do not match "
+                          "the model's config.json (a truncated download or a different architecture)")

@@ -1,0 +1,57 @@
+"""Per-block progress of a long pass: a bar with ETA, the process's resident memory now and at peak, and the
+activation store's bytes (in memory / on disk); without a terminal bar, one log line per block."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("flexquant.progress")
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB (0, 0 where /proc is missing)."""
+    now = peak = 0.0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    now = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return now, peak
+
+
+class BlockProgress:
+    """Iterate blocks ``start .. total-1`` showing progress; ``store`` (optional) adds its byte counts."""
+
+    def __init__(self, total: int, desc: str, show: bool, start: int = 0, store=None):
+        self.total, self.desc, self.show, self.start, self.store = total, desc, show, start, store
+
+    def _postfix(self) -> dict:
+        now, peak = rss_mb()
+        out = {"rss": f"{now / 1024:.2f}G", "peak": f"{peak / 1024:.2f}G"}
+        if self.store is not None:
+            out["kept"] = f"{self.store.memory_bytes / 2**20:.0f}M"
+            if self.store.disk_bytes:
+                out["disk"] = f"{self.store.disk_bytes / 2**20:.0f}M"
+        return out
+
+    def __iter__(self):
+        bar = tqdm(total=self.total, initial=self.start, desc=self.desc, disable=not self.show)
+        t0 = time.perf_counter()
+        try:
+            for i in range(self.start, self.total):
+                yield i
+                bar.set_postfix(self._postfix(), refresh=False)
+                bar.update(1)
+                if not self.show:
+                    done = i + 1 - self.start
+                    eta = (time.perf_counter() - t0) / done * (self.total - i - 1)
+                    log.debug("%s %d/%d, eta %.0f s, %s", self.desc, i + 1, self.total, eta, self._postfix())
+        finally:
+            bar.close()

@@ -1,0 +1,110 @@
+"""Reading safetensors files with plain reads, tensor by tensor (no memory map).
+
+A memory-mapped file counts every page it touches in the process's resident set until it is unmapped, so
+reading a 4 GB model block by block through a map ends with 4 GB resident. Here each tensor is read with one
+``readinto`` into its own buffer: what is resident is what the caller keeps. The format is the documented
+safetensors layout: an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets),
+then the data. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import FlexQuantError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """The tensors of one safetensors file, by name."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise FlexQuantError(f"{path} is not a readable safetensors file ({e})") from e
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in DTYPES:
+            raise FlexQuantError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which flexquant cannot read")
+        a, b = info["data_offsets"]
+        out[name] = Entry(path, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + a, b - a)
+    return out
+
+
+class TensorFiles:
+    """The tensors of a folder's safetensors weights: one ``model.safetensors`` or shards with an index."""
+
+    @classmethod
+    def single(cls, file: str | Path) -> TensorFiles:
+        """The tensors of one file."""
+        self = cls.__new__(cls)
+        self.folder, self.entries = Path(file).parent, read_header(Path(file))
+        return self
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise FlexQuantError(f"{index} is not a valid safetensors index ({e})") from e
+        elif (self.folder / SINGLE).is_file():
+            files = [SINGLE]
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise FlexQuantError(f"{self.folder} holds no safetensors weights")
+        self.entries: dict[str, Entry] = {}
+        for name in files:
+            if not (self.folder / name).is_file():
+                raise FlexQuantError(f"{self.folder} is missing the weight shard {name} its index names")
+            self.entries.update(read_header(self.folder / name))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read into fresh memory (converted to ``dtype`` when given)."""
+        e = self.entries.get(name)
+        if e is None:
+            raise FlexQuantError(f"tensor {name} is not in the weights of {self.folder}")
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            if e.nbytes and f.readinto(buf.numpy()) != e.nbytes:
+                raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
+        t = buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
+        return t if dtype is None or dtype == e.dtype else t.to(dtype)
