@@ -79,6 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precision the scales/zeros are rounded to (default float16, matching bpw)")
     p.add_argument("--hqq-round-zero", action="store_true",
                    help="hqq: integer zeros at every bit width (HQQ's default rounds them only at 4 bits)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype the model is loaded in for quantization (default float32, the validated one)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="only quantize and measure (bench/scale.py): no perplexity check, no dequantized "
+                        "save; OUT_DIR gets just peer_report.json (peak RSS taken right after quantizing)")
     a = p.parse_args(argv)
     if not (a.model / "config.json").is_file():
         p.error(f"--model {a.model}: no config.json there (expected a Hugging Face model folder)")
@@ -223,12 +228,12 @@ def main(argv=None) -> int:
 
     calib = load_calib(a.calib)
     check = calib[:N_CHECK]
-    log.info("loading %s (float32); calib %s windows x %s tokens", a.model, *calib.shape)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    log.info("loading %s (%s); calib %s windows x %s tokens", a.model, a.dtype, *calib.shape)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).eval()
     bad = sorted({m.in_features for m in decoder_linears(model).values() if m.in_features % a.group_size})
     if bad:
         sys.exit(f"peers.py: error: --group-size {a.group_size} does not divide in_features {bad}")
-    ppl_float = perplexity(model, check)
+    ppl_float = None if a.measure_only else perplexity(model, check)
 
     log.info("quantizing with %s, %d bits, group size %d", a.method, a.bits, a.group_size)
     t0 = time.perf_counter()
@@ -238,6 +243,18 @@ def main(argv=None) -> int:
         deq, peer_config = run_hqq(model, a.bits, a.group_size, a.qparams_dtype, a.hqq_round_zero)
     quant_time = time.perf_counter() - t0
     log.info("quantized %d linear layers in %.1f s", len(deq), quant_time)
+    if a.measure_only:
+        report = {"method": a.method, "bits": a.bits, "group_size": a.group_size,
+                  "bpw": a.bits + 32 / a.group_size, "qparams_dtype": a.qparams_dtype, "dtype": a.dtype,
+                  "quant_time_s": round(quant_time, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+                  "n_calib": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "measure_only": True,
+                  "threads": torch.get_num_threads(), "versions": versions(), "peer_config": peer_config,
+                  "model": str(a.model.resolve()), "calib": str(a.calib.resolve())}
+        a.out.mkdir(exist_ok=True)
+        (a.out / "peer_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: report[k] for k in ("method", "bits", "group_size", "bpw", "quant_time_s",
+                                                 "peak_rss_mb")}))
+        return 0
     ppl_peer = perplexity(model, check)
     del model
 
