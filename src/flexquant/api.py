@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,14 @@ def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot
     spec = get_spec(qmodel.model.config.model_type)
     return save_checkpoint(qmodel.model, qmodel.tokenizer, path, _meta(qmodel), overwrite=overwrite,
                            extras=_extras(qmodel, plot), layers=spec.layers)
+
+
+def update_report(path: str | Path, report: dict) -> None:
+    """Replace a checkpoint's report.json (written to a temporary file, then renamed over the old one)."""
+    target = Path(path) / "report.json"
+    tmp = target.with_name(f".report.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, target)
 
 
 def _materialized(model: nn.Module) -> bool:

@@ -28,7 +28,8 @@ def register(sub) -> None:
                    help=fields["model"].metadata["help"] + f" (default: {fields['model'].default}, or the recipe's)")
     p.add_argument("--recipe", help="a recipe file (YAML or JSON: every checkpoint folder has its recipe.yaml, "
                                     "and the folder itself works too) to run again")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written block by block into a temporary folder "
+                                                "that is renamed into place at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
@@ -68,10 +69,11 @@ def run_quantize(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not a.overwrite:  # fail before the (long) run, not after it
         raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
-    qm = api.quantize(config=config, progress=not a.quiet)
+    # the checkpoint is written as the blocks finish (a streamed model is never held whole)
+    qm = api.quantize(config=config, progress=not a.quiet, out=out, overwrite=a.overwrite)
     if a.eval_windows:
-        qm.report["eval"] = api.evaluate(qm, windows=a.eval_windows, reference=config.model, progress=not a.quiet)
-    api.save(qm, out, overwrite=a.overwrite)
+        qm.report["eval"] = api.evaluate(out, windows=a.eval_windows, reference=config.model, progress=not a.quiet)
+        api.update_report(out, qm.report)
     s = qm.report["summary"]
     summary = {"out": str(out), "bpw": round(s["bpw"], 4), "quant_seconds": round(s["quant_seconds"], 1),
                "peak_rss_mb": round(s["peak_rss_mb"])}

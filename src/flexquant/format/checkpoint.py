@@ -55,13 +55,15 @@ def _state_for_save(module: torch.nn.Module, prefix: str = "", skip: str | None 
     return state
 
 
-def module_records(module: torch.nn.Module, prefix: str = "") -> dict[str, dict]:
-    """quant_config.json's record of each `QuantLinear` under ``module`` (paths with ``prefix``)."""
+def module_records(module: torch.nn.Module, prefix: str = "", skip: str | None = None) -> dict[str, dict]:
+    """quant_config.json's record of each `QuantLinear` under ``module`` (paths with ``prefix``; those under the
+    child path ``skip`` left out)."""
     return {
         prefix + name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
                         "sym": m.sym, "bias": m.bias is not None, "bits": sorted(set(m.group_bits.tolist())),
                         "bpw": round(m.bpw, 6), "rotation_order": m.rotation_order}
-        for name, m in module.named_modules() if isinstance(m, QuantLinear)
+        for name, m in module.named_modules()
+        if isinstance(m, QuantLinear) and not (skip and name.startswith(skip + "."))
     }
 
 
@@ -83,7 +85,7 @@ class CheckpointWriter:
         save_file(tensors, self.folder / name, metadata={"format": "pt", "flexquant": str(FORMAT_VERSION)})
         self.checksums[name] = sha256_file(self.folder / name)
         self.weight_map.update(dict.fromkeys(tensors, name))
-        self.modules.update(module_records(module, prefix))
+        self.modules.update(module_records(module, prefix, skip))
         floats = [t.dtype for t in module.parameters() if t.is_floating_point() and not t.is_meta]
         self.dtype = self.dtype or (str(floats[0]).replace("torch.", "") if floats else None)
 

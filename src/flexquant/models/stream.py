@@ -152,12 +152,14 @@ class Streamed(Residency):
             self._load_block(i)
         blk = self.layers[i]
         blk.to(device)
+        self._released = False
         try:
             yield blk
         finally:
-            blk.to("cpu")
-            if fresh and i not in self.resident and not self.pinned:
-                _release(blk)
+            if not self._released:  # (released inside: handed to a writer)
+                blk.to("cpu")
+                if fresh and i not in self.resident and not self.pinned:
+                    _release(blk)
 
     def _load_ends(self, parts: tuple[str, ...]) -> list[nn.Module]:
         embed, norm, head = end_paths(self.spec)
@@ -212,6 +214,7 @@ class Streamed(Residency):
     def release(self, i: int) -> None:
         self.resident.discard(i)
         _release(self.layers[i])
+        self._released = True
 
     def pin_all(self, reason: str = "") -> None:
         """Read every block and the ends once and keep them (the model is then held whole)."""

@@ -1,0 +1,137 @@
+"""Models bigger than memory (issue 21): streamed weights, the activation store, sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import flexquant as fq
+from flexquant.errors import FlexQuantError
+from flexquant.pipeline.capture import BlockInputs
+from flexquant.pipeline.store import ActivationStore, parse_bytes
+from flexquant.tensorio import TensorFiles
+
+sys.path.insert(0, str(Path(__file__).parent))
+from regression_cases import digest  # noqa: E402
+
+CALIB = dict(nsamples=8, seqlen=64, seed=0, batch_size=4, store_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def fp_folder(tmp_path_factory):
+    """tiny-llama saved as a Hugging Face folder (tied embeddings, one safetensors file)."""
+    from flexquant.models.builtin import tiny_llama
+
+    model, tok = tiny_llama()
+    folder = tmp_path_factory.mktemp("fp") / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("gptq", dict(method="gptq", bits=3, group_size=32, **CALIB)),
+    ("flexible", dict(method="flexible", group_size=64, **CALIB, options=dict(bpw=2.5))),  # DOSA on, tied head
+])
+def test_streamed_run_equals_the_in_memory_run(fp_folder, tmp_path, name, settings):
+    whole = fq.quantize(str(fp_folder), progress=False, stream="off", **settings)
+    fq.save(whole, tmp_path / "whole", plot=False)
+    streamed = fq.quantize(str(fp_folder), progress=False, stream="on", out=tmp_path / "streamed", plot=False,
+                           **settings)
+    assert streamed.report["memory"]["streamed"] and not whole.report["memory"]["streamed"]
+    assert digest(tmp_path / "whole") == digest(tmp_path / "streamed")
+    # sharded: a shard per block and one for the rest, every shard checksummed
+    qc = json.loads((tmp_path / "streamed" / "quant_config.json").read_text())
+    assert qc["format_version"] == 3 and len(qc["checksums"]) == 3
+    assert streamed.bpw == pytest.approx(whole.bpw)
+    loaded = fq.load(tmp_path / "streamed")
+    ids = torch.randint(0, 256, (1, 16))
+    assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)
+
+
+def test_streamed_blocks_are_released(fp_folder):
+    from flexquant.models.loader import load_streamed
+    from flexquant.models.stream import residency
+
+    model, _ = load_streamed(str(fp_folder))
+    res = residency(model)
+    assert res.streamed and res.materialized_bytes() == 0
+    with res.block(1, "cpu") as block:
+        assert not any(t.is_meta for t in block.state_dict().values())
+    assert res.materialized_bytes() == 0
+
+
+def test_bad_stream_settings_fail_clearly(tmp_path):
+    with pytest.raises(FlexQuantError, match="--stream on needs"):
+        fq.quantize("tiny-llama", method="rtn", stream="on", progress=False)
+    with pytest.raises(FlexQuantError, match="512MB"):
+        fq.QuantConfig(max_memory="lots")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(FlexQuantError, match="not a readable safetensors"):
+        TensorFiles(tmp_path / "m")
+
+
+def test_parse_bytes():
+    assert parse_bytes("512MB") == 512 * 10**6 and parse_bytes("8GiB") == 8 * 2**30
+    assert parse_bytes("") is None and parse_bytes("1.5GB") == 1_500_000_000
+
+
+def test_tensor_files_read_what_safetensors_wrote(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.arange(6, dtype=torch.int32),
+               "d": torch.randn(2, 2).bfloat16(), "e": torch.zeros(0)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    files = TensorFiles(tmp_path)
+    for k, v in tensors.items():
+        assert torch.equal(files.get(k), v) and files.get(k).dtype == v.dtype
+    assert files.get("b", torch.float32).dtype == torch.float32
+
+
+def _inputs(scale=1.0):
+    g = torch.Generator().manual_seed(0)
+    return BlockInputs([torch.randn(2, 8, 16, generator=g) * scale for _ in range(3)], [{"k": 1}] * 3)
+
+
+def test_store_keeps_float16_and_gives_back_float32():
+    store = ActivationStore("float16")
+    x = _inputs()
+    store.put(0, x)
+    got = store.get(0)
+    assert got.hidden[0].dtype == torch.float32 and got.kwargs == x.kwargs
+    assert torch.allclose(got.hidden[0], x.hidden[0], rtol=1e-3, atol=1e-3)
+    assert store.memory_bytes == 3 * 2 * 8 * 16 * 2
+    store.drop(0)
+    assert store.memory_bytes == 0 and store.get(0) is None
+
+
+def test_store_keeps_what_overflows_float16_in_float32():
+    store = ActivationStore("float16")
+    x = _inputs(scale=1e6)
+    store.put("big", x)
+    assert torch.equal(store.get("big").hidden[1], x.hidden[1])
+
+
+def test_store_spills_beyond_its_budget_and_cleans_up(tmp_path):
+    store = ActivationStore("bfloat16", max_bytes=600, offload_dir=tmp_path / "off")
+    x = _inputs()
+    store.put(0, x)  # 512 bytes per batch: the first stays in memory, the others spill
+    assert store.memory_bytes == 512 and store.disk_bytes == 1024
+    assert len(list((tmp_path / "off").rglob("*.bin"))) == 2
+    got = store.get(0)
+    for a, b in zip(got.hidden, x.hidden):
+        assert torch.equal(a, b.bfloat16().float())
+    store.close()
+    assert not list((tmp_path / "off").rglob("*.bin"))
+    assert store.summary()["peak_disk_bytes"] == 1024
+
+
+def test_float32_store_is_exact():
+    store = ActivationStore("float32")
+    x = _inputs()
+    store.put(1, x)
+    assert all(torch.equal(a, b) for a, b in zip(store.get(1).hidden, x.hidden))
