@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,18 +20,33 @@ from .actquant.runtime import attach as attach_actquant
 from .actquant.runtime import install as install_actquant
 from .actquant.runtime import stored_bits as actquant_bits
 from .alloc.cost import result_bits
-from .atomic import atomic_folder
+from .atomic import check_target, move_into_place
 from .config import QuantConfig, parse_bytes
 from .data import calibration_windows, eval_windows
 from .errors import FlexQuantError
 from .eval import evaluate_windows, peak_rss_mb
-from .format.checkpoint import QUANT_CONFIG, CheckpointWriter, load_checkpoint, save_checkpoint
+from .format.checkpoint import (
+    PROGRESS,
+    QUANT_CONFIG,
+    CheckpointWriter,
+    install_packed,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .methods import build_method
 from .models import get_spec, load_model
 from .models.loader import load_streamed
 from .models.stream import residency
 from .nn.quant_linear import QuantLinear
-from .pipeline import ActivationStore, quantize_model
+from .pipeline import (
+    ActivationStore,
+    BlockInputs,
+    LinearRecord,
+    capture_block_inputs,
+    prepare_model,
+    quantize_blocks,
+    run_block,
+)
 from .recipe import RECIPE, write_recipe
 from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report, summarize_bits
 
@@ -121,7 +137,7 @@ def _store(config: QuantConfig) -> ActivationStore:
 
 def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,
              progress: bool = True, out: str | Path | None = None, overwrite: bool = False, plot: bool = True,
-             **settings) -> QuantizedModel:
+             resume: bool = False, **settings) -> QuantizedModel:
     """Quantize ``model`` (built-in name, folder or hub id) with ``config`` (and/or flat ``settings``
     such as ``method="gptq", bits=3, group_size=64``, ``options=dict(...)`` for the method's options).
     ``calib_ids`` [N, L] replaces the calibration windows the config describes. Returns the packed model and
@@ -129,7 +145,9 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
 
     With ``out``, the checkpoint is written there as the run goes (a shard per finished block, then renamed
     into place; `save` is not needed): with a streamed model, neither the full-precision nor the packed model
-    is ever held whole. The returned model is then read back from ``out`` when used."""
+    is ever held whole. The returned model is then read back from ``out`` when used. A run that stops part-way
+    keeps its finished blocks in ``.<out>.partial`` beside ``out``; ``resume=True`` continues it from the first
+    unfinished block (same config; the statistics pass and plan are recomputed, the finished blocks replayed)."""
     config = config or QuantConfig()
     if model is not None:
         settings["model"] = model
@@ -145,10 +163,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     run = _Run(config, method, hf_model, tok, device, time.perf_counter() - t_load, calib_ids, progress)
     if out is None:
         return run.in_memory()
-    with atomic_folder(out, overwrite, QUANT_CONFIG, "flexquant checkpoint") as tmp:
-        qm = run.to_folder(tmp, plot)
-    qm.path = Path(out)
-    return qm
+    return run.to_folder(Path(out), overwrite, resume, plot)
 
 
 class _Run:
@@ -166,6 +181,8 @@ class _Run:
         self.calib_ids = calib_ids if method.needs_calibration else None
         self.load_seconds, self.progress = load_seconds, progress
         self.bits: dict[str, tuple[int, int]] = {}  # packed linear -> (stored bits, weights)
+        self.records: list[LinearRecord] = []
+        self.notes: list[dict] = []
         self.writer: CheckpointWriter | None = None
 
     def _on_block(self, i: int, block: nn.Module, results: dict) -> None:
@@ -176,20 +193,28 @@ class _Run:
         if self.writer is not None:
             self.writer.add(i, block, f"{self.spec.layers}.{i}.")
             self.res.release(i)
+            self.writer.save_state({"config": _resumable(self.config), "blocks": i + 1, "notes": self.notes,
+                                    "records": [asdict(r) for r in self.records], "bits": self.bits})
         else:
             self.res.keep(i)
 
-    def _quantize(self) -> dict:
+    def _quantize(self, start: int = 0) -> dict:
         c = self.config
         log.info("quantizing %s with %s at %d bits, group %d on %s%s", c.model, c.method, c.grid.bits,
                  c.grid.group_size, self.device, " (weights streamed block by block)" if self.res.streamed else "")
         t0 = time.perf_counter()
         store = _store(c)
         try:
-            _, records, notes = quantize_model(self.model, self.spec, self.method, self.calib_ids, self.device,
-                                               c.batch_size, self.progress, store, self._on_block)
+            calib = self.calib_ids
+            stats = prepare_model(self.model, self.spec, self.method, calib, self.device, c.batch_size,
+                                  self.progress, store)
+            inputs = self._replay(start, store) if start and self.method.needs_calibration else None
+            quantize_blocks(self.model, self.spec, self.method, calib, self.device, c.batch_size, self.progress,
+                            stats=stats, store=store, on_block=self._on_block, start=start, inputs=inputs,
+                            records=self.records, notes=self.notes)
         finally:
             store.close()
+        records, notes = self.records, self.notes
         if self.method.runtime is not None:
             install_actquant(self.model, self.method.runtime)
         else:
@@ -209,16 +234,80 @@ class _Run:
         self.res.pin_all()  # a streamed model's ends are read now: the packed model is complete in memory
         return QuantizedModel(self.model, self.tok, self.config, report)
 
-    def to_folder(self, folder: Path, plot: bool) -> QuantizedModel:
+    def to_folder(self, out: Path, overwrite: bool, resume: bool, plot: bool) -> QuantizedModel:
+        """The run written block by block into ``.<out>.partial``, renamed to ``out`` when complete."""
+        check_target(out, overwrite, QUANT_CONFIG, "flexquant checkpoint")
         n = len(self.model.get_submodule(self.spec.layers))
-        self.writer = CheckpointWriter(folder, n + 1)
-        report = self._quantize()
-        with self.res.ends("cpu"):
-            self.writer.add(n, self.model, "", skip=self.spec.layers)
-        qm = QuantizedModel(self.model, self.tok, self.config, report)
-        self.writer.finish(self.model, self.tok, _meta(qm))
-        _extras(qm, plot)(folder)
+        folder = out.parent / f".{out.name}.partial"
+        start = self._open_folder(folder, n + 1, resume)
+        try:
+            report = self._quantize(start)
+            with self.res.ends("cpu"):
+                self.writer.add(n, self.model, "", skip=self.spec.layers)
+            qm = QuantizedModel(self.model, self.tok, self.config, report, path=out)
+            self.writer.finish(self.model, self.tok, _meta(qm))
+            _extras(qm, plot)(folder)
+        except BaseException:
+            if (folder / PROGRESS).is_file():
+                log.warning("the finished blocks are kept in %s: run the same command with --resume to continue "
+                            "from there (or delete that folder)", folder)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        move_into_place(folder, out)
         return qm
+
+    def _open_folder(self, folder: Path, shards: int, resume: bool) -> int:
+        """A fresh writer (an old unfinished run is discarded), or with ``resume`` the unfinished run's writer and
+        state; the number of finished blocks."""
+        if resume and (folder / PROGRESS).is_file():
+            if not self.method.resumable:
+                raise FlexQuantError(f"--method {self.method.name} cannot resume a run (its per-block state is "
+                                     f"not on disk); delete {folder} and run again without --resume")
+            self.writer, state = CheckpointWriter.resume(folder, shards)
+            if state["config"] != _resumable(self.config):
+                raise FlexQuantError(f"the unfinished run in {folder} was made with another config; run the "
+                                     "command that started it with --resume, or delete that folder")
+            self.records = [LinearRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["records"]]
+            self.notes, self.bits = state["notes"], {k: tuple(v) for k, v in state["bits"].items()}
+            log.info("resuming at block %d of %d from %s", state["blocks"], shards - 1, folder)
+            return state["blocks"]
+        if resume:
+            log.warning("no unfinished run in %s: starting from the first block", folder)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        self.writer = CheckpointWriter(folder, shards)
+        return 0
+
+    @torch.no_grad()
+    def _replay(self, k: int, store: ActivationStore) -> BlockInputs:
+        """The quantized stream entering block ``k``: the calibration windows through the finished, packed blocks
+        read back from their shards (kept in the store between blocks, as the block loop keeps it)."""
+        spec, layers = self.spec, self.model.get_submodule(self.spec.layers)
+        with self.res.ends(self.device, (spec.embed,)):
+            store.put("stream", capture_block_inputs(self.model, spec, self.calib_ids, self.device,
+                                                     self.config.batch_size))
+        for j in range(k):
+            inputs, prefix = store.get("stream"), f"{spec.layers}.{j}."
+            tensors = self.writer.read_block(j)
+            install_packed(layers[j], self.writer.modules, tensors, None, self.writer.folder, prefix)
+            layers[j].load_state_dict({n[len(prefix):]: t for n, t in tensors.items()}, strict=False, assign=True)
+            if self.res.streamed:
+                self.res.keep(j)
+            with self.res.block(j, self.device) as block:
+                out = run_block(block, inputs, self.device)
+            self.res.release(j)
+            store.put("stream", BlockInputs(out, inputs.kwargs))
+        return store.get("stream")
+
+
+def _resumable(config: QuantConfig) -> dict:
+    """The config fields that decide the result (memory and streaming settings may change on resumption)."""
+    plain = config.to_plain()
+    for name in ("stream", "max_memory", "offload_dir", "device"):
+        plain.pop(name, None)
+    return plain
 
 
 def _meta(qmodel: QuantizedModel) -> dict:

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (written block by block into a temporary folder "
                                                 "that is renamed into place at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that stopped part-way from its finished blocks (kept beside --out in "
+                        ".<out>.partial); the same command and config")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
     run = p.add_argument_group("run settings")
@@ -70,7 +73,7 @@ def run_quantize(a: argparse.Namespace) -> int:
     if out.exists() and not a.overwrite:  # fail before the (long) run, not after it
         raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
     # the checkpoint is written as the blocks finish (a streamed model is never held whole)
-    qm = api.quantize(config=config, progress=not a.quiet, out=out, overwrite=a.overwrite)
+    qm = api.quantize(config=config, progress=not a.quiet, out=out, overwrite=a.overwrite, resume=a.resume)
     if a.eval_windows:
         qm.report["eval"] = api.evaluate(out, windows=a.eval_windows, reference=config.model, progress=not a.quiet)
         api.update_report(out, qm.report)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ READABLE_VERSIONS = (1, 2, 3)
 QUANT_CONFIG = "quant_config.json"
 TENSORS = "model.safetensors"  # the single tensor file of formats 1-2
 INDEX = "model.safetensors.index.json"
+PROGRESS = "progress.json"  # in an unfinished run's folder: what `--resume` continues from
 
 
 def shard_name(k: int, n: int) -> str:
@@ -89,6 +91,35 @@ class CheckpointWriter:
         floats = [t.dtype for t in module.parameters() if t.is_floating_point() and not t.is_meta]
         self.dtype = self.dtype or (str(floats[0]).replace("torch.", "") if floats else None)
 
+    # ----- an unfinished run: its state after each shard, so that `--resume` can continue it -----
+    def save_state(self, state: dict) -> None:
+        """Record the shards written so far with the caller's ``state`` (atomically: temp file, rename)."""
+        full = {"weight_map": self.weight_map, "checksums": self.checksums, "modules": self.modules,
+                "dtype": self.dtype, **state}
+        tmp = self.folder / f".{PROGRESS}.tmp"
+        tmp.write_text(json.dumps(full))
+        os.replace(tmp, self.folder / PROGRESS)
+
+    @classmethod
+    def resume(cls, folder: Path, shards: int) -> tuple[CheckpointWriter, dict]:
+        """A writer over an unfinished run's folder and the state it saved (each kept shard checked)."""
+        try:
+            state = json.loads((Path(folder) / PROGRESS).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder} holds no readable record of an unfinished run ({e}); "
+                                  "run again without --resume") from e
+        self = cls(folder, shards)
+        self.weight_map, self.checksums = state.pop("weight_map"), state.pop("checksums")
+        self.modules, self.dtype = state.pop("modules"), state.pop("dtype")
+        for name in self.checksums:
+            verify_file(Path(folder) / name, {"checksums": self.checksums})
+        return self, state
+
+    def read_block(self, k: int) -> dict[str, torch.Tensor]:
+        """The tensors of shard ``k`` (a finished block)."""
+        files = TensorFiles.single(self.folder / shard_name(k, self.shards))
+        return {n: files.get(n) for n in files.names()}
+
     def finish(self, model, tokenizer, meta: dict) -> None:
         """The index, HF config, tokenizer and quant_config.json (after every shard is written)."""
         index = {"metadata": {"total_size": sum((self.folder / f).stat().st_size for f in self.checksums)},
@@ -106,6 +137,7 @@ class CheckpointWriter:
         if runtime is not None:  # online transforms + activation/KV quantizers, re-attached by load
             qc["actquant"] = {**runtime.describe(), "stored_bits": runtime.stored_bits()}
         (self.folder / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
+        (self.folder / PROGRESS).unlink(missing_ok=True)
 
 
 def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: bool = False,
@@ -179,6 +211,25 @@ def read_tensors(path: str | Path, qc: dict, verify: bool = True) -> dict[str, t
     return out
 
 
+def install_packed(model: torch.nn.Module, modules: dict[str, dict], tensors: dict[str, torch.Tensor],
+                   kernel: str | None = None, where: str | Path = "", prefix: str = "") -> None:
+    """Put a `QuantLinear` at each path of ``modules`` (records of quant_config.json) under ``model``, built from
+    (and popping) its tensors; ``prefix`` is stripped from the recorded paths."""
+    for name, spec in modules.items():
+        if not name.startswith(prefix):
+            continue
+        local, mine = name[len(prefix):], name + "."
+        own = {k[len(mine):]: tensors.pop(k) for k in list(tensors) if k.startswith(mine)}
+        bias = own.pop("bias", None)
+        if "group_bits" not in own:
+            raise CheckpointError(f"{where}: tensors of quantized module {name} are missing")
+        q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias,
+                        spec.get("rotation_order", 0))
+        q.set_kernel(kernel)
+        parent, _, child = local.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+
+
 def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = True):
     """(model, tokenizer, quant_config) of a packed checkpoint; linears are `QuantLinear`s."""
     from accelerate import init_empty_weights
@@ -192,17 +243,7 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
     config.use_cache = False
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    for name, spec in qc["modules"].items():
-        prefix = name + "."
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-        bias = own.pop("bias", None)
-        if "group_bits" not in own:
-            raise CheckpointError(f"{path}: tensors of quantized module {name} are missing")
-        q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias,
-                        spec.get("rotation_order", 0))
-        q.set_kernel(kernel)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+    install_packed(model, qc["modules"], tensors, kernel, path)
     runtime = None
     if qc.get("actquant"):  # its tensors are in the file: build the skeleton before loading them
         runtime = actquant.ActQuantRuntime.from_description(qc["actquant"])

@@ -138,6 +138,7 @@ class Adaptive(Method):
     """Weights, per-token activations and the per-head KV cache, with an affine or rotation transform per site."""
 
     name = "adaptive"
+    resumable = False  # learned per-block state (quantizers, runtime) is not replayed on resumption
     Config = AdaptiveConfig
 
     @classmethod

@@ -55,6 +55,7 @@ class HiRatio(Method):
     """Per-layer ratios of high-impact columns at a higher bit-width, chosen by a QP under the budget."""
 
     name = "hiratio"
+    resumable = False  # learned per-block state (quantizers, runtime) is not replayed on resumption
     Config = HiRatioConfig
 
     @classmethod

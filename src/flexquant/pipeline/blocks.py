@@ -58,7 +58,8 @@ def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear
 def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 8, progress: bool = True, fast: bool = True,
                     stats: FPStatistics | None = None, store: ActivationStore | None = None,
-                    on_block=None, start: int = 0, inputs: BlockInputs | None = None):
+                    on_block=None, start: int = 0, inputs: BlockInputs | None = None,
+                    records: list | None = None, notes: list | None = None):
     """Quantize every linear of every decoder block in place (fake-quant weights written back).
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
@@ -68,7 +69,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     ``store`` keeps the quantized stream between blocks. ``on_block(i, block, results)``, when given, receives
     each finished block (still resident, its fake-quant weights in place) with its {path: QuantResult}, and the
     results are not kept here. ``start``/``inputs``: resume at block ``start`` whose quantized-stream inputs
-    are ``inputs``.
+    are ``inputs``. ``records``/``notes``: lists to extend (a resumed run's earlier blocks are in them).
 
     Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
     """
@@ -76,8 +77,11 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     layers = model.get_submodule(spec.layers)
     store = store if store is not None else MemoryStore()
     results: dict[str, QuantResult] = {}
-    records: list[LinearRecord] = []
-    notes: list[dict] = []
+    records = records if records is not None else []
+    notes = notes if notes is not None else []
+    if stats is not None:
+        for j in range(start):  # a resumed run: the finished blocks' kept inputs are not needed
+            stats.inputs.drop(j)
     bar = BlockProgress(len(layers), f"{method.name} blocks", progress, start, store)
 
     def finish(i, block, mine):
@@ -113,14 +117,14 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
                                     fast, mine, records)
+            notes.append({"block": i, **ctx.notes})
             finish(i, block, mine)
         if stats is not None:
             stats.inputs.drop(i)
-        kwargs, block_notes = inputs.kwargs, ctx.notes
+        kwargs = inputs.kwargs
         del inputs, fp_inputs, ctx
         store.put("stream", BlockInputs(out_q, kwargs))
         del out_q
-        notes.append({"block": i, **block_notes})
     store.drop("stream")
     return results, records, notes
 

@@ -48,6 +48,9 @@ class Method:
     feedback_groups: tuple[str, ...] = ()
     # The activation/KV-cache runtime a weight-activation method hands the packer (`actquant`); None: weights only.
     runtime = None
+    # A run can continue from its finished blocks (`quantize(..., resume=True)`): the method keeps no per-block
+    # state beyond the packed tensors and its report notes.
+    resumable = True
 
     def __init__(self, config: QuantConfig):
         self.config = config
