@@ -105,8 +105,11 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
     with res.ends(device, (spec.embed,)):
         inputs = capture_block_inputs(model, spec, calib, device, request.batch_size or batch_size)
     stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"))
-    nb = batches_covering([h.shape[0] for h in inputs.hidden], request.fisher_windows)
-    fisher_inputs = _Keyed(store, "fisher")
+    sizes = [h.shape[0] for h in inputs.hidden]
+    nb = batches_covering(sizes, request.fisher_windows)
+    # the Fisher pass reads the first nb batches; when the kept inputs hold them, it reads those (no second copy)
+    shared = request.keep_windows >= sum(sizes[:nb])
+    fisher_inputs = _Prefix(stats.inputs, nb) if shared else _Keyed(store, "fisher")
     for i in BlockProgress(nblocks, "full-precision statistics", progress, store=store):
         with res.block(i, device) as block:
             if request.hessians:
@@ -118,7 +121,7 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
                 out = run_block(block, inputs, device)
             if request.on_block is not None:
                 request.on_block(i, block, inputs, out, device)
-        if request.fisher_windows:
+        if request.fisher_windows and not shared:
             fisher_inputs.put(i, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
         if request.keep_windows:
             stats.inputs.put(i, first_windows(inputs, request.keep_windows))
@@ -153,3 +156,17 @@ class _Keyed:
 
     def drop(self, index: int) -> None:
         self.store.drop((self.prefix, index))
+
+
+class _Prefix:
+    """The first ``nb`` batches of each block's kept inputs (read-only)."""
+
+    def __init__(self, kept: _Keyed, nb: int):
+        self.kept, self.nb = kept, nb
+
+    def __getitem__(self, index: int) -> BlockInputs:
+        x = self.kept.get(index)
+        return BlockInputs(x.hidden[: self.nb], x.kwargs[: self.nb])
+
+    def drop(self, index: int) -> None:
+        """The kept inputs stay (the block loop reads them)."""
