@@ -26,6 +26,7 @@ from .methods import build_method
 from .models import get_spec, load_model
 from .nn.quant_linear import QuantLinear
 from .pipeline import quantize_model
+from .pipeline.distributed import Dist
 from .recipe import RECIPE, write_recipe
 from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report
 
@@ -86,11 +87,13 @@ def pack_model(model: nn.Module, results: dict, runtime=None) -> nn.Module:
 
 
 def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,
-             progress: bool = True, **settings) -> QuantizedModel:
+             progress: bool = True, dist: Dist | None = None, **settings) -> QuantizedModel:
     """Quantize ``model`` (built-in name, folder or hub id) with ``config`` (and/or flat ``settings``
     such as ``method="gptq", bits=3, group_size=64``, ``options=dict(...)`` for the method's options).
     ``calib_ids`` [N, L] replaces the calibration windows the config describes. Returns the packed model and
-    its report; ``QuantizedModel.config`` is the resolved config (what `save` writes as the recipe)."""
+    its report; ``QuantizedModel.config`` is the resolved config (what `save` writes as the recipe).
+    Under torchrun (WORLD_SIZE > 1, or a given ``dist``) the ranks share the work and all return the same model;
+    only rank 0 should `save` it (docs/scale.md)."""
     config = config or QuantConfig()
     if model is not None:
         settings["model"] = model
@@ -105,13 +108,18 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     spec = get_spec(hf_model.config.model_type)
     _check_group_size(hf_model, spec, config.grid.group_size)
     device = resolve_device(config.device)
+    dist = dist or Dist.from_env(device)
+    device, progress = dist.local_device(device), progress and dist.is_main
+    if dist.active and not method.distributed:
+        raise FlexQuantError(f"--method {config.method} with these options cannot run on several ranks; run it "
+                             "in one process (without torchrun)")
     given = calib_ids is not None
     if method.needs_calibration and calib_ids is None:
         calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
     log.info("quantizing %s with %s at %d bits, group %d on %s", config.model, config.method,
              config.grid.bits, config.grid.group_size, device)
     results, records, notes = quantize_model(hf_model, spec, method, calib_ids if method.needs_calibration
-                                             else None, device, config.batch_size, progress)
+                                             else None, device, config.batch_size, progress, dist)
     pack_model(hf_model, results, method.runtime)
     seconds = time.perf_counter() - t0
     report = build_report(config, hf_model, records, notes, seconds, peak_rss_mb(),
@@ -119,7 +127,19 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     report["summary"]["load_seconds"] = load_seconds
     report["calibration"]["windows_given"] = given  # passed in by the caller: the recipe cannot redraw them
     report["method"] = method.summary()
+    if dist.active:
+        report["distributed"] = _distributed_facts(dist, notes)
     return QuantizedModel(hf_model, tok, config, report)
+
+
+def _distributed_facts(dist: Dist, notes: list[dict]) -> dict:
+    """Ranks, sharding and the collective volume (this rank's payload; per block in the block notes)."""
+    total = dist.volume()
+    blocks = {k: sum(n.get(k, 0) for n in notes) for k in total}
+    return {"world": dist.world, "backend": "nccl" if dist.comm.type == "cuda" else "gloo", "exact": dist.exact,
+            "sharding": "round-robin batches (batch j on rank j % world)",
+            "solves": "linear k of a group on rank k % world", **{f"{k}_total": v for k, v in total.items()},
+            **{f"{k}_statistics_pass": v - blocks[k] for k, v in total.items()}}
 
 
 def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot: bool = True) -> Path:

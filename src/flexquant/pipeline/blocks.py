@@ -16,6 +16,7 @@ from ..models.spec import ModelSpec
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
 from .capture import capture_block_inputs, run_block
+from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, onload, run_capturing
 from .method import BlockContext, Method
 from .prenorm import prenorm_applicable, quantize_prenorm_block
@@ -34,34 +35,58 @@ class LinearRecord:
     stats: dict
 
 
-def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,
-                  H: torch.Tensor | None, results: dict, records: list) -> None:
+def _solve(method: Method, ctx, prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | None):
     t0 = time.perf_counter()
     W = linear.weight.data
     if not torch.isfinite(W).all():
         raise FlexQuantError(f"weight {prefix}.{name} contains NaN or inf; the model checkpoint is corrupted")
-    r = method.quantize_linear(ctx, name, W, H)
+    return method.quantize_linear(ctx, name, W, H), time.perf_counter() - t0
+
+
+def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | None, r: QuantResult, seconds: float,
+                results: dict, records: list) -> None:
+    t0 = time.perf_counter()
+    W = linear.weight.data
     Wq = r.dequantize(torch.float32)
     rel = None
     if H is not None:
         ref = hessian_error(W, torch.zeros_like(W), H)
         rel = hessian_error(W, Wq, H) / ref if ref > 0 else 0.0
-    linear.weight.data = Wq.to(W.dtype)  # later groups and blocks see the quantized weight
+    linear.weight.data = Wq.to(W.device, W.dtype)  # later groups and blocks see the quantized weight
     full = f"{prefix}.{name}"
     results[full] = r
-    records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, time.perf_counter() - t0, r.stats))
+    records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, seconds + time.perf_counter() - t0,
+                                r.stats))
+
+
+def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,
+                  H: torch.Tensor | None, results: dict, records: list) -> None:
+    _write_back(prefix, name, linear, H, *_solve(method, ctx, prefix, name, linear, H), results, records)
+
+
+def _quantize_group(method: Method, ctx: BlockContext, group, H, results: dict, records: list) -> None:
+    """Quantize the linears of one group (they share H and write nothing another one reads): linear k is
+    solved by rank ``ctx.dist.owner(k)`` and its result broadcast, so every rank writes the same weights back."""
+    dist = ctx.dist
+    solved = {k: _solve(method, ctx, ctx.prefix, name, ctx.block.get_submodule(name), H)
+              for k, name in enumerate(group) if dist.owner(k) == dist.rank}
+    for k, name in enumerate(group):
+        r, seconds = dist.broadcast_result(solved.get(k), dist.owner(k), ctx.device)
+        _write_back(ctx.prefix, name, ctx.block.get_submodule(name), H, r, seconds, results, records)
 
 
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 8, progress: bool = True, fast: bool = True,
-                    stats: FPStatistics | None = None):
+                    stats: FPStatistics | None = None, dist: Dist = SINGLE):
     """Quantize every linear of every decoder block in place (fake-quant weights written back).
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
     ``stats`` (from the statistics pass): its kept full-precision block inputs are offered to the method as
     ``ctx.fp_inputs``; with ``method.feedback_groups`` the FP block also runs up to its last feedback input
     to give the GPTAQ cross terms, and its outputs (the next block's kept inputs) reach ``after_block``.
+    ``dist``: this rank runs its share of the calibration batches; Hessians are all-reduced and the solves of
+    each group divided among the ranks (`pipeline.distributed`).
 
     Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
     """
@@ -77,20 +102,20 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                                   None, results, records)
         return results, records, notes
 
-    inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
+    inputs = capture_block_inputs(model, spec, dist.shard(calib_ids, batch_size), device, batch_size)
     for i, block in enumerate(tqdm(layers, desc=f"{method.name} blocks", disable=not progress)):
         fp_inputs = stats.inputs.get(i) if stats is not None else None
         feedback = method.feedback_groups if fp_inputs is not None else ()
         if method.feedback_groups and fp_inputs is None:
             raise FlexQuantError(f"method {method.name} asks for feedback but its statistics kept no "
                                  f"full-precision inputs of block {i}")
+        volume = dist.volume()
         with onload(block, device):
-            ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device)
+            ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
 
-            def quantize_group(group, H, D=None, ctx=ctx, block=block):
+            def quantize_group(group, H, D=None, ctx=ctx):
                 ctx.cross = D
-                for name in group:
-                    _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
+                _quantize_group(method, ctx, group, H, results, records)
                 ctx.cross = None
 
             out_fp, x_fp = None, None
@@ -101,17 +126,19 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 _, x_fp = run_capturing(fp_block, fp_inputs, device, feedback, outputs=out_fp is None)
                 del fp_block
             if (fast or feedback) and prenorm_applicable(spec, inputs, block):
-                out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp)
+                out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, dist)
             elif feedback:
                 raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "
                                      "is not declared so in its ModelSpec")
             else:
                 for group in spec.linear_groups:
-                    quantize_group(group, collect_hessian(block, group[0], inputs, device))
+                    quantize_group(group, collect_hessian(block, group[0], inputs, device, dist))
                 out_q = run_block(block, inputs, device)
             out_q = method.after_block(ctx, out_q, out_fp)
         if stats is not None:
             stats.inputs.drop(i)
         inputs = inputs.with_hidden(out_q)
+        if dist.active:  # bytes this rank all-reduced and broadcast (or received) for this block
+            ctx.notes.update({k: v - volume[k] for k, v in dist.volume().items()})
         notes.append({"block": i, **ctx.notes})
     return results, records, notes

@@ -11,6 +11,9 @@ full-precision model gives, as requested:
   the learned quantizers' targets);
 * a call ``on_block(index, block, inputs, outputs, device)`` with the block on the device, for per-block
   calibration on full-precision inputs (the next block still receives the outputs computed before it).
+
+Distributed (`pipeline.distributed`): each rank runs its share of the batches and the Hessians and the Fisher
+are all-reduced; a request with ``on_block`` (training on the windows themselves) runs all of them on every rank.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..models.spec import ModelSpec
 from .capture import BlockInputs, capture_block_inputs, run_block
+from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, onload
 from .prenorm import prenorm_applicable, quantize_prenorm_block
 from .sensitivity import output_fisher
@@ -81,25 +85,32 @@ def first_windows(inputs: BlockInputs, windows: int) -> BlockInputs:
     return BlockInputs(hidden, inputs.kwargs[: len(hidden)])
 
 
-def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device, keep) -> list[torch.Tensor]:
+def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device, keep,
+                    dist: Dist = SINGLE) -> list[torch.Tensor]:
     """Run ``block`` (unchanged) over ``inputs``, handing each linear group's H to ``keep``; its outputs."""
     if prenorm_applicable(spec, inputs, block):
-        return quantize_prenorm_block(block, spec, inputs, device, lambda group, H, D=None: keep(group, H))
+        return quantize_prenorm_block(block, spec, inputs, device, lambda group, H, D=None: keep(group, H),
+                                      dist=dist)
     for group in spec.linear_groups:
-        keep(group, collect_hessian(block, group[0], inputs, device))
+        keep(group, collect_hessian(block, group[0], inputs, device, dist))
     return run_block(block, inputs, device)
 
 
 @torch.no_grad()
 def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, device: torch.device,
-                  batch_size: int, request: StatsRequest, progress: bool = False) -> FPStatistics:
-    """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]``."""
+                  batch_size: int, request: StatsRequest, progress: bool = False, dist: Dist = SINGLE) -> FPStatistics:
+    """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]`` (this rank's batches of them)."""
     t0 = time.perf_counter()
     layers = model.get_submodule(spec.layers)
     calib = calib_ids[: max(1, min(calib_ids.shape[0], request.windows))]
-    inputs = capture_block_inputs(model, spec, calib, device, request.batch_size or batch_size)
+    bs = request.batch_size or batch_size
+    dist = dist if request.on_block is None else SINGLE
+    local = dist.shard(calib, bs)
+    inputs = capture_block_inputs(model, spec, local, device, bs)
     stats = FPStatistics(windows=calib.shape[0])
-    nb = batches_covering([h.shape[0] for h in inputs.hidden], request.fisher_windows)
+    sizes = [min(bs, calib.shape[0] - s) for s in range(0, calib.shape[0], bs)]  # all ranks' batches
+    nb = dist.local_batches(batches_covering(sizes, request.fisher_windows))
+    keep_windows = dist.local_windows(calib.shape[0], bs, request.keep_windows)
     fisher_inputs: list[BlockInputs] = []
     for i, block in enumerate(tqdm(layers, desc="full-precision statistics", disable=not progress)):
         with onload(block, device):
@@ -107,7 +118,7 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
                 def keep(group, H, i=i):
                     for n in group:
                         stats.hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
-                out = _block_hessians(block, spec, inputs, device, keep)
+                out = _block_hessians(block, spec, inputs, device, keep, dist)
             else:
                 out = run_block(block, inputs, device)
             if request.on_block is not None:
@@ -115,12 +126,13 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
         if request.fisher_windows:
             fisher_inputs.append(BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
         if request.keep_windows:
-            stats.inputs.put(i, first_windows(inputs, request.keep_windows))
+            stats.inputs.put(i, first_windows(inputs, keep_windows))
         inputs = inputs.with_hidden(out)
     if request.fisher_windows:
-        ids = calib[: sum(h.shape[0] for h in fisher_inputs[0].hidden)]
-        stats.fisher = output_fisher(model, spec, fisher_inputs, inputs.hidden[:nb], ids, device, progress=False)
+        ids = local[: sum(h.shape[0] for h in fisher_inputs[0].hidden)]
+        stats.fisher = output_fisher(model, spec, fisher_inputs, inputs.hidden[:nb], ids, device, progress=False,
+                                     dist=dist)
     if request.keep_windows:
-        stats.last_output = first_windows(inputs, request.keep_windows).hidden
+        stats.last_output = first_windows(inputs, keep_windows).hidden
     stats.seconds = time.perf_counter() - t0
     return stats
