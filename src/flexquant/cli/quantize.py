@@ -73,6 +73,9 @@ def run_quantize(a: argparse.Namespace) -> int:
     main_rank = env_rank() == 0  # under torchrun only rank 0 logs, shows progress and writes (docs/scale.md)
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the model loader's bars
     qm = api.quantize(config=config, progress=not a.quiet and main_rank)
     close_process_group()
     if not main_rank:
