@@ -47,6 +47,7 @@ from .pipeline import (
     quantize_blocks,
     run_block,
 )
+from .pipeline.distributed import Dist
 from .recipe import RECIPE, write_recipe
 from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report, summarize_bits
 
@@ -137,7 +138,7 @@ def _store(config: QuantConfig) -> ActivationStore:
 
 def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,
              progress: bool = True, out: str | Path | None = None, overwrite: bool = False, plot: bool = True,
-             resume: bool = False, **settings) -> QuantizedModel:
+             resume: bool = False, dist: Dist | None = None, **settings) -> QuantizedModel:
     """Quantize ``model`` (built-in name, folder or hub id) with ``config`` (and/or flat ``settings``
     such as ``method="gptq", bits=3, group_size=64``, ``options=dict(...)`` for the method's options).
     ``calib_ids`` [N, L] replaces the calibration windows the config describes. Returns the packed model and
@@ -147,7 +148,10 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     into place; `save` is not needed): with a streamed model, neither the full-precision nor the packed model
     is ever held whole. The returned model is then read back from ``out`` when used. A run that stops part-way
     keeps its finished blocks in ``.<out>.partial`` beside ``out``; ``resume=True`` continues it from the first
-    unfinished block (same config; the statistics pass and plan are recomputed, the finished blocks replayed)."""
+    unfinished block (same config; the statistics pass and plan are recomputed, the finished blocks replayed).
+
+    Under torchrun (WORLD_SIZE > 1, or a given ``dist``) the ranks share the work and end with the same model;
+    only rank 0 writes ``out`` (docs/scale.md)."""
     config = config or QuantConfig()
     if model is not None:
         settings["model"] = model
@@ -158,11 +162,18 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     if out is not None and Path(out).exists() and not overwrite:
         raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
     device = resolve_device(config.device)
+    dist = dist or Dist.from_env(device)
+    device, progress = dist.local_device(device), progress and dist.is_main
+    if dist.active and not method.distributed:
+        raise FlexQuantError(f"--method {config.method} with these options cannot run on several ranks; run it "
+                             "in one process (without torchrun)")
     t_load = time.perf_counter()
     hf_model, tok = _load_for_run(config, device)
-    run = _Run(config, method, hf_model, tok, device, time.perf_counter() - t_load, calib_ids, progress)
+    run = _Run(config, method, hf_model, tok, device, time.perf_counter() - t_load, calib_ids, progress, dist)
     if out is None:
         return run.in_memory()
+    if not dist.is_main:
+        return run.discarding()
     return run.to_folder(Path(out), overwrite, resume, plot)
 
 
@@ -170,8 +181,9 @@ class _Run:
     """One quantization run's steps (`quantize`): calibration data, the pipeline with per-block packing, the
     report; the packed blocks either stay in memory or go to a checkpoint writer as they are finished."""
 
-    def __init__(self, config, method, model, tok, device, load_seconds, calib_ids, progress):
+    def __init__(self, config, method, model, tok, device, load_seconds, calib_ids, progress, dist):
         self.config, self.method, self.model, self.tok, self.device = config, method, model, tok, device
+        self.dist, self.discard = dist, False
         self.spec = get_spec(model.config.model_type)
         self.res = residency(model, self.spec)
         _check_group_size(model, self.spec, config.grid.group_size)
@@ -190,7 +202,9 @@ class _Run:
         for name in results:
             q = self.model.get_submodule(name)
             self.bits[name] = (q.stored_bits(), q.in_features * q.out_features)
-        if self.writer is not None:
+        if self.discard:  # a rank other than 0 writing to a folder: rank 0 writes, this one forgets
+            self.res.release(i)
+        elif self.writer is not None:
             self.writer.add(i, block, f"{self.spec.layers}.{i}.")
             self.res.release(i)
             self.writer.save_state({"config": _resumable(self.config), "blocks": i + 1, "notes": self.notes,
@@ -207,11 +221,11 @@ class _Run:
         try:
             calib = self.calib_ids
             stats = prepare_model(self.model, self.spec, self.method, calib, self.device, c.batch_size,
-                                  self.progress, store)
+                                  self.progress, store, self.dist)
             inputs = self._replay(start, store) if start and self.method.needs_calibration else None
             quantize_blocks(self.model, self.spec, self.method, calib, self.device, c.batch_size, self.progress,
                             stats=stats, store=store, on_block=self._on_block, start=start, inputs=inputs,
-                            records=self.records, notes=self.notes)
+                            records=self.records, notes=self.notes, dist=self.dist)
         finally:
             store.close()
         records, notes = self.records, self.notes
@@ -225,6 +239,8 @@ class _Run:
         report["summary"]["load_seconds"] = self.load_seconds
         report["calibration"]["windows_given"] = self.given  # passed in by the caller: a recipe redraws its own
         report["method"] = self.method.summary()
+        if self.dist.active:
+            report["distributed"] = _distributed_facts(self.dist, notes)
         report["memory"] = {"streamed": self.res.streamed, "store": store.summary(),
                             "weights_read_bytes": getattr(self.res, "reads", None)}
         return report
@@ -233,6 +249,11 @@ class _Run:
         report = self._quantize()
         self.res.pin_all()  # a streamed model's ends are read now: the packed model is complete in memory
         return QuantizedModel(self.model, self.tok, self.config, report)
+
+    def discarding(self) -> QuantizedModel:
+        """This rank's share of a run that rank 0 writes: the packed blocks are not kept."""
+        self.discard = True
+        return QuantizedModel(self.model, self.tok, self.config, self._quantize())
 
     def to_folder(self, out: Path, overwrite: bool, resume: bool, plot: bool) -> QuantizedModel:
         """The run written block by block into ``.<out>.partial``, renamed to ``out`` when complete."""
@@ -286,8 +307,9 @@ class _Run:
         read back from their shards (kept in the store between blocks, as the block loop keeps it)."""
         spec, layers = self.spec, self.model.get_submodule(self.spec.layers)
         with self.res.ends(self.device, (spec.embed,)):
-            store.put("stream", capture_block_inputs(self.model, spec, self.calib_ids, self.device,
-                                                     self.config.batch_size))
+            bs = self.config.batch_size
+            store.put("stream", capture_block_inputs(self.model, spec, self.dist.shard(self.calib_ids, bs),
+                                                     self.device, bs))
         for j in range(k):
             inputs, prefix = store.get("stream"), f"{spec.layers}.{j}."
             tensors = self.writer.read_block(j)
@@ -300,6 +322,16 @@ class _Run:
             self.res.release(j)
             store.put("stream", BlockInputs(out, inputs.kwargs))
         return store.get("stream")
+
+
+def _distributed_facts(dist: Dist, notes: list[dict]) -> dict:
+    """Ranks, sharding and the collective volume (this rank's payload; per block in the block notes)."""
+    total = dist.volume()
+    blocks = {k: sum(n.get(k, 0) for n in notes) for k in total}
+    return {"world": dist.world, "backend": "nccl" if dist.comm.type == "cuda" else "gloo", "exact": dist.exact,
+            "sharding": "round-robin batches (batch j on rank j % world)",
+            "solves": "linear k of a group on rank k % world", **{f"{k}_total": v for k, v in total.items()},
+            **{f"{k}_statistics_pass": v - blocks[k] for k, v in total.items()}}
 
 
 def _resumable(config: QuantConfig) -> dict:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from ..config import GPTQConfig, GridConfig, QuantConfig
 from ..errors import FlexQuantError
+from ..pipeline.distributed import close_process_group, env_rank
 from .flags import add_field, add_method_flags, flag
 
 RUN_FIELDS = ("method", "calib", "nsamples", "seqlen", "seed", "batch_size", "device")
@@ -72,8 +74,18 @@ def run_quantize(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not a.overwrite:  # fail before the (long) run, not after it
         raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
+    main_rank = env_rank() == 0  # under torchrun only rank 0 logs, shows progress and writes (docs/scale.md)
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the model loader's bars
     # the checkpoint is written as the blocks finish (a streamed model is never held whole)
-    qm = api.quantize(config=config, progress=not a.quiet, out=out, overwrite=a.overwrite, resume=a.resume)
+    qm = api.quantize(config=config, progress=not a.quiet and main_rank, out=out, overwrite=a.overwrite,
+                      resume=a.resume)
+    close_process_group()
+    if not main_rank:
+        return 0
     if a.eval_windows:
         qm.report["eval"] = api.evaluate(out, windows=a.eval_windows, reference=config.model, progress=not a.quiet)
         api.update_report(out, qm.report)

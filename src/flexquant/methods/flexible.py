@@ -274,8 +274,10 @@ class FlexibleLLM(Method):
     def after_block(self, ctx, out_q, out_fp):
         if not self.options.lfd or out_fp is None:
             return out_q
-        eps = torch.cat([(q - f).reshape(-1, q.shape[-1]) for q, f in zip(out_q, out_fp)])
-        ref = torch.cat([f.reshape(-1, f.shape[-1]) for f in out_fp])
+        # all ranks' batches in one process's order (`pipeline.distributed`): the same numbers on every rank
+        qs, fps = ctx.dist.gather_batches(out_q[: len(out_fp)]), ctx.dist.gather_batches(out_fp)
+        eps = torch.cat([(q - f).reshape(-1, q.shape[-1]) for q, f in zip(qs, fps)])
+        ref = torch.cat([f.reshape(-1, f.shape[-1]) for f in fps])
         before = float(eps.norm() / ref.norm())
         ctx.notes["noise_before"] = before
         ctx.notes["noise_after"] = before

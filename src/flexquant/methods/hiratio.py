@@ -75,6 +75,8 @@ class HiRatio(Method):
         self.loss_model: LossModel | None = None
         self._fp: dict[str, torch.Tensor] = {}  # full-precision weights (the learners' targets)
         self._tails: list[HighTail] = []
+        # the learned b_hi quantizers train in after_block on one rank's windows, from solves made on other ranks
+        self.distributed = self.options.learner not in ("clip", "round")
 
     def prepare(self, model, spec) -> StatsRequest:
         h, layers = self.options, model.get_submodule(spec.layers)

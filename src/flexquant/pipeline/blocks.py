@@ -16,6 +16,7 @@ from ..models.stream import residency
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
 from .capture import BlockInputs, capture_block_inputs, run_block
+from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, run_capturing
 from .method import BlockContext, Method
 from .prenorm import prenorm_applicable, quantize_prenorm_block
@@ -36,22 +37,44 @@ class LinearRecord:
     stats: dict
 
 
-def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,
-                  H: torch.Tensor | None, results: dict, records: list) -> None:
+def _solve(method: Method, ctx, prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | None):
     t0 = time.perf_counter()
     W = linear.weight.data
     if not torch.isfinite(W).all():
         raise FlexQuantError(f"weight {prefix}.{name} contains NaN or inf; the model checkpoint is corrupted")
-    r = method.quantize_linear(ctx, name, W, H)
+    return method.quantize_linear(ctx, name, W, H), time.perf_counter() - t0
+
+
+def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | None, r: QuantResult, seconds: float,
+                results: dict, records: list) -> None:
+    t0 = time.perf_counter()
+    W = linear.weight.data
     Wq = r.dequantize(torch.float32)
     rel = None
     if H is not None:
         ref = hessian_error(W, torch.zeros_like(W), H)
         rel = hessian_error(W, Wq, H) / ref if ref > 0 else 0.0
-    linear.weight.data = Wq.to(W.dtype)  # later groups and blocks see the quantized weight
+    linear.weight.data = Wq.to(W.device, W.dtype)  # later groups and blocks see the quantized weight
     full = f"{prefix}.{name}"
     results[full] = r
-    records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, time.perf_counter() - t0, r.stats))
+    records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, seconds + time.perf_counter() - t0,
+                                r.stats))
+
+
+def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,
+                  H: torch.Tensor | None, results: dict, records: list) -> None:
+    _write_back(prefix, name, linear, H, *_solve(method, ctx, prefix, name, linear, H), results, records)
+
+
+def _quantize_group(method: Method, ctx: BlockContext, group, H, results: dict, records: list) -> None:
+    """Quantize the linears of one group (they share H and write nothing another one reads): linear k is
+    solved by rank ``ctx.dist.owner(k)`` and its result broadcast, so every rank writes the same weights back."""
+    dist = ctx.dist
+    solved = {k: _solve(method, ctx, ctx.prefix, name, ctx.block.get_submodule(name), H)
+              for k, name in enumerate(group) if dist.owner(k) == dist.rank}
+    for k, name in enumerate(group):
+        r, seconds = dist.broadcast_result(solved.get(k), dist.owner(k), ctx.device)
+        _write_back(ctx.prefix, name, ctx.block.get_submodule(name), H, r, seconds, results, records)
 
 
 @torch.no_grad()
@@ -59,7 +82,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                     device: torch.device, batch_size: int = 8, progress: bool = True, fast: bool = True,
                     stats: FPStatistics | None = None, store: ActivationStore | None = None,
                     on_block=None, start: int = 0, inputs: BlockInputs | None = None,
-                    records: list | None = None, notes: list | None = None):
+                    records: list | None = None, notes: list | None = None, dist: Dist = SINGLE):
     """Quantize every linear of every decoder block in place (fake-quant weights written back).
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
@@ -70,6 +93,8 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     each finished block (still resident, its fake-quant weights in place) with its {path: QuantResult}, and the
     results are not kept here. ``start``/``inputs``: resume at block ``start`` whose quantized-stream inputs
     are ``inputs``. ``records``/``notes``: lists to extend (a resumed run's earlier blocks are in them).
+    ``dist``: this rank runs its share of the calibration batches; Hessians are reduced and the solves of each
+    group divided among the ranks (`pipeline.distributed`).
 
     Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
     """
@@ -102,7 +127,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 
     if inputs is None:
         with res.ends(device, (spec.embed,)):
-            inputs = capture_block_inputs(model, spec, calib_ids, device, batch_size)
+            inputs = capture_block_inputs(model, spec, dist.shard(calib_ids, batch_size), device, batch_size)
     store.put("stream", inputs)
     del inputs
     for i in bar:
@@ -112,11 +137,13 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         if method.feedback_groups and fp_inputs is None:
             raise FlexQuantError(f"method {method.name} asks for feedback but its statistics kept no "
                                  f"full-precision inputs of block {i}")
-        mine = {}
+        mine, volume = {}, dist.volume()
         with res.block(i, device) as block:
-            ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device)
+            ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
                                     fast, mine, records)
+            if dist.active:  # bytes this rank all-reduced and broadcast (or received) for this block
+                ctx.notes.update({k: v - volume[k] for k, v in dist.volume().items()})
             notes.append({"block": i, **ctx.notes})
             finish(i, block, mine)
         if stats is not None:
@@ -135,8 +162,7 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
 
     def quantize_group(group, H, D=None):
         ctx.cross = D
-        for name in group:
-            _quantize_one(method, ctx, ctx.prefix, name, block.get_submodule(name), H, results, records)
+        _quantize_group(method, ctx, group, H, results, records)
         ctx.cross = None
 
     out_fp, x_fp = None, None
@@ -147,12 +173,12 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
         _, x_fp = run_capturing(fp_block, fp_inputs, device, feedback, outputs=out_fp is None)
         del fp_block
     if (fast or feedback) and prenorm_applicable(spec, inputs, block):
-        out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp)
+        out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist)
     elif feedback:
         raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "
                              "is not declared so in its ModelSpec")
     else:
         for group in spec.linear_groups:
-            quantize_group(group, collect_hessian(block, group[0], inputs, device))
+            quantize_group(group, collect_hessian(block, group[0], inputs, device, ctx.dist))
         out_q = run_block(block, inputs, device)
     return method.after_block(ctx, out_q, out_fp)

@@ -7,8 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..quant.hessian import HessianAccumulator
 from .capture import BlockInputs, _StopForward, run_block
+from .distributed import SINGLE, Dist
 
 
 @contextlib.contextmanager
@@ -39,19 +39,20 @@ def input_hook(module: nn.Module, fn, stop: bool = True):
 
 @torch.no_grad()
 def collect_hessian(block: nn.Module, linear_name: str, inputs: BlockInputs,
-                    device: torch.device) -> torch.Tensor:
-    """H = 2XXᵀ/T of the inputs reaching ``block.<linear_name>`` over all stored batches.
+                    device: torch.device, dist: Dist = SINGLE) -> torch.Tensor:
+    """H = 2XXᵀ/T of the inputs reaching ``block.<linear_name>`` over all stored batches (of all ranks).
 
     The forward of each batch stops at that linear, so only the part of the block before it runs.
     """
     linear = block.get_submodule(linear_name)
-    acc = HessianAccumulator(linear.in_features, device)
+    acc = dist.accumulator(linear.in_features, device)
     with input_hook(linear, acc.add):
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             try:
                 block(h.to(device), **kw)
             except _StopForward:
                 pass
+    dist.reduce_hessian(acc)
     return acc.H
 
 

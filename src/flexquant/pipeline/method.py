@@ -18,6 +18,7 @@ from ..config import MethodConfig, NoOptions, QuantConfig
 from ..models.spec import ModelSpec
 from ..quant.result import QuantResult
 from .capture import BlockInputs
+from .distributed import SINGLE, Dist
 from .statistics import FPStatistics, StatsRequest
 
 
@@ -34,6 +35,7 @@ class BlockContext:
     notes: dict = field(default_factory=dict)  # per-block facts the method wants in the report
     # D = 2(X_fp − X_q)ᵀX_q/T of the group being quantized, for the method's ``feedback_groups``
     cross: torch.Tensor | None = None
+    dist: Dist = SINGLE  # the run's ranks: per-token statistics over ``inputs`` are reduced through it
 
 
 class Method:
@@ -51,6 +53,8 @@ class Method:
     # A run can continue from its finished blocks (`quantize(..., resume=True)`): the method keeps no per-block
     # state beyond the packed tensors and its report notes.
     resumable = True
+    # False: the method cannot run on several ranks (`pipeline.distributed`), e.g. it trains on per-rank data.
+    distributed = True
 
     def __init__(self, config: QuantConfig):
         self.config = config

@@ -16,6 +16,7 @@ from torch import nn
 from ..models.spec import ModelSpec
 from ..quant.hessian import HessianAccumulator
 from .capture import BlockInputs, _StopForward
+from .distributed import SINGLE, Dist
 from .hooks import input_hook
 
 # Cached activations beyond this many bytes make the pipeline fall back to recomputation.
@@ -49,14 +50,14 @@ def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator,
 
 @torch.no_grad()
 def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device,
-                           quantize_group, fp_inputs: dict[str, list[torch.Tensor]] | None = None
-                           ) -> list[torch.Tensor]:
+                           quantize_group, fp_inputs: dict[str, list[torch.Tensor]] | None = None,
+                           dist: Dist = SINGLE) -> list[torch.Tensor]:
     """Quantize a pre-norm block group by group; ``quantize_group(group, H, D)`` quantizes in place.
 
     ``fp_inputs`` maps a group's first linear to its full-precision-stream inputs for the first batches
     (all of them, or a prefix); for those groups the feedback term D is accumulated next to H over
     the batches that have them (else D is None).
-    Returns the block's outputs (quantized weights) for every stored batch.
+    Returns the block's outputs (quantized weights) for every stored batch. H and D are all-reduced over ``dist``.
     """
     qkv, o, gate_up, down = spec.linear_groups
     get = block.get_submodule
@@ -69,9 +70,10 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
 
     def hessian(linear_name, calls, keep=None):
         lin = get(linear_name)
-        acc = HessianAccumulator(lin.in_features, device)
+        acc = dist.accumulator(lin.in_features, device)
         for call, x_fp in zip(calls, fp_for(linear_name)):
             _stop_at(block, call, lin, acc, keep, x_fp)
+        dist.reduce_hessian(acc)
         return acc.H, acc.D
 
     def run_block(h, kw):
@@ -86,9 +88,10 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     # rotation), so outputs are rebuilt with the bare matmul, not by calling the module again.
     h_mid = [h.to(device) + _matmul(o_proj, x.to(device)) for (h, _), x in zip(batches, x_o)]
     del x_o
-    acc = HessianAccumulator(get(gate_up[0]).in_features, device)
+    acc = dist.accumulator(get(gate_up[0]).in_features, device)
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
         acc.add(norm2(hm), None if x_fp is None else x_fp.to(device))
+    dist.reduce_hessian(acc)
     quantize_group(gate_up, acc.H, acc.D)
     x_d: list[torch.Tensor] = []
     quantize_group(down, *hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid], keep=x_d))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..models.spec import ModelSpec
 from ..models.stream import residency
 from .capture import BlockInputs
+from .distributed import SINGLE, Dist
 
 
 def _output(out):
@@ -58,21 +59,23 @@ def _square_grad_tap(acc: torch.Tensor):
 
 
 def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInputs], last_output: list[torch.Tensor],
-                  input_ids: torch.Tensor, device: torch.device, progress: bool = True) -> dict[str, torch.Tensor]:
+                  input_ids: torch.Tensor, device: torch.device, progress: bool = True,
+                  dist: Dist = SINGLE) -> dict[str, torch.Tensor]:
     """{linear path: f [out_features]} from the stored inputs of every block and the last block's output.
 
     ``block_inputs[i]`` are block i's inputs (batches of ``input_ids``, in order); ``last_output`` the
-    last block's outputs for the same batches.
+    last block's outputs for the same batches. With ``dist``, this rank's batches; the sums are all ranks'.
     """
     layers = model.get_submodule(spec.layers)
     sizes = [h.shape[0] for h in block_inputs[0].hidden]
-    ids = list(torch.split(input_ids, sizes))
-    tokens = sum(int(i.numel()) for i in ids)
+    ids = list(torch.split(input_ids, sizes)) if sizes else []  # a rank may hold none of the batches
+    tokens = int(dist.all_sum(sum(int(i.numel()) for i in ids)))
     grad = _head_gradients(model, spec, last_output, ids, device)
     fisher: dict[str, torch.Tensor] = {}
     for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output sensitivity", disable=not progress):
         inputs = block_inputs[i]
-        acc = {name: torch.zeros(layers[i].get_submodule(name).out_features, device=device) for name in spec.linears}
+        acc = {name: dist.batch_terms(torch.zeros(layers[i].get_submodule(name).out_features, device=device))
+               for name in spec.linears}
         with residency(model, spec).block(i, device) as block:
             params = [p.requires_grad for p in block.parameters()]
             for p in block.parameters():
@@ -93,5 +96,5 @@ def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInp
                 for p, r in zip(block.parameters(), params):
                     p.requires_grad_(r)
         for name in spec.linears:
-            fisher[f"{spec.layers}.{i}.{name}"] = (acc[name] / tokens).cpu()
+            fisher[f"{spec.layers}.{i}.{name}"] = (dist.sum_batches(acc[name]) / tokens).cpu()
     return fisher

@@ -11,6 +11,9 @@ full-precision model gives, as requested:
   the learned quantizers' targets);
 * a call ``on_block(index, block, inputs, outputs, device)`` with the block on the device, for per-block
   calibration on full-precision inputs (the next block still receives the outputs computed before it).
+
+Distributed (`pipeline.distributed`): each rank runs its share of the batches and the Hessians and the Fisher
+are reduced; a request with ``on_block`` (training on the windows themselves) runs all of them on every rank.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from ..models.spec import ModelSpec
 from ..models.stream import residency
 from .capture import BlockInputs, capture_block_inputs, run_block
+from .distributed import SINGLE, Dist
 from .hooks import collect_hessian
 from .prenorm import prenorm_applicable, quantize_prenorm_block
 from .progress import BlockProgress
@@ -82,33 +86,39 @@ def first_windows(inputs: BlockInputs, windows: int) -> BlockInputs:
     return BlockInputs(hidden, inputs.kwargs[: len(hidden)])
 
 
-def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device, keep) -> list[torch.Tensor]:
+def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device, keep,
+                    dist: Dist = SINGLE) -> list[torch.Tensor]:
     """Run ``block`` (unchanged) over ``inputs``, handing each linear group's H to ``keep``; its outputs."""
     if prenorm_applicable(spec, inputs, block):
-        return quantize_prenorm_block(block, spec, inputs, device, lambda group, H, D=None: keep(group, H))
+        return quantize_prenorm_block(block, spec, inputs, device, lambda group, H, D=None: keep(group, H),
+                                      dist=dist)
     for group in spec.linear_groups:
-        keep(group, collect_hessian(block, group[0], inputs, device))
+        keep(group, collect_hessian(block, group[0], inputs, device, dist))
     return run_block(block, inputs, device)
 
 
 @torch.no_grad()
 def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, device: torch.device,
                   batch_size: int, request: StatsRequest, progress: bool = False,
-                  store: ActivationStore | None = None) -> FPStatistics:
-    """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]``; what it keeps goes to
-    ``store`` (an unbounded float32 one by default)."""
+                  store: ActivationStore | None = None, dist: Dist = SINGLE) -> FPStatistics:
+    """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]`` (this rank's batches of them);
+    what it keeps goes to ``store`` (an unbounded float32 one by default)."""
     t0 = time.perf_counter()
     res = residency(model, spec)
     nblocks = len(model.get_submodule(spec.layers))
     store = store if store is not None else MemoryStore()
     calib = calib_ids[: max(1, min(calib_ids.shape[0], request.windows))]
+    bs = request.batch_size or batch_size
+    dist = dist if request.on_block is None else SINGLE
+    local = dist.shard(calib, bs)
     with res.ends(device, (spec.embed,)):
-        inputs = capture_block_inputs(model, spec, calib, device, request.batch_size or batch_size)
+        inputs = capture_block_inputs(model, spec, local, device, bs)
     stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"))
-    sizes = [h.shape[0] for h in inputs.hidden]
-    nb = batches_covering(sizes, request.fisher_windows)
+    sizes = [min(bs, calib.shape[0] - s) for s in range(0, calib.shape[0], bs)]  # all ranks' batches
+    nb = dist.local_batches(batches_covering(sizes, request.fisher_windows))
+    keep_windows = dist.local_windows(calib.shape[0], bs, request.keep_windows)
     # the Fisher pass reads the first nb batches; when the kept inputs hold them, it reads those (no second copy)
-    shared = request.keep_windows >= sum(sizes[:nb])
+    shared = keep_windows >= sum(h.shape[0] for h in inputs.hidden[:nb])
     fisher_inputs = _Prefix(stats.inputs, nb) if shared else _Keyed(store, "fisher")
     for i in BlockProgress(nblocks, "full-precision statistics", progress, store=store):
         with res.block(i, device) as block:
@@ -116,7 +126,7 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
                 def keep(group, H, i=i):
                     for n in group:
                         stats.hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
-                out = _block_hessians(block, spec, inputs, device, keep)
+                out = _block_hessians(block, spec, inputs, device, keep, dist)
             else:
                 out = run_block(block, inputs, device)
             if request.on_block is not None:
@@ -124,16 +134,17 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
         if request.fisher_windows and not shared:
             fisher_inputs.put(i, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
         if request.keep_windows:
-            stats.inputs.put(i, first_windows(inputs, request.keep_windows))
+            stats.inputs.put(i, first_windows(inputs, keep_windows))
         inputs = inputs.with_hidden(out)
         del out
     if request.fisher_windows:
-        ids = calib[: sum(h.shape[0] for h in inputs.hidden[:nb])]
-        stats.fisher = output_fisher(model, spec, fisher_inputs, inputs.hidden[:nb], ids, device, progress=False)
+        ids = local[: sum(h.shape[0] for h in inputs.hidden[:nb])]
+        stats.fisher = output_fisher(model, spec, fisher_inputs, inputs.hidden[:nb], ids, device, progress=False,
+                                     dist=dist)
         for i in range(nblocks):
             fisher_inputs.drop(i)
     if request.keep_windows:
-        stats.last_output = first_windows(inputs, request.keep_windows).hidden
+        stats.last_output = first_windows(inputs, keep_windows).hidden
     stats.seconds = time.perf_counter() - t0
     return stats
 
