@@ -227,14 +227,10 @@ def measure(cmd: list[str], logfile: Path, store: Path | None, interval: float, 
 
 
 def store_from_report(rep: dict) -> tuple[object, int | None]:
-    """The report's `store` entry (top level or in the summary) and a byte count read from it."""
-    raw = rep.get("store", (rep.get("summary") or {}).get("store"))
-    if isinstance(raw, (int, float)):
-        return raw, int(raw)
-    if isinstance(raw, dict):
-        for k in ("peak_bytes", "bytes", "max_bytes", "total_bytes", "size_bytes"):
-            if isinstance(raw.get(k), (int, float)):
-                return raw, int(raw[k])
+    """The report's activation-store record (``memory.store``) and its bytes on disk at peak."""
+    raw = (rep.get("memory") or {}).get("store")
+    if isinstance(raw, dict) and isinstance(raw.get("peak_disk_bytes"), (int, float)):
+        return raw, int(raw["peak_disk_bytes"])
     return raw, None
 
 

@@ -151,8 +151,8 @@ def test_plan_keys_and_commands(tmp_path):
 
 def test_store_from_report():
     assert scale.store_from_report({"summary": {"bpw": 4}}) == (None, None)
-    assert scale.store_from_report({"store": 1234}) == (1234, 1234)
-    assert scale.store_from_report({"summary": {"store": {"peak_bytes": 99, "files": 3}}})[1] == 99
+    rec = {"dtype": "float16", "peak_disk_bytes": 99, "peak_memory_bytes": 5}
+    assert scale.store_from_report({"memory": {"store": rec}}) == (rec, 99)
 
 
 def test_measure_records_child_peak(tmp_path):
