@@ -14,7 +14,7 @@ from ..pipeline.distributed import close_process_group, env_rank
 from .flags import add_field, add_method_flags, flag
 
 RUN_FIELDS = ("method", "calib", "nsamples", "seqlen", "seed", "batch_size", "device")
-NOT_CONFIG = {"command", "quiet", "recipe", "out", "overwrite", "eval_windows", "func"}
+NOT_CONFIG = {"command", "quiet", "recipe", "out", "overwrite", "resume", "eval_windows", "func"}
 
 
 def register(sub) -> None:

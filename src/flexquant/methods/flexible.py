@@ -214,9 +214,9 @@ class FlexibleLLM(Method):
             raise FlexQuantError(f"group_size={g} does not divide {n} ({name})")
         sal = None
         if f.protect != "none":
-            if id(H) not in hinv:  # the linears of a group share their Hessian
-                hinv[id(H)] = hinv_diagonal(H, self.config.gptq.damp)
-            sal = salience(W, hinv[id(H)], f.candidates[0], g, rows)
+            if hinv.get("of") is not H:  # the linears of a group share their Hessian (the last one is kept)
+                hinv["of"], hinv["diag"] = H, hinv_diagonal(H, self.config.gptq.damp)
+            sal = salience(W, hinv["diag"], f.candidates[0], g, rows)
         kept = torch.empty(0, dtype=torch.long)
         if f.protect == "groups":
             order = torch.argsort(sal, descending=True, stable=True)

@@ -19,7 +19,7 @@ from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, run_capturing
 from .method import BlockContext, Method
-from .prenorm import prenorm_applicable, quantize_prenorm_block
+from .prenorm import MAX_CACHE_BYTES, cache_limit, prenorm_applicable, quantize_prenorm_block
 from .progress import BlockProgress
 from .statistics import FPStatistics
 from .store import ActivationStore, MemoryStore
@@ -141,7 +141,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         with res.block(i, device) as block:
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
-                                    fast, mine, records)
+                                    fast, mine, records, cache_limit(store.max_bytes))
             if dist.active:  # bytes this rank all-reduced and broadcast (or received) for this block
                 ctx.notes.update({k: v - volume[k] for k, v in dist.volume().items()})
             notes.append({"block": i, **ctx.notes})
@@ -156,7 +156,8 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     return results, records, notes
 
 
-def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, nblocks, fast, results, records):
+def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, nblocks, fast, results, records,
+                    cap=MAX_CACHE_BYTES):
     """One block's linear groups, then the method's after-block step; the block's quantized-stream outputs."""
     device = ctx.device
 
@@ -172,7 +173,8 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
         fp_block = copy.deepcopy(block)
         _, x_fp = run_capturing(fp_block, fp_inputs, device, feedback, outputs=out_fp is None)
         del fp_block
-    if (fast or feedback) and prenorm_applicable(spec, inputs, block):
+    # feedback needs the cached path whatever the cap; otherwise past the cap the block is recomputed per group
+    if (fast or feedback) and prenorm_applicable(spec, inputs, block, MAX_CACHE_BYTES if feedback else cap):
         out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist)
     elif feedback:
         raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "

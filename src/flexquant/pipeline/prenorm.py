@@ -23,12 +23,17 @@ from .hooks import input_hook
 MAX_CACHE_BYTES = 6 * 2**30
 
 
-def prenorm_applicable(spec: ModelSpec, inputs: BlockInputs, block: nn.Module) -> bool:
+def cache_limit(max_bytes: int | None) -> int:
+    """The bytes of cached activations allowed: a memory budget for kept activations bounds them too."""
+    return MAX_CACHE_BYTES if max_bytes is None else min(MAX_CACHE_BYTES, max_bytes)
+
+
+def prenorm_applicable(spec: ModelSpec, inputs: BlockInputs, block: nn.Module, limit: int = MAX_CACHE_BYTES) -> bool:
     if not spec.prenorm or len(spec.linear_groups) != 4:
         return False
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     widths = block.get_submodule(spec.linear_groups[3][0]).in_features + 2 * inputs.hidden[0].shape[-1]
-    return tokens * widths * inputs.hidden[0].element_size() <= MAX_CACHE_BYTES
+    return tokens * widths * inputs.hidden[0].element_size() <= limit
 
 
 def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator, keep: list | None,

@@ -35,14 +35,20 @@ def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor
     grads = []
     with residency(model, spec).ends(device, (spec.final_norm, spec.lm_head)):
         norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
-        for h, y in zip(hidden, ids):
-            with torch.enable_grad():
-                h = h.to(device).float().requires_grad_(True)
-                logits = head(norm(h))[:, :-1].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
-                                       reduction="sum")
-                (g,) = torch.autograd.grad(loss, h)
-            grads.append(g.to("cpu"))
+        for hb, yb in zip(hidden, ids):
+            # one window at a time: the logits of a whole batch (windows × tokens × vocab floats, and as much
+            # again for their gradient) are the largest tensors of a run; each window's gradient is its own
+            parts = []
+            for h, y in zip(hb.split(1), yb.split(1)):
+                with torch.enable_grad():
+                    h = h.to(device).float().requires_grad_(True)
+                    logits = head(norm(h))[:, :-1].float()
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
+                                           reduction="sum")
+                    (g,) = torch.autograd.grad(loss, h)
+                parts.append(g.to("cpu"))
+                del logits, loss
+            grads.append(torch.cat(parts))
     return grads
 
 

@@ -19,7 +19,7 @@ are reduced; a request with ``on_block`` (training on the windows themselves) ru
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -30,10 +30,10 @@ from ..models.stream import residency
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
 from .hooks import collect_hessian
-from .prenorm import prenorm_applicable, quantize_prenorm_block
+from .prenorm import MAX_CACHE_BYTES, cache_limit, prenorm_applicable, quantize_prenorm_block
 from .progress import BlockProgress
 from .sensitivity import output_fisher
-from .store import ActivationStore, MemoryStore
+from .store import ActivationStore, MemoryStore, TensorMap
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class FPStatistics:
     """The pass's results (CPU tensors)."""
 
     windows: int
-    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: MutableMapping[str, torch.Tensor] = field(default_factory=dict)  # a `TensorMap` in the pass
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: object = field(default_factory=lambda: _Keyed(MemoryStore(), "fp"))  # .get/.put/.drop by block
     last_output: list[torch.Tensor] = field(default_factory=list)  # the last block's outputs, kept windows
@@ -87,9 +87,9 @@ def first_windows(inputs: BlockInputs, windows: int) -> BlockInputs:
 
 
 def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device, keep,
-                    dist: Dist = SINGLE) -> list[torch.Tensor]:
+                    dist: Dist = SINGLE, cap: int = MAX_CACHE_BYTES) -> list[torch.Tensor]:
     """Run ``block`` (unchanged) over ``inputs``, handing each linear group's H to ``keep``; its outputs."""
-    if prenorm_applicable(spec, inputs, block):
+    if prenorm_applicable(spec, inputs, block, cap):
         return quantize_prenorm_block(block, spec, inputs, device, lambda group, H, D=None: keep(group, H),
                                       dist=dist)
     for group in spec.linear_groups:
@@ -113,7 +113,7 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
     local = dist.shard(calib, bs)
     with res.ends(device, (spec.embed,)):
         inputs = capture_block_inputs(model, spec, local, device, bs)
-    stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"))
+    stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"), hessians=TensorMap(store, "H"))
     sizes = [min(bs, calib.shape[0] - s) for s in range(0, calib.shape[0], bs)]  # all ranks' batches
     nb = dist.local_batches(batches_covering(sizes, request.fisher_windows))
     keep_windows = dist.local_windows(calib.shape[0], bs, request.keep_windows)
@@ -124,9 +124,10 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
         with res.block(i, device) as block:
             if request.hessians:
                 def keep(group, H, i=i):
-                    for n in group:
-                        stats.hessians[f"{spec.layers}.{i}.{n}"] = H.cpu()
-                out = _block_hessians(block, spec, inputs, device, keep, dist)
+                    H = H.cpu()
+                    for n in group:  # one entry for the group
+                        stats.hessians[f"{spec.layers}.{i}.{n}"] = H
+                out = _block_hessians(block, spec, inputs, device, keep, dist, cache_limit(store.max_bytes))
             else:
                 out = run_block(block, inputs, device)
             if request.on_block is not None:

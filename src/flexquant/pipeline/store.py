@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Hashable
+from collections.abc import Hashable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +57,10 @@ class ActivationStore:
         self.peak_memory_bytes = self.peak_disk_bytes = self.written_bytes = 0
 
     # ----- the interface -----
-    def put(self, key: Hashable, inputs: BlockInputs) -> None:
-        """Keep ``inputs`` under ``key`` (replacing what was there)."""
+    def put(self, key: Hashable, inputs: BlockInputs, exact: bool = False) -> None:
+        """Keep ``inputs`` under ``key`` (replacing what was there); ``exact``: in their own dtype."""
         self.drop(key)
-        kept = [self._keep(h) for h in inputs.hidden]
+        kept = [self._keep(h, exact) for h in inputs.hidden]
         self._items[key] = (kept, list(inputs.kwargs))
 
     def get(self, key: Hashable) -> BlockInputs | None:
@@ -100,9 +100,10 @@ class ActivationStore:
                 "offload_dir": str(self._dir or self._dir_given or "") or None}
 
     # ----- keeping one tensor -----
-    def _keep(self, h: torch.Tensor) -> _Kept:
+    def _keep(self, h: torch.Tensor, exact: bool = False) -> _Kept:
         h = h.detach()
-        stored = self.dtype if h.is_floating_point() and h.element_size() > self.dtype.itemsize else h.dtype
+        narrower = h.is_floating_point() and h.element_size() > self.dtype.itemsize
+        stored = self.dtype if narrower and not exact else h.dtype
         if stored == torch.float16 and bool(h.abs().amax() > F16_MAX):
             stored = h.dtype  # would overflow float16: keep this batch as it is
         k = _Kept(h.dtype, tuple(h.shape), stored)
@@ -147,6 +148,52 @@ class ActivationStore:
     def __del__(self) -> None:  # spill files never outlive the run
         if self._dir is not None and self._dir_given is None and os.path is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class TensorMap(MutableMapping):
+    """{name: tensor} kept in a store in the tensors' own dtype (statistics stay float32), under the budget like
+    everything else. Names set in a row to the same tensor (a linear group's shared Hessian) share one entry;
+    the last tensor read is handed out again while the same entry is asked for."""
+
+    def __init__(self, store: ActivationStore, prefix: str):
+        self.store, self.prefix = store, prefix
+        self._keys: dict[str, tuple] = {}
+        self._set: tuple[torch.Tensor, tuple] | None = None  # the last tensor set and its entry
+        self._got: tuple[tuple, torch.Tensor] | None = None  # the last entry read and its tensor
+        self._count = 0
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        if self._set is not None and self._set[0] is t:
+            key = self._set[1]
+        else:
+            self._count += 1
+            key = (self.prefix, self._count)
+            self.store.put(key, BlockInputs([t], [{}]), exact=True)
+            self._set = (t, key)
+        self._keys[name] = key
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._keys[name]
+        if self._got is None or self._got[0] != key:
+            self._got = (key, self.store.get(key).hidden[0])
+        return self._got[1]
+
+    def __delitem__(self, name: str) -> None:
+        key = self._keys.pop(name)
+        if key not in self._keys.values():
+            self.store.drop(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def clear(self) -> None:
+        for key in set(self._keys.values()):
+            self.store.drop(key)
+        self._keys.clear()
+        self._set = self._got = None
 
 
 def MemoryStore() -> ActivationStore:  # noqa: N802 - the in-memory store of earlier versions
