@@ -164,3 +164,22 @@ def test_a_killed_run_resumes_to_the_same_checkpoint(fp_folder, tmp_path, monkey
     resumed = fq.quantize(str(fp_folder), progress=False, out=tmp_path / "cut", resume=True, plot=False, **settings)
     assert not partial.exists() and digest(tmp_path / "cut") == digest(tmp_path / "whole")
     assert len(resumed.report["layers"]) == len(fq.load(tmp_path / "whole").report["layers"])
+
+
+def test_cli_spills_beyond_max_memory_and_resumes(tmp_path, capsys):
+    from flexquant.cli import main
+
+    out, off = tmp_path / "ckpt", tmp_path / "off"
+    args = ["quantize", "tiny-llama", "--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "4",
+            "--seqlen", "32", "--batch-size", "2", "--max-memory", "10KB", "--offload-dir", str(off),
+            "--store-dtype", "bfloat16", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    store = report["memory"]["store"]
+    assert store["dtype"] == "bfloat16" and store["peak_disk_bytes"] > 0 and store["peak_memory_bytes"] <= 10_000
+    assert not list(off.rglob("*.bin"))  # spill files removed at the end
+    first = digest(out)
+    # --resume without an unfinished run: starts from the first block (and says so); spilling changes nothing
+    assert main(args + ["--overwrite", "--resume"]) == 0
+    assert digest(out) == first
+    assert fq.load(out).bpw == pytest.approx(report["summary"]["bpw"])

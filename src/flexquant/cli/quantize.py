@@ -14,6 +14,7 @@ from ..pipeline.distributed import close_process_group, env_rank
 from .flags import add_field, add_method_flags, flag
 
 RUN_FIELDS = ("method", "calib", "nsamples", "seqlen", "seed", "batch_size", "device")
+MEMORY_FIELDS = ("stream", "store_dtype", "max_memory", "offload_dir")
 NOT_CONFIG = {"command", "quiet", "recipe", "out", "overwrite", "resume", "eval_windows", "func"}
 
 
@@ -41,6 +42,9 @@ def register(sub) -> None:
     run = p.add_argument_group("run settings")
     for name in RUN_FIELDS:
         add_field(run, fields[name])
+    memory = p.add_argument_group("memory (models bigger than memory: docs/scale.md)")
+    for name in MEMORY_FIELDS:
+        add_field(memory, fields[name])
     grid = p.add_argument_group("grid")
     for f in dataclasses.fields(GridConfig):
         add_field(grid, f)
