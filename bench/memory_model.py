@@ -1,0 +1,157 @@
+"""The memory and time model of docs/scale.md, as code: predicted peak host memory of a streamed run from the
+model's shape, the calibration tokens, the method and the ranks; checked against the measured rows of
+bench/results/scale.json and applied to Llama-3-70B and a DeepSeek-V3-sized MoE.
+
+    python -m bench.memory_model                # the validation table and the projections (markdown)
+
+Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activations kept in float16 (s = 2):
+
+    M = M0 + max(capture, block)
+    capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
+              + 2·T·d·B                     the captured stream
+    block   = P_b·B                         one decoder block's weights
+              + 3·n²·4 + 3·m·n·B            the largest solve (H, its factor, inverse; W, Q, errors), n = d_ff
+              + T·d·(2B + s)                the quantized stream: in, out, and its kept copy
+              + min(T·(d_ff + 2d)·B, cap)   cached sub-layer inputs of a pre-norm block (else recomputed)
+              + b·L·(3·d_ff·B + h·L·B)      one batch's forward: MLP intermediates and attention scores
+              + kept + hess                 what the method keeps (FlexibleLLM: below)
+
+FlexibleLLM keeps the full-precision inputs of its first K windows for every block (kept = n_l·K·L·d·s at the
+start of the block loop) and, until its plan is made, every linear group's Hessian (hess = n_l·Σ_g n_g²·4).
+With --max-memory, kept + hess + the stream's kept copy are capped there (the rest spills to disk) and so is the
+cache. M0 is the interpreter with torch, transformers, the tokenizer and the skeleton (measured: 0.52 GB).
+Ranks: each process holds its own M, with T/ranks tokens (the exact reduction adds the largest group's inputs,
+T·n·4, on every rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+M0 = 0.52 * GB
+B, S = 4, 2
+CACHE_CAP = 6 * 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    d: int
+    d_ff: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int = 1  # routed experts per MoE layer (their weights are streamed with the block)
+
+    @property
+    def block_params(self) -> int:
+        dq, dkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.d * dq * 2 + 2 * self.d * dkv + 3 * self.d * self.d_ff * self.experts + 2 * self.d
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + 2 * self.vocab * self.d
+
+
+SHAPES = {
+    "smollm2-135m": Shape(576, 1536, 30, 49152, 9, 3, 64),
+    "llama-3-70b": Shape(8192, 28672, 80, 128256, 64, 8, 128),
+    # DeepSeek-V3-sized: 61 layers, hidden 7168, 256 routed experts of width 2048 (+1 shared), vocab 129280;
+    # multi-head latent attention approximated by 128 heads of 128
+    "deepseek-v3-size": Shape(7168, 2048, 61, 129280, 128, 128, 128, experts=257),
+}
+
+
+def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, batch: int = 8,
+         keep_windows: int = 32, max_memory: float | None = None, ends_transformed: bool = False,
+         ranks: int = 1) -> dict[str, float]:
+    """Predicted peak bytes and its parts (see the module docstring)."""
+    T, d, f = tokens / ranks, shape.d, shape.d_ff
+    capture = shape.vocab * d * B * (1 + ends_transformed) + 2 * T * d * B
+    cap = CACHE_CAP if max_memory is None else min(CACHE_CAP, max_memory)
+    cache = T * (f + 2 * d) * B
+    cache = cache if cache <= cap else 0.0  # past the cap the block is recomputed per group instead
+    kept = hess = 0.0
+    if method == "flexible":
+        kept = shape.layers * keep_windows * window * d * S
+        groups = [d, d, d, f]
+        hess = shape.layers * sum(n * n * 4 for n in groups)
+    stream_kept = T * d * S
+    budgeted = kept + hess + stream_kept
+    if max_memory is not None:
+        budgeted = min(budgeted, max_memory)
+    parts = {
+        "base": M0,
+        "block weights": shape.block_params * B,  # a whole block, all its experts (read together)
+        "solve": 3 * f * f * 4 + 3 * d * f * B,
+        "stream": T * d * 2 * B,
+        "kept (store)": budgeted,
+        "cache": cache,
+        "batch forward": batch * window * (3 * f * B + shape.heads * window * B),
+    }
+    block = sum(v for k, v in parts.items() if k != "base")
+    parts["capture"] = capture
+    parts["peak"] = M0 + max(capture, block)
+    if ranks > 1:
+        parts["peak"] += tokens * f * 4  # the exact reduction's gathered inputs of the widest group
+    return parts
+
+
+def validation(rows_file: Path) -> list[str]:
+    """Predicted vs measured peak for every measured row with a known shape."""
+    from bench.synth import SIZES
+
+    lines = ["| run | tokens | flags | measured peak (MB) | predicted (MB) | error |", "|---|---|---|---|---|---|"]
+    if not rows_file.is_file():
+        return lines
+    for row in json.loads(rows_file.read_text()):
+        size = row.get("size")
+        if row.get("kind") != "flexquant" or not row.get("peak_rss_mib") or size not in SIZES:
+            continue
+        s = SIZES[size]
+        shape = Shape(s.hidden, s.intermediate, s.layers, s.vocab, s.heads, s.kv_heads, s.head_dim)
+        mm = _flag(" ".join(row.get("flags") or []), "--max-memory")
+        p = peak(shape, row.get("nsamples", 32) * row.get("seqlen", 512), row["method"],
+                 max_memory=float(mm) if mm else None)["peak"] / 2**20
+        m = row["peak_rss_mib"]
+        lines.append(f"| {size} {row['method']} | {row.get('nsamples', 32) * row.get('seqlen', 512)} | "
+                     f"{' '.join(row.get('flags') or []) or '—'} | {m:.0f} | {p:.0f} | {(p - m) / m:+.1%} |")
+    return lines
+
+
+def _flag(flags: str, name: str) -> float | None:
+    from flexquant.config import parse_bytes
+
+    parts = flags.split()
+    return parse_bytes(parts[parts.index(name) + 1]) if name in parts else None
+
+
+def projections() -> list[str]:
+    lines = ["| model | params | method | tokens | ranks | --max-memory | predicted peak per process (GB) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("llama-3-70b", "deepseek-v3-size"):
+        s = SHAPES[name]
+        for method, mm in (("gptq", None), ("gptq", 8 * GB), ("flexible", None), ("flexible", 8 * GB)):
+            for ranks in (1, 8):
+                p = peak(s, 128 * 2048, method, window=2048, max_memory=mm, ranks=ranks)["peak"]
+                lines.append(f"| {name} | {s.params / 1e9:.0f}B | {method} | 128×2048 | {ranks} | "
+                             f"{'—' if mm is None else f'{mm / GB:.0f} GB'} | {p / GB:.1f} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=Path, default=Path("bench/results/scale.json"))
+    a = ap.parse_args()
+    print("\n".join(validation(a.rows)))
+    print()
+    print("\n".join(projections()))
+
+
+if __name__ == "__main__":
+    main()
