@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import flexquant as fq
 from flexquant.errors import CheckpointError, FlexQuantError
+from flexquant.format.checkpoint import read_tensors
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,13 @@ def test_bpw_from_file_equals_bpw_claimed(saved):
     qm, path = saved
     qc = json.loads((path / "quant_config.json").read_text())
     bits = weights = 0
-    with safe_open(path / "model.safetensors", framework="pt") as f:
-        for mod, spec in qc["modules"].items():
-            for key in f.keys():
-                if key.startswith(mod + ".") and not key.endswith(".bias"):
-                    t = f.get_tensor(key)
-                    bits += t.numel() * t.element_size() * 8
-            weights += spec["in_features"] * spec["out_features"]
+    tensors = read_tensors(path, qc)  # every shard, each checked against its sha256
+    assert qc["format_version"] == 3 and len(qc["checksums"]) == len(qm.model.model.layers) + 1
+    for mod, spec in qc["modules"].items():
+        for key, t in tensors.items():
+            if key.startswith(mod + ".") and not key.endswith(".bias"):
+                bits += t.numel() * t.element_size() * 8
+        weights += spec["in_features"] * spec["out_features"]
     assert bits / weights == pytest.approx(qm.report["summary"]["bpw"], rel=1e-12)
     assert bits / weights == pytest.approx(qm.bpw, rel=1e-12)
     report = json.loads((path / "report.json").read_text())
@@ -54,7 +54,7 @@ def test_tampered_and_truncated_checkpoints_are_refused(saved, tmp_path):
     for damage in ("truncate", "flip", "no_config", "version"):
         bad = tmp_path / damage
         shutil.copytree(path, bad)
-        f = bad / "model.safetensors"
+        f = bad / sorted(json.loads((bad / "quant_config.json").read_text())["checksums"])[0]  # a block shard
         if damage == "truncate":
             f.write_bytes(f.read_bytes()[:-100])
         elif damage == "flip":

@@ -17,7 +17,9 @@ def ckpt(tmp_path_factory):
 
 def test_quantize_writes_checkpoint_and_report(ckpt):
     names = {p.name for p in ckpt.iterdir()}
-    assert {"model.safetensors", "quant_config.json", "report.json", "config.json", "report.png"} <= names
+    assert {"model.safetensors.index.json", "quant_config.json", "report.json", "config.json", "report.png",
+            "recipe.yaml", "model-00001-of-00003.safetensors"} <= names
+    assert not any(n.startswith(".") for n in names)  # no temporary or progress files left
     report = json.loads((ckpt / "report.json").read_text())
     assert report["config"]["grid"]["bits"] == 4 and len(report["layers"]) == 14
 

@@ -48,6 +48,7 @@ from .pipeline import (
     run_block,
 )
 from .pipeline.distributed import Dist
+from .pipeline.progress import return_freed_memory
 from .recipe import RECIPE, write_recipe
 from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report, summarize_bits
 
@@ -159,6 +160,7 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
         config = config.replace(**settings)
     method = build_method(config)  # validates the method's options before the model is loaded
     config = method.config  # grid settings the method filled in
+    return_freed_memory()  # depth-independent memory: freed blocks go back to the system
     if out is not None and Path(out).exists() and not overwrite:
         raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
     device = resolve_device(config.device)

@@ -3,12 +3,35 @@ activation store's bytes (in memory / on disk); without a terminal bar, one log 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 import time
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger("flexquant.progress")
+
+
+_TUNED = False
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes and more with their own memory maps, so that the
+    memory of a freed tensor goes back to the system at once. Without this, glibc raises its threshold as large
+    blocks are freed (up to 32 MB) and serves them from a heap that fragments: a run that reads and drops one
+    decoder block after another then grows with depth. Once per process; False where it does not apply."""
+    global _TUNED
+    if _TUNED or not sys.platform.startswith("linux"):
+        return _TUNED
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _TUNED = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        _TUNED = False
+    return _TUNED
 
 
 def rss_mb() -> tuple[float, float]:
