@@ -71,6 +71,8 @@ def test_bad_stream_settings_fail_clearly(tmp_path):
         fq.quantize("tiny-llama", method="rtn", stream="on", progress=False)
     with pytest.raises(FlexQuantError, match="512MB"):
         fq.QuantConfig(max_memory="lots")
+    with pytest.raises(FlexQuantError, match="less than one batch of a block"):
+        fq.quantize("tiny-llama", method="gptq", max_memory="1KB", progress=False)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 3)
     with pytest.raises(FlexQuantError, match="not a readable safetensors"):
@@ -170,13 +172,13 @@ def test_cli_spills_beyond_max_memory_and_resumes(tmp_path, capsys):
     from flexquant.cli import main
 
     out, off = tmp_path / "ckpt", tmp_path / "off"
-    args = ["quantize", "tiny-llama", "--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "4",
-            "--seqlen", "32", "--batch-size", "2", "--max-memory", "10KB", "--offload-dir", str(off),
+    args = ["quantize", "tiny-llama", "--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "8",
+            "--seqlen", "32", "--batch-size", "2", "--max-memory", "40KB", "--offload-dir", str(off),
             "--store-dtype", "bfloat16", "--out", str(out), "--quiet"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     store = report["memory"]["store"]
-    assert store["dtype"] == "bfloat16" and store["peak_disk_bytes"] > 0 and store["peak_memory_bytes"] <= 10_000
+    assert store["dtype"] == "bfloat16" and store["peak_disk_bytes"] > 0 and store["peak_memory_bytes"] <= 40_000
     assert not list(off.rglob("*.bin"))  # spill files removed at the end
     first = digest(out)
     # --resume without an unfinished run: starts from the first block (and says so); spilling changes nothing

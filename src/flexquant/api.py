@@ -133,6 +133,16 @@ def _load_for_run(config: QuantConfig, device: torch.device):
     return model, tok
 
 
+def _check_budget(model: nn.Module, config: QuantConfig) -> None:
+    """--max-memory must hold at least one batch of a block's inputs (float32): below that nothing fits."""
+    budget = parse_bytes(config.max_memory)
+    batch = config.batch_size * config.seqlen * model.config.hidden_size * 4
+    if budget is not None and budget < batch:
+        raise FlexQuantError(f"--max-memory {config.max_memory} is less than one batch of a block's inputs needs "
+                             f"({batch / 2**20:.1f} MiB = {config.batch_size} windows × {config.seqlen} tokens × "
+                             f"{model.config.hidden_size} floats); raise it or lower --batch-size")
+
+
 def _store(config: QuantConfig) -> ActivationStore:
     return ActivationStore(config.store_dtype, parse_bytes(config.max_memory), config.offload_dir or None)
 
@@ -189,6 +199,7 @@ class _Run:
         self.spec = get_spec(model.config.model_type)
         self.res = residency(model, self.spec)
         _check_group_size(model, self.spec, config.grid.group_size)
+        _check_budget(model, config)
         self.given = calib_ids is not None
         if method.needs_calibration and calib_ids is None:
             calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
