@@ -144,22 +144,22 @@ def test_float32_store_is_exact():
     ("flexible", dict(method="flexible", group_size=64, **CALIB, options=dict(bpw=3.5))),
 ])
 def test_a_killed_run_resumes_to_the_same_checkpoint(fp_folder, tmp_path, monkeypatch, name, settings):
-    from flexquant import api
+    from flexquant import runner
 
     fq.quantize(str(fp_folder), progress=False, out=tmp_path / "whole", plot=False, **settings)
-    real = api._Run._on_block
+    real = runner.Run._on_block
 
     def crash_after_first(self, i, block, results):
         real(self, i, block, results)
         if i == 0:
             raise KeyboardInterrupt  # as if the run were stopped after block 0 was written
 
-    monkeypatch.setattr(api._Run, "_on_block", crash_after_first)
+    monkeypatch.setattr(runner.Run, "_on_block", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         fq.quantize(str(fp_folder), progress=False, out=tmp_path / "cut", plot=False, **settings)
     partial = tmp_path / ".cut.partial"
     assert (partial / "progress.json").is_file() and not (tmp_path / "cut").exists()
-    monkeypatch.setattr(api._Run, "_on_block", real)
+    monkeypatch.setattr(runner.Run, "_on_block", real)
     with pytest.raises(FlexQuantError, match="another config"):
         fq.quantize(str(fp_folder), progress=False, out=tmp_path / "cut", resume=True, plot=False,
                     **{**settings, "seed": 1})
