@@ -50,10 +50,10 @@ def test_planned_bits_equal_stored_bits(saved, name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_recipe_reproduces_the_checkpoint(saved, name, tmp_path, monkeypatch):
-    from flexquant import api
+    from flexquant import runner
 
     for plot in ("plot_report", "plot_flexible", "plot_hiratio"):  # the tensors are compared; plots cost ~1 s
-        monkeypatch.setattr(api, plot, lambda report, path: None)
+        monkeypatch.setattr(runner, plot, lambda report, path: None)
     recipe = saved[name] / "recipe.yaml"
     assert recipe.read_text().startswith("# flexquant")
     assert main(["quantize", "--recipe", str(recipe), "--out", str(tmp_path / "again"), "-q"]) == 0
