@@ -42,16 +42,24 @@ class Rotation:
         return hadamard_transform(x * self.signs.to(x.dtype), self.factor.to(x.dtype))
 
 
+ROWS = 4096  # rows transformed at a time in float64 (an embedding at once would need vocab × d × 8 bytes)
+
+
+def _by_rows(fn, X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fn applied to float64 chunks of X's rows, in ``dtype`` (fn acts on each row alone: the same result)."""
+    return torch.cat([fn(c.double()).to(dtype) for c in X.split(ROWS)]) if X.shape[0] else X.to(dtype)
+
+
 def _rotate_in(lin: nn.Linear, R: Rotation) -> None:
     """Reader of the rotated space: W̃ = W·Q."""
     W = lin.weight.data
-    lin.weight.data = R.apply(W.double()).to(W.dtype)
+    lin.weight.data = _by_rows(R.apply, W, W.dtype)
 
 
 def _rotate_out(lin: nn.Linear, R: Rotation) -> None:
     """Writer into the rotated space: W̃ = Qᵀ·W (and b̃ = b·Q)."""
     W = lin.weight.data
-    lin.weight.data = R.apply(W.double().T).T.contiguous().to(W.dtype)
+    lin.weight.data = _by_rows(R.apply, W.T, W.dtype).T.contiguous()
     if lin.bias is not None:
         lin.bias.data = R.apply(lin.bias.data.double()).to(lin.bias.dtype)
 
@@ -60,7 +68,7 @@ def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
     """Move an RMSNorm's scale γ into the linears reading its output; γ becomes 1."""
     gamma = norm.weight.data.double()
     for lin in linears:
-        lin.weight.data = (lin.weight.data.double() * gamma[None, :]).to(lin.weight.dtype)
+        lin.weight.data = _by_rows(lambda w: w * gamma[None, :], lin.weight.data, lin.weight.dtype)
     norm.weight.data = torch.ones_like(norm.weight.data)
 
 
@@ -115,7 +123,7 @@ def _rotate_ends(model: nn.Module, spec: ModelSpec, R: Rotation) -> None:
     untie_lm_head(model, spec)
     fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)])
     emb = model.get_submodule(spec.embed)
-    emb.weight.data = R.apply(emb.weight.data.double()).to(emb.weight.dtype)
+    emb.weight.data = _by_rows(R.apply, emb.weight.data, emb.weight.dtype)
     _rotate_in(model.get_submodule(spec.lm_head), R)
 
 
