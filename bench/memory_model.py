@@ -102,14 +102,31 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     return parts
 
 
+def flops(shape: Shape, tokens: int, method: str = "gptq") -> float:
+    """Floating-point operations of a run: the block forwards (about 3 passes of 2·P_b per token: the Hessian
+    captures, the outputs, the statistics pass for FlexibleLLM twice that) and the solves (per linear of m × n:
+    n³ for the factorisations and 2·m·n² for GPTQ's column updates)."""
+    d, f = shape.d, shape.d_ff
+    dq, dkv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    linears = [(dq, d), (dkv, d), (dkv, d), (d, dq)] + [(f, d), (f, d), (d, f)] * shape.experts
+    solve = sum(n ** 3 + 2 * m * n * n for m, n in linears) * shape.layers
+    passes = 6 if method == "flexible" else 3
+    forward = passes * 2 * shape.layers * shape.block_params * tokens
+    if shape.experts > 1:  # a token visits 8 routed experts + 1 shared, not all of them
+        forward = passes * 2 * shape.layers * (shape.block_params - 3 * d * f * (shape.experts - 9)) * tokens
+    return forward + solve
+
+
 def validation(rows_file: Path) -> list[str]:
     """Predicted vs measured peak for every measured row with a known shape."""
     from bench.synth import SIZES
 
-    lines = ["| run | tokens | flags | measured peak (MB) | predicted (MB) | error |", "|---|---|---|---|---|---|"]
+    lines = ["| run | tokens | flags | code | measured peak (MiB) | predicted (MiB) | error | CPU s | GFLOP | "
+             "GFLOP per CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     if not rows_file.is_file():
         return lines
-    for row in json.loads(rows_file.read_text()):
+    rows = json.loads(rows_file.read_text())
+    for row in rows.values() if isinstance(rows, dict) else rows:
         size = row.get("size")
         if row.get("kind") != "flexquant" or not row.get("peak_rss_mib") or size not in SIZES:
             continue
@@ -118,9 +135,12 @@ def validation(rows_file: Path) -> list[str]:
         mm = _flag(" ".join(row.get("flags") or []), "--max-memory")
         p = peak(shape, row.get("nsamples", 32) * row.get("seqlen", 512), row["method"],
                  max_memory=float(mm) if mm else None)["peak"] / 2**20
-        m = row["peak_rss_mib"]
+        m, t = row["peak_rss_mib"], (row.get("user_s") or 0) + (row.get("sys_s") or 0)
+        g = flops(shape, row.get("nsamples", 32) * row.get("seqlen", 512), row["method"]) / 1e9
         lines.append(f"| {size} {row['method']} | {row.get('nsamples', 32) * row.get('seqlen', 512)} | "
-                     f"{' '.join(row.get('flags') or []) or '—'} | {m:.0f} | {p:.0f} | {(p - m) / m:+.1%} |")
+                     f"{' '.join(row.get('flags') or []) or '—'} | {row.get('code', '?')} | {m:.0f} | {p:.0f} | "
+                     f"{(p - m) / m:+.1%} | "
+                     f"{t:.0f} | {g:.0f} | {g / t if t else 0:.1f} |")
     return lines
 
 
@@ -131,22 +151,37 @@ def _flag(flags: str, name: str) -> float | None:
     return parse_bytes(parts[parts.index(name) + 1]) if name in parts else None
 
 
+GPU_HOUR_USD = 2.5  # assumed rental price per GPU-hour
+# The GPU rate is not measured here (no device lent): it is anchored on llm-compressor's documented GPTQ time for
+# Llama-3-8B on one GPU (745 s), taking its calibration as 512 × 2048 tokens: the FLOP count of that run by the
+# formula below divided by 745 s.
+LLAMA3_8B = Shape(4096, 14336, 32, 128256, 32, 8, 128)
+
+
+def gpu_rate() -> float:
+    return flops(LLAMA3_8B, 512 * 2048) / 745.0
+
+
 def projections() -> list[str]:
-    lines = ["| model | params | method | tokens | ranks | --max-memory | predicted peak per process (GB) |",
-             "|---|---|---|---|---|---|---|"]
+    rate = gpu_rate()
+    lines = [f"Effective GPU rate (anchored, see above): {rate / 1e12:.0f} TFLOP/s.", "",
+             "| model | params | method | tokens | ranks | --max-memory | predicted peak per process (GB) | "
+             "GPU hours | cost at $2.5/GPU-h |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ("llama-3-70b", "deepseek-v3-size"):
         s = SHAPES[name]
         for method, mm in (("gptq", None), ("gptq", 8 * GB), ("flexible", None), ("flexible", 8 * GB)):
             for ranks in (1, 8):
                 p = peak(s, 128 * 2048, method, window=2048, max_memory=mm, ranks=ranks)["peak"]
+                hours = flops(s, 128 * 2048, method) / rate / 3600  # GPU-hours, however many ranks share them
                 lines.append(f"| {name} | {s.params / 1e9:.0f}B | {method} | 128×2048 | {ranks} | "
-                             f"{'—' if mm is None else f'{mm / GB:.0f} GB'} | {p / GB:.1f} |")
+                             f"{'—' if mm is None else f'{mm / GB:.0f} GB'} | {p / GB:.1f} | {hours:.1f} "
+                             f"({hours / ranks * 60:.0f} min wall) | {hours * GPU_HOUR_USD:.0f} |")
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=Path, default=Path("bench/results/scale.json"))
+    ap.add_argument("--rows", type=Path, default=Path("bench/results/work/scale/rows.json"))
     a = ap.parse_args()
     print("\n".join(validation(a.rows)))
     print()

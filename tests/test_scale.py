@@ -185,3 +185,15 @@ def test_cli_spills_beyond_max_memory_and_resumes(tmp_path, capsys):
     assert main(args + ["--overwrite", "--resume"]) == 0
     assert digest(out) == first
     assert fq.load(out).bpw == pytest.approx(report["summary"]["bpw"])
+
+
+def test_weights_that_do_not_match_the_config_fail_clearly(fp_folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fp_folder, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] += 32
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlexQuantError, match="do not match"):
+        fq.quantize(str(bad), method="rtn", bits=4, group_size=32, progress=False)

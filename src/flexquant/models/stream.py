@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import FlexQuantError
 from ..tensorio import TensorFiles
 from .spec import ModelSpec
 
@@ -136,6 +137,10 @@ class Streamed(Residency):
             if full not in self.files:
                 raise _missing(full, self.files)
             value = self.files.get(full, self.dtype if t.is_floating_point() else None)
+            if tuple(value.shape) != tuple(t.shape):
+                raise FlexQuantError(f"tensor {full} in {self.files.folder} has shape {tuple(value.shape)}, the "
+                                     f"model's config.json says {tuple(t.shape)}: the weights and the config do not "
+                                     "match")
             self.reads += value.numel() * value.element_size()
             _assign(module, name, value)
 
@@ -229,8 +234,6 @@ class Streamed(Residency):
         self.pinned = True
 
 
-def _missing(name: str, files: TensorFiles):
-    from ..errors import FlexQuantError
-
+def _missing(name: str, files: TensorFiles) -> FlexQuantError:
     return FlexQuantError(f"tensor {name} is missing from the weights in {files.folder}: the files do not match "
                           "the model's config.json (a truncated download or a different architecture)")
