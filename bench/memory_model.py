@@ -12,7 +12,7 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
     block   = P_b·B                         one decoder block's weights
               + 3·n²·4 + 3·m·n·B            the largest solve (H, its factor, inverse; W, Q, errors), n = d_ff
               + T·d·(2B + s)                the quantized stream: in, out, and its kept copy
-              + min(T·(d_ff + 2d)·B, cap)   cached sub-layer inputs of a pre-norm block (else recomputed)
+              + 2·T·d·B (if ≤ cap)          cached o_proj inputs and mid-block residual of a pre-norm block
               + b·L·(3·d_ff·B + h·L·B)      one batch's forward: MLP intermediates and attention scores
               + kept + hess                 what the method keeps (FlexibleLLM: below)
 
@@ -74,7 +74,7 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     T, d, f = tokens / ranks, shape.d, shape.d_ff
     capture = shape.vocab * d * B * (1 + ends_transformed) + 2 * T * d * B
     cap = CACHE_CAP if max_memory is None else min(CACHE_CAP, max_memory)
-    cache = T * (f + 2 * d) * B
+    cache = 2 * T * d * B
     cache = cache if cache <= cap else 0.0  # past the cap the block is recomputed per group instead
     kept = hess = 0.0
     if method == "flexible":
