@@ -69,7 +69,7 @@ class Residency:
     @contextlib.contextmanager
     def ends(self, device: torch.device | str, parts: tuple[str, ...] = ()) -> Iterator[None]:
         """The modules at ``parts`` (model paths; default: embedding, final norm, head) on ``device``."""
-        mods = [self.model.get_submodule(p) for p in (parts or end_paths(self.spec))]
+        mods = self._load_ends(parts)
         for m in mods:
             m.to(device)
         try:
@@ -77,6 +77,13 @@ class Residency:
         finally:
             for m in mods:
                 m.to("cpu")
+                self._drop_end(m)
+
+    def _load_ends(self, parts: tuple[str, ...]) -> list[nn.Module]:
+        return [self.model.get_submodule(p) for p in (parts or end_paths(self.spec))]
+
+    def _drop_end(self, module: nn.Module) -> None:
+        """After an end was used: nothing for a model held whole."""
 
     def transform_blocks(self, fn: Callable[[int, nn.Module], None]) -> None:
         for i, blk in enumerate(self.layers):
@@ -189,18 +196,9 @@ class Streamed(Residency):
                 fn(self.model)
         return mods
 
-    @contextlib.contextmanager
-    def ends(self, device: torch.device | str, parts: tuple[str, ...] = ()) -> Iterator[None]:
-        mods = self._load_ends(parts)
-        for m in mods:
-            m.to(device)
-        try:
-            yield
-        finally:
-            for m in mods:
-                m.to("cpu")
-                if not self.pinned:
-                    _release(m)
+    def _drop_end(self, module: nn.Module) -> None:
+        if not self.pinned:
+            _release(module)
 
     # ----- transforms and lifetime -----
     def transform_blocks(self, fn: Callable[[int, nn.Module], None]) -> None:
