@@ -117,8 +117,7 @@ class CheckpointWriter:
 
     def read_block(self, k: int) -> dict[str, torch.Tensor]:
         """The tensors of shard ``k`` (a finished block)."""
-        files = TensorFiles.single(self.folder / shard_name(k, self.shards))
-        return {n: files.get(n) for n in files.names()}
+        return read_file(self.folder / shard_name(k, self.shards))
 
     def finish(self, model, tokenizer, meta: dict) -> None:
         """The index, HF config, tokenizer and quant_config.json (after every shard is written)."""
@@ -203,12 +202,17 @@ def read_tensors(path: str | Path, qc: dict, verify: bool = True) -> dict[str, t
     for f in tensor_files(path, qc):
         if verify:
             verify_file(f, qc)
-        try:
-            files = TensorFiles.single(f)
-            out.update({k: files.get(k) for k in files.names()})
-        except FlexQuantError as e:
-            raise CheckpointError(f"{f} could not be read as safetensors ({e})") from e
+        out.update(read_file(f))
     return out
+
+
+def read_file(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (plain reads); a malformed file is a `CheckpointError`."""
+    try:
+        files = TensorFiles.single(f)
+        return {k: files.get(k) for k in files.names()}
+    except FlexQuantError as e:
+        raise CheckpointError(f"{f} could not be read as safetensors ({e})") from e
 
 
 def install_packed(model: torch.nn.Module, modules: dict[str, dict], tensors: dict[str, torch.Tensor],
