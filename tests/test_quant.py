@@ -123,3 +123,20 @@ def test_hessian_accumulator_running_means_and_non_finite_inputs():
     bad[1, 3, 5] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         HessianAccumulator(16).add(bad)
+
+
+def test_lean_inverse_cholesky_matches_the_separate_steps():
+    from flexquant.quant.gptq import _permuted_copy, inverse_cholesky_upper
+
+    torch.manual_seed(0)
+    X = torch.randn(300, 64)
+    H = X.T @ X / 300
+    H64 = H.double() + 0.01 * float(torch.diag(H.double()).mean()) * torch.eye(64, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H64)), upper=True).float()
+    U, lam = inverse_cholesky_upper(H, 0.01)
+    assert lam == 0.01 and torch.equal(U, ref)
+    own = H.clone()
+    U2, _ = inverse_cholesky_upper(own, 0.01, own=True)
+    assert U2 is own and torch.equal(U2, ref)
+    perm = torch.randperm(64)
+    assert torch.equal(_permuted_copy(H, perm, rows=7), H[perm][:, perm])

@@ -34,6 +34,19 @@ def fp_folder(tmp_path_factory):
     return folder
 
 
+def test_lazy_batches_are_read_when_used(tmp_path):
+    store = ActivationStore("float16", max_bytes=600, offload_dir=tmp_path / "off")
+    x = _inputs()
+    store.put("s", x)
+    eager, lazy = store.get("s"), store.get("s", lazy=True)
+    assert len(lazy.hidden) == 3 and lazy.hidden.shapes() == [tuple(h.shape) for h in x.hidden]
+    assert all(torch.equal(a, b) for a, b in zip(eager.hidden, lazy.hidden))
+    assert torch.equal(lazy.hidden[2], eager.hidden[2]) and len(lazy.hidden[1:]) == 2
+    assert lazy.hidden[0] is not lazy.hidden[0]  # a fresh working copy per use
+    with pytest.raises(TypeError):
+        lazy.hidden[0] = x.hidden[0]
+
+
 @pytest.mark.parametrize("name,settings", [
     ("gptq", dict(method="gptq", bits=3, group_size=32, **CALIB)),
     ("flexible", dict(method="flexible", group_size=64, **CALIB, options=dict(bpw=2.5))),  # DOSA on, tied head

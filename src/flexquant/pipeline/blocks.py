@@ -131,7 +131,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     store.put("stream", inputs)
     del inputs
     for i in bar:
-        inputs = store.get("stream")
+        inputs = store.get("stream", lazy=True)  # batches read as they are used: no full working copy
         fp_inputs = stats.inputs.get(i) if stats is not None else None
         feedback = method.feedback_groups if fp_inputs is not None else ()
         if method.feedback_groups and fp_inputs is None:

@@ -18,6 +18,7 @@ from ..quant.hessian import HessianAccumulator
 from .capture import BlockInputs, _StopForward
 from .distributed import SINGLE, Dist
 from .hooks import input_hook
+from .store import itemsize, shapes
 
 # Cached activations beyond this many bytes make the pipeline fall back to recomputation.
 MAX_CACHE_BYTES = 6 * 2**30
@@ -31,9 +32,10 @@ def cache_limit(max_bytes: int | None) -> int:
 def prenorm_applicable(spec: ModelSpec, inputs: BlockInputs, block: nn.Module, limit: int = MAX_CACHE_BYTES) -> bool:
     if not spec.prenorm or len(spec.linear_groups) != 4:
         return False
-    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
-    widths = 2 * inputs.hidden[0].shape[-1]  # the o_proj inputs and the mid-block residual, tokens × d each
-    return tokens * widths * inputs.hidden[0].element_size() <= limit
+    sizes = shapes(inputs.hidden)
+    tokens = sum(s[0] * s[1] for s in sizes)
+    widths = 2 * sizes[0][-1]  # the o_proj inputs and the mid-block residual, tokens × d each
+    return tokens * widths * itemsize(inputs.hidden) <= limit
 
 
 def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator, keep: list | None,
@@ -66,12 +68,15 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     """
     qkv, o, gate_up, down = spec.linear_groups
     get = block.get_submodule
-    batches = list(zip(inputs.hidden, inputs.kwargs))
+    nbatches = len(inputs.hidden)
     fp_inputs = fp_inputs or {}
 
     def fp_for(linear_name):
         fps = list(fp_inputs.get(linear_name, []))
-        return fps + [None] * (len(batches) - len(fps))
+        return fps + [None] * (nbatches - len(fps))
+
+    def calls():  # one call per batch; a kept (lazy) batch is read only when its call is made
+        return ((lambda h=h, kw=kw: block(h.to(device), **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs))
 
     def hessian(linear_name, calls, keep=None):
         lin = get(linear_name)
@@ -81,18 +86,16 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
         dist.reduce_hessian(acc)
         return acc.H, acc.D
 
-    def run_block(h, kw):
-        return lambda: block(h.to(device), **kw)
-
-    quantize_group(qkv, *hessian(qkv[0], [run_block(h, kw) for h, kw in batches]))
+    quantize_group(qkv, *hessian(qkv[0], calls()))
     x_o: list[torch.Tensor] = []
-    quantize_group(o, *hessian(o[0], [run_block(h, kw) for h, kw in batches], keep=x_o))
+    quantize_group(o, *hessian(o[0], calls(), keep=x_o))
 
     o_proj, norm2, mlp = get(o[0]), get(spec.mlp_norm), get(spec.mlp)
     # Captured inputs are what the linear's matmul sees (after any input pre-hook such as an online
     # rotation), so outputs are rebuilt with the bare matmul, not by calling the module again.
-    h_mid = [h.to(device) + _matmul(o_proj, x.to(device)) for (h, _), x in zip(batches, x_o)]
-    del x_o
+    h_mid = []
+    for h in inputs.hidden:
+        h_mid.append(h.to(device) + _matmul(o_proj, x_o.pop(0).to(device)))  # each o_proj input freed once used
     acc = dist.accumulator(get(gate_up[0]).in_features, device)
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
         acc.add(norm2(hm), None if x_fp is None else x_fp.to(device))
@@ -100,8 +103,10 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     quantize_group(gate_up, acc.H, acc.D)
     quantize_group(down, *hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid]))
     # the MLP runs again rather than keeping down_proj's inputs (tokens × d_ff floats, the largest cache): the
-    # same operations on the same values, so the same outputs
-    return [(hm + mlp(norm2(hm))).to("cpu") for hm in h_mid]
+    # same operations on the same values, so the same outputs; each output takes its h' buffer's place
+    for k, hm in enumerate(h_mid):
+        h_mid[k] = hm.add_(mlp(norm2(hm))).to("cpu")
+    return h_mid
 
 
 def _matmul(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Hashable, MutableMapping
+from collections.abc import Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +63,15 @@ class ActivationStore:
         kept = [self._keep(h, exact) for h in inputs.hidden]
         self._items[key] = (kept, list(inputs.kwargs))
 
-    def get(self, key: Hashable) -> BlockInputs | None:
-        """The inputs kept under ``key`` (fresh tensors in their original dtype), or None."""
+    def get(self, key: Hashable, lazy: bool = False) -> BlockInputs | None:
+        """The inputs kept under ``key`` (fresh tensors in their original dtype), or None. ``lazy``: each batch
+        is read (and converted) only when it is used, so a pass over the batches holds one working copy at a
+        time instead of all of them."""
         item = self._items.get(key)
         if item is None:
             return None
         kept, kwargs = item
-        return BlockInputs([self._load(k) for k in kept], kwargs)
+        return BlockInputs(Batches(self, kept) if lazy else [self._load(k) for k in kept], kwargs)
 
     def drop(self, key: Hashable) -> None:
         item = self._items.pop(key, None)
@@ -148,6 +150,41 @@ class ActivationStore:
     def __del__(self) -> None:  # spill files never outlive the run
         if self._dir is not None and self._dir_given is None and os.path is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class Batches(Sequence):
+    """A read-only list of kept batches, each read from its store when it is indexed or iterated."""
+
+    def __init__(self, store: ActivationStore, kept: list[_Kept]):
+        self._store, self._kept = store, kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Batches(self._store, self._kept[i])
+        return self._store._load(self._kept[i])
+
+    def __iter__(self):
+        return (self._store._load(k) for k in self._kept)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [k.shape for k in self._kept]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._kept[0].dtype
+
+
+def itemsize(hidden) -> int:
+    """Bytes per element of a block's input batches as they are handed out."""
+    return hidden.dtype.itemsize if isinstance(hidden, Batches) else hidden[0].element_size()
+
+
+def shapes(hidden) -> list[tuple[int, ...]]:
+    """The shapes of a block's input batches (kept ones are not read for it)."""
+    return hidden.shapes() if isinstance(hidden, Batches) else [tuple(h.shape) for h in hidden]
 
 
 class TensorMap(MutableMapping):

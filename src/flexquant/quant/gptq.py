@@ -20,20 +20,29 @@ log = logging.getLogger(__name__)
 _MAX_DAMP_RETRIES = 6
 
 
-def inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU), λ = damp·mean(diag H), raised ×10 on failure."""
-    H64 = H.double()
-    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    mean_diag = float(torch.diag(H64).mean()) or 1.0
+def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU), λ = damp·mean(diag H), raised ×10 on failure.
+
+    Computed in float64 in one n × n buffer (damping added to its diagonal, then factor, inverse and factor
+    again in place: the same arithmetic as separate tensors, a third of the memory). With ``own`` the caller
+    hands H over and U is written into it (no float32 copy of its own)."""
+    mean_diag = float(torch.diag(H).double().mean()) or 1.0
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(_MAX_DAMP_RETRIES):
         lam = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H64 + lam * mean_diag * eye)
+        A = H.to(torch.float64, copy=True)
+        A.diagonal().add_(lam * mean_diag)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
                 if attempt:
                     log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", lam, damp)
-                return U.to(H.dtype), lam
+                if own and H.dtype != torch.float64:
+                    return H.copy_(A), lam
+                return A.to(H.dtype), lam
+        del A
     raise FlexQuantError(
         f"the Hessian is not positive definite even with damping {lam:g}; "
         "use more or longer calibration samples (--nsamples/--seqlen)"
@@ -82,9 +91,10 @@ def gptq_quantize(
         raise FlexQuantError(f"group_size={g} does not divide the {n} input columns; pick a divisor of {n}")
     ng = n // g
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H = H.detach().float()
+    diag = torch.diag(H).clone()
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     if group_bits is None:
@@ -94,10 +104,13 @@ def gptq_quantize(
         if kept.numel() % g:
             raise FlexQuantError(f"{kept.numel()} kept columns are not a multiple of group_size={g}")
         group_bits[ng - kept.numel() // g:] = kept_bits
-    perm = order.to(W.device) if order is not None else column_order(torch.diag(H), cfg.act_order, kept)
+    perm = order.to(W.device) if order is not None else column_order(diag, cfg.act_order, kept)
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    U, lam = inverse_cholesky_upper(H, cfg.damp)
+        W = W[:, perm]
+    H = _permuted_copy(H, perm)  # our own copy, in quantization order, dead columns' diagonal set to 1
+    H.diagonal()[dead if perm is None else dead[perm]] = 1
+    U, lam = inverse_cholesky_upper(H, cfg.damp, own=True)
+    del H
     base = log_scale_base(W.view(m, ng, g), group_bits, grid.sym) if grid.scale_bits == 8 else None
     codes, scales, zeros, Q, loss = _solve(W, U, group_bits, grid, base, cfg.block_size)
 
@@ -116,6 +129,17 @@ def gptq_quantize(
         scale_base=base,
         zero_bits=grid.zero_bits or 8,
     )
+
+
+def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, rows: int = 1024) -> torch.Tensor:
+    """H[perm][:, perm] (a plain copy without ``perm``) with one n × n allocation: rows are gathered first,
+    then each slab of rows has its columns permuted in place."""
+    if perm is None:
+        return H.clone()
+    out = H.index_select(0, perm)
+    for r in range(0, out.shape[0], rows):
+        out[r:r + rows] = out[r:r + rows].index_select(1, perm)
+    return out
 
 
 def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: GridConfig, base, B: int):
