@@ -33,7 +33,7 @@ def test_bpw_from_file_equals_bpw_claimed(saved):
     qc = json.loads((path / "quant_config.json").read_text())
     bits = weights = 0
     tensors = read_tensors(path, qc)  # every shard, each checked against its sha256
-    assert qc["format_version"] == 3 and len(qc["checksums"]) == len(qm.model.model.layers) + 1
+    assert qc["format_version"] == 4 and len(qc["checksums"]) == len(qm.model.model.layers) + 1
     for mod, spec in qc["modules"].items():
         for key, t in tensors.items():
             if key.startswith(mod + ".") and not key.endswith(".bias"):

@@ -60,7 +60,7 @@ def test_streamed_run_equals_the_in_memory_run(fp_folder, tmp_path, name, settin
     assert digest(tmp_path / "whole") == digest(tmp_path / "streamed")
     # sharded: a shard per block and one for the rest, every shard checksummed
     qc = json.loads((tmp_path / "streamed" / "quant_config.json").read_text())
-    assert qc["format_version"] == 3 and len(qc["checksums"]) == 3
+    assert qc["format_version"] == 4 and len(qc["checksums"]) == 3
     assert streamed.bpw == pytest.approx(whole.bpw)
     loaded = fq.load(tmp_path / "streamed")
     ids = torch.randint(0, 256, (1, 16))

@@ -4,8 +4,10 @@ for the rest, with ``model.safetensors.index.json``) + ``quant_config.json`` (+ 
 Written atomically: everything goes to a temporary sibling folder that is renamed into place, so an
 interrupted save never leaves a half-written checkpoint. A streamed run writes each block's shard as the block
 is finished (`CheckpointWriter`), so the packed model never sits in memory whole. ``quant_config.json``
-records the format version, the library version, per-module settings and the sha256 of every shard; loading
-verifies them and reads tensors from safetensors only (no pickle). Format 2 (one ``model.safetensors``) loads.
+records the format version, the library version, per-module settings and the sha256 of every shard;
+``manifest.json`` (format 4) the sha256 of every file that decides decoding (`format.validate`). Loading verifies
+them, checks each module's record against its tensors and every tensor for NaN/inf, and reads tensors from
+safetensors only (no pickle). Formats 1-3 (without a manifest) still load.
 """
 
 from __future__ import annotations
@@ -26,11 +28,21 @@ from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
 from ..tensorio import TensorFiles
+from .validate import (
+    MANIFEST,
+    check_finite,
+    check_packed,
+    read_manifest,
+    torch_dtype,
+    verify_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
-# 2: optional compact metadata (scale_codes + scale_base, zeros_b4); 3: sharded by block. 1 and 2 still load.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 2: optional compact metadata (scale_codes + scale_base, zeros_b4); 3: sharded by block; 4: manifest.json of
+# every decoding-relevant file. 1-3 still load.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 QUANT_CONFIG = "quant_config.json"
 TENSORS = "model.safetensors"  # the single tensor file of formats 1-2
 INDEX = "model.safetensors.index.json"
@@ -137,6 +149,7 @@ class CheckpointWriter:
             qc["actquant"] = {**runtime.describe(), "stored_bits": runtime.stored_bits()}
         (self.folder / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
         (self.folder / PROGRESS).unlink(missing_ok=True)
+        write_manifest(self.folder, self.checksums)
 
 
 def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: bool = False,
@@ -163,8 +176,12 @@ def read_quant_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a flexquant checkpoint: {QUANT_CONFIG} is missing")
     try:
         qc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupted") from e
+    if not isinstance(qc, dict) or not isinstance(qc.get("modules", {}), dict) \
+            or not isinstance(qc.get("checksums", {}), dict):
+        raise CheckpointError(f"{f} is not a flexquant quant_config (no 'modules' map); the checkpoint is "
+                              "corrupted")
     version = qc.get("format_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(
@@ -224,42 +241,85 @@ def install_packed(model: torch.nn.Module, modules: dict[str, dict], tensors: di
             continue
         local, mine = name[len(prefix):], name + "."
         own = {k[len(mine):]: tensors.pop(k) for k in list(tensors) if k.startswith(mine)}
-        bias = own.pop("bias", None)
         if "group_bits" not in own:
             raise CheckpointError(f"{where}: tensors of quantized module {name} are missing")
-        q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias,
-                        spec.get("rotation_order", 0))
+        check_packed(where, name, spec, own)
+        bias = own.pop("bias", None)
+        try:
+            q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias,
+                            spec.get("rotation_order", 0))
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{where}: quantized module {name} cannot be rebuilt from its tensors ({e}); "
+                                  "the checkpoint is damaged (re-save it)") from e
         q.set_kernel(kernel)
         parent, _, child = local.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
 
 
-def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = True):
-    """(model, tokenizer, quant_config) of a packed checkpoint; linears are `QuantLinear`s."""
+def verify_checkpoint(path: Path, qc: dict) -> None:
+    """The manifest of a format-4 checkpoint (the tensor shards are checked as they are read); older formats
+    had none, which is said once."""
+    files = read_manifest(path)
+    if files is None and qc.get("format_version", 0) >= 4:
+        raise CheckpointError(f"{path} has no {MANIFEST} (format {qc['format_version']} writes one): the folder "
+                              "is incomplete or was tampered with; re-save the checkpoint")
+    if files is None:
+        log.warning("%s was written before checkpoints had a manifest (format %s): only its tensor files are "
+                    "verified", path, qc.get("format_version"))
+        return
+    verify_manifest(path, files, skip=tuple(qc.get("checksums", {})))
+    for name, want in qc.get("checksums", {}).items():
+        if files.get(name) != want:
+            raise CheckpointError(f"{path}: {name} has different checksums in {QUANT_CONFIG} and {MANIFEST}; the "
+                                  "checkpoint was edited: re-save it")
+
+
+def _skeleton(path: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        config.use_cache = False
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}/config.json does not describe a model this flexquant can build "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the checkpoint "
+                              "is damaged or was edited") from e
+
+
+def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = True):
+    """(model, tokenizer, quant_config) of a packed checkpoint; linears are `QuantLinear`s. With ``verify``
+    (the default) the manifest and checksums are checked first; the module records are always checked
+    against their tensors and every tensor for NaN/inf."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
     qc = read_quant_config(path)
+    if verify:
+        verify_checkpoint(path, qc)
     tensors = read_tensors(path, qc, verify)
-    dtype = getattr(torch, qc.get("torch_dtype", "float32"))
-    config = AutoConfig.from_pretrained(path)
-    config.use_cache = False
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    check_finite(path, tensors)
+    model = _skeleton(path, torch_dtype(qc, path))
+    config = model.config
     install_packed(model, qc["modules"], tensors, kernel, path)
     runtime = None
     if qc.get("actquant"):  # its tensors are in the file: build the skeleton before loading them
         runtime = actquant.ActQuantRuntime.from_description(qc["actquant"])
         setattr(model, actquant.ATTRIBUTE, runtime)
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that do not match config.json
+        raise CheckpointError(f"{path}: its tensors do not fit the model config.json describes "
+                              f"({str(e).splitlines()[-1].strip()[:200]}); the checkpoint is damaged") from e
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
-        raise CheckpointError(f"{path}: tensors missing from {TENSORS}: {still_meta[:5]}")
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_meta[:5]}")
     if runtime is not None:
         actquant.install(model, runtime)
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None

@@ -1,0 +1,165 @@
+"""What a checkpoint says about itself, checked before it is used.
+
+* The manifest (``manifest.json``, format 4): the sha256 of every file that decides how the weights decode
+  (tensor shards, quant_config.json, config.json, generation config, tokenizer files, chat template). A file
+  listed there that is missing or changed, or a decoding-relevant file that is not listed, refuses the folder.
+  The run's report, recipe and plots are outside it (they describe the run; they do not change the model).
+* The records against the tensors: each quantized linear's record in quant_config.json (shape, group size,
+  symmetry, bits, bits per weight) must match its stored tensors (bit map, packed codes, scales, zeros, kept
+  columns, permutation), and every floating-point tensor must be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..models.builtin import sha256_file
+from ..quant.pack import stored_bits
+from ..quant.result import FP16_BITS
+
+MANIFEST = "manifest.json"
+# written beside the model but not part of it: they describe the run (or are the manifest itself)
+OUTSIDE = frozenset({MANIFEST, "report.json", "recipe.yaml", "progress.json"})
+OUTSIDE_SUFFIXES = (".png",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PACKED = {"group_bits", "scales", "scale_codes", "scale_base", "zeros", "zeros_b4", "fp16_cols", "perm",
+           "rot_signs", "rot_factor"}
+
+
+def covered(folder: Path) -> list[str]:
+    """The files of ``folder`` the manifest covers: every plain file but the run's own records (and hidden
+    temporaries)."""
+    return sorted(f.name for f in Path(folder).iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.name not in OUTSIDE
+                  and not f.name.endswith(OUTSIDE_SUFFIXES))
+
+
+def write_manifest(folder: Path, known: dict[str, str]) -> None:
+    """``manifest.json`` over the covered files (``known``: checksums already computed, by file name)."""
+    files = {name: known.get(name) or sha256_file(Path(folder) / name) for name in covered(folder)}
+    (Path(folder) / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=2))
+
+
+def read_manifest(folder: Path) -> dict[str, str] | None:
+    f = Path(folder) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        files = json.loads(f.read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise ValueError("'files' is not a map of file names to checksums")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f} is unreadable ({e}); the checkpoint is damaged: re-save it") from e
+    return files
+
+
+def verify_manifest(folder: Path, files: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+    """Every covered file is listed and matches; every listed file exists (``skip``: names verified elsewhere,
+    such as the tensor shards that are hashed while they are read)."""
+    folder = Path(folder)
+    extra = [n for n in covered(folder) if n not in files]
+    if extra:
+        raise CheckpointError(f"{folder} holds {', '.join(extra[:3])} that its {MANIFEST} does not list: a file "
+                              "that changes decoding was added after the save; remove it or re-save the checkpoint")
+    for name, want in files.items():
+        f = folder / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{folder}/{MANIFEST} names {name!r}, not a file of the folder; refusing it")
+        if not f.is_file():
+            raise CheckpointError(f"{folder} is missing {name} (listed in its {MANIFEST}); the checkpoint is "
+                                  "incomplete")
+        if name not in skip and sha256_file(f) != want:
+            raise CheckpointError(f"{f} does not match its checksum in {MANIFEST}: it was modified or is damaged; "
+                                  "re-save or re-download the checkpoint")
+
+
+def torch_dtype(qc: dict, where: Path | str) -> torch.dtype:
+    name = qc.get("torch_dtype", "float32")
+    if name not in DTYPES:
+        raise CheckpointError(f"{where}: torch_dtype {name!r} is not one of {', '.join(DTYPES)}; the checkpoint's "
+                              "quant_config.json is damaged")
+    return DTYPES[name]
+
+
+def _fail(where, name: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{where}: quantized module {name} {why}; the checkpoint is damaged or was edited "
+                           "(re-save it)")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_packed(where, name: str, spec: dict, own: dict[str, torch.Tensor]) -> None:
+    """A quantized linear's record (``spec``) against its tensors (``own``, names without the module path)."""
+    n, m, g = spec.get("in_features"), spec.get("out_features"), spec.get("group_size")
+    if not (_positive_int(n) and _positive_int(m) and _positive_int(g)) or n % g:
+        raise _fail(where, name, f"has in_features={n!r}, out_features={m!r}, group_size={g!r} (positive "
+                                 "integers, the group size dividing in_features)")
+    if not isinstance(spec.get("sym"), bool) or not isinstance(spec.get("rotation_order", 0), int):
+        raise _fail(where, name, "has a malformed sym / rotation_order record")
+    unknown = [k for k in own if k not in _PACKED and k != "bias" and not k.startswith("qweight_b")]
+    if unknown:
+        raise _fail(where, name, f"has unexpected tensors {unknown[:3]}")
+    gb = own.get("group_bits")
+    if gb is None or gb.dtype != torch.uint8 or tuple(gb.shape) != (n // g,):
+        raise _fail(where, name, f"has no bit map of {n // g} groups (uint8)")
+    bits = sorted(set(gb.tolist()))
+    if any(not (1 <= b <= 8 or b == FP16_BITS) for b in bits):
+        raise _fail(where, name, f"stores bit-widths {bits} (1..8 or {FP16_BITS})")
+    if sorted(spec.get("bits") or []) != bits:
+        raise _fail(where, name, f"records bits {spec.get('bits')} but its bit map holds {bits}")
+    _check_codes(where, name, own, gb, m, g)
+    _check_groups(where, name, own, spec["sym"], m, int((gb < FP16_BITS).sum()), int((gb == FP16_BITS).sum()) * g)
+    perm = own.get("perm")
+    if perm is not None and (tuple(perm.shape) != (n,) or not torch.equal(perm.long().sort().values,
+                                                                          torch.arange(n))):
+        raise _fail(where, name, f"has a column order that is not a permutation of its {n} inputs")
+    weights = {k: v for k, v in own.items() if k != "bias"}
+    bpw = stored_bits(weights) / (n * m)
+    recorded = spec.get("bpw")
+    if not isinstance(recorded, (int, float)) or not math.isclose(bpw, recorded, rel_tol=0, abs_tol=1e-5):
+        raise _fail(where, name, f"records {recorded!r} bits per weight but its tensors hold {bpw:.6f}")
+
+
+def _check_codes(where, name: str, own: dict, gb: torch.Tensor, m: int, g: int) -> None:
+    present = {int(k[len("qweight_b"):]) for k in own if k.startswith("qweight_b") and k[9:].isdigit()}
+    wanted = {b for b in gb.tolist() if b != FP16_BITS}
+    if present != wanted or len(present) != sum(k.startswith("qweight_b") for k in own):
+        raise _fail(where, name, f"has packed codes for bit-widths {sorted(present)} but its bit map uses "
+                                 f"{sorted(wanted)}")
+    for b in wanted:
+        count = int((gb == b).sum()) * g
+        q = own[f"qweight_b{b}"]
+        if q.dtype != torch.int32 or tuple(q.shape) != (m, -(-count // 32) * b):
+            raise _fail(where, name, f"has qweight_b{b} of shape {tuple(q.shape)} ({q.dtype}); "
+                                     f"{m} x {-(-count // 32) * b} int32 expected")
+
+
+def _check_groups(where, name: str, own: dict, sym: bool, m: int, nq: int, fp_cols: int) -> None:
+    shapes = {"scales": (m, nq), "scale_codes": (m, nq), "scale_base": (m,), "zeros": (m, nq),
+              "zeros_b4": (1, -(-(m * nq) // 32) * 4), "fp16_cols": (m, fp_cols)}
+    for k, want in shapes.items():
+        if k in own and tuple(own[k].shape) != want:
+            raise _fail(where, name, f"has {k} of shape {tuple(own[k].shape)}; {want} expected")
+    if nq and not ("scales" in own or {"scale_codes", "scale_base"} <= set(own)):
+        raise _fail(where, name, "has no scales")
+    if nq and not sym and not ("zeros" in own or "zeros_b4" in own):
+        raise _fail(where, name, "is asymmetric but has no zero points")
+    if sym and ("zeros" in own or "zeros_b4" in own):
+        raise _fail(where, name, "is recorded symmetric but stores zero points")
+    if fp_cols and "fp16_cols" not in own:
+        raise _fail(where, name, f"keeps {fp_cols} columns in float16 but does not store them")
+
+
+def check_finite(where, tensors: dict[str, torch.Tensor]) -> None:
+    """Every floating-point tensor finite (one pass; a NaN scale would make every output NaN)."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where}: tensors {bad[:3]} hold NaN or inf; the checkpoint is damaged or was "
+                              "edited (re-save it)")
