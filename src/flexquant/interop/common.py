@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..atomic import atomic_folder
-from ..errors import FlexQuantError
+from ..errors import CheckpointError, FlexQuantError
 from ..format.checkpoint import INDEX, QUANT_CONFIG, TENSORS, read_quant_config, read_tensors
 from ..nn.quant_linear import ROTATION_BUFFERS, rotation_from_tensors
 from ..quant.pack import tensors_to_result
@@ -30,10 +31,16 @@ from ..quant.result import FP16_BITS
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Files of a flexquant checkpoint that describe flexquant's own layout; everything else (tokenizer,
-# generation config, chat template) is copied into the export as is.
+# The only files of a source checkpoint an export copies as they are (tokenizer, generation settings, chat
+# template); the exporter writes the weights and its configs itself. Nothing else is copied: no pickles
+# (pytorch_model.bin, training_args.bin, *.pt), no stray files. Foreign imports read these (through the
+# tokenizer) and nothing else beside their configs and safetensors.
+COPIED_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json"})
+# Files of a flexquant checkpoint that describe flexquant's own layout (not copied, and not worth a warning).
 OWN_FILES = {TENSORS, INDEX, QUANT_CONFIG, "config.json", "report.json", "report.png", "report_flexible.png",
-             "report.md", "report.html"}
+             "report.md", "report.html", "recipe.yaml", "manifest.json", "progress.json"}
 SHARD_BYTES = 4 * 2**30  # tensors per safetensors file before the export is sharded (with an index)
 EXPORT_INFO = "flexquant_export.json"
 
@@ -92,6 +99,47 @@ class Source:
     @property
     def dtype(self) -> str:
         return self.qc.get("torch_dtype", "float32")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (library messages may span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def shown(name: str) -> str:
+    """A file name for a one-line message (repr when it holds control characters)."""
+    return name if name.isprintable() else repr(name)
+
+
+def inside(folder: Path, name: str, named_by: str | None = None) -> Path:
+    """``folder / name`` resolved (symlinks too), refused with a `CheckpointError` unless it lies inside ``folder``.
+
+    ``named_by``: the file whose entry ``name`` is (an index or a config), for the message; None for a file
+    flexquant looks up by its fixed name."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{named_by or folder} names {name!r}, which is not a file name; the file is corrupt")
+    ref = f"{named_by} names {shown(name)}, " if named_by else f"{shown(name)} is "
+    root = folder.resolve()
+    try:
+        target = (root / name).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{folder}: {ref}a path that cannot be resolved ({one_line(e)}); "
+                              "refusing to read it") from e
+    if target == root or not target.is_relative_to(root):
+        lexical = Path(os.path.normpath(root / name))
+        what = (f"a symlink to {target}, outside {folder}" if lexical.is_relative_to(root) and lexical != root
+                else f"a file outside {folder}")
+        raise CheckpointError(f"{ref}{what}; refusing to read it")
+    return target
+
+
+def side_files(folder: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Path]:
+    """{name: resolved file} of the `COPIED_FILES` present in ``folder`` (but not in ``skip``), each checked to
+    lie inside it."""
+    present = [name for name in sorted(COPIED_FILES - set(skip))
+               if (folder / name).is_file() or (folder / name).is_symlink()]
+    found = {name: inside(folder, name) for name in present}
+    return {name: f for name, f in found.items() if f.is_file()}
 
 
 def _problem_list(problems: dict[str, list[str]]) -> str:
@@ -232,14 +280,19 @@ def write_folder(out: str | Path, src: Source, tensors: dict[str, torch.Tensor],
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise FlexQuantError("--out must differ from the source checkpoint folder")
+    copies = side_files(src.path, set(json_files))  # checked before anything is written
+    left = sorted(f.name for f in src.path.iterdir()
+                  if f.name not in copies and f.name not in OWN_FILES and f.name not in json_files
+                  and not (f.name.startswith("model-") and f.name.endswith(".safetensors")))
+    if left:
+        log.warning("%s: not copied into the export (only tokenizer, generation and chat-template files are): %s",
+                    src.path, ", ".join(map(shown, left)))
     with atomic_folder(out, overwrite, EXPORT_INFO, "flexquant export") as tmp:
         _write_tensors(tmp, tensors, shard_bytes)
         for fname, obj in json_files.items():
             (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
-        for f in src.path.iterdir():
-            if (f.is_file() and f.name not in OWN_FILES and f.name not in json_files
-                    and not (f.name.startswith("model-") and f.name.endswith(".safetensors"))):
-                shutil.copy2(f, tmp / f.name)
+        for name, f in copies.items():
+            shutil.copy2(f, tmp / name)
     return out
 
 

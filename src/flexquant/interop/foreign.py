@@ -20,20 +20,40 @@ from ..errors import CheckpointError, FlexQuantError
 from ..nn.quant_linear import QuantLinear
 from ..quant.pack import pack_bits
 from . import ct, gptq
-from .common import GridLayer
+from .common import GridLayer, inside, one_line, shown
 
 log = logging.getLogger(__name__)
 READERS = {"gptq": gptq.read_layers, "compressed-tensors": ct.read_layers}
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _present(f: Path) -> bool:
+    return f.is_file() or f.is_symlink()  # a symlink is checked (and refused when it leads outside), not skipped
+
+
+def read_json(path: Path, name: str) -> dict:
+    """The JSON object in ``path / name`` (which must lie inside ``path``); anything else is a `CheckpointError`."""
+    f = inside(path, name)
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{path / name} is not valid JSON ({one_line(e)}); the file is corrupt") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path / name} holds a JSON {type(obj).__name__}, not an object; the file is corrupt")
+    return obj
 
 
 def _config(path: Path) -> dict | None:
-    f = path / "config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e})") from e
+    return read_json(path, "config.json") if _present(path / "config.json") else None
+
+
+def _quantization_config(path: Path, cfg: dict) -> dict:
+    qcfg = cfg.get("quantization_config") or {}
+    if not isinstance(qcfg, dict):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config is a JSON {type(qcfg).__name__}, "
+                              "not an object; the file is corrupt")
+    return qcfg
 
 
 def foreign_format(path: str | Path) -> str | None:
@@ -42,41 +62,60 @@ def foreign_format(path: str | Path) -> str | None:
     if not path.is_dir():
         return None
     cfg = _config(path) or {}
-    method = (cfg.get("quantization_config") or {}).get("quant_method")
-    if method is None and (path / "quantize_config.json").is_file():
+    method = _quantization_config(path, cfg).get("quant_method")
+    if method is None and _present(path / "quantize_config.json"):
         method = "gptq"
-    return method if method in READERS else None
+    return method if isinstance(method, str) and method in READERS else None
 
 
 def quant_settings(path: Path, cfg: dict) -> dict:
-    qcfg = dict(cfg.get("quantization_config") or {})
-    if (path / "quantize_config.json").is_file():  # AutoGPTQ writes its settings here
-        qcfg = {**json.loads((path / "quantize_config.json").read_text()), **qcfg}
+    qcfg = dict(_quantization_config(path, cfg))
+    if _present(path / "quantize_config.json"):  # AutoGPTQ writes its settings here
+        qcfg = {**read_json(path, "quantize_config.json"), **qcfg}
     return qcfg
 
 
-def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face folder (one safetensors file or an index of shards)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        pickles = [f.name for f in path.glob("*.bin")]
-        hint = (f" ({', '.join(pickles)} are pickles, which flexquant never loads: convert them to safetensors)"
-                if pickles else "")
-        raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json{hint}")
+def _shard(path: Path, name) -> Path:
+    """The safetensors file the index names ``name``: inside ``path``, a .safetensors file, present."""
+    if isinstance(name, str) and not name.endswith(".safetensors"):
+        raise CheckpointError(f"{INDEX} names {name!r}, which is not a .safetensors file; flexquant reads weights "
+                              "from safetensors only and never loads pickles: convert the checkpoint to safetensors")
+    f = inside(path, name, INDEX)
+    if not f.is_file():
+        raise CheckpointError(f"{INDEX} names {shown(name)}, which is missing from {path}; "
+                              "the checkpoint is incomplete")
+    return f
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder (one file, or the shards its index names), each checked
+    to lie inside the folder; only safetensors are ever read, never pickles."""
+    if _present(path / INDEX):
+        weight_map = read_json(path, INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path / INDEX} has no weight_map (tensor name -> file); the index is corrupt")
+        bad = [v for v in weight_map.values() if not isinstance(v, str)]
+        if bad:
+            raise CheckpointError(f"{INDEX} names {bad[0]!r} as a file, which is not a file name; the index is corrupt")
+        return [_shard(path, name) for name in dict.fromkeys(weight_map.values())]
+    if _present(path / "model.safetensors"):
+        return [inside(path, "model.safetensors")]
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    hint = (f" ({', '.join(pickles)} are pickles, which flexquant never loads: convert them to safetensors)"
+            if pickles else "")
+    raise CheckpointError(f"{path} has no model.safetensors or {INDEX}: flexquant reads weights from safetensors "
+                          f"only{hint}")
+
+
+def read_hf_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors ``files`` (from `weight_files`)."""
     out = {}
-    for fname in files:
-        f = path / fname
-        if not f.is_file():
-            raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
+    for f in files:
         try:
             with safe_open(f, framework="pt") as sf:
                 out.update({k: sf.get_tensor(k) for k in sf.keys()})
         except Exception as e:  # safetensors raises its own error types for malformed files
-            raise CheckpointError(f"{f} could not be read as safetensors ({e})") from e
+            raise CheckpointError(f"{f} could not be read as safetensors ({one_line(e)})") from e
     return out
 
 
@@ -116,7 +155,11 @@ def _skeleton(path: Path, cfg: dict):
 
     from ..models import get_spec
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} does not describe a model transformers can build "
+                              f"({one_line(e)})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linears; flexquant swaps in its own layers
     get_spec(config.model_type)  # unsupported families fail with the list of supported ones
@@ -135,9 +178,13 @@ def read_foreign(path: str | Path):
     if fmt is None:
         raise FlexQuantError(f"{path} is neither a flexquant checkpoint nor a GPTQ or compressed-tensors folder")
     cfg = _config(path)
+    if cfg is None:
+        raise CheckpointError(f"{path} has no config.json (the model's Hugging Face config); the checkpoint is "
+                              "incomplete")
     qcfg = quant_settings(path, cfg)
+    files = weight_files(path)  # every path checked before anything is built or read
     model, config, dtype = _skeleton(path, cfg)
-    tensors = read_hf_tensors(path)
+    tensors = read_hf_tensors(files)
     linears = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     file_bits = {n: stored_bits(tensors, n) for n in linears}
     layers = READERS[fmt](qcfg, tensors, linears)
@@ -169,8 +216,24 @@ def load_foreign(path: str | Path, kernel: str | None = None):
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_meta[:5]}")
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tok = None
+    if (path / "tokenizer_config.json").is_file():
+        _check_links(path)  # transformers picks the tokenizer files it reads: none may lead outside the folder
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: the tokenizer could not be loaded ({one_line(e)}); the tokenizer "
+                                  "files are corrupt or incomplete") from e
     return model.eval(), tok, info_from(path, fmt, layers, file_bits)
+
+
+def _check_links(path: Path) -> None:
+    """Every entry of ``path`` (and of its subfolders, one level down) must lie inside it, symlinks resolved."""
+    for f in path.iterdir():
+        inside(path, f.name)
+        if f.is_dir():
+            for g in f.iterdir():
+                inside(path, f"{f.name}/{g.name}")
 
 
 def info_from(path: Path, fmt: str, layers: dict[str, GridLayer], file_bits: dict[str, int]) -> dict:
@@ -192,5 +255,7 @@ def foreign_info(path: str | Path) -> dict:
     path = Path(path)
     _, _, _, fmt, layers, _, file_bits = read_foreign(path)
     info = info_from(path, fmt, layers, file_bits)
-    info["file_bytes"] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    root = path.resolve()
+    info["file_bytes"] = sum(f.stat().st_size for f in path.iterdir()
+                             if f.is_file() and f.resolve().is_relative_to(root))  # not what links lead to
     return info
