@@ -242,6 +242,12 @@ def test_export_refuses_a_tokenizer_file_leading_outside_the_source(source, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
 
 
+def test_export_of_a_source_with_malformed_config_json_is_a_one_line_error(source, tmp_path):
+    src = shutil.copytree(source, tmp_path / "src")
+    (src / "config.json").write_text('{"model_type": ')
+    _refused(src, "config.json is not valid JSON", call=lambda p: export_checkpoint(p, tmp_path / "out", "gptq"))
+
+
 # ---- through the command line ------------------------------------------------------------------------------
 
 def _cli_error(capsys, argv, *needles):

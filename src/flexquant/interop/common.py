@@ -133,6 +133,18 @@ def inside(folder: Path, name: str, named_by: str | None = None) -> Path:
     return target
 
 
+def read_json(path: Path, name: str) -> dict:
+    """The JSON object in ``path / name`` (which must lie inside ``path``); anything else is a `CheckpointError`."""
+    f = inside(path, name)
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{path / name} is not valid JSON ({one_line(e)}); the file is corrupt") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path / name} holds a JSON {type(obj).__name__}, not an object; the file is corrupt")
+    return obj
+
+
 def side_files(folder: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Path]:
     """{name: resolved file} of the `COPIED_FILES` present in ``folder`` (but not in ``skip``), each checked to
     lie inside it."""
@@ -175,7 +187,7 @@ def read_source(path: str | Path, format_name: str, online_rotation: str = "erro
         raise FlexQuantError(f"{path} is not a folder; pass a flexquant checkpoint folder (made by flexquant quantize)")
     qc = read_quant_config(path)
     tensors = read_tensors(path, qc)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    config = read_json(path, "config.json") if (path / "config.json").is_file() else None
     if config is None:
         raise FlexQuantError(f"{path} has no config.json; the checkpoint is incomplete: re-save it")
     src = Source(path, qc, config)

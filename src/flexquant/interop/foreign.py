@@ -9,7 +9,6 @@ are read, never pickles.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..errors import CheckpointError, FlexQuantError
 from ..nn.quant_linear import QuantLinear
 from ..quant.pack import pack_bits
 from . import ct, gptq
-from .common import GridLayer, inside, one_line, shown
+from .common import GridLayer, inside, one_line, read_json, shown
 
 log = logging.getLogger(__name__)
 READERS = {"gptq": gptq.read_layers, "compressed-tensors": ct.read_layers}
@@ -30,18 +29,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 def _present(f: Path) -> bool:
     return f.is_file() or f.is_symlink()  # a symlink is checked (and refused when it leads outside), not skipped
-
-
-def read_json(path: Path, name: str) -> dict:
-    """The JSON object in ``path / name`` (which must lie inside ``path``); anything else is a `CheckpointError`."""
-    f = inside(path, name)
-    try:
-        obj = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise CheckpointError(f"{path / name} is not valid JSON ({one_line(e)}); the file is corrupt") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path / name} holds a JSON {type(obj).__name__}, not an object; the file is corrupt")
-    return obj
 
 
 def _config(path: Path) -> dict | None:
