@@ -19,6 +19,14 @@ from flexquant.interop.common import COPIED_FILES
 INDEX = "model.safetensors.index.json"
 
 
+def reseal(folder):
+    """The checkpoint's manifest rewritten over its current files (so the case reaches what it tests)."""
+    from flexquant.format.validate import MANIFEST, write_manifest
+
+    (folder / MANIFEST).unlink()
+    write_manifest(folder, {})
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny flexquant checkpoint (RTN, 4 bits)."""
@@ -212,6 +220,7 @@ def test_export_copies_only_the_allow_listed_files(source, tmp_path, caplog):
     (src / "store").mkdir()  # a symlink that stays inside the folder is copied under its own name
     (src / "store" / "v.json").write_text('{"a": 0}')
     (src / "vocab.json").symlink_to(src / "store" / "v.json")
+    reseal(src)  # the files added after the save listed in the manifest, as an exporting user would
     with caplog.at_level(logging.WARNING):
         export_checkpoint(src, tmp_path / "out", "gptq")
     names = {p.name for p in (tmp_path / "out").iterdir()}
@@ -245,7 +254,8 @@ def test_export_refuses_a_tokenizer_file_leading_outside_the_source(source, tmp_
 def test_export_of_a_source_with_malformed_config_json_is_a_one_line_error(source, tmp_path):
     src = shutil.copytree(source, tmp_path / "src")
     (src / "config.json").write_text('{"model_type": ')
-    _refused(src, "config.json is not valid JSON", call=lambda p: export_checkpoint(p, tmp_path / "out", "gptq"))
+    reseal(src)
+    _refused(src, "config.json", "valid JSON", call=lambda p: export_checkpoint(p, tmp_path / "out", "gptq"))
 
 
 # ---- through the command line ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import check_target, recover
 from .config import QuantConfig
 from .data import eval_windows
 from .errors import FlexQuantError
@@ -27,6 +28,7 @@ from .report import bit_summary
 from .runner import (  # noqa: F401 - QuantizedModel, pack_results and pack_model are public here too
     QuantizedModel,
     Run,
+    check_context,
     checkpoint_extras,
     checkpoint_meta,
     load_for_run,
@@ -70,8 +72,8 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     method = build_method(config)  # validates the method's options before the model is loaded
     config = method.config  # grid settings the method filled in
     return_freed_memory()  # depth-independent memory: freed blocks go back to the system
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
+    if out is not None:  # an unusable output folder fails before the (long) run, not after it
+        check_target(out, overwrite, QUANT_CONFIG, "flexquant checkpoint")
     device = resolve_device(config.device)
     dist = dist or Dist.from_env(device)
     device, progress = dist.local_device(device), progress and dist.is_main
@@ -111,14 +113,30 @@ def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verif
     GPTQ and compressed-tensors folders written by other tools load too (`flexquant.interop`)."""
     from .interop import foreign_format, load_foreign
 
+    if not Path(path).exists():
+        recover(path, QUANT_CONFIG)  # a save of ``path`` that a crash interrupted
     if not is_checkpoint(path) and foreign_format(path):
         model, tok, info = load_foreign(path, kernel=kernel)
         return QuantizedModel(model.to(resolve_device(device)), tok, None, {"foreign": info})
     model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify)
     cfg = _recorded_config(path, qc.get("quant_config"))
-    report_file = Path(path) / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    return QuantizedModel(model.to(resolve_device(device)), tok, cfg, report)
+    return QuantizedModel(model.to(resolve_device(device)), tok, cfg, _read_report(Path(path)))
+
+
+def _read_report(path: Path) -> dict:
+    """The run report beside a checkpoint; a damaged one only costs the report (it does not decode anything)."""
+    f = path / "report.json"
+    if not f.is_file():
+        return {}
+    try:
+        report = json.loads(f.read_text())
+        if isinstance(report, dict):
+            return report
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); loaded without the run report", f, e)
+        return {}
+    log.warning("%s is not a run report; loaded without it", f)
+    return {}
 
 
 # Option names checkpoints made before the typed configs may hold, by method: old name -> current name.
@@ -130,13 +148,16 @@ def _recorded_config(path, recorded: dict | None) -> QuantConfig | None:
     only costs the config (the model loads all the same)."""
     if not recorded:
         return None
+    if not isinstance(recorded, dict):
+        log.warning("%s: its recorded quantization config is not a mapping; loaded without it", path)
+        return None
     recorded = dict(recorded)
     renames = _RENAMED_OPTIONS.get(recorded.get("method"), {})
     if isinstance(recorded.get("options"), dict):
         recorded["options"] = {renames.get(k, k): v for k, v in recorded["options"].items()}
     try:
         return QuantConfig.from_dict(recorded)
-    except FlexQuantError as e:
+    except (FlexQuantError, TypeError, ValueError, KeyError, AttributeError) as e:
         log.warning("%s: its recorded quantization config does not parse with this flexquant (%s); loaded "
                     "without it", path, e)
         return None
@@ -193,6 +214,7 @@ def evaluate(model, text: str = "pydoc", seqlen: int = 2048, windows: int | None
         ref, _, _ = as_model(reference, dev)
         if ref.config.vocab_size != m.config.vocab_size:
             raise FlexQuantError("the reference model has a different vocabulary; KL needs the same tokenizer")
+    check_context(m, seqlen)
     win = eval_windows(tok, text, seqlen, windows)
     res = evaluate_windows(m, win, ref, dev, progress)
     res["bpw"] = bpw

@@ -39,11 +39,19 @@ def check_target(path: str | Path, overwrite: bool, marker: str, what: str) -> P
     An interrupted save of ``path`` by a process that is gone is first recovered (`recover`)."""
     path = Path(path)
     recover(path, marker)
+    if path.exists() and not path.is_dir():
+        raise FlexQuantError(f"output folder {path} is a file; give a folder path")
     if path.exists() and not overwrite:
         raise FlexQuantError(f"output folder {path} already exists; remove it or pass --overwrite")
     if path.exists() and not (path / marker).is_file() and any(path.iterdir()):
         raise FlexQuantError(f"refusing to overwrite {path}: it is not empty and not a {what}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlexQuantError(f"cannot create the folder {path.parent} for {path} ({e.strerror}); choose another "
+                             "output path") from e
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise FlexQuantError(f"cannot write into {path.parent} (permission denied); choose another output path")
     return path
 
 
@@ -53,6 +61,7 @@ def move_into_place(tmp: str | Path, path: str | Path, marker: str | None = None
     an error puts ``tmp`` and the old ``path`` back where they were."""
     tmp, path = Path(tmp), Path(path)
     recover(path, marker)
+    follow_umask(tmp)
     sync_tree(tmp)
     token = _token()
     new = _sibling(path, "new", token)
@@ -124,6 +133,18 @@ def recover(path: str | Path, marker: str | None = None) -> None:
         except OSError as e:
             log.warning("could not remove %s, left by an interrupted save (process %d) of %s: %s",
                         piece, pid, path, e)
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open`` would (some writers, such as safetensors,
+    create their files readable by the owner only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            f = os.path.join(root, name)
+            if not os.path.islink(f):
+                os.chmod(f, 0o666 & ~mask)
 
 
 def sync_tree(folder: str | Path) -> None:

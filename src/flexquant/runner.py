@@ -130,6 +130,14 @@ def check_budget(model: nn.Module, config: QuantConfig) -> None:
                              f"{model.config.hidden_size} floats); raise it or lower --batch-size")
 
 
+def check_context(model: nn.Module, seqlen: int) -> None:
+    """Windows longer than the model's context would be computed with positions it never saw."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise FlexQuantError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens; use "
+                             f"--seqlen {context} or less")
+
+
 def _store(config: QuantConfig) -> ActivationStore:
     return ActivationStore(config.store_dtype, parse_bytes(config.max_memory), config.offload_dir or None)
 
@@ -145,6 +153,8 @@ class Run:
         self.res = residency(model, self.spec)
         check_group_size(model, self.spec, config.grid.group_size)
         check_budget(model, config)
+        if method.needs_calibration:
+            check_context(model, config.seqlen)
         self.given = calib_ids is not None
         if method.needs_calibration and calib_ids is None:
             calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)

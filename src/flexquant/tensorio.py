@@ -25,6 +25,7 @@ DTYPES = {
 }
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MANIFEST = "manifest.json"  # a flexquant checkpoint's checksums of its decoding-relevant files (`format.validate`)
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,24 @@ class TensorFiles:
                 raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
         t = buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
         return t if dtype is None or dtype == e.dtype else t.to(dtype)
+
+
+def flexquant_traces(folder: str | Path) -> str | None:
+    """What marks ``folder`` as a flexquant checkpoint (a manifest, a run record, a shard written by flexquant),
+    or None: such a folder without its quant_config.json must not be read as a plain model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for name in (MANIFEST, "recipe.yaml", "progress.json"):
+        if (folder / name).is_file():
+            return name
+    for f in sorted(folder.glob("*.safetensors"))[:1]:
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(min(n, 1 << 24))) if 0 < n < 1 << 24 else {}
+        except (OSError, ValueError):
+            return None
+        if "flexquant" in (header.get("__metadata__") or {}):
+            return f.name
+    return None

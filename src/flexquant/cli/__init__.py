@@ -1,7 +1,8 @@
 """The command line: one module per command, each a thin wrapper over `flexquant.api`.
 
 `flexquant quantize` flags are generated from the config dataclasses (`cli.flags`). User errors
-(`FlexQuantError`) print one line on stderr and exit 2.
+(`FlexQuantError`) print one line on stderr and exit 2; anything unexpected prints one line and exits 1 (the
+traceback with ``--debug``).
 """
 
 from __future__ import annotations
@@ -9,20 +10,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from .._version import __version__
 from ..errors import FlexQuantError
 from . import eval as eval_cmd
 from . import export, generate, info, methods, quantize, report, vision
+from .flags import Parser
 
 COMMANDS = (quantize, methods, eval_cmd, info, generate, export, report, vision)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexquant", description="Post-training quantization with honest bits.")
+    parser = Parser(prog="flexquant", description="Post-training quantization with honest bits.")
     parser.add_argument("--version", action="version", version=f"flexquant {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and results, no progress bars")
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     real_add = sub.add_parser
     sub.add_parser = lambda *a, **k: real_add(*a, parents=[common], **k)  # -q after any subcommand
@@ -34,12 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     try:
         return args.func(args)
     except FlexQuantError as e:
-        print(f"flexquant: error: {e}", file=sys.stderr)
+        print(f"flexquant: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flexquant: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an environment problem: one line, the traceback only when asked for
+        if args.debug:
+            traceback.print_exc()
+        print(f"flexquant: unexpected error: {type(e).__name__}: {one_line(e)} (this is a flexquant bug or an "
+              "environment problem; rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (the first non-empty line, at most 500 characters)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."

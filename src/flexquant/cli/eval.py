@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import FlexQuantError
+from .flags import at_least
 
 
 def register(sub) -> None:
@@ -14,8 +15,8 @@ def register(sub) -> None:
     p.add_argument("model", help="a flexquant checkpoint folder, a GPTQ / compressed-tensors folder, or a model "
                                  "name/folder/hub id")
     p.add_argument("--text", default="pydoc", help="pydoc (held-out split) | wikitext2 | c4 | a file or folder")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=None, help="at most this many windows (default: all)")
+    p.add_argument("--seqlen", type=at_least(2), default=2048, help="tokens per window (at most the model's context)")
+    p.add_argument("--windows", type=at_least(1), default=None, help="at most this many windows (default: all)")
     p.add_argument("--reference", default=None, help="full-precision model for the KL divergence")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel", default=None, help="force a kernel (reference, dense-cache, ...)")
@@ -23,9 +24,9 @@ def register(sub) -> None:
     g = p.add_argument_group("lm-evaluation-harness (instead of perplexity)")
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy")
     g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (local tasks)")
-    g.add_argument("--num-fewshot", type=int, default=None)
+    g.add_argument("--num-fewshot", type=at_least(0), default=None)
     g.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
-    g.add_argument("--lm-batch-size", type=int, default=1, help="lm-eval batch size")
+    g.add_argument("--lm-batch-size", type=at_least(1), default=1, help="lm-eval batch size")
     g.add_argument("--output", default=None, help="also write the results as JSON to this file")
     p.set_defaults(func=run_eval)
 

@@ -68,3 +68,32 @@ def add_method_flags(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
         shared = f" [also --method {', '.join(owners[1:])}]" if len(owners) > 1 else ""
         add_field(groups[owners[0]], f, shared)
     return {name: owners for name, (_, owners) in fields.items()}
+
+
+def at_least(low: int, what: str = "a whole number"):
+    """An argparse type: an integer >= ``low`` (a clear message otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give {low} or more")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def text(value: str) -> str:
+    """An argparse type: a non-empty string."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty text was given")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (and the same exit status 2 as every user error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"flexquant: error: {message} (see `{self.prog} --help`)\n")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from .flags import at_least, text
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a checkpoint")
     p.add_argument("path", help="a checkpoint folder (flexquant, GPTQ or compressed-tensors)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, type=text, help="the text to continue (not empty)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.set_defaults(func=run_generate)
 

@@ -14,13 +14,13 @@ def register(sub) -> None:
 
 
 def run_info(a) -> int:
-    from ..format.checkpoint import QUANT_CONFIG, read_quant_config, tensor_files
+    from ..format.checkpoint import QUANT_CONFIG, read_verified, tensor_files
     from ..interop import foreign_format
 
     path = Path(a.path)
     if not (path / QUANT_CONFIG).is_file() and foreign_format(path):
         return print_foreign_info(path, a.json)
-    qc = read_quant_config(path)
+    qc = read_verified(path)[0]  # only verified values are reported
     mods = qc["modules"]
     weights = {n: m["in_features"] * m["out_features"] for n, m in mods.items()}
     total_w = sum(weights.values())

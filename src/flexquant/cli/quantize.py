@@ -11,11 +11,11 @@ from pathlib import Path
 from ..config import GPTQConfig, GridConfig, QuantConfig
 from ..errors import FlexQuantError
 from ..pipeline.distributed import close_process_group, env_rank
-from .flags import add_field, add_method_flags, flag
+from .flags import add_field, add_method_flags, at_least, flag
 
 RUN_FIELDS = ("method", "calib", "nsamples", "seqlen", "seed", "batch_size", "device")
 MEMORY_FIELDS = ("stream", "store_dtype", "max_memory", "offload_dir")
-NOT_CONFIG = {"command", "quiet", "recipe", "out", "overwrite", "resume", "eval_windows", "func"}
+NOT_CONFIG = {"command", "quiet", "debug", "recipe", "out", "overwrite", "resume", "eval_windows", "func"}
 
 
 def register(sub) -> None:
@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a run that stopped part-way from its finished blocks (kept beside --out in "
                         ".<out>.partial); the same command and config")
-    p.add_argument("--eval-windows", type=int, default=0,
+    p.add_argument("--eval-windows", type=at_least(0), default=0,
                    help="after saving, evaluate perplexity/KL on this many held-out 2048-token windows")
     run = p.add_argument_group("run settings")
     for name in RUN_FIELDS:
@@ -76,8 +76,6 @@ def run_quantize(a: argparse.Namespace) -> int:
 
     config = config_from_args(a)  # validated before the (long) run
     out = Path(a.out)
-    if out.exists() and not a.overwrite:  # fail before the (long) run, not after it
-        raise FlexQuantError(f"output folder {out} already exists; remove it or pass --overwrite")
     main_rank = env_rank() == 0  # under torchrun only rank 0 logs, shows progress and writes (docs/scale.md)
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)

@@ -31,13 +31,25 @@ def _pydoc(split: str) -> str:
     return "\n\n".join(topics[k].strip() for k in names)
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; a binary file (NUL bytes, or mostly undecodable) is refused."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if b"\x00" in raw[: 1 << 20] or bad > max(8, len(text) // 100):
+        why = "NUL bytes" if b"\x00" in raw[: 1 << 20] else f"{bad} undecodable bytes"
+        raise FlexQuantError(f"{path} is not UTF-8 text ({why}): give a plain-text file, or a folder of them, "
+                             "as the text")
+    return text
+
+
 def _local(path: Path) -> str:
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
+        return _read_text(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
     if not files:
         raise FlexQuantError(f"folder {path} has no text files ({', '.join(_TEXT_SUFFIXES)})")
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    return "\n\n".join(_read_text(p) for p in files)
 
 
 def _hf_dataset(name: str, split: str) -> str:

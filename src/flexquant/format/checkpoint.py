@@ -31,6 +31,7 @@ from ..tensorio import TensorFiles
 from .validate import (
     MANIFEST,
     check_finite,
+    check_layout,
     check_packed,
     read_manifest,
     torch_dtype,
@@ -199,6 +200,9 @@ def tensor_files(path: str | Path, qc: dict) -> list[Path]:
     if not names:
         raise CheckpointError(f"{path}/{QUANT_CONFIG} names no tensor files; the checkpoint is incomplete")
     for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{path}/{QUANT_CONFIG} names {name!r} as a tensor file; only .safetensors files "
+                                  "of the folder itself are read: the checkpoint was edited")
         if not (path / name).is_file():
             raise CheckpointError(f"{path} is missing {name}; the checkpoint is incomplete")
     return [path / n for n in names]
@@ -243,7 +247,7 @@ def install_packed(model: torch.nn.Module, modules: dict[str, dict], tensors: di
         own = {k[len(mine):]: tensors.pop(k) for k in list(tensors) if k.startswith(mine)}
         if "group_bits" not in own:
             raise CheckpointError(f"{where}: tensors of quantized module {name} are missing")
-        check_packed(where, name, spec, own)
+        check_packed(where, name, spec, own)  # (a loaded checkpoint was checked already; a caller's tensors not)
         bias = own.pop("bias", None)
         try:
             q = QuantLinear(spec["in_features"], spec["out_features"], spec["group_size"], spec["sym"], own, bias,
@@ -274,6 +278,33 @@ def verify_checkpoint(path: Path, qc: dict) -> None:
                                   "checkpoint was edited: re-save it")
 
 
+def read_verified(path: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor], torch.nn.Module]:
+    """(quant_config, tensors, meta skeleton) of a checkpoint once everything it says has been checked: the
+    manifest and checksums (``verify``), every tensor finite, every module record against its tensors and all
+    of them against the model config.json describes. `load`, `info` and `export` read through this."""
+    path = Path(path)
+    qc = read_quant_config(path)
+    if verify:
+        verify_checkpoint(path, qc)
+    tensors = read_tensors(path, qc, verify)
+    check_finite(path, tensors)
+    model = _skeleton(path, torch_dtype(qc, path))
+    if qc.get("actquant"):  # its tensors are in the file: the runtime is part of the skeleton
+        try:
+            setattr(model, actquant.ATTRIBUTE, actquant.ActQuantRuntime.from_description(qc["actquant"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: the activation/KV quantization record of {QUANT_CONFIG} is malformed "
+                                  f"({e}); the checkpoint is damaged or was edited") from e
+    for name, spec in qc["modules"].items():
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{path}: the record of quantized module {name} is not a mapping; the "
+                                  "checkpoint is damaged")
+        mine = name + "."
+        check_packed(path, name, spec, {k[len(mine):]: t for k, t in tensors.items() if k.startswith(mine)})
+    check_layout(path, model, qc["modules"], tensors, bool(getattr(model.config, "tie_word_embeddings", False)))
+    return qc, tensors, model
+
+
 def _skeleton(path: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -283,7 +314,7 @@ def _skeleton(path: Path, dtype: torch.dtype):
         config.use_cache = False
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers validates a config with many error types
         raise CheckpointError(f"{path}/config.json does not describe a model this flexquant can build "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the checkpoint "
                               "is damaged or was edited") from e
@@ -296,18 +327,10 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
     from transformers import AutoTokenizer
 
     path = Path(path)
-    qc = read_quant_config(path)
-    if verify:
-        verify_checkpoint(path, qc)
-    tensors = read_tensors(path, qc, verify)
-    check_finite(path, tensors)
-    model = _skeleton(path, torch_dtype(qc, path))
+    qc, tensors, model = read_verified(path, verify)
     config = model.config
     install_packed(model, qc["modules"], tensors, kernel, path)
-    runtime = None
-    if qc.get("actquant"):  # its tensors are in the file: build the skeleton before loading them
-        runtime = actquant.ActQuantRuntime.from_description(qc["actquant"])
-        setattr(model, actquant.ATTRIBUTE, runtime)
+    runtime = getattr(model, actquant.ATTRIBUTE, None)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:  # shapes that do not match config.json

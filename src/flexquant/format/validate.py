@@ -21,22 +21,23 @@ from ..errors import CheckpointError
 from ..models.builtin import sha256_file
 from ..quant.pack import stored_bits
 from ..quant.result import FP16_BITS
+from ..tensorio import MANIFEST
 
-MANIFEST = "manifest.json"
 # written beside the model but not part of it: they describe the run (or are the manifest itself)
 OUTSIDE = frozenset({MANIFEST, "report.json", "recipe.yaml", "progress.json"})
-OUTSIDE_SUFFIXES = (".png",)
+# what can change how a model decodes: weights, configs, tokenizer and vocabulary files, chat templates, code
+DECODING_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".py", ".tiktoken", ".bin", ".pt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PACKED = {"group_bits", "scales", "scale_codes", "scale_base", "zeros", "zeros_b4", "fp16_cols", "perm",
            "rot_signs", "rot_factor"}
 
 
 def covered(folder: Path) -> list[str]:
-    """The files of ``folder`` the manifest covers: every plain file but the run's own records (and hidden
-    temporaries)."""
+    """The files of ``folder`` the manifest covers: those that can change decoding (by suffix, or a tokenizer
+    file), not the run's own records, hidden temporaries or documents such as a README."""
     return sorted(f.name for f in Path(folder).iterdir()
                   if f.is_file() and not f.name.startswith(".") and f.name not in OUTSIDE
-                  and not f.name.endswith(OUTSIDE_SUFFIXES))
+                  and (f.name.endswith(DECODING_SUFFIXES) or f.name.startswith("tokenizer")))
 
 
 def write_manifest(folder: Path, known: dict[str, str]) -> None:
@@ -62,6 +63,10 @@ def verify_manifest(folder: Path, files: dict[str, str], skip: tuple[str, ...] =
     """Every covered file is listed and matches; every listed file exists (``skip``: names verified elsewhere,
     such as the tensor shards that are hashed while they are read)."""
     folder = Path(folder)
+    root = folder.resolve()
+    for f in folder.iterdir():
+        if f.is_symlink() and not f.resolve().is_relative_to(root):
+            raise CheckpointError(f"{f.name} is a symlink to {f.resolve()}, outside {folder}; refusing to read it")
     extra = [n for n in covered(folder) if n not in files]
     if extra:
         raise CheckpointError(f"{folder} holds {', '.join(extra[:3])} that its {MANIFEST} does not list: a file "
@@ -108,7 +113,7 @@ def check_packed(where, name: str, spec: dict, own: dict[str, torch.Tensor]) -> 
         raise _fail(where, name, f"has unexpected tensors {unknown[:3]}")
     gb = own.get("group_bits")
     if gb is None or gb.dtype != torch.uint8 or tuple(gb.shape) != (n // g,):
-        raise _fail(where, name, f"has no bit map of {n // g} groups (uint8)")
+        raise _fail(where, name, f"has no uint8 bit map of in_features / group_size = {n} / {g} groups")
     bits = sorted(set(gb.tolist()))
     if any(not (1 <= b <= 8 or b == FP16_BITS) for b in bits):
         raise _fail(where, name, f"stores bit-widths {bits} (1..8 or {FP16_BITS})")
@@ -163,3 +168,37 @@ def check_finite(where, tensors: dict[str, torch.Tensor]) -> None:
     if bad:
         raise CheckpointError(f"{where}: tensors {bad[:3]} hold NaN or inf; the checkpoint is damaged or was "
                               "edited (re-save it)")
+
+
+
+def check_layout(where, model: torch.nn.Module, modules: dict[str, dict], tensors: dict[str, torch.Tensor],
+                 tied: bool = False) -> None:
+    """The records and tensors against the model config.json describes (a meta-device skeleton): every recorded
+    module is a linear of that shape there, every other tensor has its place and shape, nothing is missing."""
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, spec in modules.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: quant_config.json records module {name}, which the model of "
+                                  "config.json does not have; the checkpoint is damaged or was edited") from None
+        if not isinstance(lin, torch.nn.Linear) or (lin.in_features, lin.out_features) != (
+                spec.get("in_features"), spec.get("out_features")):
+            raise _fail(where, name, f"records {spec.get('out_features')} x {spec.get('in_features')} where "
+                                     "config.json's model has another layer")
+        state.pop(name + ".weight", None)
+        state.pop(name + ".bias", None)
+    owned = tuple(name + "." for name in modules)
+    unexpected = [k for k in tensors if not k.startswith(owned) and k not in state]
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensors {sorted(unexpected)[:3]} (no place for them in the "
+                              "model config.json describes, or their module's record is gone); the checkpoint is "
+                              "damaged or was edited")
+    wrong = [k for k, t in tensors.items() if k in state and tuple(t.shape) != state[k]]
+    if wrong:
+        raise CheckpointError(f"{where}: tensors {sorted(wrong)[:3]} do not fit the model config.json describes "
+                              f"({tuple(tensors[wrong[0]].shape)} vs {state[wrong[0]]}); the checkpoint is damaged "
+                              "or was edited")
+    missing = [k for k in state if k not in tensors and not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise CheckpointError(f"{where}: tensors missing from the checkpoint: {sorted(missing)[:3]}")

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .._version import __version__
 from ..atomic import atomic_folder
 from ..errors import CheckpointError, FlexQuantError
-from ..format.checkpoint import INDEX, QUANT_CONFIG, TENSORS, read_quant_config, read_tensors
+from ..format.checkpoint import INDEX, QUANT_CONFIG, TENSORS, read_verified
 from ..nn.quant_linear import ROTATION_BUFFERS, rotation_from_tensors
 from ..quant.pack import tensors_to_result
 from ..quant.result import FP16_BITS
@@ -185,8 +185,7 @@ def read_source(path: str | Path, format_name: str, online_rotation: str = "erro
     path = Path(path)
     if not path.is_dir():
         raise FlexQuantError(f"{path} is not a folder; pass a flexquant checkpoint folder (made by flexquant quantize)")
-    qc = read_quant_config(path)
-    tensors = read_tensors(path, qc)
+    qc, tensors, _ = read_verified(path)  # manifest, checksums, records against tensors and config
     config = read_json(path, "config.json") if (path / "config.json").is_file() else None
     if config is None:
         raise FlexQuantError(f"{path} has no config.json; the checkpoint is incomplete: re-save it")

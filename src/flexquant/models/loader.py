@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     folder = local_folder(name)
     if folder is None or not any(folder.glob("*.safetensors")):
         return None
+    refuse_packed(folder)
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,9 +106,25 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
                                                  trust_remote_code=trust_remote_code)
-    res = Streamed(model, spec, files, dtype, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    wanted = set(model.state_dict())
+    present = set(files.names())
+    optional = {spec.lm_head + ".weight"} if tied else set()
+    refuse_mismatch(folder, wanted - present - optional, present - wanted)
+    res = Streamed(model, spec, files, dtype, tied=tied)
     object.__setattr__(model, ATTRIBUTE, res)
     return model.eval(), load_tokenizer(str(folder), trust_remote_code)
+
+
+def refuse_packed(folder) -> None:
+    """A flexquant checkpoint folder whose quant_config.json is gone is not a plain model (its packed weights
+    would load as random ones)."""
+    from ..tensorio import flexquant_traces
+
+    trace = flexquant_traces(Path(folder))
+    if trace is not None and not (Path(folder) / "quant_config.json").is_file():
+        raise FlexQuantError(f"{folder} is a flexquant checkpoint (it holds {trace}) whose quant_config.json is "
+                             "missing: it cannot be loaded; restore that file or re-save the checkpoint")
 
 
 def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
@@ -117,6 +135,7 @@ def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: b
         from transformers import AutoConfig, AutoModelForCausalLM
 
         path = resolve_model_path(name)
+        refuse_packed(path)
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise FlexQuantError(f"{path} is a folder without config.json; it is not a Hugging Face model")
         try:
@@ -127,18 +146,50 @@ def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: b
 
         get_spec(config.model_type)  # unsupported families fail before the weights are read
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
-                attn_implementation="sdpa",
-            )
+            with _quiet_transformers():  # its load report of missing keys is replaced by our refusal below
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+                    attn_implementation="sdpa", output_loading_info=True,
+                )
         except (OSError, ValueError) as e:
             raise _hub_error(name, e) from e
+        except RuntimeError as e:  # tensors whose shapes differ from the config's
+            raise FlexQuantError(f"the weights in {path} do not fit the model its config.json describes "
+                                 "(tensors of another shape: another architecture or an edited file); fix the "
+                                 "folder") from e
+        refuse_mismatch(path, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                        [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())])
         tok = load_tokenizer(name, trust_remote_code)
     if dtype is not None:
         model = model.to(dtype)
     model.config.use_cache = False
     check_finite(model)
     return model.eval(), tok
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def refuse_mismatch(where, missing, unexpected, mismatched=()) -> None:
+    """A model whose weight files lack tensors its config needs (they would be random), hold tensors it has no
+    place for, or hold them in other shapes, is refused, naming them."""
+    for what, names in (("lack", missing), ("hold unexpected tensors", unexpected),
+                        ("hold wrongly shaped tensors", mismatched)):
+        names = sorted(names)
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise FlexQuantError(f"the weights in {where} {what} {', '.join(names[:3])}{more} for the model its "
+                                 "config.json describes (a truncated download, another architecture or an edited "
+                                 "file); fix the folder")
 
 
 def check_finite(model: torch.nn.Module) -> None:

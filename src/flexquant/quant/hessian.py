@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlexQuantError
+
 
 class HessianAccumulator:
     """Accumulates H (and D when given X_fp) from batches of inputs [..., n] in float32, as running means."""
@@ -25,7 +27,8 @@ class HessianAccumulator:
         self.tokens = total
         # diag H = running mean of x²: non-finite iff some input was (or overflowed), checked in O(n)
         if not torch.isfinite(self.H.diagonal()).all():
-            raise FloatingPointError("non-finite activations reached a linear layer during calibration")
+            raise FlexQuantError("activations reaching a linear layer during calibration overflowed to inf/NaN: the "
+                                 "model's weights or activations exceed float32 (check the model's weights)")
         if X_fp is not None:
             dX = X_fp.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32) - X
             if self.D is None:

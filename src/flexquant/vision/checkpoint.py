@@ -10,14 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_folder
 from .config import VISION_FORMAT_VERSION, VisionQuantConfig
 from .errors import VisionError
 from .graph import fold_batchnorm, quant_layers, split_model, wrap_layers
@@ -73,22 +71,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
         "report": model.report,
         "metrics": model.metrics,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target, True, CONFIG_FILE, "flexquant vision checkpoint") as tmp:
         save_file(
             tensors, str(tmp / WEIGHTS_FILE), metadata={"kind": KIND, "format_version": str(VISION_FORMAT_VERSION)}
         )
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
