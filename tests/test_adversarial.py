@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -406,3 +411,36 @@ def test_unexpected_error_is_one_line(ckpt, capsys, monkeypatch, debug):
 
 def test_checkpoint_error_is_a_flexquant_error():
     assert issubclass(CheckpointError, FlexQuantError)
+
+
+# ----- a polite kill and the spill folders -----
+def test_stale_spill_folders_of_dead_runs_are_removed(tmp_path):
+    from flexquant.pipeline.capture import BlockInputs
+    from flexquant.pipeline.store import ActivationStore
+
+    stale = tmp_path / "flexquant-store-999999999-abc"
+    stale.mkdir()
+    (stale / "00000001.bin").write_bytes(b"x" * 10)
+    live = tmp_path / f"flexquant-store-{os.getppid()}-abc"
+    live.mkdir()
+    store = ActivationStore("float16", max_bytes=1, offload_dir=tmp_path)
+    store.put(0, BlockInputs([torch.ones(2, 4, 8)], [{}]))
+    assert not stale.exists() and live.exists() and store.disk_bytes > 0
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+def test_sigterm_cleans_up_the_spill_folder(tmp_path):
+    off = tmp_path / "off"
+    cmd = [sys.executable, "-m", "flexquant", "quantize", "tiny-llama", "--method", "gptq", "--nsamples", "64",
+           "--seqlen", "64", "--batch-size", "1", "--max-memory", "70KB", "--offload-dir", str(off), "--out",
+           str(tmp_path / "o"), "-q"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(off.glob("flexquant-store-*/*.bin")):
+        time.sleep(0.05)
+    assert list(off.glob("flexquant-store-*")), "the run never spilled"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not list(off.glob("flexquant-store-*")) and not (tmp_path / "o").exists()

@@ -180,12 +180,12 @@ def _dead_pieces(path: Path) -> list[tuple[str, int, Path]]:
     pattern, found = _pattern(path), []
     for name in names:
         m = pattern.fullmatch(name)
-        if m and (m.group(3) or m.group(1) == "old") and not _alive(int(m.group(2))):
+        if m and (m.group(3) or m.group(1) == "old") and not alive(int(m.group(2))):
             found.append((m.group(1), int(m.group(2)), path.parent / name))
     return sorted(found, key=lambda p: p[2].name)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` may still be running (when unsure: yes, so that its folders are kept)."""
     if pid == os.getpid() or pid <= 0 or os.name == "nt":  # kill(pid, 0) terminates a process on Windows
         return True

@@ -8,7 +8,9 @@ traceback with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import traceback
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    with contextlib.suppress(ValueError):  # (only the main thread may set it)
+        signal.signal(signal.SIGTERM, _terminate)  # a polite kill cleans up like Ctrl-C (finished work kept)
     try:
         return args.func(args)
     except FlexQuantError as e:
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flexquant: unexpected error: {type(e).__name__}: {one_line(e)} (this is a flexquant bug or an "
               "environment problem; rerun with --debug for the traceback and report it)", file=sys.stderr)
         return 1
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def one_line(e: BaseException) -> str:

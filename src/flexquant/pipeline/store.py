@@ -9,6 +9,7 @@ while its reader holds it). A batch whose values do not fit float16 (|x| > 65504
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -19,10 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import alive
 from ..config import parse_bytes  # noqa: F401 - re-exported for callers of the store
 from ..errors import FlexQuantError
 from .capture import BlockInputs
 
+log = logging.getLogger(__name__)
+STORE_PREFIX = "flexquant-store-"  # + PID: a spill folder names the process that owns it
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 F16_MAX = 65504.0
 
@@ -88,10 +92,10 @@ class ActivationStore:
         return key in self._items
 
     def close(self) -> None:
-        """Forget everything and remove the spill files (and the folder when the store made it)."""
+        """Forget everything and remove the spill files with the store's own folder."""
         for key in list(self._items):
             self.drop(key)
-        if self._dir is not None and self._dir_given is None:
+        if self._dir is not None:  # the store's own folder (under --offload-dir, which stays)
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
 
@@ -123,11 +127,10 @@ class ActivationStore:
 
     def _folder(self) -> Path:
         if self._dir is None:
-            if self._dir_given is not None:
-                self._dir_given.mkdir(parents=True, exist_ok=True)
-                self._dir = Path(tempfile.mkdtemp(dir=self._dir_given, prefix="flexquant-store-"))
-            else:
-                self._dir = Path(tempfile.mkdtemp(prefix="flexquant-store-"))
+            parent = self._dir_given or Path(tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_stores(parent)
+            self._dir = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STORE_PREFIX}{os.getpid()}-"))
         return self._dir
 
     def _spill(self, data: torch.Tensor) -> Path:
@@ -148,8 +151,17 @@ class ActivationStore:
         return raw.view(k.stored).reshape(k.shape).to(k.dtype)
 
     def __del__(self) -> None:  # spill files never outlive the run
-        if self._dir is not None and self._dir_given is None and os.path is not None:
+        if self._dir is not None and os.path is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def remove_stale_stores(parent: Path) -> None:
+    """Spill folders under ``parent`` left by runs whose process is gone (killed before it could clean up)."""
+    for d in parent.glob(f"{STORE_PREFIX}*"):
+        pid = d.name[len(STORE_PREFIX):].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            log.warning("removed %s, kept activations of an earlier run (process %s) that was killed", d, pid)
 
 
 class Batches(Sequence):
