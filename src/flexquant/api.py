@@ -16,7 +16,7 @@ from torch import nn
 
 from .atomic import check_target, recover
 from .config import QuantConfig
-from .data import eval_windows
+from .data import eval_windows, load_text
 from .errors import FlexQuantError
 from .eval import evaluate_windows
 from .format.checkpoint import QUANT_CONFIG, load_checkpoint, save_checkpoint
@@ -74,6 +74,8 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
     return_freed_memory()  # depth-independent memory: freed blocks go back to the system
     if out is not None:  # an unusable output folder fails before the (long) run, not after it
         check_target(out, overwrite, QUANT_CONFIG, "flexquant checkpoint")
+    if method.needs_calibration and calib_ids is None and config.calib not in ("pydoc", "wikitext2", "c4"):
+        load_text(config.calib, "calib")  # a missing file or one that is not text fails before the model loads
     device = resolve_device(config.device)
     dist = dist or Dist.from_env(device)
     device, progress = dist.local_device(device), progress and dist.is_main
