@@ -140,3 +140,29 @@ def test_lean_inverse_cholesky_matches_the_separate_steps():
     assert U2 is own and torch.equal(U2, ref)
     perm = torch.randperm(64)
     assert torch.equal(_permuted_copy(H, perm, rows=7), H[perm][:, perm])
+
+
+def test_float32_factorization_in_place_with_a_damped_retry():
+    from flexquant.quant.gptq import factor_dtype
+
+    torch.manual_seed(0)
+    X = torch.randn(40, 64)
+    H = torch.eye(64) + 0.01 * (X.T @ X / 40)
+    H[0, 0] = -5e-4  # not positive definite until the damping reaches 1e-3 (three retries)
+    calls = []
+
+    def rebuild():
+        calls.append(1)
+        return H.clone()
+
+    own = H.clone()
+    U, lam = inverse_cholesky_upper(own, 1e-6, own=True, dtype=torch.float32, rebuild=rebuild)
+    assert lam > 1e-6 and calls and U.dtype == torch.float32 and torch.isfinite(U).all()
+    ref, lam64 = inverse_cholesky_upper(H, 1e-6)
+    assert lam64 == lam and torch.allclose(U, ref, rtol=1e-3, atol=1e-4)
+    assert factor_dtype("auto", 4096) == torch.float64 and factor_dtype("auto", 4097) == torch.float32
+    W = torch.randn(16, 64)
+    Hp = X.T @ X / 40 + 0.1 * torch.eye(64)
+    a = gptq_quantize(W, Hp, GridConfig(bits=4, group_size=32), GPTQConfig(factor_dtype="float32"))
+    b = gptq_quantize(W, Hp, GridConfig(bits=4, group_size=32), GPTQConfig(factor_dtype="float64"))
+    assert (a.codes == b.codes).float().mean() > 0.98  # the same answer up to float32 rounding

@@ -188,10 +188,15 @@ class GPTQConfig:
     damp: float = option(0.01, "GPTQ Hessian damping, times the mean of its diagonal (retried upward on failure)")
     block_size: int = option(128, "GPTQ lazy-update block (columns)")
     act_order: bool = option(True, "GPTQ: quantize columns by descending Hessian diagonal (permutation stored)")
+    factor_dtype: str = option("auto", "GPTQ: dtype of the Hessian factorization; auto = float64 up to 4096 input "
+                               "columns, float32 beyond (where a float64 n×n buffer would dominate memory, as "
+                               "other GPTQ tools do throughout)", choices=("auto", "float64", "float32"))
 
     def __post_init__(self) -> None:
         _check(0 < self.damp < 1, f"damp={self.damp} must be in (0, 1); 0.01 is the usual value")
         _check(self.block_size >= 1, f"block_size={self.block_size} must be >= 1")
+        _check(self.factor_dtype in ("auto", "float64", "float32"),
+               f"factor_dtype={self.factor_dtype!r} must be auto, float64 or float32")
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import FlexQuantError
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Paths are attribute paths relative to the CausalLM (model level) or the decoder layer (block level)."""
+    """Paths are attribute paths relative to the CausalLM (model level) or the decoder layer (block level);
+    names of config attributes are read from ``model.config``."""
 
     family: str
     layers: str = "model.layers"
@@ -34,24 +37,89 @@ class ModelSpec:
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     # Linears whose input space is rotated at run time (the MLP intermediate has no norm to fold into).
     online_rotations: tuple[str, ...] = ("mlp.down_proj",)
-    # Per-head norms applied after q/k projections (Qwen3); they constrain head-dim rotations.
+    # Norms applied to the q/k projections' outputs (per head: Qwen3, Gemma3; over the whole projection: OLMo2);
+    # they constrain transforms of those outputs.
     qk_norms: tuple[str, ...] = ()
-    # Pre-norm residual block: out = h' + mlp(mlp_norm(h')), h' = h + attn(...). When set, the
-    # pipeline reuses sub-layer inputs instead of re-running the block front for every linear group.
+    # Every norm computes x̂·(norm_offset + w): 0 for x̂·w, 1 for Gemma's x̂·(1 + w). Folding moves
+    # (norm_offset + w) into the readers and leaves the norm computing x̂.
+    norm_offset: float = 0.0
+    # Residual block of two sub-layers, which the cached fast path (`pipeline.prenorm`) and LFD's feedback need:
+    #   h' = h + m·attn_output_norm(o_proj(attention(...)));  out = h' + m·mlp_output_norm(mlp(mlp_norm(h')))
+    # where a norm left unset is the identity and m is the block's ``residual_multiplier`` attribute (1 unset).
     prenorm: bool = True
-    mlp_norm: str = "post_attention_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
     mlp: str = "mlp"
+    attn_output_norm: str | None = None  # OLMo2, Gemma: the sub-layer output is normed before the residual add
+    mlp_output_norm: str | None = None
+    residual_multiplier: str | None = None  # Granite: a block attribute scaling each sub-layer output
+    # Residual-stream rotations (DOSA, hiratio/adaptive transforms that fold norms) are exact: every residual
+    # reader reads through a folded norm of ``norm_linear_pairs`` and every writer's output reaches the residual
+    # stream through no norm. Checked against the structure above.
+    rotatable: bool = True
+    # How the head's outputs become logits: divided by the config's ``logits_divisor`` (Granite), then soft-capped
+    # as cap·tanh(x/cap) by the config's ``logits_softcap`` when it is set (Gemma 2/3).
+    logits_divisor: str | None = None
+    logits_softcap: str | None = None
+    # The attention implementation the model is built with (Gemma 2's attention soft-capping is eager only).
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        read = {r for _, readers in self.norm_linear_pairs for r in readers}
+        if self.rotatable and (self.attn_output_norm or self.mlp_output_norm or not set(self.residual_readers) <= read):
+            raise ValueError(f"ModelSpec {self.family}: rotatable, but a residual reader reads no folded norm or a "
+                             "sub-layer output is normed")
 
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.linear_groups for name in group)
 
+    @property
+    def direct_writers(self) -> bool:
+        """Each residual writer's output is added to the residual stream as it is (no norm, no multiplier)."""
+        return not self.attn_output_norm and not self.mlp_output_norm and self.residual_multiplier is None
+
+    def logits(self, config, head_out: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the head's outputs ``head_out`` (itself for a family without logit transforms)."""
+        if self.logits_divisor is not None:
+            head_out = head_out / getattr(config, self.logits_divisor)
+        cap = getattr(config, self.logits_softcap, None) if self.logits_softcap is not None else None
+        if cap:
+            head_out = torch.tanh(head_out / cap) * cap
+        return head_out
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+# Gemma 2/3: sandwich norms around both sub-layers, x̂·(1 + w) norms, soft-capped logits.
+_GEMMA = dict(
+    norm_offset=1.0, rotatable=False, norm_linear_pairs=(("input_layernorm", _QKV), ("pre_feedforward_layernorm",
+                                                                                       _GATE_UP)),
+    mlp_norm="pre_feedforward_layernorm", attn_output_norm="post_attention_layernorm",
+    mlp_output_norm="post_feedforward_layernorm", logits_softcap="final_logit_softcapping",
+)
 
 SPECS: dict[str, ModelSpec] = {
     "llama": ModelSpec("llama"),
     "mistral": ModelSpec("mistral"),
     "qwen2": ModelSpec("qwen2"),
     "qwen3": ModelSpec("qwen3", qk_norms=("self_attn.q_norm", "self_attn.k_norm")),
+    # fused q/k/v and gate/up linears, quantized as they are stored
+    "phi3": ModelSpec(
+        "phi3",
+        linear_groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        norm_linear_pairs=(("input_layernorm", ("self_attn.qkv_proj",)),
+                           ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        residual_readers=("self_attn.qkv_proj", "mlp.gate_up_proj"),
+    ),
+    # no norm before the sub-layers; their outputs are normed before the residual add
+    "olmo2": ModelSpec(
+        "olmo2", norm_linear_pairs=(), qk_norms=("self_attn.q_norm", "self_attn.k_norm"), rotatable=False,
+        mlp_norm=None, attn_output_norm="post_attention_layernorm", mlp_output_norm="post_feedforward_layernorm",
+    ),
+    # Llama-shaped; scalar multipliers on the embedding, the sub-layer outputs, the attention scores and the logits
+    "granite": ModelSpec("granite", residual_multiplier="residual_multiplier", logits_divisor="logits_scaling"),
+    "gemma2": ModelSpec("gemma2", **_GEMMA, attn_implementation="eager"),
+    "gemma3_text": ModelSpec("gemma3_text", qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA),
 }
 
 

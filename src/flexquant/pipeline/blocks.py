@@ -131,8 +131,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     store.put("stream", inputs)
     del inputs
     for i in bar:
-        inputs = store.get("stream", lazy=True)  # batches read as they are used: no full working copy
+        # batches read as they are used (no full working copy), with this block's arguments
+        inputs = store.get("stream", lazy=True).for_block(i)
         fp_inputs = stats.inputs.get(i) if stats is not None else None
+        fp_inputs = fp_inputs.for_block(i) if fp_inputs is not None else None
         feedback = method.feedback_groups if fp_inputs is not None else ()
         if method.feedback_groups and fp_inputs is None:
             raise FlexQuantError(f"method {method.name} asks for feedback but its statistics kept no "
@@ -177,7 +179,7 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
     if (fast or feedback) and prenorm_applicable(spec, inputs, block, MAX_CACHE_BYTES if feedback else cap):
         out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist)
     elif feedback:
-        raise FlexQuantError(f"this method's feedback needs pre-norm residual blocks; {spec.family} "
+        raise FlexQuantError(f"this method's feedback needs residual blocks of two sub-layers; {spec.family} "
                              "is not declared so in its ModelSpec")
     else:
         for group in spec.linear_groups:

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .capture import BlockInputs, _StopForward, run_block
+from .capture import BlockInputs, _StopForward, block_kwargs, run_block
 from .distributed import SINGLE, Dist
 
 
@@ -49,7 +49,7 @@ def collect_hessian(block: nn.Module, linear_name: str, inputs: BlockInputs,
     with input_hook(linear, acc.add):
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             try:
-                block(h.to(device), **kw)
+                block(h.to(device), **block_kwargs(block, kw))
             except _StopForward:
                 pass
     dist.reduce_hessian(acc)
@@ -76,7 +76,7 @@ def run_capturing(block: nn.Module, inputs: BlockInputs, device: torch.device, l
         outs = []
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             try:
-                out = block(h.to(device), **kw)
+                out = block(h.to(device), **block_kwargs(block, kw))
             except _StopForward:
                 continue
             outs.append((out[0] if isinstance(out, (tuple, list)) else out).to("cpu"))
@@ -89,9 +89,11 @@ def run_capturing(block: nn.Module, inputs: BlockInputs, device: torch.device, l
 @torch.no_grad()
 def run_blocks(layers, inputs: BlockInputs, device: torch.device, start: int = 0,
                keep: list | None = None) -> list[torch.Tensor]:
-    """The outputs of blocks ``start``, ``start + 1``, ... of ``layers`` over stored inputs, each block on the
-    device only while it runs; ``keep`` (a list) receives each block's input batches."""
+    """The outputs of blocks ``start``, ``start + 1``, ... of ``layers`` over stored inputs (of any block: each block
+    gets its own arguments), each block on the device only while it runs; ``keep`` (a list) receives each block's
+    input batches."""
     for i in range(start, len(layers)):
+        inputs = inputs.for_block(i)
         if keep is not None:
             keep.append(inputs.hidden)
         with onload(layers[i], device):

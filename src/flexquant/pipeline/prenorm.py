@@ -1,10 +1,11 @@
-"""Faster block quantization for pre-norm residual blocks (the Llama family).
+"""Faster block quantization for residual blocks of two sub-layers (the Llama family and its relatives).
 
 The generic loop re-runs the block from its input for each linear group (4 partial forwards plus
-one full forward per block). For blocks of the form
-    h' = h + o_proj(attention(norm1(h)));  out = h' + mlp(norm2(h'))
+one full forward per block). For blocks of the form (`ModelSpec.prenorm`)
+    h' = h + m·post1(o_proj(attention(...)));  out = h' + m·post2(mlp(norm2(h')))
+(Llama: m = 1 and post1, post2 the identity; OLMo2 and Gemma norm the sub-layer outputs, Granite scales them)
 the inputs of later groups follow from cached ones: the o_proj input is captured once, h' and the
-MLP input are rebuilt from it with the quantized o_proj, and the block output is h' + mlp(norm2(h')) with the
+MLP input are rebuilt from it with the quantized o_proj, and the block output is rebuilt from h' with the
 quantized MLP. Same arithmetic, fewer FLOPs; the cache holds two tokens × hidden tensors (o_proj's inputs, h').
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..models.spec import ModelSpec
 from ..quant.hessian import HessianAccumulator
-from .capture import BlockInputs, _StopForward
+from .capture import BlockInputs, _StopForward, block_kwargs
 from .distributed import SINGLE, Dist
 from .hooks import input_hook
 from .store import itemsize, shapes
@@ -76,7 +77,8 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
         return fps + [None] * (nbatches - len(fps))
 
     def calls():  # one call per batch; a kept (lazy) batch is read only when its call is made
-        return ((lambda h=h, kw=kw: block(h.to(device), **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs))
+        return ((lambda h=h, kw=block_kwargs(block, kw): block(h.to(device), **kw))
+                for h, kw in zip(inputs.hidden, inputs.kwargs))
 
     def hessian(linear_name, calls, keep=None):
         lin = get(linear_name)
@@ -90,23 +92,51 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     x_o: list[torch.Tensor] = []
     quantize_group(o, *hessian(o[0], calls(), keep=x_o))
 
-    o_proj, norm2, mlp = get(o[0]), get(spec.mlp_norm), get(spec.mlp)
+    o_proj, sub = get(o[0]), _Sublayers(block, spec)
     # Captured inputs are what the linear's matmul sees (after any input pre-hook such as an online
     # rotation), so outputs are rebuilt with the bare matmul, not by calling the module again.
     h_mid = []
-    for h in inputs.hidden:
-        h_mid.append(h.to(device) + _matmul(o_proj, x_o.pop(0).to(device)))  # each o_proj input freed once used
+    for h in inputs.hidden:  # each o_proj input freed once used
+        h_mid.append(h.to(device) + sub.attn_out(_matmul(o_proj, x_o.pop(0).to(device))))
     acc = dist.accumulator(get(gate_up[0]).in_features, device)
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
-        acc.add(norm2(hm), None if x_fp is None else x_fp.to(device))
+        acc.add(sub.mlp_in(hm), None if x_fp is None else x_fp.to(device))
     dist.reduce_hessian(acc)
     quantize_group(gate_up, acc.H, acc.D)
-    quantize_group(down, *hessian(down[0], [(lambda hm=hm: mlp(norm2(hm))) for hm in h_mid]))
+    quantize_group(down, *hessian(down[0], [(lambda hm=hm: sub.mlp(sub.mlp_in(hm))) for hm in h_mid]))
     # the MLP runs again rather than keeping down_proj's inputs (tokens × d_ff floats, the largest cache): the
     # same operations on the same values, so the same outputs; each output takes its h' buffer's place
     for k, hm in enumerate(h_mid):
-        h_mid[k] = hm.add_(mlp(norm2(hm))).to("cpu")
+        h_mid[k] = hm.add_(sub.mlp_out(hm)).to("cpu")
     return h_mid
+
+
+class _Sublayers:
+    """The block's sub-layer ends as `ModelSpec` declares them: what o_proj's and the MLP's outputs go through
+    before the residual add, and the MLP's input norm."""
+
+    def __init__(self, block: nn.Module, spec: ModelSpec):
+        get = block.get_submodule
+        self.norm2 = get(spec.mlp_norm) if spec.mlp_norm else None
+        self.mlp = get(spec.mlp)
+        self.post1 = get(spec.attn_output_norm) if spec.attn_output_norm else None
+        self.post2 = get(spec.mlp_output_norm) if spec.mlp_output_norm else None
+        self.scale = getattr(block, spec.residual_multiplier) if spec.residual_multiplier else None
+
+    def _out(self, y: torch.Tensor, post) -> torch.Tensor:
+        if post is not None:
+            y = post(y)
+        return y if self.scale is None else y * self.scale
+
+    def attn_out(self, y: torch.Tensor) -> torch.Tensor:
+        return self._out(y, self.post1)
+
+    def mlp_in(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.norm2 is None else self.norm2(h)
+
+    def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's contribution to the residual stream at h'."""
+        return self._out(self.mlp(self.mlp_in(h)), self.post2)
 
 
 def _matmul(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:

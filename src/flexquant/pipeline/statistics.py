@@ -121,6 +121,7 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
     shared = keep_windows >= sum(h.shape[0] for h in inputs.hidden[:nb])
     fisher_inputs = _Prefix(stats.inputs, nb) if shared else _Keyed(store, "fisher")
     for i in BlockProgress(nblocks, "full-precision statistics", progress, store=store):
+        inputs = inputs.for_block(i)  # block i's arguments (masks and rotary tables may differ per block)
         with res.block(i, device) as block:
             if request.hessians:
                 def keep(group, H, i=i):

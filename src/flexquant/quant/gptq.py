@@ -8,6 +8,7 @@ compensation of all other columns, and act-order with the permutation stored in 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -20,17 +21,32 @@ log = logging.getLogger(__name__)
 _MAX_DAMP_RETRIES = 6
 
 
-def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False) -> tuple[torch.Tensor, float]:
+FLOAT64_MAX_COLUMNS = 4096  # factor_dtype "auto": float64 up to this many input columns
+
+
+def factor_dtype(name: str, n: int) -> torch.dtype:
+    if name == "auto":
+        return torch.float64 if n <= FLOAT64_MAX_COLUMNS else torch.float32
+    return {"float64": torch.float64, "float32": torch.float32}[name]
+
+
+def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False, dtype: torch.dtype = torch.float64,
+                           rebuild: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU), λ = damp·mean(diag H), raised ×10 on failure.
 
-    Computed in float64 in one n × n buffer (damping added to its diagonal, then factor, inverse and factor
+    Computed in ``dtype`` in one n × n buffer (damping added to its diagonal, then factor, inverse and factor
     again in place: the same arithmetic as separate tensors, a third of the memory). With ``own`` the caller
-    hands H over and U is written into it (no float32 copy of its own)."""
+    hands H over and U is written into it; in float32 H itself is factored in place, and ``rebuild()`` gives a
+    fresh H for a retry with more damping (without it a float32 retry works on a copy)."""
     mean_diag = float(torch.diag(H).double().mean()) or 1.0
     info = torch.empty((), dtype=torch.int32, device=H.device)
+    in_place = own and dtype == H.dtype and rebuild is not None
     for attempt in range(_MAX_DAMP_RETRIES):
         lam = damp * 10**attempt
-        A = H.to(torch.float64, copy=True)
+        if in_place:
+            A = H if attempt == 0 else rebuild()
+        else:
+            A = H.to(dtype, copy=True)
         A.diagonal().add_(lam * mean_diag)
         torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
@@ -39,7 +55,7 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False) -> t
             if info == 0:
                 if attempt:
                     log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", lam, damp)
-                if own and H.dtype != torch.float64:
+                if own and A is not H and H.dtype != A.dtype:
                     return H.copy_(A), lam
                 return A.to(H.dtype), lam
         del A
@@ -107,10 +123,13 @@ def gptq_quantize(
     perm = order.to(W.device) if order is not None else column_order(diag, cfg.act_order, kept)
     if perm is not None:
         W = W[:, perm]
-    H = _permuted_copy(H, perm)  # our own copy, in quantization order, dead columns' diagonal set to 1
-    H.diagonal()[dead if perm is None else dead[perm]] = 1
-    U, lam = inverse_cholesky_upper(H, cfg.damp, own=True)
-    del H
+    def prepared() -> torch.Tensor:  # our own copy, in quantization order, dead columns' diagonal set to 1
+        Hp = _permuted_copy(H, perm)
+        Hp.diagonal()[dead if perm is None else dead[perm]] = 1
+        return Hp
+
+    U, lam = inverse_cholesky_upper(prepared(), cfg.damp, own=True, dtype=factor_dtype(cfg.factor_dtype, n),
+                                    rebuild=prepared)
     base = log_scale_base(W.view(m, ng, g), group_bits, grid.sym) if grid.scale_bits == 8 else None
     codes, scales, zeros, Q, loss = _solve(W, U, group_bits, grid, base, cfg.block_size)
 
