@@ -107,7 +107,8 @@ SIZES: dict[str, Shape] = {
     "2b": _shape(2048, 8192, 28),
     "w512-l6": _shape(512, 2048, 6),      # depth pair with 0.1b (12 layers)
     "w1024-l12": _shape(1024, 4096, 12),  # depth pair with 0.5b (24 layers)
-    "w2048-l4": _shape(2048, 8192, 4),    # the 2b width at 4 of its 28 layers: its peak memory in minutes, not hours
+    "w2048-l2": _shape(2048, 8192, 2),    # the 2b width at 2 of its 28 layers: its peak memory in minutes, not hours
+    "w2048-l4": _shape(2048, 8192, 4),    # ... and at 4 (a depth pair with w2048-l2)
 }
 MAIN_SIZES = ("0.1b", "0.5b", "1.1b", "2b")
 DEPTH_PAIRS = (("w512-l6", "0.1b"), ("w1024-l12", "0.5b"))  # (L layers, 2L layers), same width
