@@ -62,7 +62,8 @@ class ProbeEngine:
     @torch.no_grad()
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
         with onload(self.norm, self.device), onload(self.head, self.device):
-            return F.log_softmax(self.head(self.norm(h.to(self.device))).float(), -1).cpu()
+            logits = self.spec.logits(self.model.config, self.head(self.norm(h.to(self.device))))
+            return F.log_softmax(logits.float(), -1).cpu()
 
     @torch.no_grad()
     def _kl(self, hidden: list[torch.Tensor]) -> float:

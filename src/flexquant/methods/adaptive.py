@@ -156,9 +156,11 @@ class Adaptive(Method):
 
     # ----- whole-model preparation: transforms, clipping, selection -----
     def _sites(self, model, spec):
-        if not spec.prenorm or len(spec.linear_groups) != len(SITE_NAMES):
-            raise FlexQuantError(f"--method adaptive needs pre-norm blocks with q/k/v, o, gate/up and down groups; "
-                                 f"the {spec.family} ModelSpec does not declare them")
+        if (not spec.prenorm or len(spec.linear_groups) != len(SITE_NAMES) or spec.norm_offset
+                or spec.attn_implementation != "sdpa" or not spec.norm_linear_pairs):
+            raise FlexQuantError(f"--method adaptive needs Llama-style blocks (q/k/v, o, gate/up and down groups, "
+                                 f"x·w norms before q/k/v and gate/up, SDPA attention); {spec.family} is not one: "
+                                 "use --method gptq")
         norm_of = {tuple(readers): norm for norm, readers in spec.norm_linear_pairs}
         block0 = model.get_submodule(spec.layers)[0]
         sites, hooks = [], {}

@@ -87,6 +87,19 @@ class FlexibleConfig(MethodConfig):
         return max(self.candidates + protect)
 
 
+def _refuse(f: FlexibleConfig, spec) -> None:
+    """The parts of FlexibleLLM the family's blocks do not allow, refused with what to use instead."""
+    if f.dosa and not spec.rotatable:
+        raise FlexQuantError(f"FlexibleLLM's DOSA rotation is not exact for {spec.family} (norms on its sub-layer "
+                             "outputs or readers without a foldable norm): pass --no-dosa, or use --method gptq")
+    if f.lfd and not spec.prenorm:
+        raise FlexQuantError(f"FlexibleLLM's LFD feedback needs residual blocks of two sub-layers, which the "
+                             f"{spec.family} ModelSpec does not declare: pass --no-lfd, or use --method gptq")
+    if f.lfd and f.denoise == "bias" and not spec.direct_writers:
+        raise FlexQuantError(f"LFD's bias denoising needs residual writers that add their outputs unchanged; "
+                             f"{spec.family} norms or scales them: pass --denoise off")
+
+
 @dataclass
 class _Plan:
     order: torch.Tensor
@@ -131,6 +144,7 @@ class FlexibleLLM(Method):
     @torch.no_grad()
     def prepare(self, model, spec) -> StatsRequest:
         f, bs = self.options, self.config.batch_size
+        _refuse(f, spec)
         if f.lfd:
             # Feedback where the residual stream enters the block (the q/k/v and gate/up inputs): that is
             # where the quantized stream's accumulated noise shows.

@@ -104,7 +104,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     dtype = dtype or stored
     config.use_cache = False
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
                                                  trust_remote_code=trust_remote_code)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     wanted = set(model.state_dict())
@@ -144,12 +144,12 @@ def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: b
             raise _hub_error(name, e) from e
         from .spec import get_spec
 
-        get_spec(config.model_type)  # unsupported families fail before the weights are read
+        spec = get_spec(config.model_type)  # unsupported families fail before the weights are read
         try:
             with _quiet_transformers():  # its load report of missing keys is replaced by our refusal below
                 model, info = AutoModelForCausalLM.from_pretrained(
                     path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
-                    attn_implementation="sdpa", output_loading_info=True,
+                    attn_implementation=spec.attn_implementation, output_loading_info=True,
                 )
         except (OSError, ValueError) as e:
             raise _hub_error(name, e) from e

@@ -98,7 +98,17 @@ def _same(a: dict, b: dict) -> bool:
                                                           and a[k] == b[k]) for k in a)
 
 
-def _batch_args(calls: list[dict], device) -> dict:
+def _one_row(obj, batch: int):
+    """``obj`` with each tensor that repeats one row over the batch (a mask without padding) kept as that row:
+    the arguments then serve any subset of the batch's windows (methods run blocks window by window)."""
+    if isinstance(obj, tuple):
+        return tuple(_one_row(o, batch) for o in obj)
+    if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] == batch > 1 and bool((obj == obj[:1]).all()):
+        return obj[:1]
+    return obj
+
+
+def _batch_args(calls: list[dict], batch: int, device) -> dict:
     """Block 0's arguments of one batch from every block's (``calls``), deduplicated and on ``device``."""
     sets, index = [], []
     for kw in calls:
@@ -107,7 +117,7 @@ def _batch_args(calls: list[dict], device) -> dict:
             k = len(sets)
             sets.append(kw)
         index.append(k)
-    sets = [_to(s, device) for s in sets]
+    sets = [{k: _one_row(_to(v, device), batch) for k, v in s.items()} for s in sets]
     if len(sets) == 1:  # every block gets the same arguments: a plain dict
         return sets[0]
     return kwargs_for(BlockKwargs({}, LayerArgs(tuple(sets), tuple(index))), 0)
@@ -153,7 +163,7 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, input_ids: torch.Ten
             if len(calls) != len(layers):
                 raise FlexQuantError(f"the {spec.family} model called {len(calls)} of its {len(layers)} decoder "
                                      "blocks; its ModelSpec does not describe it")
-            kwargs_list.append(_batch_args(calls, device))
+            kwargs_list.append(_batch_args(calls, hidden[-1].shape[0], device))
     finally:
         for layer, fwd in zip(layers, own):
             del layer.forward

@@ -76,9 +76,10 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
         fps = list(fp_inputs.get(linear_name, []))
         return fps + [None] * (nbatches - len(fps))
 
+    kwargs = [block_kwargs(block, kw) for kw in inputs.kwargs]
+
     def calls():  # one call per batch; a kept (lazy) batch is read only when its call is made
-        return ((lambda h=h, kw=block_kwargs(block, kw): block(h.to(device), **kw))
-                for h, kw in zip(inputs.hidden, inputs.kwargs))
+        return ((lambda h=h, kw=kw: block(h.to(device), **kw)) for h, kw in zip(inputs.hidden, kwargs))
 
     def hessian(linear_name, calls, keep=None):
         lin = get(linear_name)

@@ -42,7 +42,7 @@ def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor
             for h, y in zip(hb.split(1), yb.split(1)):
                 with torch.enable_grad():
                     h = h.to(device).float().requires_grad_(True)
-                    logits = head(norm(h))[:, :-1].float()
+                    logits = spec.logits(model.config, head(norm(h)))[:, :-1].float()  # the family's logit transforms
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
                                            reduction="sum")
                     (g,) = torch.autograd.grad(loss, h)

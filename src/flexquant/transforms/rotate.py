@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
 from ..models.stream import residency
 from .hadamard import factorize, hadamard_transform, small_factor
@@ -64,12 +65,15 @@ def _rotate_out(lin: nn.Linear, R: Rotation) -> None:
         lin.bias.data = R.apply(lin.bias.data.double()).to(lin.bias.dtype)
 
 
-def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    """Move an RMSNorm's scale γ into the linears reading its output; γ becomes 1."""
+def fold_norm(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
+    """Move an RMSNorm's scale γ = offset + w (`ModelSpec.norm_offset`: 0 for x̂·w, 1 for Gemma's x̂·(1 + w)) into
+    the linears reading its output; γ becomes 1."""
     gamma = norm.weight.data.double()
+    if offset:
+        gamma = gamma + offset
     for lin in linears:
         lin.weight.data = _by_rows(lambda w: w * gamma[None, :], lin.weight.data, lin.weight.dtype)
-    norm.weight.data = torch.ones_like(norm.weight.data)
+    norm.weight.data = torch.full_like(norm.weight.data, 1.0 - offset) if offset else torch.ones_like(norm.weight.data)
 
 
 def untie_lm_head(model: nn.Module, spec: ModelSpec) -> None:
@@ -121,7 +125,7 @@ class RotatedModel:
 def _rotate_ends(model: nn.Module, spec: ModelSpec, R: Rotation) -> None:
     """Untie the head, fold the final norm into it, rotate the embedding rows and the head's input space."""
     untie_lm_head(model, spec)
-    fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)])
+    fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)], spec.norm_offset)
     emb = model.get_submodule(spec.embed)
     emb.weight.data = _by_rows(R.apply, emb.weight.data, emb.weight.dtype)
     _rotate_in(model.get_submodule(spec.lm_head), R)
@@ -131,7 +135,7 @@ def _rotate_ends(model: nn.Module, spec: ModelSpec, R: Rotation) -> None:
 def _rotate_block(block: nn.Module, spec: ModelSpec, R: Rotation, online: dict[str, Rotation]) -> None:
     """Fold the block's norms, rotate its residual readers and writers, and its online-rotated inputs."""
     for norm_name, readers in spec.norm_linear_pairs:
-        fold_norm(block.get_submodule(norm_name), [block.get_submodule(r) for r in readers])
+        fold_norm(block.get_submodule(norm_name), [block.get_submodule(r) for r in readers], spec.norm_offset)
     for name in spec.residual_readers:
         _rotate_in(block.get_submodule(name), R)
     for name in spec.residual_writers:
@@ -146,6 +150,9 @@ def _rotate_block(block: nn.Module, spec: ModelSpec, R: Rotation, online: dict[s
 def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> RotatedModel:
     """Rotate ``model`` (exactly equivalent): in place for a model held in memory; for a streamed one the
     rotation is applied to each block and to the ends whenever they are read (`models.stream`)."""
+    if not spec.rotatable:
+        raise FlexQuantError(f"a rotation of the residual stream is not exact for {spec.family}: its ModelSpec "
+                             "declares norms on the sub-layer outputs or residual readers without a foldable norm")
     res = residency(model, spec)
     layers = model.get_submodule(spec.layers)
     d = model.config.hidden_size
