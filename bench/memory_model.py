@@ -10,7 +10,9 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
     capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
               + 2·T·d·B                     the captured stream
     block   = P_b·B                         one decoder block's weights
-              + 3·n²·4 + 3·m·n·B            the largest solve (H, its factor, inverse; W, Q, errors), n = d_ff
+              + F(n) + 3·m·n·B              the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
+                                            permuted copy, the float64 factor), 8·n² beyond (float32 factor in
+                                            place); W, Q, errors
               + T·d·(2B + s)                the quantized stream: in, out, and its kept copy
               + 2·T·d·B (if ≤ cap)          cached o_proj inputs and mid-block residual of a pre-norm block
               + b·L·(3·d_ff·B + h·L·B)      one batch's forward: MLP intermediates and attention scores
@@ -35,6 +37,7 @@ GB = 1e9
 M0 = 0.52 * GB
 B, S = 4, 2
 CACHE_CAP = 6 * 2**30
+FLOAT64_MAX_COLUMNS = 4096  # GPTQ factor_dtype "auto" (quant/gptq.py)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     parts = {
         "base": M0,
         "block weights": shape.block_params * B,  # a whole block, all its experts (read together)
-        "solve": 3 * f * f * 4 + 3 * d * f * B,
+        "solve": f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 8) + 3 * d * f * B,
         "stream": T * d * 2 * B,
         "kept (store)": budgeted,
         "cache": cache,

@@ -305,6 +305,14 @@ def read_verified(path: str | Path, verify: bool = True) -> tuple[dict, dict[str
     return qc, tensors, model
 
 
+def attention_for(model_type: str) -> str:
+    """The attention implementation a family runs with (its ModelSpec's; sdpa for a family without one)."""
+    from ..models.spec import SPECS
+
+    spec = SPECS.get(model_type)
+    return spec.attn_implementation if spec is not None else "sdpa"
+
+
 def _skeleton(path: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -313,7 +321,8 @@ def _skeleton(path: Path, dtype: torch.dtype):
         config = AutoConfig.from_pretrained(path)
         config.use_cache = False
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                    attn_implementation=attention_for(config.model_type))
     except Exception as e:  # noqa: BLE001 - transformers validates a config with many error types
         raise CheckpointError(f"{path}/config.json does not describe a model this flexquant can build "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the checkpoint "

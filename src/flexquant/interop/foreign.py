@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError, FlexQuantError
+from ..format.checkpoint import attention_for
 from ..nn.quant_linear import QuantLinear
 from ..quant.pack import pack_bits
 from . import ct, gptq
@@ -154,7 +155,8 @@ def _skeleton(path: Path, cfg: dict):
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float16"
     dtype = getattr(torch, str(name).replace("torch.", ""), torch.float16)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(
+            config.model_type))
     return model, config, dtype
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlexQuantError
-from .builtin import BUILTIN_MODELS, smollm2_path, tiny_llama
+from .builtin import BUILTIN_MODELS, builtin_path, tiny_llama
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def resolve_model_path(name: str) -> str:
     """A local folder or hub id for ``name`` (built-in names are fetched/cached as needed)."""
-    if name == "smollm2-135m":
-        return str(smollm2_path())
+    path = builtin_path(name)
+    if path is not None:
+        return str(path)
     if not Path(name).exists() and not _hub_reachable():
         raise _hub_error(name, OSError("the model hub cannot be reached from this machine"))
     return name
