@@ -203,8 +203,8 @@ class GPTQConfig:
 class QuantConfig:
     """Everything that defines one quantization run (a recipe file is this, serialised)."""
 
-    model: str = option("smollm2-135m", "smollm2-135m (offline demo), tiny-llama (random, for tries), a folder "
-                                        "or a hub id")
+    model: str = option("smollm2-135m", "smollm2-135m (offline demo), gemma3-270m, tiny-llama (random, for "
+                                        "tries), a folder or a hub id")
     method: str = option("gptq", "the quantization method (`flexquant methods` lists them)")
     grid: GridConfig = field(default_factory=GridConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
