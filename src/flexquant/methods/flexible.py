@@ -89,6 +89,11 @@ class FlexibleConfig(MethodConfig):
 
 def _refuse(f: FlexibleConfig, spec) -> None:
     """The parts of FlexibleLLM the family's blocks do not allow, refused with what to use instead."""
+    if spec.discovered and (f.dosa or f.lfd):
+        raise FlexQuantError(f"FlexibleLLM's DOSA rotation and LFD feedback need a tested ModelSpec declaring the "
+                             f"norms its linears read (norm_linear_pairs, residual readers/writers, rotatable) and "
+                             f"blocks of two residual sub-layers (prenorm); {spec.family} has only a discovered one "
+                             "(linear groups): pass --no-dosa --no-lfd, or use --method gptq")
     if f.dosa and not spec.rotatable:
         raise FlexQuantError(f"FlexibleLLM's DOSA rotation is not exact for {spec.family} (norms on its sub-layer "
                              "outputs or readers without a foldable norm): pass --no-dosa, or use --method gptq")
@@ -149,7 +154,7 @@ class FlexibleLLM(Method):
             # Feedback where the residual stream enters the block (the q/k/v and gate/up inputs): that is
             # where the quantized stream's accumulated noise shows.
             self.feedback_groups = tuple(g[0] for g in spec.linear_groups if g[0] in spec.residual_readers)
-        self.spec_writer = spec.residual_writers[-1]
+        self.spec_writer = spec.residual_writers[-1] if spec.residual_writers else None  # (used by LFD only)
         if f.dosa:
             res, inc = residency(model, spec), {}
 

@@ -89,7 +89,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..tensorio import TensorFiles
-    from .spec import get_spec
+    from .discover import spec_for
     from .stream import ATTRIBUTE, Streamed
 
     if not (folder / "config.json").is_file():
@@ -98,7 +98,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from e
-    spec = get_spec(config.model_type)
+    spec = spec_for(config, trust_remote_code)  # a family without a tested spec gets a discovered one
     files = TensorFiles(folder)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
@@ -143,9 +143,11 @@ def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: b
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise _hub_error(name, e) from e
-        from .spec import get_spec
+        from .discover import spec_for
 
-        spec = get_spec(config.model_type)  # unsupported families fail before the weights are read
+        # a family without a tested spec gets a discovered one; one that cannot be described fails before the
+        # weights are read
+        spec = spec_for(config, trust_remote_code)
         try:
             with _quiet_transformers():  # its load report of missing keys is replaced by our refusal below
                 model, info = AutoModelForCausalLM.from_pretrained(

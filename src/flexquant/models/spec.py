@@ -62,6 +62,9 @@ class ModelSpec:
     logits_softcap: str | None = None
     # The attention implementation the model is built with (Gemma 2's attention soft-capping is eager only).
     attn_implementation: str = "sdpa"
+    # Built at load time by `models.discover` for a family without a tested spec: linear groups only (the generic
+    # per-group recompute path); methods that need more of the structure refuse it.
+    discovered: bool = False
 
     def __post_init__(self) -> None:
         read = {r for _, readers in self.norm_linear_pairs for r in readers}
@@ -123,9 +126,21 @@ SPECS: dict[str, ModelSpec] = {
 }
 
 
+# Specs discovered for families without one in SPECS (`models.discover`), by model type; the latest load wins.
+DISCOVERED: dict[str, ModelSpec] = {}
+
+
+def register_discovered(spec: ModelSpec) -> None:
+    """Make a discovered spec what `get_spec` answers for its family (never one of SPECS)."""
+    if spec.family in SPECS or not spec.discovered:
+        raise ValueError(f"ModelSpec {spec.family}: only a discovered spec of a family without one is registered")
+    DISCOVERED[spec.family] = spec
+
+
 def get_spec(model_type: str) -> ModelSpec:
-    if model_type not in SPECS:
+    spec = SPECS.get(model_type) or DISCOVERED.get(model_type)
+    if spec is None:
         raise FlexQuantError(
             f"model family {model_type!r} is not supported; supported families: {', '.join(sorted(SPECS))}"
         )
-    return SPECS[model_type]
+    return spec
