@@ -118,12 +118,9 @@ def test_groups_read_one_input_in_the_trained_model(family, ids):
 
 
 # Streamed (the default for a folder) and loaded whole. transformers saves GPT-NeoX's head as ``embed_out`` and
-# renames it to ``lm_head`` when it loads the folder; the streamed path reads tensors by the model's own names.
-RENAMED = pytest.mark.xfail(strict=True, raises=FlexQuantError, reason="streamed loading applies no key renaming")
-
-
+# renames it to ``lm_head`` when it loads the folder: with --stream auto such a folder is loaded whole.
 @pytest.mark.parametrize("family,method,stream", [
-    ("gpt_neox", "gptq", "off"), ("gpt_neox", "rtn", "off"), pytest.param("gpt_neox", "rtn", "auto", marks=RENAMED),
+    ("gpt_neox", "gptq", "off"), ("gpt_neox", "rtn", "off"), ("gpt_neox", "rtn", "auto"),
     ("falcon", "gptq", "auto"), ("falcon", "rtn", "off"), ("starcoder2", "gptq", "auto"), ("starcoder2", "rtn", "off"),
 ])
 def test_quantize_save_load(folders, ids, tmp_path, family, method, stream):

@@ -108,7 +108,7 @@ def load_for_run(config: QuantConfig, device: torch.device):
     else loaded whole. On the CPU, half-precision weights are computed in float32."""
     cpu = device.type == "cpu"
     if config.stream != "off":
-        loaded = load_streamed(config.model, torch.float32 if cpu else None)
+        loaded = load_streamed(config.model, torch.float32 if cpu else None, strict=config.stream == "on")
         if loaded is not None:
             return loaded
         if config.stream == "on":

@@ -77,10 +77,13 @@ def local_folder(name: str) -> Path | None:
         raise _hub_error(name, e) from e
 
 
-def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                  strict: bool = False):
     """(model, tokenizer) with the model as a skeleton on the meta device whose decoder blocks are read from
     its safetensors files one at a time (`models.stream.Streamed`), or None when ``name`` cannot be streamed
-    (a model built in code, or a folder without safetensors weights)."""
+    (a model built in code, a folder without safetensors weights, or tensor names that differ from the model's
+    own: transformers renames some families' keys when it loads them whole). ``strict``: names that differ
+    are refused here instead."""
     folder = local_folder(name)
     if folder is None or not any(folder.glob("*.safetensors")):
         return None
@@ -111,7 +114,12 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     wanted = set(model.state_dict())
     present = set(files.names())
     optional = {spec.lm_head + ".weight"} if tied else set()
-    refuse_mismatch(folder, wanted - present - optional, present - wanted)
+    missing, unexpected = wanted - present - optional, present - wanted
+    if (missing or unexpected) and not strict:
+        log.info("the tensor names in %s differ from the model's own (%d missing, %d unexpected): loading it "
+                 "whole, where transformers maps renamed keys", folder, len(missing), len(unexpected))
+        return None
+    refuse_mismatch(folder, missing, unexpected)
     res = Streamed(model, spec, files, dtype, tied=tied)
     object.__setattr__(model, ATTRIBUTE, res)
     return model.eval(), load_tokenizer(str(folder), trust_remote_code)
