@@ -8,15 +8,16 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
 
     M = M0 + max(capture, block)
     capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
-              + 2·T·d·B                     the captured stream
-    block   = P_b·B                         one decoder block's weights
-              + F(n) + 3·m·n·B              the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
+              + T·d·(B + s)                 the captured stream and its kept float16 copy
+    block   = P_b·B + kept + hess           one decoder block's weights, what the store keeps (below)
+              + max(solve, forward)         the two phases of a block, which do not overlap:
+    solve   = F(n) + 3·m·n·B                the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
                                             permuted copy, the float64 factor), 8·n² beyond (float32 factor in
                                             place); W, Q, errors
-              + T·d·(2B + s)                the quantized stream: in, out, and its kept copy
-              + 2·T·d·B (if ≤ cap)          cached o_proj inputs and mid-block residual of a pre-norm block
-              + b·L·(3·d_ff·B + h·L·B)      one batch's forward: MLP intermediates and attention scores
-              + kept + hess                 what the method keeps (FlexibleLLM: below)
+              + T·d·B (if ≤ cap)            the mid-block residual h' kept by the pre-norm path
+    forward = b·L·3·d_ff·B                  one batch's MLP intermediates (attention is fused: no L² scores)
+              + T·d·B·(2 if ≤ cap else 1)   h' and the block outputs being built (the inputs are read a batch
+                                            at a time from the store)
 
 FlexibleLLM keeps the full-precision inputs of its first K windows for every block (kept = n_l·K·L·d·s at the
 start of the block loop) and, until its plan is made, every linear group's Hessian (hess = n_l·Σ_g n_g²·4).
@@ -75,7 +76,7 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
          ranks: int = 1) -> dict[str, float]:
     """Predicted peak bytes and its parts (see the module docstring)."""
     T, d, f = tokens / ranks, shape.d, shape.d_ff
-    capture = shape.vocab * d * B * (1 + ends_transformed) + 2 * T * d * B
+    capture = shape.vocab * d * B * (1 + ends_transformed) + T * d * (B + S)
     cap = CACHE_CAP if max_memory is None else min(CACHE_CAP, max_memory)
     cache = 2 * T * d * B
     cache = cache if cache <= cap else 0.0  # past the cap the block is recomputed per group instead
@@ -88,16 +89,17 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     budgeted = kept + hess + stream_kept
     if max_memory is not None:
         budgeted = min(budgeted, max_memory)
+    cached = cache > 0
+    solve = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 8) + 3 * d * f * B + (T * d * B if cached else 0)
+    forward = batch * window * 3 * f * B + T * d * B * (2 if cached else 1)
     parts = {
         "base": M0,
         "block weights": shape.block_params * B,  # a whole block, all its experts (read together)
-        "solve": f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 8) + 3 * d * f * B,
-        "stream": T * d * 2 * B,
         "kept (store)": budgeted,
-        "cache": cache,
-        "batch forward": batch * window * (3 * f * B + shape.heads * window * B),
+        "solve": solve,
+        "forward": forward,
     }
-    block = sum(v for k, v in parts.items() if k != "base")
+    block = parts["block weights"] + budgeted + max(solve, forward)
     parts["capture"] = capture
     parts["peak"] = M0 + max(capture, block)
     if ranks > 1:
