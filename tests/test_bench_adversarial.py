@@ -71,5 +71,23 @@ def test_judge_reads_the_result():
     s = {"bpw": 4.0}
     assert adv.judge(["eval", "q", "--json"], '{"perplexity": 12.5}\n', s) == (12.5, None)
     assert adv.judge(["eval", "q", "--json"], '{"perplexity": NaN}\n', s)[1] == "perplexity nan"
-    assert adv.judge(["info", "q", "--json"], '{"bpw": 1.0}', s)[1].startswith("bpw 1.0000 reported")
+    wrong = adv.judge(["info", "q", "--json"], json.dumps({"bpw": 1.0}, indent=2), s)[1]
+    assert wrong.startswith("bpw 1.0000 reported")
     assert adv.judge(["generate", "q"], "text", s) == (None, None)
+
+
+def test_tensor_and_file_steps(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    q = tmp_path / "q"
+    q.mkdir()
+    save_file({"a.scales": torch.ones(2, 2, dtype=torch.float16), "a.perm": torch.arange(4, dtype=torch.int16),
+               "b.weight": torch.ones(3)}, q / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    adv.apply("tensor .scales nan; tensor .perm dup; tensor b.weight delete; tensor .scales extra", tmp_path, {})
+    sd = load_file(q / "model-00001-of-00001.safetensors")
+    assert sd["a.scales"].dtype == torch.float16 and sd["a.scales"].isnan().sum() == 1
+    assert sd["a.perm"].tolist() == [0, 0, 2, 3] and "b.weight" not in sd and "a.extra" in sd
+    (q / "config.json").write_text("{}")
+    adv.apply("file flip shard; file link-passwd config.json", tmp_path, {})
+    assert (q / "config.json").is_symlink() and (q / "model-00001-of-00001.safetensors").stat().st_size > 0
