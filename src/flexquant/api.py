@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -219,6 +220,9 @@ def evaluate(model, text: str = "pydoc", seqlen: int = 2048, windows: int | None
     check_context(m, seqlen)
     win = eval_windows(tok, text, seqlen, windows)
     res = evaluate_windows(m, win, ref, dev, progress)
+    if not math.isfinite(res["perplexity"]):
+        raise FlexQuantError(f"the model's perplexity is {res['perplexity']}: it produces non-finite logits (weights "
+                             "out of range or a config value such as rms_norm_eps or rope_theta that breaks it)")
     res["bpw"] = bpw
     res["text"] = text
     return res
@@ -230,6 +234,10 @@ def generate(qmodel, prompt: str, max_new_tokens: int = 64, do_sample: bool = Fa
     if tok is None:
         raise FlexQuantError("this model has no tokenizer to encode the prompt")
     ids = tok(prompt, return_tensors="pt")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and ids["input_ids"].shape[1] + max_new_tokens > context:
+        raise FlexQuantError(f"the prompt ({ids['input_ids'].shape[1]} tokens) plus --max-new-tokens {max_new_tokens} "
+                             f"exceed the model's context of {context} tokens; ask for fewer new tokens")
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -39,6 +39,8 @@ def check_target(path: str | Path, overwrite: bool, marker: str, what: str) -> P
     An interrupted save of ``path`` by a process that is gone is first recovered (`recover`)."""
     path = Path(path)
     recover(path, marker)
+    if path.is_symlink() and not path.exists():
+        raise FlexQuantError(f"output folder {path} is a symlink to nothing; remove it or give another path")
     if path.exists() and not path.is_dir():
         raise FlexQuantError(f"output folder {path} is a file; give a folder path")
     if path.exists() and not overwrite:

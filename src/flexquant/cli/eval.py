@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import FlexQuantError
-from .flags import at_least
+from .flags import at_least, positive_float
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy")
     g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (local tasks)")
     g.add_argument("--num-fewshot", type=at_least(0), default=None)
-    g.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    g.add_argument("--limit", type=positive_float, default=None, help="examples per task (a fraction if < 1)")
     g.add_argument("--lm-batch-size", type=at_least(1), default=1, help="lm-eval batch size")
     g.add_argument("--output", default=None, help="also write the results as JSON to this file")
     p.set_defaults(func=run_eval)
@@ -36,8 +36,12 @@ def run_eval(a) -> int:
 
     if a.kernel:
         os.environ["FLEXQUANT_KERNEL"] = a.kernel
-    if a.tasks:  # lm-evaluation-harness tasks instead of perplexity
+    if a.tasks is not None:  # lm-evaluation-harness tasks instead of perplexity
         return run_tasks(a)
+    given = [f for f, v in (("--include-path", a.include_path), ("--num-fewshot", a.num_fewshot),
+                            ("--limit", a.limit), ("--output", a.output)) if v is not None]
+    if given:
+        raise FlexQuantError(f"{', '.join(given)} apply to lm-eval tasks only; add --tasks (or drop them)")
     res = api.evaluate(a.model, text=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
                        device=a.device, progress=not a.quiet)
     if a.json:
@@ -56,6 +60,8 @@ def run_tasks(a) -> int:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if not tasks:
         raise FlexQuantError("--tasks is empty; name at least one lm-eval task")
+    if a.include_path is not None and not Path(a.include_path).is_dir():
+        raise FlexQuantError(f"--include-path {a.include_path} is not a folder of task YAML files")
     import_lm_eval()  # fail before the model is loaded
     model, tok, bpw = api.as_model(a.model, api.resolve_device(a.device))
     res = run_tasks(model, tok, tasks, a.include_path, a.num_fewshot, a.limit, a.lm_batch_size, a.device)

@@ -85,6 +85,17 @@ def at_least(low: int, what: str = "a whole number"):
     return parse
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
 def text(value: str) -> str:
     """An argparse type: a non-empty string."""
     if not value.strip():

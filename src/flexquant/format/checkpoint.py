@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..actquant import runtime as actquant
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, recover
 from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
@@ -172,6 +172,8 @@ def save_checkpoint(model, tokenizer, path: str | Path, meta: dict, overwrite: b
 
 def read_quant_config(path: str | Path) -> dict:
     path = Path(path)
+    if not path.exists():
+        recover(path, QUANT_CONFIG)  # a save of ``path`` that a kill interrupted: the old or the new checkpoint
     f = path / QUANT_CONFIG
     if not f.is_file():
         raise CheckpointError(f"{path} is not a flexquant checkpoint: {QUANT_CONFIG} is missing")

@@ -108,6 +108,8 @@ def check_packed(where, name: str, spec: dict, own: dict[str, torch.Tensor]) -> 
                                  "integers, the group size dividing in_features)")
     if not isinstance(spec.get("sym"), bool) or not isinstance(spec.get("rotation_order", 0), int):
         raise _fail(where, name, "has a malformed sym / rotation_order record")
+    if "bias" in spec and bool(spec["bias"]) != ("bias" in own):
+        raise _fail(where, name, f"records bias={spec['bias']} but {'has' if 'bias' in own else 'has no'} bias tensor")
     unknown = [k for k in own if k not in _PACKED and k != "bias" and not k.startswith("qweight_b")]
     if unknown:
         raise _fail(where, name, f"has unexpected tensors {unknown[:3]}")
@@ -186,8 +188,7 @@ def check_layout(where, model: torch.nn.Module, modules: dict[str, dict], tensor
                 spec.get("in_features"), spec.get("out_features")):
             raise _fail(where, name, f"records {spec.get('out_features')} x {spec.get('in_features')} where "
                                      "config.json's model has another layer")
-        state.pop(name + ".weight", None)
-        state.pop(name + ".bias", None)
+        state.pop(name + ".weight", None)  # (a bias stays: the skeleton's bias must be in the tensors)
     owned = tuple(name + "." for name in modules)
     unexpected = [k for k in tensors if not k.startswith(owned) and k not in state]
     if unexpected:

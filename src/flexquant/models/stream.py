@@ -143,7 +143,13 @@ class Streamed(Residency):
             full = f"{prefix}.{name}"
             if full not in self.files:
                 raise _missing(full, self.files)
+            if t.is_floating_point() and not self.files.entries[full].dtype.is_floating_point:
+                raise FlexQuantError(f"tensor {full} in {self.files.folder} is stored as "
+                                     f"{self.files.entries[full].dtype}, not a float: the weights are damaged")
             value = self.files.get(full, self.dtype if t.is_floating_point() else None)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise FlexQuantError(f"tensor {full} in {self.files.folder} holds NaN or inf: the weights are "
+                                     "damaged or were saved in a dtype that overflowed")
             if tuple(value.shape) != tuple(t.shape):
                 raise FlexQuantError(f"tensor {full} in {self.files.folder} has shape {tuple(value.shape)}, the "
                                      f"model's config.json says {tuple(t.shape)}: the weights and the config do not "

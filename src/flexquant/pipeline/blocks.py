@@ -50,6 +50,9 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
     t0 = time.perf_counter()
     W = linear.weight.data
     Wq = r.dequantize(torch.float32)
+    if not bool(torch.isfinite(Wq).all()):
+        raise FlexQuantError(f"quantizing {prefix}.{name} gave non-finite values: its weights reach "
+                             f"{float(W.abs().max()):.3g}, beyond what the stored float16 scales can hold")
     rel = None
     if H is not None:
         ref = hessian_error(W, torch.zeros_like(W), H)
