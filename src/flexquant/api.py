@@ -46,7 +46,10 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FlexQuantError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FlexQuantError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
 
 
 def quantize(model: str | None = None, config: QuantConfig | None = None, *, calib_ids=None,

@@ -111,7 +111,8 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
                                                  trust_remote_code=trust_remote_code)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    wanted = set(model.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wanted = set(shapes)
     present = set(files.names())
     optional = {spec.lm_head + ".weight"} if tied else set()
     missing, unexpected = wanted - present - optional, present - wanted
@@ -119,7 +120,8 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
         log.info("the tensor names in %s differ from the model's own (%d missing, %d unexpected): loading it "
                  "whole, where transformers maps renamed keys", folder, len(missing), len(unexpected))
         return None
-    refuse_mismatch(folder, missing, unexpected)
+    refuse_mismatch(folder, missing, unexpected,
+                    [k for k in wanted & present if tuple(files.entries[k].shape) != shapes[k]])  # before any work
     res = Streamed(model, spec, files, dtype, tied=tied)
     object.__setattr__(model, ATTRIBUTE, res)
     return model.eval(), load_tokenizer(str(folder), trust_remote_code)
