@@ -119,8 +119,7 @@ def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verif
     GPTQ and compressed-tensors folders written by other tools load too (`flexquant.interop`)."""
     from .interop import foreign_format, load_foreign
 
-    if not Path(path).exists():
-        recover(path, QUANT_CONFIG)  # a save of ``path`` that a crash interrupted
+    recovered(path)
     if not is_checkpoint(path) and foreign_format(path):
         model, tok, info = load_foreign(path, kernel=kernel)
         return QuantizedModel(model.to(resolve_device(device)), tok, None, {"foreign": info})
@@ -169,6 +168,12 @@ def _recorded_config(path, recorded: dict | None) -> QuantConfig | None:
         return None
 
 
+def recovered(path) -> None:
+    """A folder that is missing because a save of it was killed is put back (the old or the new one)."""
+    if isinstance(path, (str, Path)) and not Path(path).exists():
+        recover(path)
+
+
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
@@ -188,6 +193,7 @@ def as_model(obj, device):
         return obj.model, obj.tokenizer, obj.bpw
     if isinstance(obj, nn.Module):
         return obj, None, bit_summary(obj)["bpw"]
+    recovered(obj)
     if is_checkpoint(obj) or _is_foreign(obj):
         qm = load(obj, device=str(device))
         bpw = qm.report["foreign"]["bpw"] if "foreign" in qm.report else qm.bpw  # a foreign file's own bits

@@ -14,10 +14,12 @@ def register(sub) -> None:
 
 
 def run_info(a) -> int:
+    from ..api import recovered
     from ..format.checkpoint import QUANT_CONFIG, read_verified, tensor_files
     from ..interop import foreign_format
 
     path = Path(a.path)
+    recovered(path)
     if not (path / QUANT_CONFIG).is_file() and foreign_format(path):
         return print_foreign_info(path, a.json)
     qc = read_verified(path)[0]  # only verified values are reported
