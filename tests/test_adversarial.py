@@ -466,12 +466,13 @@ def test_out_is_a_dangling_symlink(tmp_path, capsys):
     one_line_error(err, "symlink")
 
 
-def test_nan_norm_weight_in_a_streamed_model(fp_folder, tmp_path, capsys):
-    folder = _edited_weights(fp_folder, tmp_path, lambda sd: sd["model.layers.0.input_layernorm.weight"].fill_(
-        float("nan")))
+@pytest.mark.parametrize("name", ["model.layers.0.input_layernorm.weight", "model.norm.weight"])
+def test_nan_norm_weight_in_a_streamed_model(fp_folder, tmp_path, capsys, name):
+    folder = _edited_weights(fp_folder, tmp_path, lambda sd: sd[name].fill_(float("nan")))
     rc, err = run(capsys, "quantize", str(folder), "--method", "rtn", "--out", str(tmp_path / "o"), "-q")
     assert rc == 2
     one_line_error(err, "nan")
+    assert not leftovers(tmp_path) and not (tmp_path / "o").exists()  # found before any block: nothing to resume
 
 
 def test_eval_of_a_model_with_non_finite_logits(ckpt, tmp_path, capsys):
