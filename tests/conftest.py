@@ -37,3 +37,33 @@ def correlated_layer():
     W = torch.randn(m, n, generator=g) * 0.05
     H = 2 * X.T @ X / T
     return W, H
+
+
+@pytest.fixture(scope="session")
+def fp_folder(tmp_path_factory):
+    """tiny-llama saved as a Hugging Face folder (tied embeddings, one safetensors file)."""
+    model, tok = tiny_llama()
+    folder = tmp_path_factory.mktemp("fp") / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_models(root, families, build) -> dict:
+    """{family: folder} of ``build(family)`` saved with the byte-level tiny tokenizer (tiny random configs)."""
+    from flexquant.models.builtin import tiny_tokenizer
+
+    tok, out = tiny_tokenizer(), {}
+    for family in families:
+        out[family] = root / family
+        build(family).save_pretrained(out[family])
+        tok.save_pretrained(out[family])
+    return out
+
+
+def quantize_tiny(folder, method, ids, **kw):
+    """The tiny-config families' common quantize call (4 bits, groups of 32, batches of 2)."""
+    import flexquant as fq
+
+    return fq.quantize(str(folder), method=method, bits=4, group_size=32, calib_ids=ids, batch_size=2,
+                       progress=False, **kw)

@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 import flexquant as fq
 from flexquant.cli import main
 from flexquant.errors import CheckpointError, FlexQuantError
-from flexquant.models.builtin import tiny_llama
 
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -153,13 +152,6 @@ def test_seqlen_beyond_the_context(tmp_path, capsys):
 
 
 # ----- plain model folders -----
-@pytest.fixture(scope="module")
-def fp_folder(tmp_path_factory):
-    model, tok = tiny_llama()
-    folder = tmp_path_factory.mktemp("adv_fp") / "fp"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _edited_weights(fp_folder, tmp_path, edit) -> Path:

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import quantize_tiny, save_tiny_models
 from torch import nn
 
 import flexquant as fq
 from flexquant.errors import FlexQuantError
 from flexquant.models import discover
-from flexquant.models.builtin import tiny_tokenizer
 from flexquant.models.spec import SPECS, get_spec
 from flexquant.nn import QuantLinear
 
@@ -73,18 +73,7 @@ def ids():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root, tok = tmp_path_factory.mktemp("fallback"), tiny_tokenizer()
-    out = {}
-    for family in FAMILIES:
-        out[family] = root / family
-        tiny_model(family).save_pretrained(out[family])
-        tok.save_pretrained(out[family])
-    return out
-
-
-def _quantize(folder, method, ids, **kw):
-    return fq.quantize(str(folder), method=method, bits=4, group_size=32, calib_ids=ids, batch_size=2,
-                       progress=False, **kw)
+    return save_tiny_models(tmp_path_factory.mktemp("fallback"), FAMILIES, tiny_model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -124,7 +113,7 @@ def test_groups_read_one_input_in_the_trained_model(family, ids):
     ("falcon", "gptq", "auto"), ("falcon", "rtn", "off"), ("starcoder2", "gptq", "auto"), ("starcoder2", "rtn", "off"),
 ])
 def test_quantize_save_load(folders, ids, tmp_path, family, method, stream):
-    qm = _quantize(folders[family], method, ids, stream=stream)
+    qm = quantize_tiny(folders[family], method, ids, stream=stream)
     spec = get_spec(family)
     packed = [n for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)]
     assert sorted(packed) == sorted(f"{spec.layers}.{i}.{n}" for i in range(2) for n in spec.linears)
@@ -156,7 +145,7 @@ def test_warning_once_per_family(caplog):
 ])
 def test_methods_needing_the_structure_refuse(folders, ids, method, options, match):
     with pytest.raises(FlexQuantError, match=match) as e:
-        _quantize(folders["falcon"], method, ids, options=options)
+        quantize_tiny(folders["falcon"], method, ids, options=options)
     assert "\n" not in str(e.value)
 
 

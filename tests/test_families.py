@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from conftest import quantize_tiny, save_tiny_models
 
 import flexquant as fq
 from flexquant.config import QuantConfig
 from flexquant.errors import FlexQuantError
 from flexquant.methods.baselines import GPTQ
-from flexquant.models.builtin import tiny_tokenizer
 from flexquant.models.spec import ModelSpec, get_spec
 from flexquant.nn import QuantLinear
 from flexquant.pipeline import StatsRequest, capture_block_inputs, fp_statistics, quantize_blocks
@@ -72,18 +72,7 @@ def ids():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root, tok = tmp_path_factory.mktemp("families"), tiny_tokenizer()
-    out = {}
-    for family in FAMILIES:
-        out[family] = root / family
-        tiny_model(family).save_pretrained(out[family])
-        tok.save_pretrained(out[family])
-    return out
-
-
-def _quantize(folder, method, ids, **kw):
-    return fq.quantize(str(folder), method=method, bits=4, group_size=32, calib_ids=ids, batch_size=2,
-                       progress=False, **kw)
+    return save_tiny_models(tmp_path_factory.mktemp("families"), FAMILIES, tiny_model)
 
 
 def _check_saved(qm, family, tmp_path, ids):
@@ -99,7 +88,7 @@ def _check_saved(qm, family, tmp_path, ids):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_quantize_save_load(folders, ids, tmp_path, family, method):
-    qm = _quantize(folders[family], method, ids)
+    qm = quantize_tiny(folders[family], method, ids)
     _check_saved(qm, family, tmp_path, ids)
 
 
@@ -108,14 +97,14 @@ def test_quantize_save_load(folders, ids, tmp_path, family, method):
     ("gemma3_text", {"dosa": False}),  # LFD's feedback through the sandwich-norm fast path
 ])
 def test_flexible_where_the_family_allows_it(folders, ids, tmp_path, family, options):
-    qm = _quantize(folders[family], "flexible", ids, options=dict(bpw=3.0, alloc_nsamples=4, fisher_nsamples=2,
+    qm = quantize_tiny(folders[family], "flexible", ids, options=dict(bpw=3.0, alloc_nsamples=4, fisher_nsamples=2,
                                                                     **options))
     _check_saved(qm, family, tmp_path, ids)
 
 
 def test_hiratio_on_sliding_window_layers(folders, ids, tmp_path):
     """Probes rerun blocks with their own arguments; the learned quantizers run single windows of a batch."""
-    qm = _quantize(folders["gemma3_text"], "hiratio", ids, options=dict(
+    qm = quantize_tiny(folders["gemma3_text"], "hiratio", ids, options=dict(
         bpw=3.0, stats_nsamples=4, probe_nsamples=2, probe_seqlen=16, learn_nsamples=2, learn_batch=1, learn_steps=2))
     _check_saved(qm, "gemma3_text", tmp_path, ids)
 
@@ -141,7 +130,7 @@ def test_rotated_model_equals_the_original(ids, family):
 ])
 def test_what_a_family_cannot_do_is_refused(folders, ids, family, method, options, match):
     with pytest.raises(FlexQuantError, match=match):
-        _quantize(folders[family], method, ids, options=options)
+        quantize_tiny(folders[family], method, ids, options=options)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -233,7 +222,7 @@ def test_resumed_run_replays_blocks_with_their_own_arguments(folders, ids, tmp_p
 
     from flexquant import runner
 
-    _quantize(folders["gemma3_text"], "gptq", ids, out=tmp_path / "whole", plot=False)
+    quantize_tiny(folders["gemma3_text"], "gptq", ids, out=tmp_path / "whole", plot=False)
     real = runner.Run._on_block
 
     def crash_after_block_1(self, i, block, results):
@@ -243,7 +232,7 @@ def test_resumed_run_replays_blocks_with_their_own_arguments(folders, ids, tmp_p
 
     monkeypatch.setattr(runner.Run, "_on_block", crash_after_block_1)
     with pytest.raises(KeyboardInterrupt):
-        _quantize(folders["gemma3_text"], "gptq", ids, out=tmp_path / "cut", plot=False)
+        quantize_tiny(folders["gemma3_text"], "gptq", ids, out=tmp_path / "cut", plot=False)
     monkeypatch.setattr(runner.Run, "_on_block", real)
-    _quantize(folders["gemma3_text"], "gptq", ids, out=tmp_path / "cut", plot=False, resume=True)
+    quantize_tiny(folders["gemma3_text"], "gptq", ids, out=tmp_path / "cut", plot=False, resume=True)
     assert digest(tmp_path / "cut") == digest(tmp_path / "whole")

@@ -22,18 +22,6 @@ from regression_cases import digest  # noqa: E402
 CALIB = dict(nsamples=8, seqlen=64, seed=0, batch_size=4, store_dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def fp_folder(tmp_path_factory):
-    """tiny-llama saved as a Hugging Face folder (tied embeddings, one safetensors file)."""
-    from flexquant.models.builtin import tiny_llama
-
-    model, tok = tiny_llama()
-    folder = tmp_path_factory.mktemp("fp") / "tiny"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_lazy_batches_are_read_when_used(tmp_path):
     store = ActivationStore("float16", max_bytes=600, offload_dir=tmp_path / "off")
     x = _inputs()
