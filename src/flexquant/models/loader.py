@@ -93,7 +93,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
 
     from ..tensorio import TensorFiles
     from .discover import spec_for
-    from .stream import ATTRIBUTE, Streamed
+    from .stream import ATTRIBUTE, Streamed, refuse_non_finite
 
     if not (folder / "config.json").is_file():
         raise FlexQuantError(f"{folder} is a folder without config.json; it is not a Hugging Face model")
@@ -123,11 +123,8 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     refuse_mismatch(folder, missing, unexpected,
                     [k for k in wanted & present if tuple(files.entries[k].shape) != shapes[k]])  # before any work
     for name in sorted(present - {k for k in present if k.startswith(spec.layers + ".")}):
-        t = files.get(name)  # the ends (embedding, final norm, head) one at a time: the blocks are checked as read
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise FlexQuantError(f"tensor {name} in {folder} holds NaN or inf: the weights are damaged or were saved "
-                                 "in a dtype that overflowed")
-        del t
+        # the ends (embedding, final norm, head) one at a time, before any block (blocks are checked as read)
+        refuse_non_finite(name, files.get(name), files)
     res = Streamed(model, spec, files, dtype, tied=tied)
     object.__setattr__(model, ATTRIBUTE, res)
     return model.eval(), load_tokenizer(str(folder), trust_remote_code)

@@ -147,9 +147,7 @@ class Streamed(Residency):
                 raise FlexQuantError(f"tensor {full} in {self.files.folder} is stored as "
                                      f"{self.files.entries[full].dtype}, not a float: the weights are damaged")
             value = self.files.get(full, self.dtype if t.is_floating_point() else None)
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise FlexQuantError(f"tensor {full} in {self.files.folder} holds NaN or inf: the weights are "
-                                     "damaged or were saved in a dtype that overflowed")
+            refuse_non_finite(full, value, self.files)
             if tuple(value.shape) != tuple(t.shape):
                 raise FlexQuantError(f"tensor {full} in {self.files.folder} has shape {tuple(value.shape)}, the "
                                      f"model's config.json says {tuple(t.shape)}: the weights and the config do not "
@@ -236,6 +234,13 @@ class Streamed(Residency):
                 self.resident.add(i)
         self._load_ends(())
         self.pinned = True
+
+
+def refuse_non_finite(name: str, value: torch.Tensor, files: TensorFiles) -> None:
+    """A weight read from ``files`` that holds NaN or inf is refused, naming it."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise FlexQuantError(f"tensor {name} in {files.folder} holds NaN or inf: the weights are damaged or were "
+                             "saved in a dtype that overflowed")
 
 
 def _missing(name: str, files: TensorFiles) -> FlexQuantError:
