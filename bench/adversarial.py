@@ -2,7 +2,7 @@
 a temporary work folder as cwd): bad arguments, unusable output folders, text that is not text, broken model folders,
 checkpoints and GPTQ exports tampered with (with and without recomputed checksums), saves killed part-way (a signal
 at a time, or once a temporary piece shows; or a SIGKILL from inside right before one rename: PRELUDE).
-``python -m bench.adversarial [--quick] [--out bench/results] [--name adversarial] [--only TEXT] [--timeout S]``
+``python -m bench.adversarial [--quick] [--out bench/results] [--name adversarial] [--only 'A|B'] [--timeout S]``
 
 Fine: clean-error (the last stderr line is the only `flexquant: error:` line, exit 2, or `flexquant: unexpected error:`,
 exit 1), ok-control (a command that must work did), accepted (exit 0 where a refusal is not required: an edit no check
@@ -349,6 +349,8 @@ def call(argv: list[str], work: Path, hook: str = "") -> tuple[int | None, str, 
 def one_line(rc: int | None, err: str) -> bool:  # the last line: the only error line, its prefix fits the exit status
     lines = [ln for ln in err.splitlines() if ln.strip()]
     heads = [ln for ln in lines if ln.startswith(("flexquant: error:", "flexquant: unexpected error:"))]
+    if rc == 141:  # stdout's reader left: a quiet exit, as a shell reports a command killed by SIGPIPE
+        return not heads
     want = {2: "flexquant: error:", 1: "flexquant: unexpected error:", 130: "flexquant:"}.get(rc)
     return bool(want and lines and lines[-1].startswith(want) and len(heads) <= 1)
 
@@ -471,12 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a ~40-case subset")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--name", default="adversarial")
-    ap.add_argument("--only", default="", help="only the cases whose name contains this")
+    ap.add_argument("--only", default="", help="only the cases whose name contains this (several: A|B|C)")
     ap.add_argument("--timeout", type=int, default=TIMEOUT[0], help="seconds per command")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored in the children (a background job's is)
     TIMEOUT[0], t0, root = args.timeout, time.time(), Path(tempfile.mkdtemp(prefix="flexquant-adversarial-"))
-    cases, done = [c for c in (quick_subset(catalog()) if args.quick else catalog()) if args.only in c.name], []
+    cases = [c for c in (quick_subset(catalog()) if args.quick else catalog())
+             if any(o in c.name for o in args.only.split("|"))]
+    done: list[dict] = []
     try:
         s = build_setup(root)
         def one(c: Case) -> dict:

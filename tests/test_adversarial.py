@@ -286,6 +286,14 @@ TAMPER = {  # name -> (edit, words the refusal names)
         {"../../x.safetensors": "0"})), _reseal_manifest_only(f)), "checksums"),
     "resealed nan scale": (lambda f: (_edit_shard(f, _nan_scale), _reseal(f)), "nan"),
     "resealed bit map": (lambda f: (_edit_shard(f, _bad_bit_map), _reseal(f)), "bit"),
+    "resealed dtype deleted": (lambda f: (_edit_json(f, "quant_config.json", lambda q: q.pop("torch_dtype")),
+                                          _reseal(f)), "torch_dtype"),
+    "resealed config dtype int8": (lambda f: (_edit_json(f, "config.json", lambda c: c.update(dtype="int8")),
+                                              _reseal(f)), "dtype"),
+    "resealed huge norm": (lambda f: (_edit_shard(f, lambda sd: _norm(sd, lambda t: t * 1e20)), _reseal(f)),
+                           "beyond"),
+    "resealed bfloat16 norm": (lambda f: (_edit_shard(f, lambda sd: _norm(sd, lambda t: t.bfloat16())),
+                                          _reseal(f)), "bfloat16"),
     "resealed dropped module record": (lambda f: (_edit_json(f, "quant_config.json", lambda q: q["modules"].pop(
         sorted(q["modules"])[0])), _reseal(f)), "unexpected"),
 }
@@ -307,6 +315,11 @@ def _nan_scale(sd) -> None:
     k = next(k for k in sorted(sd) if k.endswith(".scales") or k.endswith(".scale_base"))
     sd[k] = sd[k].clone()
     sd[k].view(-1)[0] = float("nan")
+
+
+def _norm(sd, fn) -> None:
+    k = next(k for k in sorted(sd) if k.endswith("layernorm.weight"))
+    sd[k] = fn(sd[k])
 
 
 def _bad_bit_map(sd) -> None:
@@ -482,3 +495,30 @@ def test_bias_record_without_a_bias_tensor(ckpt, tmp_path):
     _reseal(folder)
     with pytest.raises(FlexQuantError, match="bias"):
         fq.load(folder)
+
+
+def test_report_of_a_report_json_that_is_not_utf8(ckpt, tmp_path, capsys):
+    folder = _copy(ckpt, tmp_path)
+    (folder / "report.json").write_bytes(b'{"a": "\xff\xfe"}')
+    rc, err = run(capsys, "report", str(folder))
+    assert rc == 2
+    one_line_error(err, "report.json")
+
+
+def test_out_where_nothing_can_be_created(tmp_path, capsys):
+    rc, err = run(capsys, "quantize", "tiny-llama", "--method", "rtn", "-q", "--out", "/proc/flexquant-out")
+    assert rc == 2
+    one_line_error(err, "/proc")
+
+
+def test_stdout_reader_gone_is_a_quiet_exit(ckpt, monkeypatch, capsys):
+    class Gone:  # stdout whose reader left (`flexquant info q --json | head -0`)
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", Gone())
+    rc = main(["info", str(ckpt), "--json"])
+    assert rc == 141 and capsys.readouterr().err == ""

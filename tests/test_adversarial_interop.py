@@ -194,6 +194,27 @@ def test_quantize_config_without_config_json_is_refused(folder):
     _refused(folder, "has no config.json")
 
 
+def _edit_weights(folder, fn):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    fn(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_qzeros_is_refused_naming_the_tensor(folder):
+    _edit_weights(folder, lambda sd: sd.pop("model.layers.0.mlp.down_proj.qzeros"))
+    _refused(folder, "model.layers.0.mlp.down_proj.qzeros", "incomplete", call=fq.load)
+
+
+@pytest.mark.parametrize("group_size", [16, 0, "x"])
+def test_group_size_the_tensors_contradict_is_refused(folder, group_size):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = group_size
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _refused(folder, f"group_size {group_size!r}", "groups of 32 columns", call=fq.load)
+
+
 def test_tokenizer_file_leading_outside_is_refused_before_it_is_read(folder, tmp_path):
     shutil.move(folder / "tokenizer.json", tmp_path / "tokenizer.json")
     (folder / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")

@@ -52,8 +52,12 @@ def check_target(path: str | Path, overwrite: bool, marker: str, what: str) -> P
     except OSError as e:
         raise FlexQuantError(f"cannot create the folder {path.parent} for {path} ({e.strerror}); choose another "
                              "output path") from e
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise FlexQuantError(f"cannot write into {path.parent} (permission denied); choose another output path")
+    probe = _sibling(path, "tmp", _token())  # a real write: os.access says yes to root on read-only or /proc
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise FlexQuantError(f"cannot write into {path.parent} ({e.strerror}); choose another output path") from e
     return path
 
 

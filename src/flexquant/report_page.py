@@ -27,9 +27,12 @@ def _load(path: Path) -> dict:
     rep = path / "report.json"
     if rep.is_file():
         try:
-            return json.loads(rep.read_text())
-        except json.JSONDecodeError as e:
-            raise FlexQuantError(f"{rep} is not valid JSON ({e}); re-save the checkpoint") from e
+            report = json.loads(rep.read_text())
+        except (OSError, ValueError) as e:  # (invalid UTF-8 is a ValueError too)
+            raise FlexQuantError(f"{rep} is unreadable ({e}); re-save the checkpoint or remove report.json") from e
+        if not isinstance(report, dict):
+            raise FlexQuantError(f"{rep} is not a run report (a JSON object); re-save the checkpoint or remove it")
+        return report
     if (path / "quant_config.json").is_file():
         from .format.checkpoint import read_quant_config
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -44,13 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ValueError):  # (only the main thread may set it)
         signal.signal(signal.SIGTERM, _terminate)  # a polite kill cleans up like Ctrl-C (finished work kept)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # (a reader that left shows here, not in the interpreter's exit)
+        return rc
     except FlexQuantError as e:
         print(f"flexquant: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flexquant: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`| head -1`): nothing more to say, like other tools
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # (a stand-in stdout has no descriptor)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the broken pipe
     except Exception as e:  # a bug or an environment problem: one line, the traceback only when asked for
         if args.debug:
             traceback.print_exc()

@@ -29,6 +29,7 @@ from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
 from ..tensorio import TensorFiles
 from .validate import (
+    DTYPES,
     MANIFEST,
     check_finite,
     check_layout,
@@ -322,6 +323,9 @@ def _skeleton(path: Path, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(path)
         config.use_cache = False
+        declared = getattr(config, "dtype", None)
+        if declared is not None and str(declared).replace("torch.", "") not in DTYPES:
+            raise ValueError(f"dtype {declared} is not one of {', '.join(DTYPES)}")
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                     attn_implementation=attention_for(config.model_type))

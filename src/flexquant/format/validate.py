@@ -84,6 +84,10 @@ def verify_manifest(folder: Path, files: dict[str, str], skip: tuple[str, ...] =
 
 
 def torch_dtype(qc: dict, where: Path | str) -> torch.dtype:
+    """The model dtype quant_config.json records (required from format 4 on; float32 before)."""
+    if "torch_dtype" not in qc and qc.get("format_version", 0) >= 4:
+        raise CheckpointError(f"{where}: quant_config.json records no torch_dtype (format 4 always does); the "
+                              "checkpoint is damaged or was edited (re-save it)")
     name = qc.get("torch_dtype", "float32")
     if name not in DTYPES:
         raise CheckpointError(f"{where}: torch_dtype {name!r} is not one of {', '.join(DTYPES)}; the checkpoint's "
@@ -164,20 +168,25 @@ def _check_groups(where, name: str, own: dict, sym: bool, m: int, nq: int, fp_co
         raise _fail(where, name, f"keeps {fp_cols} columns in float16 but does not store them")
 
 
-def check_finite(where, tensors: dict[str, torch.Tensor]) -> None:
-    """Every floating-point tensor finite (one pass; a NaN scale would make every output NaN)."""
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CheckpointError(f"{where}: tensors {bad[:3]} hold NaN or inf; the checkpoint is damaged or was "
-                              "edited (re-save it)")
+# beyond anything a trained model holds: squared and summed over a hidden dimension, float32 overflows
+MAX_MAGNITUDE = 1e15
 
+
+def check_finite(where, tensors: dict[str, torch.Tensor]) -> None:
+    """Every floating-point tensor finite and below `MAX_MAGNITUDE` (one pass: NaN and inf fail the comparison
+    too); a NaN scale would make every output NaN, a 1e36 embedding every normalised hidden state zero."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool((t.abs() <= MAX_MAGNITUDE).all())]
+    if bad:
+        raise CheckpointError(f"{where}: tensors {bad[:3]} hold NaN, inf or values beyond {MAX_MAGNITUDE:g}; the "
+                              "checkpoint is damaged or was edited (re-save it)")
 
 
 def check_layout(where, model: torch.nn.Module, modules: dict[str, dict], tensors: dict[str, torch.Tensor],
                  tied: bool = False) -> None:
     """The records and tensors against the model config.json describes (a meta-device skeleton): every recorded
     module is a linear of that shape there, every other tensor has its place and shape, nothing is missing."""
-    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state = {k: tuple(v.shape) for k, v in full.items()}
     for name, spec in modules.items():
         try:
             lin = model.get_submodule(name)
@@ -200,6 +209,10 @@ def check_layout(where, model: torch.nn.Module, modules: dict[str, dict], tensor
         raise CheckpointError(f"{where}: tensors {sorted(wrong)[:3]} do not fit the model config.json describes "
                               f"({tuple(tensors[wrong[0]].shape)} vs {state[wrong[0]]}); the checkpoint is damaged "
                               "or was edited")
+    cast = [k for k, t in tensors.items() if k in state and t.dtype != full[k].dtype]
+    if cast:
+        raise CheckpointError(f"{where}: tensors {sorted(cast)[:3]} are {tensors[cast[0]].dtype}, the model's "
+                              f"{full[cast[0]].dtype}; the checkpoint is damaged or was edited (re-save it)")
     missing = [k for k in state if k not in tensors and not (tied and k.endswith("lm_head.weight"))]
     if missing:
         raise CheckpointError(f"{where}: tensors missing from the checkpoint: {sorted(missing)[:3]}")

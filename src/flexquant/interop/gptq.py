@@ -22,7 +22,7 @@ import re
 import torch
 
 from .._version import __version__
-from ..errors import FlexQuantError
+from ..errors import CheckpointError, FlexQuantError
 from ..quant.pack import pack_bits, unpack_bits
 from .common import (
     DTYPES,
@@ -196,6 +196,10 @@ def read_layers(qc: dict, tensors: dict[str, torch.Tensor], linears: dict[str, s
         if f"{name}.qweight" not in tensors:
             continue
         s = settings_for(name, qc)
+        lacking = [f"{name}.{k}" for k in ("qzeros", "scales") if f"{name}.{k}" not in tensors]
+        if lacking:
+            raise CheckpointError(f"{name} has a qweight but no {', '.join(lacking)}; the GPTQ checkpoint is "
+                                 "incomplete")
         qweight = tensors.pop(f"{name}.qweight")
         qzeros, scales = tensors.pop(f"{name}.qzeros"), tensors.pop(f"{name}.scales")
         g_idx = tensors.pop(f"{name}.g_idx", None)
@@ -209,6 +213,10 @@ def read_layers(qc: dict, tensors: dict[str, torch.Tensor], linears: dict[str, s
             raise FlexQuantError(f"{name}: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)} and scales "
                                  f"{list(scales.shape)} do not fit {b}-bit GPTQ; the checkpoint is corrupt")
         g = n // ng
+        declared = (s or qc).get("group_size", 128)
+        if declared not in (g, -1 if g == n else None):
+            raise CheckpointError(f"{name}: the GPTQ config says group_size {declared!r} but the tensors hold groups "
+                                 f"of {g} columns; the checkpoint's quantize_config is wrong or was edited")
         codes = _unpack_rows(qweight.T.contiguous(), b, n).to(torch.uint8)
         zeros = _unpack_rows(qzeros, b, m).T.contiguous()  # [m, ng]
         if fmt == "gptq":  # v1 stores zero − 1; its kernels add the 1 back (a stored 2^b − 1 means 2^b)
