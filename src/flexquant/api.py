@@ -100,7 +100,7 @@ def save(qmodel: QuantizedModel, path: str | Path, overwrite: bool = False, plot
     """Write the packed checkpoint, its recipe (``recipe.yaml``) and the run report to ``path`` atomically."""
     if qmodel.path is not None and not materialized(qmodel.model):
         qmodel = load(qmodel.path)  # a run written as it went: its model is read back to be saved elsewhere
-    spec = get_spec(qmodel.model.config.model_type)
+    spec = get_spec(qmodel.model.config.model_type, qmodel.model.config)
     return save_checkpoint(qmodel.model, qmodel.tokenizer, path, checkpoint_meta(qmodel), overwrite=overwrite,
                            extras=checkpoint_extras(qmodel, plot), layers=spec.layers)
 

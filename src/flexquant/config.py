@@ -221,6 +221,9 @@ class QuantConfig:
     max_memory: str = option("", "host memory for kept activations, e.g. 512MB or 8GB; beyond it they spill to "
                                  "--offload-dir ('' = no limit)")
     offload_dir: str = option("", "folder for spilled activations ('' = a temporary folder)")
+    moe_calibration: str = option("routed", "mixture-of-experts Hessians: routed (each expert's routed tokens, "
+                                            "weighted by routing weight) | all (every token through every expert)",
+                                  ("routed", "all"))
     # The method's options: an instance of its registered `MethodConfig` (a dict is converted).
     options: MethodConfig = field(default_factory=NoOptions)
     format_version: int = CONFIG_FORMAT_VERSION

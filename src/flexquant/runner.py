@@ -26,7 +26,7 @@ from .data import calibration_windows
 from .errors import FlexQuantError
 from .eval import peak_rss_mb
 from .format.checkpoint import PROGRESS, QUANT_CONFIG, CheckpointWriter, install_packed
-from .models import get_spec, load_model
+from .models import experts, get_spec, load_model
 from .models.loader import load_streamed
 from .models.stream import residency
 from .nn.quant_linear import QuantLinear
@@ -149,7 +149,7 @@ class Run:
     def __init__(self, config, method, model, tok, device, load_seconds, calib_ids, progress, dist):
         self.config, self.method, self.model, self.tok, self.device = config, method, model, tok, device
         self.dist, self.discard = dist, False
-        self.spec = get_spec(model.config.model_type)
+        self.spec = get_spec(model.config.model_type, model.config)
         self.res = residency(model, self.spec)
         check_group_size(model, self.spec, config.grid.group_size)
         check_budget(model, config)
@@ -188,12 +188,13 @@ class Run:
         store = _store(c)
         try:
             calib = self.calib_ids
-            stats = prepare_model(self.model, self.spec, self.method, calib, self.device, c.batch_size,
-                                  self.progress, store, self.dist)
-            inputs = self._replay(start, store) if start and self.method.needs_calibration else None
-            quantize_blocks(self.model, self.spec, self.method, calib, self.device, c.batch_size, self.progress,
-                            stats=stats, store=store, on_block=self._on_block, start=start, inputs=inputs,
-                            records=self.records, notes=self.notes, dist=self.dist)
+            with experts.calibration(self.model, c.moe_calibration):
+                stats = prepare_model(self.model, self.spec, self.method, calib, self.device, c.batch_size,
+                                      self.progress, store, self.dist)
+                inputs = self._replay(start, store) if start and self.method.needs_calibration else None
+                quantize_blocks(self.model, self.spec, self.method, calib, self.device, c.batch_size,
+                                self.progress, stats=stats, store=store, on_block=self._on_block, start=start,
+                                inputs=inputs, records=self.records, notes=self.notes, dist=self.dist)
         finally:
             store.close()
         records, notes = self.records, self.notes
@@ -209,6 +210,8 @@ class Run:
         report["method"] = self.method.summary()
         if self.dist.active:
             report["distributed"] = _distributed_facts(self.dist, notes)
+        if self.spec.experts:
+            report["experts"] = experts.summary(records, c.moe_calibration)
         report["memory"] = {"streamed": self.res.streamed, "store": store.summary(),
                             "weights_read_bytes": getattr(self.res, "reads", None)}
         return report

@@ -247,8 +247,11 @@ def check_architecture(src: Source) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(src.path)
+    from ..models.experts import unfuse_experts
+
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    unfuse_experts(skeleton)  # experts are exported one linear each, as hub checkpoints hold them
     state = set(skeleton.state_dict())
     extra_bias = []
     for name, layer in {**src.grids, **src.dense}.items():

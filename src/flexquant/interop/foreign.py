@@ -142,6 +142,7 @@ def _skeleton(path: Path, cfg: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import get_spec
+    from ..models.experts import unfuse_experts
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -157,6 +158,7 @@ def _skeleton(path: Path, cfg: dict):
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(
             config.model_type))
+    unfuse_experts(model)  # one linear per expert, as the tensors are stored
     return model, config, dtype
 
 

@@ -105,7 +105,7 @@ def _block_modules(src: Source) -> list[list[str]] | None:
         return None
     from ..models import get_spec
 
-    spec = get_spec(src.config.get("model_type"))
+    spec = get_spec(src.config.get("model_type"), src.config)
     per_block: dict[str, set[str]] = {}
     for name in src.grids:
         block, _, rel = name.removeprefix(spec.layers + ".").partition(".")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import FlexQuantError
-from .spec import SPECS, ModelSpec, register_discovered
+from .spec import SPECS, ModelSpec, get_spec, register_discovered
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def spec_for(config, trust_remote_code: bool = False) -> ModelSpec:
     """The family's tested spec, or one discovered from a skeleton of the model ``config`` describes (registered,
     so that `get_spec` answers it for the family from now on; a later load of the family discovers again)."""
     if config.model_type in SPECS:
-        return SPECS[config.model_type]
+        return get_spec(config.model_type, config)  # (a MoE family expanded to its experts)
     spec = discover_spec(skeleton(config, trust_remote_code))
     register_discovered(spec)
     if _warned.get(spec.family) != spec:

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import FlexQuantError
 from .builtin import BUILTIN_MODELS, builtin_path, tiny_llama
+from .experts import unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
                                                  trust_remote_code=trust_remote_code)
+    unfuse_experts(model)  # streamed when the files hold one linear per expert (the hub layout)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wanted = set(shapes)
@@ -178,6 +180,7 @@ def load_model(name: str, dtype: torch.dtype | None = None, trust_remote_code: b
         tok = load_tokenizer(name, trust_remote_code)
     if dtype is not None:
         model = model.to(dtype)
+    unfuse_experts(model)
     model.config.use_cache = False
     check_finite(model)
     return model.eval(), tok

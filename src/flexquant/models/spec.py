@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,12 +66,35 @@ class ModelSpec:
     # Built at load time by `models.discover` for a family without a tested spec: linear groups only (the generic
     # per-group recompute path); methods that need more of the structure refuse it.
     discovered: bool = False
+    # Mixture of experts: the path (in a block) of the routed experts, unfused into one linear per expert
+    # (`models.experts`). A ``*`` in a linear's path stands for the expert index: `expanded` gives each expert its
+    # own groups (its own Hessian, from the tokens routed to it). Routers and shared-expert gates are not linears of
+    # the spec: they stay in full precision.
+    experts: str | None = None
 
     def __post_init__(self) -> None:
         read = {r for _, readers in self.norm_linear_pairs for r in readers}
         if self.rotatable and (self.attn_output_norm or self.mlp_output_norm or not set(self.residual_readers) <= read):
             raise ValueError(f"ModelSpec {self.family}: rotatable, but a residual reader reads no folded norm or a "
                              "sub-layer output is normed")
+
+    def expanded(self, num_experts: int) -> ModelSpec:
+        """The spec of a model with ``num_experts`` routed experts per block: each group naming ``*`` repeated
+        once per expert (the other fields likewise)."""
+        def each(names_: tuple[str, ...]) -> list[tuple[str, ...]]:
+            if not any("*" in n for n in names_):
+                return [names_]
+            return [tuple(n.replace("*", str(e)) for n in names_) for e in range(num_experts)]
+
+        def groups(gs):
+            return tuple(out for g in gs for out in each(g))
+
+        def names(ns):
+            return tuple(m for n in ns for m in each((n,)))
+
+        return replace(self, linear_groups=groups(self.linear_groups), residual_readers=names(self.residual_readers),
+                       residual_writers=names(self.residual_writers), online_rotations=names(self.online_rotations),
+                       norm_linear_pairs=tuple((norm, names(rs)) for norm, rs in self.norm_linear_pairs))
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -101,6 +125,13 @@ _GEMMA = dict(
     mlp_output_norm="post_feedforward_layernorm", logits_softcap="final_logit_softcapping",
 )
 
+# Mixture of experts (blocks whose MLP is a router over experts, each expert a gated MLP): attention as Llama's,
+# then each routed expert's gate/up and down (the router reads the normed input too, so nothing is rotated).
+_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
+_MOE = dict(norm_linear_pairs=(("input_layernorm", _QKV),), residual_readers=_QKV, residual_writers=(
+    "self_attn.o_proj",), online_rotations=(), rotatable=False, prenorm=False, experts="mlp.experts")
+_SHARED = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
+
 SPECS: dict[str, ModelSpec] = {
     "llama": ModelSpec("llama"),
     "mistral": ModelSpec("mistral"),
@@ -123,6 +154,11 @@ SPECS: dict[str, ModelSpec] = {
     "granite": ModelSpec("granite", residual_multiplier="residual_multiplier", logits_divisor="logits_scaling"),
     "gemma2": ModelSpec("gemma2", **_GEMMA, attn_implementation="eager"),
     "gemma3_text": ModelSpec("gemma3_text", qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA),
+    "mixtral": ModelSpec("mixtral", linear_groups=(_QKV, ("self_attn.o_proj",)) + _EXPERTS, **_MOE),
+    "qwen3_moe": ModelSpec("qwen3_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _EXPERTS,
+                           qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_MOE),
+    # a shared expert beside the routed ones (its sigmoid gate stays in full precision)
+    "qwen2_moe": ModelSpec("qwen2_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _SHARED + _EXPERTS, **_MOE),
 }
 
 
@@ -137,10 +173,27 @@ def register_discovered(spec: ModelSpec) -> None:
     DISCOVERED[spec.family] = spec
 
 
-def get_spec(model_type: str) -> ModelSpec:
+def get_spec(model_type: str, config=None) -> ModelSpec:
+    """The family's spec; a mixture-of-experts family's expanded to the experts ``config`` (object or dict)
+    declares."""
     spec = SPECS.get(model_type) or DISCOVERED.get(model_type)
     if spec is None:
         raise FlexQuantError(
             f"model family {model_type!r} is not supported; supported families: {', '.join(sorted(SPECS))}"
         )
-    return spec
+    if spec.experts is None or config is None:
+        return spec
+    from .experts import dense_layers, experts_count
+
+    dense = dense_layers(config)
+    if dense:
+        raise FlexQuantError(f"this {model_type} model mixes dense MLP blocks ({', '.join(map(str, dense[:4]))}) with "
+                             "mixture-of-experts ones; flexquant quantizes models whose every block has experts")
+    return _expanded(spec, experts_count(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _expanded(spec: ModelSpec, num_experts: int) -> ModelSpec:
+    if num_experts < 1:
+        raise FlexQuantError(f"the {spec.family} config declares no experts (num_experts / num_local_experts)")
+    return spec.expanded(num_experts)

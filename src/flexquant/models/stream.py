@@ -37,7 +37,7 @@ def residency(model: nn.Module, spec: ModelSpec | None = None) -> Residency:
         if spec is None:
             from .spec import get_spec
 
-            spec = get_spec(model.config.model_type)
+            spec = get_spec(model.config.model_type, model.config)
         res = Residency(model, spec)
         object.__setattr__(model, ATTRIBUTE, res)  # not a submodule: no parameters, not in the state dict
     return res

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import FlexQuantError
+from ..models.experts import CALIB_TOKENS
 from ..models.spec import ModelSpec
 from ..models.stream import residency
 from ..quant.gptq import hessian_error
@@ -60,8 +61,9 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
     linear.weight.data = Wq.to(W.device, W.dtype)  # later groups and blocks see the quantized weight
     full = f"{prefix}.{name}"
     results[full] = r
+    tokens = getattr(linear, CALIB_TOKENS, None)  # an expert's: how many routed tokens its Hessian saw
     records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, seconds + time.perf_counter() - t0,
-                                r.stats))
+                                r.stats if tokens is None else {**r.stats, CALIB_TOKENS: tokens}))
 
 
 def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,

@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..models.experts import ROW_WEIGHTS, sparse_damped
 from .capture import BlockInputs, _StopForward, block_kwargs, run_block
 from .distributed import SINGLE, Dist
 
@@ -46,13 +47,20 @@ def collect_hessian(block: nn.Module, linear_name: str, inputs: BlockInputs,
     """
     linear = block.get_submodule(linear_name)
     acc = dist.accumulator(linear.in_features, device)
-    with input_hook(linear, acc.add):
+
+    def add(x):  # an expert's rows weighted by their routing weights (`models.experts`)
+        w = getattr(linear, ROW_WEIGHTS, None)
+        acc.add(x if w is None else x * w.sqrt().to(x.dtype).unsqueeze(-1))
+
+    with input_hook(linear, add):
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             try:
                 block(h.to(device), **block_kwargs(block, kw))
             except _StopForward:
                 pass
     dist.reduce_hessian(acc)
+    if ".experts." in linear_name:  # (the expert's other linears saw the same tokens)
+        return sparse_damped(acc.H, acc.tokens, block.get_submodule(linear_name.rpartition(".")[0]))
     return acc.H
 
 

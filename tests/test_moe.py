@@ -1,0 +1,155 @@
+"""Mixture-of-experts families (mixtral, qwen3_moe, qwen2_moe): tiny random models built in code. The fused 3-D
+experts of transformers 5 become one linear per expert with the same outputs; each expert is quantized from the
+tokens routed to it (weighted by routing weight) or, with ``moe_calibration="all"``, from every token; a checkpoint
+stores one packed linear per expert and loads to the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import quantize_tiny, save_tiny_models
+
+import flexquant as fq
+from flexquant.errors import FlexQuantError
+from flexquant.models.experts import LinearExperts, sparse_damped, unfuse_experts
+from flexquant.models.spec import get_spec
+from flexquant.nn import QuantLinear
+
+COMMON = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257,
+              num_hidden_layers=2, num_experts_per_tok=2)
+FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+EXPERTS = 4
+
+
+def _config(family: str, **extra):
+    import transformers as t
+
+    if family == "mixtral":
+        return t.MixtralConfig(**COMMON, num_local_experts=EXPERTS, **extra)
+    if family == "qwen3_moe":
+        return t.Qwen3MoeConfig(**COMMON, num_experts=EXPERTS, moe_intermediate_size=64, head_dim=16, **extra)
+    return t.Qwen2MoeConfig(**COMMON, num_experts=EXPERTS, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=96, **extra)
+
+
+def tiny_moe(family: str):
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_config(family))
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.data = torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5)
+    model.config.use_cache = False
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("moe"), FAMILIES, tiny_moe)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unfused_experts_compute_what_the_fused_ones_do(family, ids):
+    fused = tiny_moe(family)
+    model = tiny_moe(family)
+    assert unfuse_experts(model) == COMMON["num_hidden_layers"]
+    assert isinstance(model.model.layers[0].mlp.experts, LinearExperts)
+    assert isinstance(model.model.layers[0].mlp.experts.get_submodule("3.down_proj"), torch.nn.Linear)
+    ref = _logits(fused, ids)
+    assert torch.allclose(_logits(model, ids), ref, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("family,method", [(f, "gptq") for f in FAMILIES] + [("mixtral", "rtn")])
+def test_quantize_save_load(folders, ids, tmp_path, family, method):
+    qm = quantize_tiny(folders[family], method, ids)
+    spec = get_spec(family, qm.model.config)
+    packed = [n for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == COMMON["num_hidden_layers"] * len(spec.linears)
+    assert sum(".experts." in n for n in packed) == COMMON["num_hidden_layers"] * EXPERTS * 3
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in packed)  # routers stay full precision
+    re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
+    assert torch.equal(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_flexible_spans_the_experts(folders, ids, tmp_path, family):
+    qm = quantize_tiny(folders[family], "flexible", ids, options=dict(bpw=3.0, dosa=False, lfd=False,
+                                                                      alloc_nsamples=4, fisher_nsamples=2))
+    assert 2.9 <= qm.bpw <= 3.0
+    rows = qm.report["experts"]["linears"]
+    assert len(rows) == COMMON["num_hidden_layers"] * EXPERTS * 3
+    assert all(2 <= r["bits"] <= 8 for r in rows)  # (the search may give every expert the same width)
+    re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
+    assert torch.allclose(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]), atol=1e-5)
+
+
+def test_routed_and_all_calibration(folders, ids):
+    routed = quantize_tiny(folders["mixtral"], "gptq", ids)
+    every = quantize_tiny(folders["mixtral"], "gptq", ids, moe_calibration="all")
+    tokens = ids.numel()
+    r, a = routed.report["experts"], every.report["experts"]
+    assert r["calibration"] == "routed" and a["calibration"] == "all"
+    gate = [x for x in r["linears"] if x["name"].startswith("model.layers.0.") and x["name"].endswith("gate_proj")]
+    assert sum(x["tokens"] for x in gate) == tokens * COMMON["num_experts_per_tok"]  # each token reaches top-k
+    assert all(x["tokens"] == tokens for x in a["linears"]) and a["under_sampled"] == []
+    assert {x["name"] for x in r["under_sampled"]} == {x["name"] for x in r["linears"] if x["tokens"] < x["inputs"]}
+    assert not torch.equal(_logits(routed.model, ids[:1]), _logits(every.model, ids[:1]))
+
+
+def test_sparse_hessian_is_damped_toward_its_diagonal():
+    lin = torch.nn.Linear(4, 2)
+    X = torch.randn(2, 4)
+    H = 2 * X.T @ X / 2
+    assert torch.equal(sparse_damped(torch.zeros(4, 4), 0, lin), torch.eye(4)) and lin.calib_tokens == 0
+    damped = sparse_damped(H, 2, lin)
+    assert torch.linalg.matrix_rank(H) == 2 and torch.linalg.matrix_rank(damped) == 4
+    assert torch.allclose(damped, 0.5 * H + 0.5 * H.diagonal().mean() * torch.eye(4))
+    assert sparse_damped(H, 4, lin) is H
+
+
+def test_routing_weights_reach_the_hessian(ids):
+    """An expert's Hessian in routed mode is 2/T·Σ w·x·xᵀ over its routed tokens (w: the routing weight)."""
+    from flexquant.models.experts import ROW_WEIGHTS
+    from flexquant.pipeline.capture import BlockInputs
+    from flexquant.pipeline.hooks import collect_hessian
+
+    model = tiny_moe("mixtral")
+    unfuse_experts(model)
+    block, seen = model.model.layers[0], {}
+    lin = block.mlp.experts.get_submodule("1.gate_proj")
+    lin.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].clone(), w=getattr(m, ROW_WEIGHTS).clone()))
+    h = model.model.embed_tokens(ids[:1])
+    pos = torch.arange(ids.shape[1])[None]
+    kw = {"position_embeddings": model.model.rotary_emb(h, pos), "position_ids": pos, "attention_mask": None}
+    H = collect_hessian(block, "mlp.experts.1.gate_proj", BlockInputs([h], [kw]), torch.device("cpu"))
+    x, w = seen["x"], seen["w"]
+    assert 0 < w.min() and w.max() < 1
+    want = 2 * (x * w[:, None]).T @ x / x.shape[0]
+    if x.shape[0] < x.shape[1]:
+        want = sparse_damped(want, x.shape[0], torch.nn.Linear(1, 1))
+    assert torch.allclose(H, want, atol=1e-5)
+
+
+def test_blocks_without_experts_are_refused():
+    with pytest.raises(FlexQuantError, match="mixes dense MLP blocks"):
+        get_spec("qwen3_moe", _config("qwen3_moe", mlp_only_layers=[0]))
+
+
+def test_what_moe_blocks_cannot_do_is_refused(folders, ids):
+    with pytest.raises(FlexQuantError, match="--no-dosa"):
+        quantize_tiny(folders["mixtral"], "flexible", ids, options=dict(bpw=3.0, lfd=False))
+    with pytest.raises(FlexQuantError, match="--no-lfd"):
+        quantize_tiny(folders["mixtral"], "flexible", ids, options=dict(bpw=3.0, dosa=False))
