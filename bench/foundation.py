@@ -1,4 +1,5 @@
-"""Foundation benchmark: full precision, flexquant RTN/GPTQ and the peers, side by side on smollm2-135m.
+"""Foundation benchmark: full precision, flexquant RTN/GPTQ and the peers, side by side on smollm2-135m (or
+``--model gemma3-270m``).
 
 Every method quantizes from the same float32 model with the same calibration windows (written once
 to a safetensors file) and is evaluated in this process on the same held-out windows against the
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
+KEEP_LOGPROBS_BYTES = 4 << 30  # reference log-probabilities kept in memory up to this size
 GRID_KEYS = ("scale_bits", "zero_bits")  # `--flexible 3.5:scale_bits=16` reaches the grid
 
 
@@ -101,6 +103,14 @@ def reference_row(args, windows: torch.Tensor):
     from flexquant.models import load_model
 
     ref_model, _ = load_model(args.model_dir)
+    if ref_model.config.vocab_size * windows.numel() * 4 > KEEP_LOGPROBS_BYTES:
+        # (gemma3's 262k vocabulary: 8 windows of log-probabilities would be 17 GB) the model stays the reference,
+        # run again beside each evaluated model on the same windows
+        from flexquant.eval import evaluate_windows
+
+        res = evaluate_windows(ref_model, windows, progress=False)
+        return ref_model, {"kind": "reference", "method": "full precision", "bits": 32, "bpw": 32.0,
+                           "perplexity": res["perplexity"], "kl_divergence": 0.0}
     ref = reference_logprobs(ref_model, windows, progress=False)
     del ref_model
     nll = sum(float(-lp[0].gather(-1, windows[i, 1:, None]).sum()) for i, lp in enumerate(ref))
@@ -146,9 +156,9 @@ def setup(args, work: Path, text_windows: int) -> tuple[torch.Tensor, torch.Tens
     work/calib.safetensors atomically (a running job may read it), and ``text_windows`` held-out windows."""
     from flexquant.data import calibration_windows, eval_windows
     from flexquant.models import load_tokenizer
-    from flexquant.models.builtin import smollm2_path
+    from flexquant.models.builtin import builtin_path
 
-    args.model_dir = str(smollm2_path())
+    args.model_dir = str(builtin_path(args.model) or args.model)
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(args.model_dir)
     calib = calibration_windows(tok, "pydoc", args.nsamples, args.seqlen, seed=0)
@@ -179,6 +189,7 @@ class RowCache:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in model name (smollm2-135m, gemma3-270m) or folder")
     p.add_argument("--bits", type=int, nargs="*", default=[4, 3, 2])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--methods", default="rtn,gptq", help="flexquant methods")
@@ -194,7 +205,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    work = Path(args.out) / "work"
+    work = Path(args.out) / ("work" if args.model == "smollm2-135m" else f"work-{Path(args.model).name}")
     calib, windows = setup(args, work, args.windows)
     peers = [m for m in args.peers.split(",") if m]
     if peers and not (ROOT / ".venv-peers/bin/python").exists():
@@ -203,7 +214,7 @@ def main() -> None:
     setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}"
     ref, fp_row = reference_row(args, windows)
     rows = [fp_row]
-    header = (f"smollm2-135m, calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, "
+    header = (f"{args.model}, calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, "
               f"evaluation {windows.shape[0]} windows × 2048 tokens of the held-out split; group size "
               f"{args.group_size}; {dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")

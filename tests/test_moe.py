@@ -77,7 +77,7 @@ def test_quantize_save_load(folders, ids, tmp_path, family, method):
     qm = quantize_tiny(folders[family], method, ids)
     spec = get_spec(family, qm.model.config)
     packed = [n for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)]
-    assert len(packed) == COMMON["num_hidden_layers"] * len(spec.linears)
+    assert len(packed) == sum(len(spec.linears_in(b)) for b in qm.model.model.layers)
     assert sum(".experts." in n for n in packed) == COMMON["num_hidden_layers"] * EXPERTS * 3
     assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in packed)  # routers stay full precision
     re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
@@ -143,9 +143,49 @@ def test_routing_weights_reach_the_hessian(ids):
     assert torch.allclose(H, want, atol=1e-5)
 
 
-def test_blocks_without_experts_are_refused():
-    with pytest.raises(FlexQuantError, match="mixes dense MLP blocks"):
-        get_spec("qwen3_moe", _config("qwen3_moe", mlp_only_layers=[0]))
+def _deepseek(q_lora_rank):
+    import transformers as t
+
+    cfg = t.DeepseekV3Config(vocab_size=258, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                             num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=EXPERTS,
+                             num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+                             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=32,
+                             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                             max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    return cfg
+
+
+@pytest.mark.parametrize("family,extra", [("qwen3_moe", {"mlp_only_layers": [0]}), ("deepseek_v3", {"q": 32}),
+                                          ("deepseek_v3", {"q": None})],
+                         ids=["qwen3_moe-dense-first", "deepseek_v3-q_lora", "deepseek_v3-q_proj"])
+def test_models_mixing_dense_and_expert_blocks(family, extra, ids, tmp_path):
+    """Blocks differ (dense first layers; DeepSeek's latent attention with or without the low-rank q): each block
+    quantizes the linears it has; the rest (routers, the score-correction bias) stays in full precision."""
+    from transformers import AutoModelForCausalLM
+
+    from flexquant.models.builtin import tiny_tokenizer
+
+    cfg = _deepseek(extra["q"]) if family == "deepseek_v3" else _config(family, **extra)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    ref = _logits(model, ids)
+    unfuse_experts(model)
+    assert torch.allclose(_logits(model, ids), ref, atol=1e-5 * float(ref.abs().max()))
+    qm = quantize_tiny(tmp_path / "m", "gptq", ids)
+    spec = get_spec(family, qm.model.config)
+    layers = qm.model.model.layers
+    assert "mlp.down_proj" in spec.linears_in(layers[0]) and "mlp.experts.0.down_proj" not in spec.linears_in(layers[0])
+    assert "mlp.experts.3.down_proj" in spec.linears_in(layers[-1])
+    packed = {n for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)}
+    want = {f"model.layers.{i}.{n}" for i, b in enumerate(layers) for n in spec.linears_in(b)}
+    assert packed == want
+    assert all(isinstance(m, torch.nn.Linear) and not isinstance(m, QuantLinear)
+               for n, m in qm.model.named_modules() if n.endswith("lm_head"))
+    re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
+    assert torch.equal(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]))
 
 
 def test_what_moe_blocks_cannot_do_is_refused(folders, ids):
@@ -153,3 +193,28 @@ def test_what_moe_blocks_cannot_do_is_refused(folders, ids):
         quantize_tiny(folders["mixtral"], "flexible", ids, options=dict(bpw=3.0, lfd=False))
     with pytest.raises(FlexQuantError, match="--no-lfd"):
         quantize_tiny(folders["mixtral"], "flexible", ids, options=dict(bpw=3.0, dosa=False))
+
+
+def test_a_moe_family_without_a_spec_is_discovered_expert_by_expert(ids, tmp_path):
+    """GLM-4.5's MoE (no tested spec): the discovery runs every expert, each becomes its own groups; GPTQ
+    quantizes every expert from its routed tokens."""
+    import transformers as t
+
+    from flexquant.models.builtin import tiny_tokenizer
+
+    cfg = t.Glm4MoeConfig(vocab_size=258, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                          num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, n_routed_experts=EXPERTS,
+                          num_experts_per_tok=2, first_k_dense_replace=0, head_dim=16, bos_token_id=256,
+                          eos_token_id=257, pad_token_id=257)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        t.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    qm = quantize_tiny(tmp_path / "m", "gptq", ids)
+    spec = get_spec("glm4_moe")
+    assert spec.discovered and ("mlp.experts.3.gate_proj", "mlp.experts.3.up_proj") in spec.linear_groups
+    assert len(qm.report["experts"]["linears"]) == 2 * EXPERTS * 3
+    packed = [n for n, m in qm.model.named_modules() if isinstance(m, QuantLinear) and ".experts." in n]
+    assert len(packed) == 2 * EXPERTS * 3
+    re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
+    assert torch.equal(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]))

@@ -68,9 +68,10 @@ def materialized(model: nn.Module) -> bool:
 
 
 def check_group_size(model: nn.Module, spec, group_size: int) -> None:
-    layer = model.get_submodule(spec.layers)[0]
-    for name in spec.linears:
-        n = layer.get_submodule(name).in_features
+    sizes = {}  # (a mixture-of-experts model's blocks may differ: every block's linears)
+    for layer in model.get_submodule(spec.layers)[: None if spec.experts else 1]:
+        sizes.update({name: layer.get_submodule(name).in_features for name in spec.linears_in(layer)})
+    for name, n in sizes.items():
         if n % group_size:
             raise FlexQuantError(
                 f"group_size={group_size} does not divide the input dimension {n} of {name}; "
@@ -210,8 +211,9 @@ class Run:
         report["method"] = self.method.summary()
         if self.dist.active:
             report["distributed"] = _distributed_facts(self.dist, notes)
-        if self.spec.experts:
-            report["experts"] = experts.summary(records, c.moe_calibration)
+        moe = experts.summary(records, c.moe_calibration)
+        if moe["linears"]:  # (a discovered MoE family's experts too)
+            report["experts"] = moe
         report["memory"] = {"streamed": self.res.streamed, "store": store.summary(),
                             "weights_read_bytes": getattr(self.res, "reads", None)}
         return report

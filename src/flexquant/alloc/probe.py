@@ -32,7 +32,7 @@ class ProbeEngine:
         self.layers = model.get_submodule(spec.layers)
         self.norm, self.head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
         self.fp = {f"{spec.layers}.{i}.{n}": blk.get_submodule(n).weight.data
-                   for i, blk in enumerate(self.layers) for n in spec.linears}
+                   for i, blk in enumerate(self.layers) for n in spec.linears_in(blk)}
         self.forwards = 0  # block forward passes run (the probe cost, in blocks)
         self.probes = 0
         self.seconds = 0.0

@@ -160,7 +160,7 @@ class FlexibleLLM(Method):
 
             def observe(stage):  # incoherence of each linear the first time its block is seen (before/after)
                 def fn(i, block):
-                    for n in spec.linears:
+                    for n in spec.linears_in(block):
                         inc.setdefault(f"{spec.layers}.{i}.{n}", {}).setdefault(
                             stage, incoherence(block.get_submodule(n).weight))
                 return fn
@@ -181,13 +181,13 @@ class FlexibleLLM(Method):
         res = residency(model, spec)
         for i in range(len(model.get_submodule(spec.layers))):
             with res.block(i, "cpu") as block:
-                for n in spec.linears:
+                for n in spec.linears_in(block):
                     yield f"{spec.layers}.{i}.{n}", block.get_submodule(n).weight.data.float()
 
     @staticmethod
     def _names(model, spec) -> list[str]:
         layers = model.get_submodule(spec.layers)
-        return [f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for n in spec.linears]
+        return [f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for n in spec.linears_in(layers[i])]
 
     # ----- allocation: salience order, error tables, the greedy search under the exact budget -----
     @torch.no_grad()

@@ -80,6 +80,9 @@ class HiRatio(Method):
 
     def prepare(self, model, spec) -> StatsRequest:
         h, layers = self.options, model.get_submodule(spec.layers)
+        if spec.experts:
+            raise FlexQuantError(f"hiratio does not handle mixture-of-experts blocks yet ({spec.family}); use "
+                                 "--method gptq or flexible")
         residency(model, spec).pin_all("hiratio probes the whole model")
         if h.ratios and len(h.ratios) != len(layers):
             raise FlexQuantError(f"ratios has {len(h.ratios)} entries; the model has {len(layers)} layers")

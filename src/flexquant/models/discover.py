@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import torch
 from torch import nn
 
 from ..errors import FlexQuantError
+from .experts import calibration, unfuse_experts
 from .spec import SPECS, ModelSpec, get_spec, register_discovered
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     config.use_cache = False
     try:
         with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
-                                                    trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
+                                                     trust_remote_code=trust_remote_code)
+        unfuse_experts(model)  # fused 3-D experts: one linear per expert, discovered like any linear
+        return model
     except (ValueError, ImportError) as e:  # no SDPA attention, or not a causal LM transformers knows
         first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
         raise _unsupported(config.model_type, f"transformers cannot build it as a causal LM with SDPA attention "
@@ -237,14 +241,19 @@ def linear_groups(tr: _Trace, linears: tuple[str, ...], family: str) -> tuple[tu
                                    "branch), which a generic ModelSpec cannot order")
     groups: list[list[str]] = []
     keys: list[torch.Tensor] = []
-    for name, x in tr.calls:
-        k = next((i for i, y in enumerate(keys) if _same(x, y)), None)
+    for name, x in tr.calls:  # (every expert reads the block's input: each expert is its own group)
+        k = next((i for i, y in enumerate(keys) if _same(x, y) and _expert(groups[i][0]) == _expert(name)), None)
         if k is None:
             groups.append([name])
             keys.append(x)
         else:
             groups[k].append(name)
     return tuple(tuple(g) for g in groups)
+
+
+def _expert(name: str) -> str | None:
+    m = re.search(r"\.experts\.(\d+)\.", "." + name)
+    return m.group(1) if m else None
 
 
 def final_norm(model: nn.Module, tr: _Trace, layers: str, family: str) -> str:
@@ -279,7 +288,7 @@ def discover_spec(model: nn.Module) -> ModelSpec:
     if not embed or not head:
         raise _unsupported(family, "its input embedding or its head (output embeddings) could not be found")
     linears = block_linears(model, layers, family)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), calibration(model, "all"):  # (every expert runs, once)
         try:
             tr = trace(model, layers, embed, head, linears)
         except (RuntimeError, TypeError, ValueError) as e:

@@ -143,15 +143,6 @@ def calibration(model: nn.Module, mode: str) -> Iterator[None]:
             m.calibrate_all = False
 
 
-def dense_layers(config) -> list[int]:
-    """The blocks a MoE config gives a dense MLP instead of experts (Qwen-MoE's ``mlp_only_layers`` and
-    ``decoder_sparse_step``, DeepSeek's ``first_k_dense_replace``)."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    n = get("num_hidden_layers") or 0
-    only, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
-    first = get("first_k_dense_replace") or 0
-    return [i for i in range(n) if i in only or (i + 1) % step or i < first]
-
 
 CALIB_TOKENS = "calib_tokens"  # set on an expert's linear: the calibration tokens its Hessian came from
 

@@ -100,6 +100,17 @@ class ModelSpec:
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.linear_groups for name in group)
 
+    def groups_in(self, block: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+        """The linear groups ``block`` has. A mixture-of-experts spec lists the groups of its dense and its expert
+        blocks (DeepSeek's first layers, Qwen-MoE's ``mlp_only_layers``) and of its attention variants; a block has
+        the groups whose every linear it holds. Any other spec's blocks have all of them."""
+        if self.experts is None:
+            return self.linear_groups
+        return tuple(g for g in self.linear_groups if all(_has(block, n) for n in g))
+
+    def linears_in(self, block: torch.nn.Module) -> tuple[str, ...]:
+        return tuple(name for group in self.groups_in(block) for name in group)
+
     @property
     def direct_writers(self) -> bool:
         """Each residual writer's output is added to the residual stream as it is (no norm, no multiplier)."""
@@ -113,6 +124,14 @@ class ModelSpec:
         if cap:
             head_out = torch.tanh(head_out / cap) * cap
         return head_out
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -131,6 +150,11 @@ _EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.
 _MOE = dict(norm_linear_pairs=(("input_layernorm", _QKV),), residual_readers=_QKV, residual_writers=(
     "self_attn.o_proj",), online_rotations=(), rotatable=False, prenorm=False, experts="mlp.experts")
 _SHARED = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
+_DENSE = (_GATE_UP, ("mlp.down_proj",))  # the MLP of a MoE model's dense blocks
+# DeepSeek's multi-head latent attention: q (or its low-rank q_a) and the kv latent read the normed input; q_b
+# and kv_b read their latents through the q_a / kv_a norms (inside the attention, so nothing there folds)
+_MLA = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+        ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
 
 SPECS: dict[str, ModelSpec] = {
     "llama": ModelSpec("llama"),
@@ -155,10 +179,16 @@ SPECS: dict[str, ModelSpec] = {
     "gemma2": ModelSpec("gemma2", **_GEMMA, attn_implementation="eager"),
     "gemma3_text": ModelSpec("gemma3_text", qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA),
     "mixtral": ModelSpec("mixtral", linear_groups=(_QKV, ("self_attn.o_proj",)) + _EXPERTS, **_MOE),
-    "qwen3_moe": ModelSpec("qwen3_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _EXPERTS,
+    "qwen3_moe": ModelSpec("qwen3_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _DENSE + _EXPERTS,
                            qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_MOE),
     # a shared expert beside the routed ones (its sigmoid gate stays in full precision)
-    "qwen2_moe": ModelSpec("qwen2_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _SHARED + _EXPERTS, **_MOE),
+    "qwen2_moe": ModelSpec("qwen2_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _DENSE + _SHARED + _EXPERTS,
+                           **_MOE),
+    # dense first blocks, then shared + routed experts (the router's score-correction bias stays as it is)
+    "deepseek_v3": ModelSpec(
+        "deepseek_v3", linear_groups=_MLA + _DENSE + (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+                                                      ("mlp.shared_experts.down_proj",)) + _EXPERTS,
+        **{**_MOE, "norm_linear_pairs": (), "residual_readers": ()}),
 }
 
 
@@ -183,12 +213,8 @@ def get_spec(model_type: str, config=None) -> ModelSpec:
         )
     if spec.experts is None or config is None:
         return spec
-    from .experts import dense_layers, experts_count
+    from .experts import experts_count
 
-    dense = dense_layers(config)
-    if dense:
-        raise FlexQuantError(f"this {model_type} model mixes dense MLP blocks ({', '.join(map(str, dense[:4]))}) with "
-                             "mixture-of-experts ones; flexquant quantizes models whose every block has experts")
     return _expanded(spec, experts_count(config))
 
 

@@ -124,7 +124,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         for i in bar:
             with res.block(i, device) as block:
                 mine: dict[str, QuantResult] = {}
-                for name in spec.linears:
+                for name in spec.linears_in(block):
                     _quantize_one(method, None, f"{spec.layers}.{i}", name, block.get_submodule(name),
                                   None, mine, records)
                 finish(i, block, mine)
@@ -187,7 +187,7 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
         raise FlexQuantError(f"this method's feedback needs residual blocks of two sub-layers; {spec.family} "
                              "is not declared so in its ModelSpec")
     else:
-        for group in spec.linear_groups:
+        for group in spec.groups_in(block):
             quantize_group(group, collect_hessian(block, group[0], inputs, device, ctx.dist))
         out_q = run_block(block, inputs, device)
     return method.after_block(ctx, out_q, out_fp)

@@ -81,12 +81,12 @@ def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInp
     for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output sensitivity", disable=not progress):
         inputs = block_inputs[i]
         acc = {name: dist.batch_terms(torch.zeros(layers[i].get_submodule(name).out_features, device=device))
-               for name in spec.linears}
+               for name in spec.linears_in(layers[i])}
         with residency(model, spec).block(i, device) as block:
             params = [p.requires_grad for p in block.parameters()]
             for p in block.parameters():
                 p.requires_grad_(False)
-            handles = [block.get_submodule(n).register_forward_hook(_square_grad_tap(acc[n])) for n in spec.linears]
+            handles = [block.get_submodule(n).register_forward_hook(_square_grad_tap(acc[n])) for n in acc]
             try:
                 new_grad = []
                 for h, kw, g in zip(inputs.hidden, inputs.kwargs, grad):
@@ -101,6 +101,6 @@ def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInp
                     hd.remove()
                 for p, r in zip(block.parameters(), params):
                     p.requires_grad_(r)
-        for name in spec.linears:
+        for name in acc:
             fisher[f"{spec.layers}.{i}.{name}"] = (dist.sum_batches(acc[name]) / tokens).cpu()
     return fisher

@@ -92,7 +92,7 @@ def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, devi
     if prenorm_applicable(spec, inputs, block, cap):
         return quantize_prenorm_block(block, spec, inputs, device, lambda group, H, D=None: keep(group, H),
                                       dist=dist)
-    for group in spec.linear_groups:
+    for group in spec.groups_in(block):
         keep(group, collect_hessian(block, group[0], inputs, device, dist))
     return run_block(block, inputs, device)
 
