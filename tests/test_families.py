@@ -236,3 +236,22 @@ def test_resumed_run_replays_blocks_with_their_own_arguments(folders, ids, tmp_p
     monkeypatch.setattr(runner.Run, "_on_block", real)
     quantize_tiny(folders["gemma3_text"], "gptq", ids, out=tmp_path / "cut", plot=False, resume=True)
     assert digest(tmp_path / "cut") == digest(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compressed_tensors_export_loads_in_transformers(folders, ids, tmp_path, family):
+    """The export of each family loads in transformers (its own architecture class) with the logits of the packed
+    model: symmetric RTN, so transformers' compressed path runs (no dequantize-at-load)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from flexquant.interop import export_checkpoint
+
+    qm = quantize_tiny(folders[family], "rtn", ids, sym=True)
+    path = fq.save(qm, tmp_path / "q", plot=False)
+    export_checkpoint(path, tmp_path / "ct", "compressed-tensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", attn_implementation=get_spec(family)
+                                                 .attn_implementation).eval()
+    with torch.no_grad():
+        ref, got = qm.model(ids[:2]).logits, model(ids[:2]).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
