@@ -218,3 +218,24 @@ def test_a_moe_family_without_a_spec_is_discovered_expert_by_expert(ids, tmp_pat
     assert len(packed) == 2 * EXPERTS * 3
     re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
     assert torch.equal(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]))
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_exports_hold_one_linear_per_expert_and_reimport(folders, ids, tmp_path, fmt):
+    """The export writes each expert's packed linear under its own name (the per-expert layout of llm-compressor's
+    MoE checkpoints) and flexquant imports it back with the same logits. (transformers 5.24 does not load MoE
+    compressed-tensors checkpoints, flexquant's or llm-compressor's: docs/models.md.)"""
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+
+    from flexquant.interop import export_checkpoint
+
+    qm = quantize_tiny(folders["qwen3_moe"], "rtn", ids, sym=True)
+    export_checkpoint(fq.save(qm, tmp_path / "q", plot=False), tmp_path / "e", fmt)
+    with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    packed = "weight_packed" if fmt == "compressed-tensors" else "qweight"
+    assert f"model.layers.1.mlp.experts.3.down_proj.{packed}" in names
+    assert "model.layers.1.mlp.gate.weight" in names  # the router, in full precision
+    re = fq.load(tmp_path / "e")
+    assert torch.allclose(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]), atol=1e-4)
