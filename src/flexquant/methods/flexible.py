@@ -95,8 +95,10 @@ def _refuse(f: FlexibleConfig, spec) -> None:
                              f"blocks of two residual sub-layers (prenorm); {spec.family} has only a discovered one "
                              "(linear groups): pass --no-dosa --no-lfd, or use --method gptq")
     if f.dosa and not spec.rotatable:
-        raise FlexQuantError(f"FlexibleLLM's DOSA rotation is not exact for {spec.family} (norms on its sub-layer "
-                             "outputs or readers without a foldable norm): pass --no-dosa, or use --method gptq")
+        why = ("its experts' router reads the residual stream and is not rotated" if spec.experts else
+               "norms on its sub-layer outputs or readers without a foldable norm")
+        raise FlexQuantError(f"FlexibleLLM's DOSA rotation is not exact for {spec.family} ({why}): pass --no-dosa, "
+                             "or use --method gptq")
     if f.lfd and not spec.prenorm:
         raise FlexQuantError(f"FlexibleLLM's LFD feedback needs residual blocks of two sub-layers, which the "
                              f"{spec.family} ModelSpec does not declare: pass --no-lfd, or use --method gptq")
