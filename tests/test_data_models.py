@@ -58,7 +58,7 @@ def test_hub_datasets_fail_clearly_offline():
 def test_spec_registry_and_unknown_family(tmp_path):
     for fam in ("llama", "mistral", "qwen2", "qwen3"):
         assert get_spec(fam).linears[0] == "self_attn.q_proj"
-    with pytest.raises(FlexQuantError, match="gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3"):
+    with pytest.raises(FlexQuantError, match="granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe"):
         get_spec("gpt2")
     from transformers import GPT2Config, GPT2LMHeadModel
 
