@@ -317,10 +317,9 @@ def attention_for(model_type: str) -> str:
 
 
 def _skeleton(path: Path, dtype: torch.dtype):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from ..models.experts import unfuse_experts
+    from ..models.loader import meta_model
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -328,11 +327,7 @@ def _skeleton(path: Path, dtype: torch.dtype):
         declared = getattr(config, "dtype", None)
         if declared is not None and str(declared).replace("torch.", "") not in DTYPES:
             raise ValueError(f"dtype {declared} is not one of {', '.join(DTYPES)}")
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation=attention_for(config.model_type))
-        unfuse_experts(model)  # one linear per expert, as a checkpoint stores them
-        return model
+        return meta_model(config, dtype=dtype, attn_implementation=attention_for(config.model_type))
     except Exception as e:  # noqa: BLE001 - transformers validates a config with many error types
         raise CheckpointError(f"{path}/config.json does not describe a model this flexquant can build "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the checkpoint "

@@ -243,15 +243,12 @@ def read_source(path: str | Path, format_name: str, online_rotation: str = "erro
 def check_architecture(src: Source) -> None:
     """The export is read by the stock architecture: every quantized module must be a Linear there, with
     a bias exactly when the checkpoint has one (LFD's bias denoising adds biases Llama has no place for)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(src.path)
-    from ..models.experts import unfuse_experts
+    from ..models.loader import meta_model
 
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    unfuse_experts(skeleton)  # experts are exported one linear each, as hub checkpoints hold them
+    skeleton = meta_model(AutoConfig.from_pretrained(src.path))  # (experts exported one linear each)
+    config = skeleton.config
     state = set(skeleton.state_dict())
     extra_bias = []
     for name, layer in {**src.grids, **src.dense}.items():

@@ -64,15 +64,14 @@ def _scheme_key(layer: GridLayer) -> tuple:
 def quantization_config(src: Source) -> dict:
     """One config group per distinct (bits, group size, symmetry); a uniform model gets the single
     ``targets: ["Linear"]`` group llm-compressor writes, with every other Linear in ``ignore``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..models.loader import meta_model
 
     schemes: dict[tuple, list[str]] = {}
     for name, layer in src.grids.items():
         schemes.setdefault(_scheme_key(layer), []).append(name)
-    config = AutoConfig.from_pretrained(src.path)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton = meta_model(AutoConfig.from_pretrained(src.path))
     linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     groups = {}
     for i, (_, names) in enumerate(sorted(schemes.items(), key=lambda kv: -len(kv[1]))):

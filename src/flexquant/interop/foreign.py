@@ -138,11 +138,10 @@ def stored_bits(tensors: dict[str, torch.Tensor], name: str) -> int:
 
 
 def _skeleton(path: Path, cfg: dict):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..models import get_spec
-    from ..models.experts import unfuse_experts
+    from ..models.loader import meta_model
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -155,10 +154,7 @@ def _skeleton(path: Path, cfg: dict):
     config.use_cache = False
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float16"
     dtype = getattr(torch, str(name).replace("torch.", ""), torch.float16)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(
-            config.model_type))
-    unfuse_experts(model)  # one linear per expert, as the tensors are stored
+    model = meta_model(config, dtype=dtype, attn_implementation=attention_for(config.model_type))
     return model, config, dtype
 
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import FlexQuantError
-from .experts import calibration, unfuse_experts
+from .experts import calibration
+from .loader import meta_model
 from .spec import SPECS, ModelSpec, get_spec, register_discovered
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,12 @@ def _unsupported(family: str, why: str) -> FlexQuantError:
 def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     """The model ``config`` describes, its parameters on the meta device (its buffers real), with SDPA attention
     (what a discovered family is loaded and its checkpoints are built with)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(config)
     config.use_cache = False
     try:
-        with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
-                                                     trust_remote_code=trust_remote_code)
-        unfuse_experts(model)  # fused 3-D experts: one linear per expert, discovered like any linear
-        return model
+        with torch.random.fork_rng(devices=[]):  # (fused 3-D experts: one linear each, discovered like any linear)
+            return meta_model(config, dtype=torch.float32, attn_implementation="sdpa",
+                              trust_remote_code=trust_remote_code)
     except (ValueError, ImportError) as e:  # no SDPA attention, or not a causal LM transformers knows
         first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
         raise _unsupported(config.model_type, f"transformers cannot build it as a causal LM with SDPA attention "

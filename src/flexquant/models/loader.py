@@ -78,6 +78,19 @@ def local_folder(name: str) -> Path | None:
         raise _hub_error(name, e) from e
 
 
+def meta_model(config, **kwargs) -> torch.nn.Module:
+    """The model ``config`` describes with its parameters on the meta device (``kwargs``: those of
+    ``from_config``), its fused experts one linear each (`unfuse_experts`), as checkpoints store them: what
+    streamed loads, checkpoint loads and checks, exports and spec discovery are built on."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    unfuse_experts(model)
+    return model
+
+
 def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                   strict: bool = False):
     """(model, tokenizer) with the model as a skeleton on the meta device whose decoder blocks are read from
@@ -89,8 +102,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     if folder is None or not any(folder.glob("*.safetensors")):
         return None
     refuse_packed(folder)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..tensorio import TensorFiles
     from .discover import spec_for
@@ -108,10 +120,9 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     dtype = dtype or stored
     config.use_cache = False
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
-    unfuse_experts(model)  # streamed when the files hold one linear per expert (the hub layout)
+    # (streamed when the files hold one linear per expert, the hub layout)
+    model = meta_model(config, dtype=dtype, attn_implementation=spec.attn_implementation,
+                       trust_remote_code=trust_remote_code)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wanted = set(shapes)
