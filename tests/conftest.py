@@ -61,6 +61,13 @@ def save_tiny_models(root, families, build) -> dict:
     return out
 
 
+@pytest.fixture(scope="session")
+def ids():
+    """The tiny-config families' windows (4 × 32 byte tokens): calibration and logits checks. A test file with
+    other needs defines its own ``ids``."""
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
 def quantize_tiny(folder, method, ids, **kw):
     """The tiny-config families' common quantize call (4 bits, groups of 32, batches of 2)."""
     import flexquant as fq

@@ -47,11 +47,6 @@ def tiny_moe(family: str):
 
 
 @pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("moe"), FAMILIES, tiny_moe)
 
