@@ -117,7 +117,7 @@ def test_sparse_hessian_is_damped_toward_its_diagonal():
 
 def test_routing_weights_reach_the_hessian(ids):
     """An expert's Hessian in routed mode is 2/T·Σ w·x·xᵀ over its routed tokens (w: the routing weight)."""
-    from flexquant.models.experts import ROW_WEIGHTS
+    from flexquant.models.experts import ROW_WEIGHTS, calibration
     from flexquant.pipeline.capture import BlockInputs
     from flexquant.pipeline.hooks import collect_hessian
 
@@ -129,7 +129,8 @@ def test_routing_weights_reach_the_hessian(ids):
     h = model.model.embed_tokens(ids[:1])
     pos = torch.arange(ids.shape[1])[None]
     kw = {"position_embeddings": model.model.rotary_emb(h, pos), "position_ids": pos, "attention_mask": None}
-    H = collect_hessian(block, "mlp.experts.1.gate_proj", BlockInputs([h], [kw]), torch.device("cpu"))
+    with calibration(model, "routed"):
+        H = collect_hessian(block, "mlp.experts.1.gate_proj", BlockInputs([h], [kw]), torch.device("cpu"))
     x, w = seen["x"], seen["w"]
     assert 0 < w.min() and w.max() < 1
     want = 2 * (x * w[:, None]).T @ x / x.shape[0]

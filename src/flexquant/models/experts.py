@@ -51,7 +51,7 @@ class LinearExperts(nn.Module):
         self.act_fn = act_fn
         for e in range(num_experts):  # children "0", "1", ...: paths mlp.experts.E.gate_proj as the hub stores them
             self.add_module(str(e), Expert(hidden, inter, dtype, device))
-        self.calibrate_all = False
+        self.calibrating: str | None = None  # a `CALIBRATION` mode inside `calibration`, else None (inference)
 
     @property
     def experts(self) -> list[Expert]:
@@ -62,12 +62,14 @@ class LinearExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(top_k_index == e)  # the (token, top-k slot) pairs routed to expert e
-            if self.calibrate_all:  # every token through the expert (for its Hessians); the routed rows are kept
+            if self.calibrating == "all":  # every token through the expert (its Hessians); the routed rows kept
                 y = expert(hidden_states, self.act_fn)[token]
             elif token.numel() == 0:
                 continue
-            else:
+            elif self.calibrating == "routed":
                 y = self._weighted(expert, hidden_states[token], top_k_weights[token, slot].float())
+            else:
+                y = expert(hidden_states[token], self.act_fn)
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -135,12 +137,12 @@ def calibration(model: nn.Module, mode: str) -> Iterator[None]:
         raise FlexQuantError(f"moe_calibration {mode!r} is not one of {', '.join(CALIBRATION)}")
     mods = [m for m in model.modules() if isinstance(m, LinearExperts)]
     for m in mods:
-        m.calibrate_all = mode == "all"
+        m.calibrating = mode
     try:
         yield
     finally:
         for m in mods:
-            m.calibrate_all = False
+            m.calibrating = None
 
 
 
