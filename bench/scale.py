@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib.util
 import json
 import logging
@@ -226,6 +227,25 @@ def measure(cmd: list[str], logfile: Path, store: Path | None, interval: float, 
             "store_sampled_peak_bytes": sampler.store_bytes if store is not None else None}
 
 
+def tensors_fingerprint(folder: Path) -> str | None:
+    """sha256 over every tensor of a checkpoint (name, dtype, shape, bytes; sorted by name): equal fingerprints
+    mean the same packed model whatever the metadata (dates, the distributed section) says."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for name in sorted(sf.keys()):
+                t = sf.get_tensor(name)
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def store_from_report(rep: dict) -> tuple[object, int | None]:
     """The report's activation-store record (``memory.store``) and its bytes on disk at peak."""
     raw = (rep.get("memory") or {}).get("store")
@@ -278,6 +298,15 @@ def run_row(row: dict, model: Path, calib: Path | None, work: Path, args, offloa
         res["store_report"], res["store_report_bytes"] = store_from_report(rep)
         if store is not None and store.exists():
             res["store_final_bytes"] = dir_bytes(store)
+        res["tensors_sha256"] = tensors_fingerprint(out) if row["kind"] != "peer" else None
+        dist = rep.get("distributed") or {}
+        if dist:
+            blocks = [n for n in rep.get("blocks", []) if isinstance(n, dict) and "allreduce_bytes" in n]
+            res["distributed"] = {**dist, "blocks": len(blocks),
+                                  "allreduce_bytes_per_block": (sum(n["allreduce_bytes"] for n in blocks) / len(blocks)
+                                                                if blocks else None),
+                                  "broadcast_bytes_per_block": (sum(n.get("broadcast_bytes", 0) for n in blocks)
+                                                                / len(blocks) if blocks else None)}
         if rep_file.is_file():
             (work / "reports").mkdir(exist_ok=True)
             shutil.copy2(rep_file, work / "reports" / f"{name}.json")
@@ -379,6 +408,33 @@ def depth_lines(summary: list[dict]) -> list[str]:
             for d in summary]
 
 
+def distributed_lines(rows: list[dict]) -> list[str]:
+    """Per torchrun row: whether its tensors equal the one-process row's, the time ratio, the collective volume."""
+    ok = {(r["size"], r["method"], tuple(r["flags"])): r for r in rows
+          if r.get("status") == "ok" and r["kind"] == "flexquant"}
+    out = []
+    for r in rows:
+        if r["kind"] != "distributed" or r.get("status") != "ok":
+            continue
+        one = ok.get((r["size"], r["method"], tuple(r["flags"])))
+        d = r.get("distributed") or {}
+        vol = (f"; all-reduced {fmt_bytes(d.get('allreduce_bytes_total'))} in all "
+               f"({fmt_bytes(d.get('allreduce_bytes_statistics_pass'))} in the statistics pass, "
+               f"{fmt_bytes(d.get('allreduce_bytes_per_block'))} per block), broadcast "
+               f"{fmt_bytes(d.get('broadcast_bytes_total'))} ({fmt_bytes(d.get('broadcast_bytes_per_block'))} "
+               "per block), rank 0's payload" if d else "")
+        if one is None:
+            out.append(f"- {r['size']} {row_name(r)}: no one-process row to compare{vol}")
+            continue
+        same = (r.get("tensors_sha256") is not None and r.get("tensors_sha256") == one.get("tensors_sha256"))
+        out.append(f"- {r['size']} {row_name(r)} vs one process: tensors **{'identical' if same else 'DIFFERENT'}** "
+                   f"(sha256 {str(r.get('tensors_sha256'))[:12]} vs {str(one.get('tensors_sha256'))[:12]}); wall "
+                   f"{r['wall_s']:.0f} s vs {one['wall_s']:.0f} s (ratio {r['wall_s'] / one['wall_s']:.2f}); peak RSS "
+                   f"per process {r['peak_rss_mib']:.0f} vs {one['peak_rss_mib']:.0f} MiB, whole tree "
+                   f"{r.get('tree_rss_peak_mib') or 0:.0f} MiB{vol}")
+    return out
+
+
 def write_results(rows: list[dict], args, out_dir: Path) -> str:
     summary = depth_summary(rows)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -391,6 +447,10 @@ def write_results(rows: list[dict], args, out_dir: Path) -> str:
               "size of --offload-dir (— without one). Peer: llm-compressor through bench/peers.py "
               f"--measure-only, model loaded in {args.peer_dtype}.")
     md = [f"# Scaling benchmark ({dt.date.today().isoformat()})", "", header, "", table(rows), ""]
+    dist = distributed_lines(rows)
+    if dist:
+        md += ["Distributed vs one process (same size, method and flags; checkpoints compared tensor by tensor):",
+               "", *dist, ""]
     if summary:
         md += ["Depth independence (same width, L vs 2L layers; peak RSS ratio 2L / L):", "", *depth_lines(summary), ""]
     text = "\n".join(md)
