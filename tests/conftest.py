@@ -8,6 +8,10 @@ import os
 # after the network timeouts and retries (set before transformers / datasets read it at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# ATen's vectorized CPU kernels round differently at AVX2 and AVX512 width, so a checkpoint's bits depend on the
+# CPU (tests/test_regression.py compares sha256 digests): the tests use the AVX2 kernels every x86-64 CI machine
+# has (read when torch first dispatches; an explicit setting wins).
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
