@@ -166,3 +166,37 @@ def test_float32_factorization_in_place_with_a_damped_retry():
     a = gptq_quantize(W, Hp, GridConfig(bits=4, group_size=32), GPTQConfig(factor_dtype="float32"))
     b = gptq_quantize(W, Hp, GridConfig(bits=4, group_size=32), GPTQConfig(factor_dtype="float64"))
     assert (a.codes == b.codes).float().mean() > 0.98  # the same answer up to float32 rounding
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_parked_hessian_factorization_gives_the_same_result_and_restores_h(monkeypatch, act_order):
+    """A large float32 factorization runs in the caller's H (parked on disk meanwhile, read back after): the same
+    codes as with a separate copy, H bit-identical afterwards, also through damping retries and kept columns."""
+    from flexquant.quant import gptq
+
+    torch.manual_seed(0)
+    X = torch.randn(48, 128)
+    H = 0.01 * (X.T @ X / 48)
+    H[3, 3] = -5e-4  # needs damping retries
+    H[:, 7] = H[7, :] = 0  # a dead column
+    W = torch.randn(16, 128)
+    grid, cfg = GridConfig(bits=3, group_size=32), GPTQConfig(factor_dtype="float32", act_order=act_order)
+    kept = torch.tensor([5, 9] + list(range(98, 128)))
+    ref = gptq_quantize(W, H, grid, cfg, kept=kept)  # 64 KiB: below PARK_MIN_BYTES, a copy
+    H0 = H.clone()
+    parked = []
+    real = gptq._Parked.__init__
+
+    def spy(self, h):
+        parked.append(h.data_ptr() == H.data_ptr())
+        real(self, h)
+
+    monkeypatch.setattr(gptq._Parked, "__init__", spy)
+    monkeypatch.setattr(gptq, "PARK_MIN_BYTES", 0)
+    got = gptq_quantize(W, H, grid, cfg, kept=kept)
+    assert parked == [True] and torch.equal(H, H0)
+    for field in ("codes", "scales", "zeros", "perm", "fp16_cols"):
+        a, b = getattr(ref, field), getattr(got, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    assert ref.stats == got.stats and ref.stats["damp"] > cfg.damp
+    assert gptq._Parked.maybe(H.double(), torch.float64) is None  # float64 factors never use H's buffer

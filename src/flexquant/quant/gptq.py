@@ -8,6 +8,7 @@ compensation of all other columns, and act-order with the permutation stored in 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,9 @@ _MAX_DAMP_RETRIES = 6
 
 
 FLOAT64_MAX_COLUMNS = 4096  # factor_dtype "auto": float64 up to this many input columns
+# A float32 factorization of a Hessian this large (bytes) is done in the caller's H itself, H parked on disk
+# meanwhile and read back into the same buffer after the solve (`_Parked`): one n×n buffer instead of two.
+PARK_MIN_BYTES = 64 * 2**20
 
 
 def factor_dtype(name: str, n: int) -> torch.dtype:
@@ -106,12 +110,10 @@ def gptq_quantize(
     if n % g:
         raise FlexQuantError(f"group_size={g} does not divide the {n} input columns; pick a divisor of {n}")
     ng = n // g
-    W = W.detach().float().clone()
     H = H.detach().float()
     diag = torch.diag(H).clone()
     dead = diag == 0
     diag[dead] = 1
-    W[:, dead] = 0
 
     if group_bits is None:
         group_bits = torch.full((ng,), grid.bits, dtype=torch.uint8)
@@ -121,17 +123,28 @@ def gptq_quantize(
             raise FlexQuantError(f"{kept.numel()} kept columns are not a multiple of group_size={g}")
         group_bits[ng - kept.numel() // g:] = kept_bits
     perm = order.to(W.device) if order is not None else column_order(diag, cfg.act_order, kept)
-    if perm is not None:
-        W = W[:, perm]
-    def prepared() -> torch.Tensor:  # our own copy, in quantization order, dead columns' diagonal set to 1
-        Hp = _permuted_copy(H, perm)
+    # our own copy of W in quantization order (one copy whatever W's dtype), dead columns zeroed
+    W = W.detach().float().index_select(1, perm) if perm is not None else W.detach().float().clone()
+    W[:, dead if perm is None else dead[perm]] = 0
+    fdtype = factor_dtype(cfg.factor_dtype, n)
+    parked = _Parked.maybe(H, fdtype)
+
+    def prepared() -> torch.Tensor:  # in quantization order, dead columns' diagonal set to 1
+        if parked is not None:  # the caller's buffer, permuted in place
+            Hp = _permute_in_place(parked.restore(), perm)
+        else:  # our own copy
+            Hp = _permuted_copy(H, perm)
         Hp.diagonal()[dead if perm is None else dead[perm]] = 1
         return Hp
 
-    U, lam = inverse_cholesky_upper(prepared(), cfg.damp, own=True, dtype=factor_dtype(cfg.factor_dtype, n),
-                                    rebuild=prepared)
-    base = log_scale_base(W.view(m, ng, g), group_bits, grid.sym) if grid.scale_bits == 8 else None
-    codes, scales, zeros, Q, loss = _solve(W, U, group_bits, grid, base, cfg.block_size)
+    try:
+        U, lam = inverse_cholesky_upper(prepared(), cfg.damp, own=True, dtype=fdtype, rebuild=prepared)
+        base = log_scale_base(W.view(m, ng, g), group_bits, grid.sym) if grid.scale_bits == 8 else None
+        codes, scales, zeros, Q, loss = _solve(W, U, group_bits, grid, base, cfg.block_size)
+        del U
+    finally:
+        if parked is not None:
+            parked.restore().close()
 
     qmask = (group_bits < FP16_BITS).to(W.device)
     Qg = Q.view(m, ng, g)
@@ -150,6 +163,64 @@ def gptq_quantize(
     )
 
 
+class _Parked:
+    """H's bytes in an anonymous temporary file (gone when closed or when the process dies), to be read back
+    into H's own buffer: lets a large float32 factorization happen in that buffer."""
+
+    def __init__(self, H: torch.Tensor):
+        self.H, self.file = H, tempfile.TemporaryFile(prefix="flexquant-hessian-")
+        self.file.write(memoryview(H.numpy()).cast("B"))
+        self.file.flush()
+
+    @classmethod
+    def maybe(cls, H: torch.Tensor, fdtype: torch.dtype) -> _Parked | None:
+        big = H.numel() * H.element_size() >= PARK_MIN_BYTES
+        ok = H.dtype == fdtype == torch.float32 and H.device.type == "cpu" and H.is_contiguous()
+        return cls(H) if big and ok and not H.requires_grad else None
+
+    def restore(self) -> _Parked | torch.Tensor:
+        """H read back in place (returns H); after ``close`` the file is gone."""
+        self.file.seek(0)
+        view = memoryview(self.H.numpy()).cast("B")
+        got = 0
+        while got < len(view):
+            k = self.file.readinto(view[got:])
+            if not k:
+                raise FlexQuantError("could not read back the parked Hessian from its temporary file")
+            got += k
+        return self
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _permute_in_place(P: _Parked, perm: torch.Tensor | None, rows: int = 1024) -> torch.Tensor:
+    """The parked H permuted to H[perm][:, perm] in its own buffer: rows moved along the cycles of perm (one
+    row of scratch), then each slab of rows has its columns permuted."""
+    H = P.H
+    if perm is None:
+        return H
+    idx = perm.tolist()
+    seen = bytearray(len(idx))
+    for start in range(len(idx)):
+        if seen[start] or idx[start] == start:
+            seen[start] = 1
+            continue
+        tmp = H[start].clone()  # row i of the result is row idx[i] of H
+        i = start
+        while True:
+            seen[i] = 1
+            j = idx[i]
+            if j == start:
+                H[i] = tmp
+                break
+            H[i] = H[j]
+            i = j
+    for r in range(0, H.shape[0], rows):
+        H[r:r + rows] = H[r:r + rows].index_select(1, perm)
+    return H
+
+
 def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, rows: int = 1024) -> torch.Tensor:
     """H[perm][:, perm] (a plain copy without ``perm``) with one n × n allocation: rows are gathered first,
     then each slab of rows has its columns permuted in place."""
@@ -165,18 +236,19 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
     """The GPTQ column loop over W [m, n] (quantization order) with U the upper Cholesky factor of H⁻¹:
     each column rounded, its error spread onto the later columns, in lazy blocks of B columns; group
     parameters from the group's compensated weights when its first column comes. W is updated in place.
-    Returns (codes, scales, zeros, dequantized Q, OBS loss)."""
+    Returns (codes, scales, zeros, dequantized Q, OBS loss); Q is W's own buffer (each finished column of W
+    holds its dequantized value)."""
     m, n = W.shape
     g, ng = grid.group_size, n // grid.group_size
     codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(m, ng, device=W.device)
     zeros = torch.zeros(m, ng, device=W.device)
-    Q = torch.zeros_like(W)
     losses = torch.zeros(m, device=W.device)
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
             gi, b = col // g, int(group_bits[col // g])
@@ -193,10 +265,11 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
                 q = dequantize(c, s, z)
             else:
                 q = w.half().float()
-            Q[:, col] = q
+            Q1[:, i] = q
             err = (w - q) / d
             losses += (w - q) ** 2 / d**2 / 2
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return codes, scales, zeros, Q, float(losses.sum())
+        W[:, i1:i2] = Q1  # columns i1:i2 are done: they now hold their dequantized values
+    return codes, scales, zeros, W, float(losses.sum())
