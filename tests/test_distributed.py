@@ -13,7 +13,21 @@ import flexquant as fq
 from flexquant.nn import QuantLinear
 from flexquant.pipeline.distributed import SINGLE, Dist
 
-DIST_CASES = ("gptq", "flexible-3.5")
+DIST_CASES = ("gptq", "flexible-3.5", "gptq-chunked")
+CHUNK_BYTES = 100 * 3 * 256 * 4  # tiny-llama's MLP (d_ff 256) run 100 rows at a time: 3 chunks per 4 × 64 batch
+
+
+def _quantize(name: str):
+    """A regression case; "-chunked": with the MLP run in row chunks (`pipeline.prenorm.mlp_chunks`)."""
+    from flexquant.pipeline import prenorm
+
+    base = name.removesuffix("-chunked")
+    saved = prenorm.MLP_CHUNK_BYTES
+    prenorm.MLP_CHUNK_BYTES = CHUNK_BYTES if base != name else saved
+    try:
+        return fq.quantize("tiny-llama", progress=False, **CASES[base])
+    finally:
+        prenorm.MLP_CHUNK_BYTES = saved
 
 
 def _free_port() -> int:
@@ -42,7 +56,7 @@ def _worker(rank: int, world: int, port: int, folder: str, cases: tuple[str, ...
     out = {}
     for name in cases:
         t0 = time.perf_counter()
-        qm = fq.quantize("tiny-llama", progress=False, **CASES[name])
+        qm = _quantize(name)
         out[name] = {"state": qm.model.state_dict(), "report": qm.report, "seconds": time.perf_counter() - t0}
         if rank == 0:
             fq.save(qm, os.path.join(folder, name), plot=False)
@@ -82,7 +96,7 @@ def test_two_ranks_match_one_process(two_ranks, name):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same BLAS blocking, so the same float order
     try:
-        single = fq.quantize("tiny-llama", progress=False, **CASES[name])
+        single = _quantize(name)
     finally:
         torch.set_num_threads(threads)
     dist_model = fq.load(two_ranks[0]["folder"] / name).model

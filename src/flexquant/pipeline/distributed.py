@@ -171,8 +171,9 @@ class Dist:
             return
         if isinstance(acc, _Recorder):
             batches, acc.batches = acc.batches, []
-            for X, X_fp in self.gather_batches(batches):
-                HessianAccumulator.add(acc, X, X_fp)
+            for entry in self.gather_batches(batches):  # (X, X_fp) per batch, or per row chunk of it in turn
+                for k in range(0, len(entry), 2):
+                    HessianAccumulator.add(acc, entry[k], entry[k + 1])
             return
         D = acc.D if acc.D is not None else torch.zeros_like(acc.H)
         acc.H, D = self.all_reduce_mean_weighted([acc.H, D], [acc.tokens, acc.cross_tokens if acc.D is not None else 0])
@@ -280,10 +281,18 @@ class _Recorder(HessianAccumulator):
     def __init__(self, n: int, device):
         super().__init__(n, device)
         self.batches: list = []
+        self.chunks: list | None = None  # between begin_batch and end_batch: the batch's (X, X_fp) chunks
+
+    def begin_batch(self) -> None:
+        self.chunks = []
+
+    def end_batch(self) -> None:
+        chunks, self.chunks = self.chunks, None
+        self.batches.append(tuple(t for pair in chunks for t in pair))
 
     def add(self, X: torch.Tensor, X_fp: torch.Tensor | None = None) -> None:
         f32 = lambda t: None if t is None else t.detach().to("cpu", torch.float32)
-        self.batches.append((f32(X), f32(X_fp)))
+        (self.batches if self.chunks is None else self.chunks).append((f32(X), f32(X_fp)))
 
 
 class _Terms(list):

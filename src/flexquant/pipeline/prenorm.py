@@ -23,6 +23,23 @@ from .store import itemsize, shapes
 
 # Cached activations beyond this many bytes make the pipeline fall back to recomputation.
 MAX_CACHE_BYTES = 6 * 2**30
+# The MLP runs on at most this many bytes of its widest activations (≈ 3 · tokens · d_ff float32: gate, up and
+# their product) at a time; a batch above it is run in row chunks (a 2048 × 8192 MLP at 8 × 512 tokens: 384 MiB).
+MLP_CHUNK_BYTES = 128 * 2**20
+
+
+def mlp_chunks(h: torch.Tensor, d_ff: int, *others: torch.Tensor | None):
+    """(h, *others) split into row chunks of ``h`` [..., d] (and the tensors matching it token for token) so
+    that the MLP's activations stay under MLP_CHUNK_BYTES; one chunk — the tensors themselves — when they
+    fit. Chunks are views shaped [1, rows, width] (MoE blocks read batch and sequence from the shape)."""
+    rows = h.numel() // h.shape[-1]
+    step = max(1, MLP_CHUNK_BYTES // (3 * d_ff * 4))
+    if rows <= step:
+        yield (h, *others)
+        return
+    flat = [None if t is None else t.reshape(1, rows, t.shape[-1]) for t in (h, *others)]
+    for a in range(0, rows, step):
+        yield tuple(None if t is None else t[:, a:a + step] for t in flat)
 
 
 def cache_limit(max_bytes: int | None) -> int:
@@ -104,11 +121,23 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
         acc.add(sub.mlp_in(hm), None if x_fp is None else x_fp.to(device))
     dist.reduce_hessian(acc)
     quantize_group(gate_up, acc.H, acc.D)
-    quantize_group(down, *hessian(down[0], [(lambda hm=hm: sub.mlp(sub.mlp_in(hm))) for hm in h_mid]))
+    d_ff = get(down[0]).in_features
+    acc = dist.accumulator(d_ff, device)
+    for hm, x_fp in zip(h_mid, fp_for(down[0])):
+        acc.begin_batch()
+        for part, part_fp in mlp_chunks(hm, d_ff, x_fp):
+            _stop_at(block, lambda part=part: sub.mlp(sub.mlp_in(part)), get(down[0]), acc, None, part_fp)
+        acc.end_batch()
+    dist.reduce_hessian(acc)
+    quantize_group(down, acc.H, acc.D)
+    del acc
     # the MLP runs again rather than keeping down_proj's inputs (tokens × d_ff floats, the largest cache): the
     # same operations on the same values, so the same outputs; each output takes its h' buffer's place
     for k, hm in enumerate(h_mid):
-        h_mid[k] = hm.add_(sub.mlp_out(hm)).to("cpu")
+        hm = hm.contiguous()  # (it is: a fresh sum) the chunks are views written in place
+        for (part,) in mlp_chunks(hm, d_ff):
+            part.add_(sub.mlp_out(part))
+        h_mid[k] = hm.to("cpu")
     return h_mid
 
 

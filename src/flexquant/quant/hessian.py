@@ -18,6 +18,13 @@ class HessianAccumulator:
         self.tokens = 0
         self.cross_tokens = 0
 
+    def begin_batch(self) -> None:
+        """Several `add`s until `end_batch` are the row chunks of one calibration batch (a distributed run keeps
+        them together so that the global batch order stays that of one process); nothing to do here."""
+
+    def end_batch(self) -> None:
+        pass
+
     @torch.no_grad()
     def add(self, X: torch.Tensor, X_fp: torch.Tensor | None = None) -> None:
         X = X.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32)  # [T, n]
