@@ -203,8 +203,9 @@ def test_weights_that_do_not_match_the_config_fail_clearly(fp_folder, tmp_path):
 def test_mlp_runs_in_row_chunks_past_its_budget(monkeypatch):
     """A batch whose MLP activations exceed MLP_CHUNK_BYTES runs in row chunks (views written in place): the
     block outputs equal the whole-batch ones, and a quantized model differs only by the Hessian's float order."""
-    from flexquant.pipeline import prenorm
     from regression_cases import CASES
+
+    from flexquant.pipeline import prenorm
 
     h = torch.randn(4, 64, 8)
     assert len(list(prenorm.mlp_chunks(h, 16))) == 1  # fits: the tensors themselves
