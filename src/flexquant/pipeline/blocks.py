@@ -56,7 +56,7 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
                              f"{float(W.abs().max()):.3g}, beyond what the stored float16 scales can hold")
     rel = None
     if H is not None:
-        ref = hessian_error(W, torch.zeros_like(W), H)
+        ref = hessian_error(W, None, H)
         rel = hessian_error(W, Wq, H) / ref if ref > 0 else 0.0
     linear.weight.data = Wq.to(W.device, W.dtype)  # later groups and blocks see the quantized weight
     full = f"{prefix}.{name}"

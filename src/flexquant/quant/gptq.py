@@ -81,10 +81,15 @@ def column_order(diag_h: torch.Tensor, act_order: bool, kept: torch.Tensor | Non
     return torch.cat([order[~is_kept[order]], order[is_kept[order]]])
 
 
-def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """Layer-output error proxy tr(ΔW H ΔWᵀ) (= mean squared output error × 2 for H = 2XXᵀ/T)."""
-    dW = (W.float() - Wq.float())
-    return float(((dW @ H.float()) * dW).sum())
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor | None, H: torch.Tensor, rows: int = 256) -> float:
+    """Layer-output error proxy tr(ΔW H ΔWᵀ) (= mean squared output error × 2 for H = 2XXᵀ/T); ``Wq`` None:
+    tr(W H Wᵀ). Summed over slabs of ``rows`` rows (float64 total), so only a slab's temporaries are held."""
+    H = H.float()
+    total = 0.0
+    for r in range(0, W.shape[0], rows):
+        dW = W[r:r + rows].float() if Wq is None else W[r:r + rows].float() - Wq[r:r + rows].float()
+        total += float(((dW @ H) * dW).sum(dtype=torch.float64))
+    return total
 
 
 @torch.no_grad()
