@@ -11,13 +11,13 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
               + T·d·(B + s)                 the captured stream and its kept float16 copy
     block   = P_b·B + kept + hess           one decoder block's weights, what the store keeps (below)
               + max(solve, forward)         the two phases of a block, which do not overlap:
-    solve   = F(n) + 3·m·n·B                the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
-                                            permuted copy, the float64 factor), 8·n² beyond (float32 factor in
-                                            place); W, Q, errors
+    solve   = F(n) + m·n·(B + 1)            the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
+                                            permuted copy, the float64 factor), 4·n² beyond (H parked on disk,
+                                            permuted and factored in its own buffer); W's copy and the codes
               + T·d·B (if ≤ cap)            the mid-block residual h' kept by the pre-norm path
-    forward = b·L·3·d_ff·B                  one batch's MLP intermediates (attention is fused: no L² scores)
-              + T·d·B·(2 if ≤ cap else 1)   h' and the block outputs being built (the inputs are read a batch
-                                            at a time from the store)
+    forward = min(b·L·3·d_ff·B, C)          the MLP intermediates of one batch, or of one row chunk (C = 128 MiB)
+              + 4·d_ff²                     down_proj's Hessian being accumulated
+              + T·d·B                       h' (the block outputs are written into it)
 
 FlexibleLLM keeps the full-precision inputs of its first K windows for every block (kept = n_l·K·L·d·s at the
 start of the block loop) and, until its plan is made, every linear group's Hessian (hess = n_l·Σ_g n_g²·4).
@@ -39,6 +39,7 @@ M0 = 0.52 * GB
 B, S = 4, 2
 CACHE_CAP = 6 * 2**30
 FLOAT64_MAX_COLUMNS = 4096  # GPTQ factor_dtype "auto" (quant/gptq.py)
+MLP_CHUNK_BYTES = 128 * 2**20  # pipeline/prenorm.py
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     if max_memory is not None:
         budgeted = min(budgeted, max_memory)
     cached = cache > 0
-    solve = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 8) + 3 * d * f * B + (T * d * B if cached else 0)
-    forward = batch * window * 3 * f * B + T * d * B * (2 if cached else 1)
+    solve = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 4) + d * f * (B + 1) + (T * d * B if cached else 0)
+    forward = min(batch * window * 3 * f * B, MLP_CHUNK_BYTES) + 4 * f * f + T * d * B
     parts = {
         "base": M0,
         "block weights": shape.block_params * B,  # a whole block, all its experts (read together)

@@ -80,7 +80,7 @@ def test_save_refuses_existing_and_leaves_nothing_half_written(saved, tmp_path, 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "write_file", boom)
     with pytest.raises(OSError):
         fq.save(qm, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no temp folder, no partial output

@@ -1,4 +1,4 @@
-"""Reading safetensors files with plain reads, tensor by tensor (no memory map).
+"""Reading safetensors files with plain reads, tensor by tensor (no memory map), and writing them without a copy.
 
 A memory-mapped file counts every page it touches in the process's resident set until it is unmapped, so
 reading a 4 GB model block by block through a map ends with 4 GB resident. Here each tensor is read with one
@@ -109,6 +109,39 @@ class TensorFiles:
                 raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
         t = buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
         return t if dtype is None or dtype == e.dtype else t.to(dtype)
+
+
+def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (CPU) as one safetensors file, each tensor's bytes straight from its own memory
+    (`safetensors.torch.save_file` first copies every tensor to a bytes object: a second copy of the shard);
+    returns the file's sha256. The layout is the documented one (readers need nothing of ours)."""
+    import hashlib
+
+    names = {v: k for k, v in DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, order = 0, []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in names:
+            raise FlexQuantError(f"tensor {name} has dtype {t.dtype}, which a safetensors file cannot hold")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        order.append(name)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            h.update(chunk)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                view = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(view)
+                h.update(view)
+    return h.hexdigest()
 
 
 def flexquant_traces(folder: str | Path) -> str | None:

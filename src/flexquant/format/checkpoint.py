@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .._version import __version__
 from ..actquant import runtime as actquant
@@ -27,7 +26,7 @@ from ..atomic import atomic_folder, recover
 from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
-from ..tensorio import TensorFiles
+from ..tensorio import TensorFiles, write_file
 from .validate import (
     DTYPES,
     MANIFEST,
@@ -98,8 +97,8 @@ class CheckpointWriter:
         """Write ``module``'s tensors (paths ``prefix`` + name) as shard ``k``."""
         tensors = _state_for_save(module, prefix, skip)
         name = shard_name(k, self.shards)
-        save_file(tensors, self.folder / name, metadata={"format": "pt", "flexquant": str(FORMAT_VERSION)})
-        self.checksums[name] = sha256_file(self.folder / name)
+        self.checksums[name] = write_file(self.folder / name, tensors,
+                                          {"format": "pt", "flexquant": str(FORMAT_VERSION)})
         self.weight_map.update(dict.fromkeys(tensors, name))
         self.modules.update(module_records(module, prefix, skip))
         floats = [t.dtype for t in module.parameters() if t.is_floating_point() and not t.is_meta]
