@@ -253,3 +253,35 @@ def test_mlp_runs_in_row_chunks_past_its_budget(monkeypatch):
         return float((p.exp() * (p - q)).sum(-1).mean())
 
     assert kl(chunked) <= 1.25 * kl(whole)
+
+
+def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
+    """A streamed model with an untied head writes its last shard reading embedding, norm and head one at a time
+    (`Streamed.ends_one_at_a_time`): the same tensors as the run on the model held whole."""
+    from flexquant.format.checkpoint import CheckpointWriter
+    from flexquant.models.builtin import tiny_llama
+
+    model, tok = tiny_llama()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    folder = tmp_path / "untied"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    streamed_shards = []
+    real = CheckpointWriter.add_stream
+
+    def spy(self, k, layout, stream):
+        streamed_shards.append([name for name, _, _ in layout])
+        return real(self, k, layout, stream)
+
+    monkeypatch.setattr(CheckpointWriter, "add_stream", spy)
+    settings = dict(method="gptq", bits=4, group_size=32, **CALIB)
+    whole = fq.quantize(str(folder), progress=False, stream="off", **settings)
+    fq.save(whole, tmp_path / "whole", plot=False)
+    assert not streamed_shards
+    fq.quantize(str(folder), progress=False, stream="on", out=tmp_path / "streamed", plot=False, **settings)
+    assert streamed_shards == [["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]]
+    assert digest(tmp_path / "whole") == digest(tmp_path / "streamed")
+    loaded = fq.load(tmp_path / "streamed")
+    ids = torch.randint(0, 256, (1, 16))
+    assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)

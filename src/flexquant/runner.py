@@ -236,8 +236,12 @@ class Run:
         start = self._open_folder(folder, n + 1, resume)
         try:
             report = self._quantize(start)
-            with self.res.ends("cpu"):
-                self.writer.add(n, self.model, "", skip=self.spec.layers)
+            one_by_one = self.res.ends_one_at_a_time()
+            if one_by_one is not None:  # the ends read and written one at a time
+                self.writer.add_stream(n, *one_by_one)
+            else:
+                with self.res.ends("cpu"):
+                    self.writer.add(n, self.model, "", skip=self.spec.layers)
             qm = QuantizedModel(self.model, self.tok, self.config, report, path=out)
             self.writer.finish(self.model, self.tok, checkpoint_meta(qm))
             checkpoint_extras(qm, plot)(folder)

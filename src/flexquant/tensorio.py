@@ -111,23 +111,44 @@ class TensorFiles:
         return t if dtype is None or dtype == e.dtype else t.to(dtype)
 
 
+def all_finite(t: torch.Tensor, bound: float | None = None, chunk: int = 1 << 22) -> bool:
+    """Whether every element of ``t`` is finite (and, with ``bound``, of magnitude <= bound), checked a slice of
+    ``chunk`` elements at a time: torch.isfinite of a whole float16 embedding holds ~2.5x its size in
+    temporaries. Tensors that are not floating point pass."""
+    if not t.is_floating_point():
+        return True
+    flat = t.detach().reshape(-1)
+    for part in flat.split(chunk):
+        ok = torch.isfinite(part).all() if bound is None else (part.abs() <= bound).all()
+        if not bool(ok):
+            return False
+    return True
+
+
 def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write ``tensors`` (CPU) as one safetensors file, each tensor's bytes straight from its own memory
     (`safetensors.torch.save_file` first copies every tensor to a bytes object: a second copy of the shard);
     returns the file's sha256. The layout is the documented one (readers need nothing of ours)."""
+    names = sorted(tensors)
+    return write_stream(path, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names],
+                        ((n, tensors[n]) for n in names), metadata)
+
+
+def write_stream(path: str | Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], stream,
+                 metadata: dict[str, str] | None = None) -> str:
+    """`write_file` for tensors that exist one at a time: ``layout`` declares (name, dtype, shape) of each, in
+    order, and ``stream`` yields (name, tensor) in that order (each may be dropped once written)."""
     import hashlib
 
-    names = {v: k for k, v in DTYPES.items()}
+    codes = {v: k for k, v in DTYPES.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset, order = 0, []
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in names:
-            raise FlexQuantError(f"tensor {name} has dtype {t.dtype}, which a safetensors file cannot hold")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    offset = 0
+    for name, dtype, shape in layout:
+        if dtype not in codes:
+            raise FlexQuantError(f"tensor {name} has dtype {dtype}, which a safetensors file cannot hold")
+        n = dtype.itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-        order.append(name)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     h = hashlib.sha256()
@@ -135,8 +156,10 @@ def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
             h.update(chunk)
-        for name in order:
-            t = tensors[name]
+        for (name, dtype, shape), (got, t) in zip(layout, stream, strict=True):
+            if got != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"write_stream: {got} {t.dtype} {tuple(t.shape)} where the layout says {name} "
+                                   f"{dtype} {tuple(shape)}")
             if t.numel():
                 view = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
                 f.write(view)

@@ -26,7 +26,7 @@ from ..atomic import atomic_folder, recover
 from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
-from ..tensorio import TensorFiles, write_file
+from ..tensorio import TensorFiles, write_file, write_stream
 from .validate import (
     DTYPES,
     MANIFEST,
@@ -102,6 +102,16 @@ class CheckpointWriter:
         self.weight_map.update(dict.fromkeys(tensors, name))
         self.modules.update(module_records(module, prefix, skip))
         floats = [t.dtype for t in module.parameters() if t.is_floating_point() and not t.is_meta]
+        self.dtype = self.dtype or (str(floats[0]).replace("torch.", "") if floats else None)
+
+    def add_stream(self, k: int, layout: list, stream) -> None:
+        """Write shard ``k`` from tensors that exist one at a time (`tensorio.write_stream`): the ends of a
+        streamed model, so that only one of them is in memory while the shard is written."""
+        name = shard_name(k, self.shards)
+        self.checksums[name] = write_stream(self.folder / name, layout, stream,
+                                            {"format": "pt", "flexquant": str(FORMAT_VERSION)})
+        self.weight_map.update(dict.fromkeys((n for n, _, _ in layout), name))
+        floats = [dt for _, dt, _ in layout if dt.is_floating_point]
         self.dtype = self.dtype or (str(floats[0]).replace("torch.", "") if floats else None)
 
     # ----- an unfinished run: its state after each shard, so that `--resume` can continue it -----

@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..models.builtin import sha256_file
 from ..quant.pack import stored_bits
 from ..quant.result import FP16_BITS
-from ..tensorio import MANIFEST
+from ..tensorio import MANIFEST, all_finite
 
 # written beside the model but not part of it: they describe the run (or are the manifest itself)
 OUTSIDE = frozenset({MANIFEST, "report.json", "recipe.yaml", "progress.json"})
@@ -175,7 +175,7 @@ MAX_MAGNITUDE = 1e15
 def check_finite(where, tensors: dict[str, torch.Tensor]) -> None:
     """Every floating-point tensor finite and below `MAX_MAGNITUDE` (one pass: NaN and inf fail the comparison
     too); a NaN scale would make every output NaN, a 1e36 embedding every normalised hidden state zero."""
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool((t.abs() <= MAX_MAGNITUDE).all())]
+    bad = [k for k, t in tensors.items() if not all_finite(t, MAX_MAGNITUDE)]
     if bad:
         raise CheckpointError(f"{where}: tensors {bad[:3]} hold NaN, inf or values beyond {MAX_MAGNITUDE:g}; the "
                               "checkpoint is damaged or was edited (re-save it)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlexQuantError
+from ..tensorio import all_finite
 from .builtin import BUILTIN_MODELS, builtin_path, tiny_llama
 from .experts import unfuse_experts
 
@@ -224,7 +225,7 @@ def refuse_mismatch(where, missing, unexpected, mismatched=()) -> None:
 
 def check_finite(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise FlexQuantError(
                 f"parameter {name} contains NaN or inf values; the checkpoint is corrupted or was "
                 "saved in a dtype that overflowed; re-export it in float32/bfloat16"

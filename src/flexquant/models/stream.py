@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import FlexQuantError
-from ..tensorio import TensorFiles
+from ..tensorio import TensorFiles, all_finite
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ class Residency:
 
     def pin_all(self, reason: str = "") -> None:
         """Hold every block in memory from now on (for methods that need the whole model at once)."""
+
+    def ends_one_at_a_time(self):
+        """A model held whole has its ends in memory: nothing to stream (see `Streamed`)."""
+        return None
 
     def materialized_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values() if not t.is_meta)
@@ -204,6 +208,31 @@ class Streamed(Residency):
         if not self.pinned:
             _release(module)
 
+    def ends_one_at_a_time(self):
+        """For writing the rest of the model with one end in memory at a time: (layout, stream) — the
+        (name, dtype, shape) of every tensor outside the blocks and a generator reading each end in turn — or
+        None where the ends must be read together (tied, rewritten by a transform, held, or other tensors)."""
+        paths = end_paths(self.spec)
+        state = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
+                 if not k.startswith(self.spec.layers + ".")}
+        if (self.tied or self.end_fns or self.pinned or not all(t.is_meta for t in state.values())
+                or not all(k.rpartition(".")[0] in paths for k in state)):
+            return None
+        layout = [(k, self.dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for k, t in state.items()]
+
+        def stream():
+            for path in paths:
+                mod = self.model.get_submodule(path)
+                self._read(mod, path)
+                try:
+                    for name, t in mod.state_dict().items():
+                        yield f"{path}.{name}", t
+                finally:
+                    _release(mod)
+        order = {p: i for i, p in enumerate(paths)}
+        layout.sort(key=lambda e: order[e[0].rpartition(".")[0]])
+        return layout, stream()
+
     # ----- transforms and lifetime -----
     def transform_blocks(self, fn: Callable[[int, nn.Module], None]) -> None:
         self.block_fns.append(fn)
@@ -238,7 +267,7 @@ class Streamed(Residency):
 
 def refuse_non_finite(name: str, value: torch.Tensor, files: TensorFiles) -> None:
     """A weight read from ``files`` that holds NaN or inf is refused, naming it."""
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise FlexQuantError(f"tensor {name} in {files.folder} holds NaN or inf: the weights are damaged or were "
                              "saved in a dtype that overflowed")
 

@@ -16,6 +16,7 @@ from ..models.spec import ModelSpec
 from ..models.stream import residency
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
+from ..tensorio import all_finite
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, run_capturing
@@ -41,7 +42,7 @@ class LinearRecord:
 def _solve(method: Method, ctx, prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | None):
     t0 = time.perf_counter()
     W = linear.weight.data
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise FlexQuantError(f"weight {prefix}.{name} contains NaN or inf; the model checkpoint is corrupted")
     return method.quantize_linear(ctx, name, W, H), time.perf_counter() - t0
 
@@ -51,7 +52,7 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
     t0 = time.perf_counter()
     W = linear.weight.data
     Wq = r.dequantize(torch.float32)
-    if not bool(torch.isfinite(Wq).all()):
+    if not all_finite(Wq):
         raise FlexQuantError(f"quantizing {prefix}.{name} gave non-finite values: its weights reach "
                              f"{float(W.abs().max()):.3g}, beyond what the stored float16 scales can hold")
     rel = None
