@@ -52,21 +52,44 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False, dtyp
         else:
             A = H.to(dtype, copy=True)
         A.diagonal().add_(lam * mean_diag)
-        torch.linalg.cholesky_ex(A, out=(A, info))
+        # LAPACK works on column-major matrices: on a row-major A torch factors a column-major copy (another n×n
+        # buffer) and copies it back. A symmetric A's transpose view is column-major with the same values, so
+        # factoring that view happens in A's own memory — the same arithmetic on the same numbers.
+        view = _symmetric(A)
+        F = A.mT if view else A
+        torch.linalg.cholesky_ex(F, out=(F, info))
         if info == 0:
-            torch.cholesky_inverse(A, out=A)
-            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+            torch.cholesky_inverse(F, out=F)
+            torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
+            if view:  # A's memory holds Uᵀ row-major: transposed in place, A is U
+                _transpose_in_place(A)
             if info == 0:
                 if attempt:
                     log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", lam, damp)
                 if own and A is not H and H.dtype != A.dtype:
                     return H.copy_(A), lam
                 return A.to(H.dtype), lam
-        del A
+        del A, F
     raise FlexQuantError(
         f"the Hessian is not positive definite even with damping {lam:g}; "
         "use more or longer calibration samples (--nsamples/--seqlen)"
     )
+
+
+def _symmetric(A: torch.Tensor, rows: int = 512) -> bool:
+    """A == Aᵀ exactly, compared a slab of rows at a time."""
+    return all(torch.equal(A[r:r + rows], A[:, r:r + rows].mT) for r in range(0, A.shape[0], rows))
+
+
+def _transpose_in_place(A: torch.Tensor, tile: int = 512) -> None:
+    """A square matrix replaced by its transpose in its own memory, a pair of tiles at a time."""
+    n = A.shape[0]
+    for i in range(0, n, tile):
+        A[i:i + tile, i:i + tile] = A[i:i + tile, i:i + tile].mT.clone()
+        for j in range(i + tile, n, tile):
+            upper = A[i:i + tile, j:j + tile].clone()
+            A[i:i + tile, j:j + tile] = A[j:j + tile, i:i + tile].mT
+            A[j:j + tile, i:i + tile] = upper.mT
 
 
 def column_order(diag_h: torch.Tensor, act_order: bool, kept: torch.Tensor | None) -> torch.Tensor | None:
