@@ -53,16 +53,16 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False, dtyp
             A = H.to(dtype, copy=True)
         A.diagonal().add_(lam * mean_diag)
         # LAPACK works on column-major matrices: on a row-major A torch factors a column-major copy (another n×n
-        # buffer) and copies it back. A symmetric A's transpose view is column-major with the same values, so
-        # factoring that view happens in A's own memory — the same arithmetic on the same numbers.
-        view = _symmetric(A)
-        F = A.mT if view else A
+        # buffer) and copies it back. The factorization reads only A's lower triangle: mirrored onto the upper one,
+        # A is symmetric and its transposed view, column-major with the same values, is factored in A's own
+        # memory — the same arithmetic on the same numbers.
+        _mirror_lower(A)
+        F = A.mT
         torch.linalg.cholesky_ex(F, out=(F, info))
         if info == 0:
             torch.cholesky_inverse(F, out=F)
             torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
-            if view:  # A's memory holds Uᵀ row-major: transposed in place, A is U
-                _transpose_in_place(A)
+            _transpose_in_place(A)  # A's memory held Uᵀ row-major: now U
             if info == 0:
                 if attempt:
                     log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", lam, damp)
@@ -76,9 +76,14 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, own: bool = False, dtyp
     )
 
 
-def _symmetric(A: torch.Tensor, rows: int = 512) -> bool:
-    """A == Aᵀ exactly, compared a slab of rows at a time."""
-    return all(torch.equal(A[r:r + rows], A[:, r:r + rows].mT) for r in range(0, A.shape[0], rows))
+def _mirror_lower(A: torch.Tensor, tile: int = 512) -> None:
+    """A's strict lower triangle copied onto its upper one (A made exactly symmetric), a tile at a time."""
+    n = A.shape[0]
+    for i in range(0, n, tile):
+        d = A[i:i + tile, i:i + tile]
+        d.copy_(torch.tril(d) + torch.tril(d, -1).mT)
+        for j in range(i + tile, n, tile):
+            A[i:i + tile, j:j + tile] = A[j:j + tile, i:i + tile].mT
 
 
 def _transpose_in_place(A: torch.Tensor, tile: int = 512) -> None:
