@@ -211,8 +211,8 @@ class _Parked:
         ok = H.dtype == fdtype == torch.float32 and H.device.type == "cpu" and H.is_contiguous()
         return cls(H) if big and ok and not H.requires_grad else None
 
-    def restore(self) -> _Parked | torch.Tensor:
-        """H read back in place (returns H); after ``close`` the file is gone."""
+    def restore(self) -> _Parked:
+        """H read back into its own buffer (``self.H``); returns self. After ``close`` the file is gone."""
         self.file.seek(0)
         view = memoryview(self.H.numpy()).cast("B")
         got = 0
