@@ -249,9 +249,7 @@ def _permute_in_place(P: _Parked, perm: torch.Tensor | None, rows: int = 1024) -
                 break
             H[i] = H[j]
             i = j
-    for r in range(0, H.shape[0], rows):
-        H[r:r + rows] = H[r:r + rows].index_select(1, perm)
-    return H
+    return _permute_columns(H, perm, rows)
 
 
 def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, rows: int = 1024) -> torch.Tensor:
@@ -259,10 +257,14 @@ def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, rows: int = 1024)
     then each slab of rows has its columns permuted in place."""
     if perm is None:
         return H.clone()
-    out = H.index_select(0, perm)
-    for r in range(0, out.shape[0], rows):
-        out[r:r + rows] = out[r:r + rows].index_select(1, perm)
-    return out
+    return _permute_columns(H.index_select(0, perm), perm, rows)
+
+
+def _permute_columns(A: torch.Tensor, perm: torch.Tensor, rows: int) -> torch.Tensor:
+    """A[:, perm] in A's own memory, a slab of ``rows`` rows at a time; returns A."""
+    for r in range(0, A.shape[0], rows):
+        A[r:r + rows] = A[r:r + rows].index_select(1, perm)
+    return A
 
 
 def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: GridConfig, base, B: int):
