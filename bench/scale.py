@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import importlib.util
 import json
 import logging
@@ -227,25 +226,6 @@ def measure(cmd: list[str], logfile: Path, store: Path | None, interval: float, 
             "store_sampled_peak_bytes": sampler.store_bytes if store is not None else None}
 
 
-def tensors_fingerprint(folder: Path) -> str | None:
-    """sha256 over every tensor of a checkpoint (name, dtype, shape, bytes; sorted by name): equal fingerprints
-    mean the same packed model whatever the metadata (dates, the distributed section) says."""
-    import torch
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        with safe_open(str(f), "pt") as sf:
-            for name in sorted(sf.keys()):
-                t = sf.get_tensor(name)
-                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def store_from_report(rep: dict) -> tuple[object, int | None]:
     """The report's activation-store record (``memory.store``) and its bytes on disk at peak."""
     raw = (rep.get("memory") or {}).get("store")
@@ -298,7 +278,10 @@ def run_row(row: dict, model: Path, calib: Path | None, work: Path, args, offloa
         res["store_report"], res["store_report_bytes"] = store_from_report(rep)
         if store is not None and store.exists():
             res["store_final_bytes"] = dir_bytes(store)
-        res["tensors_sha256"] = tensors_fingerprint(out) if row["kind"] != "peer" else None
+        from flexquant.tensorio import tensors_digest
+
+        res["tensors_sha256"] = (tensors_digest(out) if row["kind"] != "peer" and any(out.glob("*.safetensors"))
+                                 else None)
         dist = rep.get("distributed") or {}
         if dist:
             blocks = [n for n in rep.get("blocks", []) if isinstance(n, dict) and "allreduce_bytes" in n]

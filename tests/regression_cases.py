@@ -8,12 +8,9 @@ Regenerate the reference only when a change of numbers is intended:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
-
-from safetensors import safe_open
 
 # float32 activation storage: the pre-renovation code kept every activation in float32 (the default is now
 # float16, which changes the numbers slightly and is measured by the benchmark instead)
@@ -33,19 +30,9 @@ CASES = {
 
 def digest(folder: str | Path) -> str:
     """sha256 over every tensor of ``folder``'s safetensors files (one file or shards), in name order."""
-    import torch
+    from flexquant.tensorio import tensors_digest
 
-    h = hashlib.sha256()
-    where = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(f, framework="pt") as sf:
-            where.update(dict.fromkeys(sf.keys(), f))
-    for name in sorted(where):
-        with safe_open(where[name], framework="pt") as sf:
-            t = sf.get_tensor(name).contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_digest(folder)
 
 
 def run_case(name: str, out: Path) -> Path:

@@ -167,6 +167,22 @@ def write_stream(path: str | Path, layout: list[tuple[str, torch.dtype, tuple[in
     return h.hexdigest()
 
 
+def tensors_digest(folder: str | Path) -> str:
+    """sha256 over every tensor of ``folder``'s safetensors files (one file or shards), in name order (name,
+    dtype, shape, bytes): equal digests mean the same tensors whatever the metadata or the file layout."""
+    import hashlib
+
+    h = hashlib.sha256()
+    where = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        where.update(dict.fromkeys(read_header(f), f))
+    for name in sorted(where):
+        t = TensorFiles.single(where[name]).get(name).contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def flexquant_traces(folder: str | Path) -> str | None:
     """What marks ``folder`` as a flexquant checkpoint (a manifest, a run record, a shard written by flexquant),
     or None: such a folder without its quant_config.json must not be read as a plain model."""
