@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
 KEEP_LOGPROBS_BYTES = 4 << 30  # reference log-probabilities kept in memory up to this size
-GRID_KEYS = ("scale_bits", "zero_bits")  # `--flexible 3.5:scale_bits=16` reaches the grid
+GRID_KEYS = ("scale_bits", "zero_bits", "target")  # `--flexible 3.5:scale_bits=16` reaches the run's config
 
 
 def job(args) -> None:
@@ -46,6 +46,30 @@ def job(args) -> None:
                      calib_ids=calib, nsamples=calib.shape[0], seqlen=calib.shape[1], progress=False,
                      options=options, **grid)
     fq.save(qm, args.out, overwrite=True)
+    if grid.get("target", "flexquant") != "flexquant":
+        export_for_target(qm, Path(args.out), grid["target"], calib[:2, :256])
+
+
+def export_for_target(qm, path: Path, target: str, ids: torch.Tensor) -> None:
+    """Export a ``--target`` checkpoint to its format (float16, what servers load), reload the export through
+    flexquant's importer, and write ``PATH-export.json``: the export's bits per weight as its files store them and
+    the largest logit difference against the quantized model."""
+    import flexquant as fq
+    from flexquant.alloc.targets import get_target
+    from flexquant.errors import FlexQuantError
+
+    fmt, out = get_target(target).format, path.with_name(path.name + "-export")
+    try:
+        summary = fq.export(path, out, fmt, dtype="float16", overwrite=True)
+    except FlexQuantError as e:  # v1 GPTQ cannot hold a zero point of 0 next to a full-range group
+        if fmt != "gptq" or "gptq_v2" not in str(e):
+            raise
+        summary = fq.export(path, out, fmt, dtype="float16", overwrite=True, gptq_format="gptq_v2")
+    with torch.no_grad():
+        ref = qm.model(ids).logits.float()
+        got = fq.load(out).model(ids).logits.float()
+    summary["max_dlogit_rel"] = float((got - ref).abs().max() / ref.abs().max())
+    path.with_name(path.name + "-export.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def parse_flexible(spec: str) -> dict:
@@ -92,6 +116,9 @@ def run_quantization(kind: str, method: str, bits: int, args, work: Path, option
         info = {"bpw": rep["bpw"], "quant_seconds": rep["quant_time_s"], "peak_rss_mb": rep["peak_rss_mb"],
                 "versions": rep.get("versions")}
     row = {"kind": kind, "method": method, "bits": bits, "path": str(out), "job_wall_seconds": wall, **info}
+    exported = out.with_name(out.name + "-export.json")
+    if kind == "flexquant" and exported.is_file():
+        row["export"] = json.loads(exported.read_text())
     if options:
         row["options"] = options
     return row
@@ -146,6 +173,10 @@ def table(rows: list[dict]) -> str:
             continue
         t = f"{r['quant_seconds']:.0f}" if r.get("quant_seconds") is not None else "—"
         mem = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "—"
+        if r.get("export"):  # a --target row: the bits as its exported files store them
+            e = r["export"]
+            name += f" (exported {e['format']} {e.get('checkpoint_format', '')}: {e['bpw']:.3f} bpw, " \
+                    f"reloaded max Δlogit {e['max_dlogit_rel']:.1e} of range)"
         lines.append(f"| {name} | {r['bits']} | {r['bpw']:.3f} | {r['perplexity']:.3f} | "
                      f"{r['kl_divergence']:.4f} | {t} | {mem} |")
     return "\n".join(lines)

@@ -224,6 +224,11 @@ class QuantConfig:
     moe_calibration: str = option("routed", "mixture-of-experts Hessians: routed (each expert's routed tokens, "
                                             "weighted by routing weight) | all (every token through every expert)",
                                   ("routed", "all"))
+    target: str = option("flexquant", "what the checkpoint is for: flexquant (its own packed format, no constraint), "
+                                      "vllm (compressed-tensors: 4/8 bits per linear, no act-order) or gptqmodel "
+                                      "(GPTQ with per-module bits: 2/3/4/8; GPTQModel and vLLM's gptq kernels); "
+                                      "the method searches only inside what the target carries",
+                         ("flexquant", "vllm", "gptqmodel"))
     # The method's options: an instance of its registered `MethodConfig` (a dict is converted).
     options: MethodConfig = field(default_factory=NoOptions)
     format_version: int = CONFIG_FORMAT_VERSION
@@ -238,6 +243,8 @@ class QuantConfig:
         _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         parse_bytes(self.max_memory)
+        _check(self.target in ("flexquant", "vllm", "gptqmodel"),
+               f"target={self.target!r} must be flexquant, vllm or gptqmodel")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
         object.__setattr__(self, "options", method_options(self.method, self.options))

@@ -13,7 +13,7 @@ from ..errors import FlexQuantError
 from ..pipeline.distributed import close_process_group, env_rank
 from .flags import add_field, add_method_flags, at_least, flag
 
-RUN_FIELDS = ("method", "calib", "nsamples", "seqlen", "seed", "batch_size", "device", "moe_calibration")
+RUN_FIELDS = ("method", "target", "calib", "nsamples", "seqlen", "seed", "batch_size", "device", "moe_calibration")
 MEMORY_FIELDS = ("stream", "store_dtype", "max_memory", "offload_dir")
 NOT_CONFIG = {"command", "quiet", "debug", "recipe", "out", "overwrite", "resume", "eval_windows", "func"}
 

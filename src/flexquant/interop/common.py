@@ -331,6 +331,17 @@ def _write_tensors(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: 
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def stored_bits(tensors: dict[str, torch.Tensor]) -> int:
+    """Bits the exported files store for one quantized linear's tensors, its bias excluded."""
+    return sum(t.numel() * t.element_size() * 8 for k, t in tensors.items() if k != "bias")
+
+
+def grid_bpw(src: Source, stored: int) -> float:
+    """Bits per weight of the quantized linears as exported (``stored`` bits over their weights)."""
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in src.grids.values())
+    return round(stored / weights, 6) if weights else 0.0
+
+
 def export_info(src: Source, format_name: str, dtype: str, online_rotation: str) -> dict:
     return {"flexquant_version": __version__, "format": format_name, "dtype": dtype,
             "source": str(src.path), "source_checksums": src.qc.get("checksums", {}),

@@ -30,6 +30,8 @@ from .common import (
     check_architecture,
     export_config,
     export_info,
+    grid_bpw,
+    stored_bits,
     write_folder,
 )
 
@@ -118,8 +120,11 @@ def export(src: Source, out, dtype: str | None = None, overwrite: bool = False) 
         log.warning("%s-bit layers: transformers loads them, but vLLM's compressed-tensors int kernels take "
                     "4 and 8 bits only", "/".join(map(str, odd)))
     tensors = cast_rest(src, tdtype)
+    stored = 0
     for name, layer in src.grids.items():
-        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer, tdtype).items()})
+        own = layer_tensors(layer, tdtype)
+        stored += stored_bits(own)
+        tensors.update({f"{name}.{k}": v for k, v in own.items()})
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.to(tdtype)
     for name, layer in src.dense.items():
@@ -132,7 +137,7 @@ def export(src: Source, out, dtype: str | None = None, overwrite: bool = False) 
                          EXPORT_INFO: export_info(src, FORMAT, dtype, "dense" if src.dense else "none")},
                         overwrite=overwrite)
     return {"out": str(path), "format": FORMAT, "dtype": dtype, "quantized_layers": len(src.grids),
-            "dense_layers": len(src.dense), "config_groups": len(qcfg["config_groups"])}
+            "dense_layers": len(src.dense), "config_groups": len(qcfg["config_groups"]), "bpw": grid_bpw(src, stored)}
 
 
 # ----- reading checkpoints written by compressed-tensors / llm-compressor -----

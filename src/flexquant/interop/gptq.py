@@ -9,8 +9,8 @@ Per quantized linear (out m × in n, b bits, groups of g):
   ``scales``  float16 [n/g, m];
   ``g_idx``   int32 [n]: the group of each input column (act-order: not i // g);
   ``bias``    [m] where the layer has one.
-W[:, i] = scales[g_idx[i]] · (q[i] − z[g_idx[i]]). Per-layer differences from the model-wide settings
-(bits, group size, symmetry) are refused (transformers' GPTQ loader has one setting per model); layers left
+W[:, i] = scales[g_idx[i]] · (q[i] − z[g_idx[i]]). Per-layer differences from the model-wide setting (bits,
+group size, symmetry) are GPTQModel ``dynamic`` overrides, which GPTQModel and vLLM read; layers left
 unquantized are named in ``modules_in_block_to_quantize`` (optimum) and GPTQModel's ``dynamic`` skips.
 """
 
@@ -33,6 +33,8 @@ from .common import (
     check_architecture,
     export_config,
     export_info,
+    grid_bpw,
+    stored_bits,
     write_folder,
 )
 
@@ -120,15 +122,19 @@ def _block_modules(src: Source) -> list[list[str]] | None:
 
 
 def quantize_config(src: Source, checkpoint_format: str) -> dict:
-    """One model-wide setting (GPTQ loaders in transformers ignore per-layer overrides); layers written dense
-    are named in ``modules_in_block_to_quantize`` (optimum) and as GPTQModel ``dynamic`` skips."""
-    keys = {_key(layer) for layer in src.grids.values()}
-    if len(keys) > 1:
-        shown = ", ".join(f"{b} bits/group {g}/{'sym' if s else 'asym'}" for b, g, s in sorted(keys))
-        raise FlexQuantError(f"{src.path} mixes layer settings ({shown}); GPTQ checkpoints loaded by transformers "
-                             "hold one setting for all layers: export with --format compressed-tensors (one config "
-                             "group per setting)")
-    bits, group_size, sym = keys.pop()
+    """The model-wide setting (the most common one), GPTQModel ``dynamic`` overrides (``+:^name$``) for linears
+    with another bit-width, group size or symmetry (GPTQModel and vLLM's gptq methods read them), and layers
+    written dense named in ``modules_in_block_to_quantize`` (optimum) and as ``dynamic`` skips."""
+    counts: dict[tuple, int] = {}
+    for layer in src.grids.values():
+        counts[_key(layer)] = counts.get(_key(layer), 0) + 1
+    bits, group_size, sym = max(counts, key=lambda k: (counts[k], k))
+    dynamic = {f"+:^{re.escape(name)}$": {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym}
+               for name, layer in src.grids.items() if _key(layer) != (bits, group_size, sym)}
+    if dynamic:
+        log.info("%d linears differ from the model-wide %d-bit setting: written as GPTQModel `dynamic` overrides "
+                 "(GPTQModel and vLLM read them; loaders without `dynamic` support, such as AutoGPTQ, do not)",
+                 len(dynamic), bits)
     qc = {
         "bits": bits, "group_size": group_size, "sym": sym,
         "desc_act": any(layer.g_idx is not None for layer in src.grids.values()),
@@ -140,7 +146,9 @@ def quantize_config(src: Source, checkpoint_format: str) -> dict:
     blocks = _block_modules(src)
     if blocks is not None:
         qc["modules_in_block_to_quantize"] = blocks
-        qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in src.dense}
+        dynamic.update({f"-:^{re.escape(name)}$": {} for name in src.dense})
+    if dynamic:
+        qc["dynamic"] = dynamic
     return qc
 
 
@@ -156,8 +164,11 @@ def export(src: Source, out, dtype: str | None = None, overwrite: bool = False,
         log.info("GPTQ kernels usually run in float16; this export keeps the %s model dtype (pass --dtype float16 "
                  "to change it)", dtype)
     tensors = cast_rest(src, tdtype)
+    stored = 0
     for name, layer in src.grids.items():
-        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer, checkpoint_format, tdtype).items()})
+        own = layer_tensors(layer, checkpoint_format, tdtype)
+        stored += stored_bits(own)
+        tensors.update({f"{name}.{k}": v for k, v in own.items()})
     for name, layer in src.dense.items():
         tensors[f"{name}.weight"] = layer.weight.to(tdtype)
         if layer.bias is not None:
@@ -168,7 +179,7 @@ def export(src: Source, out, dtype: str | None = None, overwrite: bool = False,
                          EXPORT_INFO: export_info(src, FORMAT, dtype, "dense" if src.dense else "none")},
                         overwrite=overwrite)
     return {"out": str(path), "format": FORMAT, "checkpoint_format": checkpoint_format, "dtype": dtype,
-            "quantized_layers": len(src.grids), "dense_layers": len(src.dense)}
+            "quantized_layers": len(src.grids), "dense_layers": len(src.dense), "bpw": grid_bpw(src, stored)}
 
 
 # ----- reading GPTQ checkpoints written by AutoGPTQ, GPTQModel, optimum or flexquant -----

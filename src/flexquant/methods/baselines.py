@@ -13,6 +13,7 @@ class RTN(Method):
 
     name = "rtn"
     needs_calibration = False
+    targets = ("flexquant", "vllm", "gptqmodel")
 
     def quantize_linear(self, ctx, name, W, H):
         return rtn_quantize(W, self.config.grid)
@@ -23,6 +24,7 @@ class GPTQ(Method):
     """GPTQ: column-by-column rounding with Hessian-based error compensation (METHODS.md, Baselines)."""
 
     name = "gptq"
+    targets = ("flexquant", "vllm", "gptqmodel")
 
     def quantize_linear(self, ctx, name, W, H):
         return gptq_quantize(W, H, self.config.grid, self.config.gptq)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..alloc import PROXIES, GroupTable, Layout, error_table, fixed_bits, greedy_allocate
+from ..alloc.targets import get_target
 from ..config import MethodConfig, option
 from ..errors import FlexQuantError
 from ..models.stream import residency
@@ -129,6 +130,8 @@ class FlexibleLLM(Method):
 
     name = "flexible"
     Config = FlexibleConfig
+    targets = ("flexquant", "vllm", "gptqmodel")
+    uses_grid_bits = False  # SBGBS chooses the widths (inside the target's)
 
     @classmethod
     def grid_defaults(cls, options: FlexibleConfig) -> dict:
@@ -141,6 +144,13 @@ class FlexibleLLM(Method):
         if config.grid.zero_bits == 4 and top > 4:
             raise FlexQuantError(f"zero_bits=4 holds zero points of at most 4 bits, but {top}-bit groups are "
                                  "possible here; pass --zero-bits 8 or keep candidates/protect-bits <= 4")
+        self.target = get_target(config.target)
+        self.candidates = self.target.candidates(self.options.candidates)
+        self.protect = self.options.protect
+        if self.target.per_layer and self.protect != "none":
+            # salience-ordered groups need per-group widths and a stored permutation; kept columns mixed widths
+            log.info("--target %s: outlier protection off (one width per linear)", self.target.name)
+            self.protect = "none"
         self.plan_: dict[str, _Plan] = {}
         self.online: dict = {}  # online input rotations by linear path (DOSA's down_proj)
         self.spec_writer = "mlp.down_proj"  # the block's last residual writer (set from the spec)
@@ -168,7 +178,7 @@ class FlexibleLLM(Method):
                 return fn
 
             res.transform_blocks(observe("before"))
-            rotated = rotate_model(model, spec, seed=f.rotation_seed)
+            rotated = rotate_model(model, spec, seed=f.rotation_seed, online=self.target.online_rotation)
             res.transform_blocks(observe("after"))
             self.facts.rotation, self.online, self.facts.incoherence = rotated.facts, rotated.online, inc
         # A whole number of batches, so that the kept FP inputs are the first batches of the block loop.
@@ -201,19 +211,30 @@ class FlexibleLLM(Method):
         else:
             rows = {n: torch.ones(model.get_submodule(n).out_features) for n in stats.hessians}
         names = self._names(model, spec)
-        tables, orders, hinv = [], {}, {}
+        tables, orders, hinv, shapes = [], {}, {}, {}
         fixed_total = weights = 0
+        grid = self.config.grid
         for name, W in self._weights(model, spec):
             table, order, nkept = self._linear_table(name, W, stats.hessians[name], rows[name], hinv)
             tables.append(table)
-            orders[name] = (order, nkept)
+            orders[name], shapes[name] = (order, nkept), tuple(W.shape)
             rot = self.online.get(name)
             factor = 0 if rot is None or bool((rot.factor.abs() == 1).all()) else rot.factor.shape[0]
-            grid = self.config.grid
             layout = Layout(*W.shape, g, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None, factor)
             fixed_total += fixed_bits(layout, int(table.fixed.sum()) if f.protect_bits == 16 else 0)
             weights += W.numel()
+        if self.target.per_layer:
+            tables, fixed_total = self._layer_tables(tables, shapes)
+            least = (fixed_total + sum(t.rows * t.candidates[0] for t in tables)) / weights
+            if least > f.bpw:
+                raise FlexQuantError(f"--bpw {f.bpw} is below what --target {self.target.name} stores at its lowest "
+                                     f"width ({self.candidates[0]} bits, float16 scales, group "
+                                     f"{g}): {least:.3f} bpw; raise --bpw, or pass a larger --group-size")
         bits, used = self._allocate(tables, int(f.bpw * weights) - fixed_total)
+        if self.target.per_layer:  # one width per linear: every group of it, and the exact exported bits
+            bits = {n: b.expand(shapes[n][1] // g).clone() for n, b in bits.items()}
+            used = sum(self.target.stored_bits(*shapes[n], g, grid.sym, int(b[0])) for n, b in bits.items())
+            fixed_total = 0
         for name in names:
             order, nkept = orders[name]
             self.plan_[name] = _Plan(order, bits[name], nkept)
@@ -221,7 +242,8 @@ class FlexibleLLM(Method):
                 self.facts.protected[name]["bits"] = int(bits[name][-1 if nkept else 0])
         hist = torch.cat([b.float() for b in bits.values()])
         self.facts.allocation = {
-            "target_bpw": f.bpw, "planned_bpw": (used + fixed_total) / weights,
+            "target_bpw": f.bpw, "planned_bpw": (used + fixed_total) / weights, "target": self.target.name,
+            "counted_as": self.target.format or "flexquant checkpoint",
             "histogram": {str(int(b)): int((hist == b).sum()) for b in hist.unique()},
             "per_matrix_bits": {n: float(b.float().mean()) for n, b in bits.items()},
         }
@@ -234,38 +256,54 @@ class FlexibleLLM(Method):
         if n % g:
             raise FlexQuantError(f"group_size={g} does not divide {n} ({name})")
         sal = None
-        if f.protect != "none":
+        if self.protect != "none":
             if hinv.get("of") is not H:  # the linears of a group share their Hessian (the last one is kept)
                 hinv["of"], hinv["diag"] = H, hinv_diagonal(H, self.config.gptq.damp)
-            sal = salience(W, hinv["diag"], f.candidates[0], g, rows)
+            sal = salience(W, hinv["diag"], self.candidates[0], g, rows)
         kept = torch.empty(0, dtype=torch.long)
-        if f.protect == "groups":
+        if self.protect == "groups":
             order = torch.argsort(sal, descending=True, stable=True)
         else:
-            if f.protect == "columns":
+            if self.protect == "columns":
                 kept = torch.argsort(sal, descending=True)[: f.protect_groups * g]
             order = column_order(torch.diag(H), self.config.gptq.act_order, kept)
             if order is None:
                 order = torch.arange(n)
-        salient = kept if kept.numel() else (order[:g] if f.protect == "groups" else kept)
+        salient = kept if kept.numel() else (order[:g] if self.protect == "groups" else kept)
         if salient.numel():
             # attribute outliers: salient columns that are not magnitude outliers (top 1% column max)
             colmax = W.abs().amax(0)
             attribute = colmax[salient] < torch.quantile(colmax, 0.99)
-            self.facts.protected[name] = {"mode": f.protect, "columns": int(salient.numel()),
+            self.facts.protected[name] = {"mode": self.protect, "columns": int(salient.numel()),
                                           "attribute_outliers": int(attribute.sum())}
         ng = n // g
         fixed = torch.zeros(ng, dtype=torch.bool)
         fixed[ng - kept.numel() // g:] = kept.numel() > 0
-        errors = error_table(W, H, order, g, f.candidates, rows, f.proxy, self.config.gptq.damp)
-        return GroupTable(name, m, g, f.candidates, errors, fixed, f.protect_bits), order, kept.numel()
+        errors = error_table(W, H, order, g, self.candidates, rows, f.proxy, self.config.gptq.damp)
+        return GroupTable(name, m, g, self.candidates, errors, fixed, f.protect_bits), order, kept.numel()
+
+    def _layer_tables(self, tables: list[GroupTable], shapes: dict) -> tuple[list[GroupTable], int]:
+        """Per-layer SBGBS for a target with one width per linear: each linear becomes one block whose error at
+        width b is the sum of its groups' errors, and whose one-bit step costs what the target's files store
+        per added bit (an upper bound where word padding makes it uneven); returns the tables and the bits the
+        target stores whatever the widths."""
+        g, sym = self.config.grid.group_size, self.config.grid.sym
+        out, fixed = [], 0
+        for t in tables:
+            m, n = shapes[t.name]
+            base = self.target.stored_bits(m, n, g, sym, 0)
+            unit = max(-(-(self.target.stored_bits(m, n, g, sym, b) - base) // b) for b in t.candidates)
+            fixed += base
+            out.append(GroupTable(t.name, unit, 1, t.candidates, t.errors.sum(0, keepdim=True),
+                                  torch.zeros(1, dtype=torch.bool)))
+        return out, fixed
 
     def _allocate(self, tables: list[GroupTable], budget: int):
         """SBGBS over every group of the model, or (``sbgbs`` off) the highest uniform candidate that fits."""
         f = self.options
         if f.sbgbs:
             return greedy_allocate(tables, budget)
-        for b in reversed(f.candidates):
+        for b in reversed(self.candidates):
             uniform = [GroupTable(t.name, t.rows, t.group_size, (b,), t.errors[:, :1], t.fixed, t.fixed_bits)
                        for t in tables]
             try:

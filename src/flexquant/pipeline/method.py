@@ -9,17 +9,22 @@ The pipeline calls, in order: `Method.resolve` (class-level: grid settings the m
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..alloc.targets import get_target
 from ..config import MethodConfig, NoOptions, QuantConfig
+from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
 from ..quant.result import QuantResult
 from .capture import BlockInputs
 from .distributed import SINGLE, Dist
 from .statistics import FPStatistics, StatsRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +60,10 @@ class Method:
     resumable = True
     # False: the method cannot run on several ranks (`pipeline.distributed`), e.g. it trains on per-rank data.
     distributed = True
+    # The serving targets (`alloc.targets`) the method can search inside; others are refused.
+    targets: tuple[str, ...] = ("flexquant",)
+    # True: the method quantizes every linear at the grid's --bits (so the target must run that width).
+    uses_grid_bits = True
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -63,9 +72,32 @@ class Method:
     @classmethod
     def resolve(cls, config: QuantConfig) -> QuantConfig:
         """The run's config with what the user left unset filled in: classic fp16 scales and byte zero points
-        unless the method has measured better (``grid_defaults``)."""
+        unless the method has measured better (``grid_defaults``); inside a serving target, what it carries."""
+        config = cls._within_target(config)
         unset = {k: v for k, v in cls.grid_defaults(config.options).items() if getattr(config.grid, k) is None}
         return dataclasses.replace(config, grid=dataclasses.replace(config.grid, **unset)) if unset else config
+
+    @classmethod
+    def _within_target(cls, config: QuantConfig) -> QuantConfig:
+        """``config`` with the grid and GPTQ settings the serving target needs (fp16 scales, act-order only
+        where a permutation can be stored), or a clear error where the user asked for what it cannot carry."""
+        target = get_target(config.target)
+        if target.name == "flexquant":
+            return config
+        if target.name not in cls.targets:
+            raise FlexQuantError(f"--method {cls.name} cannot search inside --target {target.name} (it supports "
+                                 f"{', '.join(cls.targets)}); use --method flexible or gptq for a serving target")
+        if config.grid.scale_bits == 8:
+            raise FlexQuantError(f"--target {target.name} stores one float16 scale per group; drop --scale-bits 8")
+        if cls.uses_grid_bits and target.bits and config.grid.bits not in target.bits:
+            raise FlexQuantError(f"--target {target.name} runs {'/'.join(map(str, target.bits))}-bit weights only "
+                                 f"({target.note}); --bits {config.grid.bits} is not one of them")
+        grid = dataclasses.replace(config.grid, scale_bits=16)
+        gptq = config.gptq
+        if gptq.act_order and not target.permutation:
+            log.info("--target %s: act-order off (%s stores no per-column group index)", target.name, target.format)
+            gptq = dataclasses.replace(gptq, act_order=False)
+        return dataclasses.replace(config, grid=grid, gptq=gptq)
 
     @classmethod
     def grid_defaults(cls, options: MethodConfig) -> dict:

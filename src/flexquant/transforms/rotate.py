@@ -147,9 +147,10 @@ def _rotate_block(block: nn.Module, spec: ModelSpec, R: Rotation, online: dict[s
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> RotatedModel:
+def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0, online: bool = True) -> RotatedModel:
     """Rotate ``model`` (exactly equivalent): in place for a model held in memory; for a streamed one the
-    rotation is applied to each block and to the ends whenever they are read (`models.stream`)."""
+    rotation is applied to each block and to the ends whenever they are read (`models.stream`). ``online``
+    False: the residual stream only (no online input rotations, for formats that cannot express them)."""
     if not spec.rotatable:
         raise FlexQuantError(f"a rotation of the residual stream is not exact for {spec.family}: its ModelSpec "
                              "declares norms on the sub-layer outputs or residual readers without a foldable norm")
@@ -160,19 +161,19 @@ def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0) -> RotatedMod
     res.transform_ends(lambda m: _rotate_ends(m, spec, Rres))
     model.config.tie_word_embeddings = False
     facts = {"residual": {"n": d, "small_factor": Rres.factor.shape[0], "hadamard": factorize(d).exact}}
-    online: dict[str, Rotation] = {}
+    sites: dict[str, Rotation] = {}
     per_block: list[dict[str, Rotation]] = []
     for i, block in enumerate(layers):
         mine = {}
-        for name in spec.online_rotations:
+        for name in spec.online_rotations if online else ():
             n = block.get_submodule(name).in_features
-            mine[name] = online[f"{spec.layers}.{i}.{name}"] = Rotation.random(n, seed + 1 + i)
+            mine[name] = sites[f"{spec.layers}.{i}.{name}"] = Rotation.random(n, seed + 1 + i)
             facts.setdefault("online", {"n": n, "small_factor": mine[name].factor.shape[0],
                                         "hadamard": factorize(n).exact, "sites": []})
             facts["online"]["sites"].append(f"{spec.layers}.{i}.{name}")
         per_block.append(mine)
     res.transform_blocks(lambda i, block: _rotate_block(block, spec, Rres, per_block[i]))
-    return RotatedModel(facts, online)
+    return RotatedModel(facts, sites)
 
 
 def incoherence(W: torch.Tensor) -> float:

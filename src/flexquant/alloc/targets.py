@@ -1,0 +1,70 @@
+"""Serving targets (`--target`): what the format a checkpoint is meant for can carry, and the bits its files store.
+
+A method searches only inside its target: the bit-widths the target's kernels run, one width per linear when
+its format holds one per layer, float16 scales, a column permutation only where the format stores one, online
+rotations only where the format can express them. ``stored_bits`` counts a linear as the exported files store
+it (`interop.ct.layer_tensors`, `interop.gptq.layer_tensors`), so that a ``--bpw`` budget is the exported one.
+
+* ``flexquant``: flexquant's own packed format, no constraint (mixed widths per group, log-coded scales, ...).
+* ``vllm``: compressed-tensors ``pack-quantized``, the layout llm-compressor writes and vLLM serves with its
+  WNA16 kernels, which run 4- and 8-bit weights only; per-layer config groups; no per-column group index, so no
+  act-order permutation.
+* ``gptqmodel``: the GPTQ layout with GPTQModel's per-module ``dynamic`` overrides (bits per linear), read by
+  GPTQModel and by vLLM's ``gptq`` method (2, 3, 4 and 8 bits); ``g_idx`` carries act-order; no online rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FlexQuantError
+
+
+def _words(values: int, bits: int) -> int:
+    return -(-values * bits // 32) * 32
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    format: str | None  # the `flexquant export --format` it is meant for (None: flexquant's own)
+    bits: tuple[int, ...] | None  # widths the serving kernels run (None: any)
+    per_layer: bool  # one bit-width per linear
+    permutation: bool  # an act-order column permutation can be stored (g_idx)
+    online_rotation: bool  # an online input rotation can be expressed
+    note: str
+
+    def stored_bits(self, m: int, n: int, g: int, sym: bool, b: int) -> int:
+        """Bits the exported files store for an m×n linear of width ``b`` (groups of ``g``), bias excluded."""
+        ng = n // g
+        if self.name == "vllm":  # weight_packed [m, ⌈n·b/32⌉], weight_scale fp16 [m, ng], zero points, weight_shape
+            return m * _words(n, b) + 16 * m * ng + (0 if sym else _words(m, b) * ng) + 128
+        if self.name == "gptqmodel":  # qweight [n·b/32, m], qzeros [ng, m·b/32] (always), scales fp16, g_idx int32
+            return m * n * b + ng * m * b + 16 * m * ng + 32 * n
+        raise FlexQuantError(f"target {self.name!r} has no exported layout to count")
+
+    def candidates(self, wanted: tuple[int, ...]) -> tuple[int, ...]:
+        """The bit-widths of ``wanted`` the target runs; an error naming the target's widths if none is left."""
+        if self.bits is None:
+            return wanted
+        kept = tuple(b for b in wanted if b in self.bits)
+        if not kept:
+            raise FlexQuantError(f"--target {self.name} runs {'/'.join(map(str, self.bits))}-bit weights only "
+                                 f"({self.note}); none of the candidate widths {wanted} is one: pass --candidates "
+                                 f"{' '.join(map(str, self.bits))}")
+        return kept
+
+
+TARGETS = {
+    "flexquant": Target("flexquant", None, None, False, True, True, "flexquant's own packed format"),
+    "vllm": Target("vllm", "compressed-tensors", (4, 8), True, False, False,
+                   "vLLM's compressed-tensors WNA16 kernels"),
+    "gptqmodel": Target("gptqmodel", "gptq", (2, 3, 4, 8), True, True, False,
+                        "GPTQModel and vLLM's gptq kernels"),
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise FlexQuantError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    return TARGETS[name]
