@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..pipeline import Method
 from ..quant import gptq_quantize, rtn_quantize
 from .registry import register
@@ -27,4 +29,7 @@ class GPTQ(Method):
     targets = ("flexquant", "vllm", "gptqmodel")
 
     def quantize_linear(self, ctx, name, W, H):
-        return gptq_quantize(W, H, self.config.grid, self.config.gptq)
+        gptq = self.config.gptq
+        if gptq.act_order and not self.act_order_for(name):
+            gptq = dataclasses.replace(gptq, act_order=False)
+        return gptq_quantize(W, H, self.config.grid, gptq)

@@ -5,7 +5,7 @@ measured tables behind the defaults."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -110,7 +110,7 @@ def _refuse(f: FlexibleConfig, spec) -> None:
 
 @dataclass
 class _Plan:
-    order: torch.Tensor
+    order: torch.Tensor | None
     group_bits: torch.Tensor
     protected: int = 0  # protected columns (ordered last)
 
@@ -167,6 +167,7 @@ class FlexibleLLM(Method):
             # where the quantized stream's accumulated noise shows.
             self.feedback_groups = tuple(g[0] for g in spec.linear_groups if g[0] in spec.residual_readers)
         self.spec_writer = spec.residual_writers[-1] if spec.residual_writers else None  # (used by LFD only)
+        self.layers_path = spec.layers
         if f.dosa:
             res, inc = residency(model, spec), {}
 
@@ -237,6 +238,8 @@ class FlexibleLLM(Method):
             fixed_total = 0
         for name in names:
             order, nkept = orders[name]
+            if self.target.per_layer and torch.equal(order, torch.arange(order.numel())):
+                order = None  # no permutation stored (a target without g_idx has none)
             self.plan_[name] = _Plan(order, bits[name], nkept)
             if name in self.facts.protected:  # bits the salient columns got (last group or first group)
                 self.facts.protected[name]["bits"] = int(bits[name][-1 if nkept else 0])
@@ -266,7 +269,8 @@ class FlexibleLLM(Method):
         else:
             if self.protect == "columns":
                 kept = torch.argsort(sal, descending=True)[: f.protect_groups * g]
-            order = column_order(torch.diag(H), self.config.gptq.act_order, kept)
+            rel = name[len(self.layers_path) + 1:].partition(".")[2]  # block-relative
+            order = column_order(torch.diag(H), self.act_order_for(rel) and name not in self.online, kept)
             if order is None:
                 order = torch.arange(n)
         salient = kept if kept.numel() else (order[:g] if self.protect == "groups" else kept)
@@ -323,8 +327,8 @@ class FlexibleLLM(Method):
                 U, _ = inverse_cholesky_upper(H, self.config.gptq.damp)
                 self._hinv = (H, U.T @ U)
             target = target + self.options.feedback_alpha * (target @ ctx.cross) @ self._hinv[1]
-        r = gptq_quantize(target, H, self.config.grid, self.config.gptq, group_bits=plan.group_bits,
-                          order=plan.order)
+        gptq = self.config.gptq if plan.order is not None else replace(self.config.gptq, act_order=False)
+        r = gptq_quantize(target, H, self.config.grid, gptq, group_bits=plan.group_bits, order=plan.order)
         r.rotation = self.online.get(full)
         return r
 

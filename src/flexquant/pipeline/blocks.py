@@ -17,6 +17,7 @@ from ..models.stream import residency
 from ..quant.gptq import hessian_error
 from ..quant.result import QuantResult
 from ..tensorio import all_finite
+from ..transforms.permute import fold_permutations
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, run_capturing
@@ -150,6 +151,8 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
                                     fast, mine, records, cache_limit(store.max_bytes))
+            if method.fold_sites:  # act-order for a target without g_idx: into the producers' rows
+                ctx.notes["act_order_folded"] = fold_permutations(block, spec, mine, ctx.prefix)
             if dist.active:  # bytes this rank all-reduced and broadcast (or received) for this block
                 ctx.notes.update({k: v - volume[k] for k, v in dist.volume().items()})
             notes.append({"block": i, **ctx.notes})

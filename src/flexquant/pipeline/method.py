@@ -64,6 +64,9 @@ class Method:
     targets: tuple[str, ...] = ("flexquant",)
     # True: the method quantizes every linear at the grid's --bits (so the target must run that width).
     uses_grid_bits = True
+    # Block-relative linears whose act-order permutation the pipeline folds into the producers of their input
+    # (`transforms.permute`), for targets that store none; set by the pipeline before `prepare`.
+    fold_sites: tuple[str, ...] = ()
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -92,12 +95,15 @@ class Method:
         if cls.uses_grid_bits and target.bits and config.grid.bits not in target.bits:
             raise FlexQuantError(f"--target {target.name} runs {'/'.join(map(str, target.bits))}-bit weights only "
                                  f"({target.note}); --bits {config.grid.bits} is not one of them")
-        grid = dataclasses.replace(config.grid, scale_bits=16)
-        gptq = config.gptq
-        if gptq.act_order and not target.permutation:
-            log.info("--target %s: act-order off (%s stores no per-column group index)", target.name, target.format)
-            gptq = dataclasses.replace(gptq, act_order=False)
-        return dataclasses.replace(config, grid=grid, gptq=gptq)
+        if config.gptq.act_order and not target.permutation:
+            log.info("--target %s: act-order only where the permutation folds into the neighbours (the MLP "
+                     "intermediate); %s stores no per-column group index", target.name, target.format)
+        return dataclasses.replace(config, grid=dataclasses.replace(config.grid, scale_bits=16))
+
+    def act_order_for(self, name: str) -> bool:
+        """GPTQ act-order for block-relative linear ``name``: as configured where the target stores a column
+        permutation, else only at the sites where the pipeline folds it into the neighbours (``fold_sites``)."""
+        return self.config.gptq.act_order and (get_target(self.config.target).permutation or name in self.fold_sites)
 
     @classmethod
     def grid_defaults(cls, options: MethodConfig) -> dict:

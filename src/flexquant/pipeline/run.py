@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..alloc.targets import get_target
 from ..models.spec import ModelSpec
+from ..transforms.permute import fold_sites
 from .blocks import quantize_blocks
 from .distributed import SINGLE, Dist
 from .method import Method
@@ -18,6 +20,8 @@ def prepare_model(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: 
                   store: ActivationStore | None = None, dist: Dist = SINGLE) -> FPStatistics | None:
     """The method's whole-model steps before the block loop: its transforms, the statistics pass it asks
     for, and its plan. Returns the statistics (their kept inputs serve the block loop)."""
+    if not get_target(method.config.target).permutation:
+        method.fold_sites = fold_sites(spec)
     request = method.prepare(model, spec)
     stats = None
     if request is not None:
