@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
 KEEP_LOGPROBS_BYTES = 4 << 30  # reference log-probabilities kept in memory up to this size
-GRID_KEYS = ("scale_bits", "zero_bits", "target")  # `--flexible 3.5:scale_bits=16` reaches the run's config
+GRID_KEYS = ("scale_bits", "zero_bits", "target", "act_order")  # `--flexible 3.5:target=vllm` reaches the run config
 
 
 def job(args) -> None:

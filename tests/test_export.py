@@ -197,7 +197,7 @@ def test_rotated_flexible_exports_with_the_rotation_folded(flexible_ct, tmp_path
 @needs_ct
 def test_per_layer_bits_become_config_groups(rtn_sym, tmp_path, ids):
     """Uniform bits within each layer, different between layers: one compressed-tensors config group per
-    setting (GPTQ as loaded by transformers has one setting per model: refused). Symmetric here: transformers
+    setting, GPTQModel `dynamic` overrides in a GPTQ export. Symmetric here: transformers
     5's dequantize-at-load path (needed for asymmetric zero points) applies one scheme to every layer."""
     qm, _ = rtn_sym
     qm3 = fq.quantize("tiny-llama", method="rtn", bits=3, group_size=32, sym=True, progress=False)
@@ -211,8 +211,12 @@ def test_per_layer_bits_become_config_groups(rtn_sym, tmp_path, ids):
     assert {g["weights"]["num_bits"] for g in groups.values()} == {3, 4}
     ref = _logits(qm3.model, ids)
     assert (_logits(_transformers_ct(tmp_path / "ct"), ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    with pytest.raises(FlexQuantError, match="mixes layer settings.*--format compressed-tensors"):
-        export_checkpoint(path, tmp_path / "gq", "gptq")
+    # GPTQ: the model-wide setting is the most common one, the others GPTQModel `dynamic` overrides
+    export_checkpoint(path, tmp_path / "gq", "gptq")
+    qc = json.loads((tmp_path / "gq/config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 4 and len(qc["dynamic"]) == 6  # 8 attention linears at 4 bits, 6 MLP ones at 3
+    assert all(v == {"bits": 3, "group_size": 32, "sym": True} for v in qc["dynamic"].values())
+    assert (_logits(fq.load(tmp_path / "gq").model, ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_layouts_the_formats_cannot_hold_fail_with_the_fix(gptq, tmp_path):

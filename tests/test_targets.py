@@ -1,6 +1,7 @@
 """`--target vllm|gptqmodel`: methods search inside what the serving format carries, the budget is counted as
 the exported files store it, and the export reloads with the quantized model's logits."""
 
+import importlib.util
 import json
 
 import pytest
@@ -138,3 +139,18 @@ def test_folding_a_down_proj_permutation_is_exact():
     assert fold_permutations(block, spec, results, "b") == ["b.mlp.down_proj"]
     assert results["b.mlp.down_proj"].perm is None
     assert torch.allclose(mlp_out(), before, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+                    reason="GPTQModel + optimum are not installed (bash bench/gptq_env.sh; run with .venv-gptq)")
+def test_gptqmodel_target_loads_through_gptqmodel_with_dynamic_overrides(calib, ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    qm = _flexible(calib, "gptqmodel", 3.2)
+    path = fq.save(qm, tmp_path / "q", plot=False)
+    export_checkpoint(path, tmp_path / "x", "gptq", dtype="float16", gptq_format="gptq_v2")
+    assert json.loads((tmp_path / "x/config.json").read_text())["quantization_config"]["dynamic"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "x", dtype=torch.float16).eval()
+    with torch.no_grad():
+        got, ref = model(ids).logits.float(), qm.model(ids).logits.float()
+    assert (got - ref).abs().max() <= 2.0**-6 * ref.abs().max()  # a float16 model end to end
