@@ -103,7 +103,12 @@ def hf_check(source: str, export: str, windows_file: str) -> dict:
         # transformers' compressed path cannot take asymmetric packed zero points (llm-compressor issue 1618)
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     t0 = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(export, **extra).eval()
+    if os.environ.get("FQ_LOADER") == "gptqmodel":  # GPTQModel's own loader: it reads `dynamic` per-module widths
+        from gptqmodel import BACKEND, GPTQModel
+
+        hf = GPTQModel.load(export, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model.eval()
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(export, **extra).eval()
     load_s = time.perf_counter() - t0
     packed = fq.load(source).model
     half = fp16_weights(fq.load(source).model)

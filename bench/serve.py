@@ -9,8 +9,8 @@ read the exports. Two steps, both on the windows of bench/foundation.py:
            --flexible 2.5 3.5 4.25 4.5 2.5:target=gptqmodel 3.5:target=gptqmodel 4.25:target=gptqmodel \\
                       4.5:target=vllm 4.5:target=vllm,act_order=0
 
-2. this script: every export loaded by the clients that serve its format — GPTQ through transformers + optimum +
-   GPTQModel (.venv-gptq, ``bash bench/gptq_env.sh``), compressed-tensors through llm-compressor's transformers
+2. this script: every export loaded by the clients that serve its format — GPTQ through ``GPTQModel.load``
+   (.venv-gptq, ``bash bench/gptq_env.sh``), which reads the per-module ``dynamic`` widths, compressed-tensors through llm-compressor's transformers
    5.17 + compressed-tensors 0.19 (.venv-peers, ``bash bench/peers_env.sh``) and the current transformers —
    with logits compared on every window; then bench/results/serve.md:
 
@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -32,7 +33,9 @@ from bench import export_bench, foundation
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("serve")
 CLIENTS = {  # format -> [(label, python, environment)]
-    "gptq": [("transformers + optimum 2.3 + GPTQModel 7.7", ROOT / ".venv-gptq/bin/python", {})],
+    # transformers' GPTQ integration (optimum) reads one model-wide width and ignores `dynamic`: GPTQModel.load
+    "gptq": [("GPTQModel 7.7 `GPTQModel.load` (float16, torch kernel)", ROOT / ".venv-gptq/bin/python",
+              {"FQ_LOADER": "gptqmodel"})],
     "compressed-tensors": [
         ("transformers 5.17 + compressed-tensors 0.19 (llm-compressor's)", ROOT / ".venv-peers/bin/python",
          {"PYTHONPATH": str(ROOT / "src"), "FQ_CT_COMPRESSED_PATH": "1"}),
@@ -107,6 +110,9 @@ def main() -> None:
                 results.append((client, {"error": [f"{python} is missing (see this script's docstring)"]}))
                 continue
             log.info("%s: %s", label(r), client)
+            # a fresh inductor cache per check: GPTQModel's compiled CPU kernels, reused from a model of other
+            # shapes, failed an index check (seen with GPTQModel 7.7, torch 2.13)
+            env = {**env, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="serve-inductor-")}
             results.append((client, export_bench.run_check(python, Path(r["path"]), Path(e["out"]),
                                                            work / "serve-eval.safetensors", env)))
         checks[label(r)] = results

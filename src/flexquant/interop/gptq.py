@@ -10,7 +10,8 @@ Per quantized linear (out m × in n, b bits, groups of g):
   ``g_idx``   int32 [n]: the group of each input column (act-order: not i // g);
   ``bias``    [m] where the layer has one.
 W[:, i] = scales[g_idx[i]] · (q[i] − z[g_idx[i]]). Per-layer differences from the model-wide setting (bits,
-group size, symmetry) are GPTQModel ``dynamic`` overrides, which GPTQModel and vLLM read; layers left
+group size, symmetry) are GPTQModel ``dynamic`` overrides, which ``GPTQModel.load`` and vLLM read (transformers'
+GPTQ integration through optimum does not: it sizes every layer by the model-wide setting); layers left
 unquantized are named in ``modules_in_block_to_quantize`` (optimum) and GPTQModel's ``dynamic`` skips.
 """
 
@@ -132,9 +133,9 @@ def quantize_config(src: Source, checkpoint_format: str) -> dict:
     dynamic = {f"+:^{re.escape(name)}$": {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym}
                for name, layer in src.grids.items() if _key(layer) != (bits, group_size, sym)}
     if dynamic:
-        log.info("%d linears differ from the model-wide %d-bit setting: written as GPTQModel `dynamic` overrides "
-                 "(GPTQModel and vLLM read them; loaders without `dynamic` support, such as AutoGPTQ, do not)",
-                 len(dynamic), bits)
+        log.warning("%d linears differ from the model-wide %d-bit setting: written as GPTQModel `dynamic` overrides, "
+                    "which GPTQModel.load and vLLM read; transformers' GPTQ integration (optimum) and AutoGPTQ do not",
+                    len(dynamic), bits)
     qc = {
         "bits": bits, "group_size": group_size, "sym": sym,
         "desc_act": any(layer.g_idx is not None for layer in src.grids.values()),
