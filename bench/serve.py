@@ -11,8 +11,8 @@ read the exports. Two steps, both on the windows of bench/foundation.py:
 
 2. this script: every export loaded by the clients that serve its format — GPTQ through ``GPTQModel.load``
    (.venv-gptq, ``bash bench/gptq_env.sh``), which reads the per-module ``dynamic`` widths, compressed-tensors
-   through llm-compressor's transformers 5.17 + compressed-tensors 0.19 (.venv-peers, ``bash bench/peers_env.sh``) and the current transformers —
-   with logits compared on every window; then bench/results/serve.md:
+   through llm-compressor's transformers 5.17 + compressed-tensors 0.19 (.venv-peers, ``bash bench/peers_env.sh``)
+   and the current transformers — with logits compared on every window; then bench/results/serve.md:
 
        python -m bench.serve
 """
