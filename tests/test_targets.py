@@ -158,3 +158,24 @@ def test_gptqmodel_target_loads_through_gptqmodel_with_dynamic_overrides(calib, 
     with torch.no_grad():
         got, ref = model(ids).logits.float(), qm.model(ids).logits.float()
     assert (got - ref).abs().max() <= 2.0**-8 * ref.abs().max()  # float16 rounding
+
+
+def test_group_size_chosen_per_linear_reaches_lower_budgets(calib, ids, tmp_path):
+    """With --group-sizes the per-layer search picks (width, group size) per linear: 2.65 bpw cannot be stored by
+    2-bit groups of 32 in the GPTQ layout, but can with groups of 64 where they pay."""
+    with pytest.raises(FlexQuantError, match="below what --target gptqmodel stores"):
+        _flexible(calib, "gptqmodel", 2.65)
+    qm = _flexible(calib, "gptqmodel", 2.65, group_sizes=(64,))
+    alloc = qm.report["method"]["flexible"]["allocation"]
+    assert alloc["planned_bpw"] <= 2.65 and set(alloc["per_matrix_group_size"].values()) <= {32, 64}
+    assert 64 in alloc["per_matrix_group_size"].values()
+    for name, r in _layers(qm).items():
+        assert r.group_size == alloc["per_matrix_group_size"][name]
+    out = export_checkpoint(fq.save(qm, tmp_path / "q", plot=False), tmp_path / "x", "gptq", dtype="float16",
+                            gptq_format="gptq_v2")
+    assert out["bpw"] == pytest.approx(alloc["planned_bpw"], abs=1e-6)
+    with torch.no_grad():
+        ref, got = qm.model(ids).logits.float(), fq.load(tmp_path / "x").model(ids).logits.float()
+    assert (got - ref).abs().max() <= 2.0**-8 * ref.abs().max()
+    with pytest.raises(FlexQuantError, match="--group-sizes.*--target"):
+        _flexible(calib, "flexquant", 3.0, group_sizes=(64,))

@@ -28,6 +28,13 @@ class GroupTable:
     errors: torch.Tensor  # [ng, len(candidates)], non-increasing along candidates is not required
     fixed: torch.Tensor  # [ng] bool: groups whose bits are fixed (protected) at ``fixed_bits``
     fixed_bits: int = 0
+    # Stored bits of one group at each candidate (increasing), for candidates whose cost is not
+    # width × rows × group_size (a per-layer target's (width, group size) options, `methods.flexible`).
+    costs: tuple[int, ...] | None = None
+
+    def cost(self, c: int) -> int:
+        """Bits of one group at candidate index ``c`` (fixed groups excepted)."""
+        return self.costs[c] if self.costs is not None else self.candidates[c] * self.rows * self.group_size
 
 
 def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -44,7 +51,8 @@ def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[st
         b = torch.full((ng,), t.candidates[0], dtype=torch.int64)
         b[t.fixed] = t.fixed_bits
         bits[t.name] = b
-        used += int(b.sum()) * t.rows * t.group_size
+        nfixed = int(t.fixed.sum())
+        used += (ng - nfixed) * t.cost(0) + nfixed * t.fixed_bits * t.rows * t.group_size
     if used > budget_bits:
         raise FlexQuantError(
             f"the bit budget is infeasible: the lowest bit-width alone needs {used} code bits, the budget "
@@ -59,7 +67,10 @@ def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[st
         # best next step from c_i: the later candidate with the largest gain per added bit
         best, best_j = 0.0, None
         for j in range(c_i + 1, len(t.candidates)):
-            gain = float(E[c_i] - E[j]) / ((t.candidates[j] - t.candidates[c_i]) * t.rows * t.group_size)
+            step = t.cost(j) - t.cost(c_i)
+            if step <= 0:  # an option no dearer than the current one (sorted by cost: never better)
+                continue
+            gain = float(E[c_i] - E[j]) / step
             if gain > best:
                 best, best_j = gain, j
         if best_j is not None:
@@ -73,7 +84,7 @@ def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[st
         _, t_i, grp, code = heapq.heappop(heap)
         c_i, j = divmod(code, 100)
         t = tables[t_i]
-        cost = (t.candidates[j] - t.candidates[c_i]) * t.rows * t.group_size
+        cost = t.cost(j) - t.cost(c_i)
         if used + cost > budget_bits:
             continue  # does not fit; smaller steps elsewhere may still fit
         used += cost

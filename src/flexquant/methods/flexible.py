@@ -56,6 +56,8 @@ class FlexibleConfig(MethodConfig):
     proxy: str = option("gptq", "SBGBS error proxy: 'block' = tr(ΔW H_kk ΔWᵀ) of the group's Hessian block; "
                                 "'gptq' = Σ ΔW²/U_jj², GPTQ's cost after compensation", PROXIES)
     rotation_seed: int = option(0, "seed of the random Hadamard signs")
+    group_sizes: tuple[int, ...] = option((), "with a --target of one width per linear: the group sizes SBGBS may "
+                                              "choose per linear with its width (unset: --group-size only)")
 
     def __post_init__(self) -> None:
         if not 1.0 < self.bpw <= 16:
@@ -80,6 +82,9 @@ class FlexibleConfig(MethodConfig):
         if self.protect_bits not in range(2, 9) and self.protect_bits != 16:
             raise FlexQuantError(f"protect_bits={self.protect_bits} must be 2..8 or 16")
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        if not all(isinstance(g, int) and g >= 8 and g % 8 == 0 for g in self.group_sizes):
+            raise FlexQuantError(f"group_sizes={self.group_sizes} must be multiples of 8 (e.g. 32 64 128)")
+        object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
 
     @property
     def top_bits(self) -> int:
@@ -113,6 +118,7 @@ class _Plan:
     order: torch.Tensor | None
     group_bits: torch.Tensor
     protected: int = 0  # protected columns (ordered last)
+    group_size: int | None = None  # chosen per linear (a per-layer target's options); None: the grid's
 
 
 @dataclass
@@ -147,6 +153,10 @@ class FlexibleLLM(Method):
         self.target = get_target(config.target)
         self.candidates = self.target.candidates(self.options.candidates)
         self.protect = self.options.protect
+        if self.options.group_sizes and not self.target.per_layer:
+            raise FlexQuantError("--group-sizes chooses one group size per linear, which only a --target of one "
+                                 "width per linear (vllm, gptqmodel) uses; drop it or pass --target")
+        self.layer_options: dict[str, list[tuple[int, int]]] = {}  # per-layer target: (width, group size) options
         if self.target.per_layer and self.protect != "none":
             # salience-ordered groups need per-group widths and a stored permutation; kept columns mixed widths
             log.info("--target %s: outlier protection off (one width per linear)", self.target.name)
@@ -217,6 +227,8 @@ class FlexibleLLM(Method):
         grid = self.config.grid
         for name, W in self._weights(model, spec):
             table, order, nkept = self._linear_table(name, W, stats.hessians[name], rows[name], hinv)
+            if self.target.per_layer:
+                table = self._layer_table(name, W, stats.hessians[name], rows[name], order, table)
             tables.append(table)
             orders[name], shapes[name] = (order, nkept), tuple(W.shape)
             rot = self.online.get(name)
@@ -224,23 +236,25 @@ class FlexibleLLM(Method):
             layout = Layout(*W.shape, g, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None, factor)
             fixed_total += fixed_bits(layout, int(table.fixed.sum()) if f.protect_bits == 16 else 0)
             weights += W.numel()
-        if self.target.per_layer:
-            tables, fixed_total = self._layer_tables(tables, shapes)
-            least = (fixed_total + sum(t.rows * t.candidates[0] for t in tables)) / weights
+        if self.target.per_layer:  # each table's options cost what the target's files store, whole
+            fixed_total = 0
+            least = sum(t.cost(0) for t in tables) / weights
             if least > f.bpw:
                 raise FlexQuantError(f"--bpw {f.bpw} is below what --target {self.target.name} stores at its lowest "
                                      f"width ({self.candidates[0]} bits, float16 scales, group "
-                                     f"{g}): {least:.3f} bpw; raise --bpw, or pass a larger --group-size")
+                                     f"{max(f.group_sizes or (g,))}): {least:.3f} bpw; raise --bpw, or pass a "
+                                     "larger --group-size")
         bits, used = self._allocate(tables, int(f.bpw * weights) - fixed_total)
-        if self.target.per_layer:  # one width per linear: every group of it, and the exact exported bits
-            bits = {n: b.expand(shapes[n][1] // g).clone() for n, b in bits.items()}
-            used = sum(self.target.stored_bits(*shapes[n], g, grid.sym, int(b[0])) for n, b in bits.items())
-            fixed_total = 0
+        sizes = {}
+        if self.target.per_layer:  # option index -> one width (and group size) for every group of the linear
+            for n, b in bits.items():
+                width, sizes[n] = self.layer_options[n][int(b[0])]
+                bits[n] = torch.full((shapes[n][1] // sizes[n],), width, dtype=torch.uint8)
         for name in names:
             order, nkept = orders[name]
             if self.target.per_layer and torch.equal(order, torch.arange(order.numel())):
                 order = None  # no permutation stored (a target without g_idx has none)
-            self.plan_[name] = _Plan(order, bits[name], nkept)
+            self.plan_[name] = _Plan(order, bits[name], nkept, sizes.get(name))
             if name in self.facts.protected:  # bits the salient columns got (last group or first group)
                 self.facts.protected[name]["bits"] = int(bits[name][-1 if nkept else 0])
         hist = torch.cat([b.float() for b in bits.values()])
@@ -250,6 +264,8 @@ class FlexibleLLM(Method):
             "histogram": {str(int(b)): int((hist == b).sum()) for b in hist.unique()},
             "per_matrix_bits": {n: float(b.float().mean()) for n, b in bits.items()},
         }
+        if sizes:
+            self.facts.allocation["per_matrix_group_size"] = sizes
         log.info("SBGBS: planned %.4f bpw (target %.3f)", self.facts.allocation["planned_bpw"], f.bpw)
 
     def _linear_table(self, name, W, H, rows, hinv) -> tuple[GroupTable, torch.Tensor, int]:
@@ -286,21 +302,26 @@ class FlexibleLLM(Method):
         errors = error_table(W, H, order, g, self.candidates, rows, f.proxy, self.config.gptq.damp)
         return GroupTable(name, m, g, self.candidates, errors, fixed, f.protect_bits), order, kept.numel()
 
-    def _layer_tables(self, tables: list[GroupTable], shapes: dict) -> tuple[list[GroupTable], int]:
-        """Per-layer SBGBS for a target with one width per linear: each linear becomes one block whose error at
-        width b is the sum of its groups' errors, and whose one-bit step costs what the target's files store
-        per added bit (an upper bound where word padding makes it uneven); returns the tables and the bits the
-        target stores whatever the widths."""
-        g, sym = self.config.grid.group_size, self.config.grid.sym
-        out, fixed = [], 0
-        for t in tables:
-            m, n = shapes[t.name]
-            base = self.target.stored_bits(m, n, g, sym, 0)
-            unit = max(-(-(self.target.stored_bits(m, n, g, sym, b) - base) // b) for b in t.candidates)
-            fixed += base
-            out.append(GroupTable(t.name, unit, 1, t.candidates, t.errors.sum(0, keepdim=True),
-                                  torch.zeros(1, dtype=torch.bool)))
-        return out, fixed
+    def _layer_table(self, name, W, H, rows, order, table: GroupTable) -> GroupTable:
+        """Per-layer SBGBS for a target with one width per linear: the linear is one block whose options are
+        (width, group size) pairs; an option's error is the sum of its groups' errors and its cost every bit the
+        target's files store for the linear (metadata included). Options are sorted by cost."""
+        g0, sym = self.config.grid.group_size, self.config.grid.sym
+        m, n = W.shape
+        opts, errs, costs = [], [], []
+        for g in dict.fromkeys((g0,) + self.options.group_sizes):
+            if n % g:
+                continue
+            E = table.errors if g == g0 else error_table(W, H, order, g, self.candidates, rows, self.options.proxy,
+                                                          self.config.gptq.damp)
+            for c, b in enumerate(self.candidates):
+                opts.append((b, g))
+                errs.append(float(E[:, c].sum()))
+                costs.append(self.target.stored_bits(m, n, g, sym, b))
+        idx = sorted(range(len(opts)), key=lambda i: (costs[i], errs[i]))
+        self.layer_options[name] = [opts[i] for i in idx]
+        return GroupTable(name, 1, 1, tuple(range(len(idx))), torch.tensor([[errs[i] for i in idx]]),
+                          torch.zeros(1, dtype=torch.bool), costs=tuple(costs[i] for i in idx))
 
     def _allocate(self, tables: list[GroupTable], budget: int):
         """SBGBS over every group of the model, or (``sbgbs`` off) the highest uniform candidate that fits."""
@@ -308,13 +329,19 @@ class FlexibleLLM(Method):
         if f.sbgbs:
             return greedy_allocate(tables, budget)
         for b in reversed(self.candidates):
-            uniform = [GroupTable(t.name, t.rows, t.group_size, (b,), t.errors[:, :1], t.fixed, t.fixed_bits)
-                       for t in tables]
+            uniform = [self._only(t, b) for t in tables]
             try:
                 return greedy_allocate(uniform, budget)
             except FlexQuantError:
                 continue
         raise FlexQuantError(f"bpw={f.bpw} is below the cost of the lowest candidate bit-width")
+
+    def _only(self, t: GroupTable, b: int) -> GroupTable:
+        """``t`` reduced to width ``b`` (at the grid's group size for a per-layer table)."""
+        if t.costs is None:
+            return GroupTable(t.name, t.rows, t.group_size, (b,), t.errors[:, :1], t.fixed, t.fixed_bits)
+        k = self.layer_options[t.name].index((b, self.config.grid.group_size))
+        return GroupTable(t.name, 1, 1, (k,), t.errors[:, k:k + 1], t.fixed, costs=(t.costs[k],))
 
     # ----- per linear -----
     def quantize_linear(self, ctx, name, W, H):
@@ -328,7 +355,8 @@ class FlexibleLLM(Method):
                 self._hinv = (H, U.T @ U)
             target = target + self.options.feedback_alpha * (target @ ctx.cross) @ self._hinv[1]
         gptq = self.config.gptq if plan.order is not None else replace(self.config.gptq, act_order=False)
-        r = gptq_quantize(target, H, self.config.grid, gptq, group_bits=plan.group_bits, order=plan.order)
+        grid = self.config.grid if plan.group_size is None else replace(self.config.grid, group_size=plan.group_size)
+        r = gptq_quantize(target, H, grid, gptq, group_bits=plan.group_bits, order=plan.order)
         r.rotation = self.online.get(full)
         return r
 
