@@ -55,7 +55,7 @@ def export_for_target(qm, path: Path, target: str, ids: torch.Tensor) -> None:
     flexquant's importer, and write ``PATH-export.json``: the export's bits per weight as its files store them and
     the largest logit difference against the quantized model."""
     import flexquant as fq
-    from flexquant.alloc.targets import get_target
+    from flexquant.quant.targets import get_target
     from flexquant.errors import FlexQuantError
 
     fmt, out = get_target(target).format, path.with_name(path.name + "-export")

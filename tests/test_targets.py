@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flexquant as fq
-from flexquant.alloc.targets import TARGETS
+from flexquant.quant.targets import TARGETS
 from flexquant.cli import main
 from flexquant.errors import FlexQuantError
 from flexquant.interop import export_checkpoint

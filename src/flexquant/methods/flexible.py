@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..alloc import PROXIES, GroupTable, Layout, error_table, fixed_bits, greedy_allocate
-from ..alloc.targets import get_target
+from ..quant.targets import get_target
 from ..config import MethodConfig, option
 from ..errors import FlexQuantError
 from ..models.stream import residency

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..alloc.targets import get_target
+from ..quant.targets import get_target
 from ..config import MethodConfig, NoOptions, QuantConfig
 from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
@@ -60,7 +60,7 @@ class Method:
     resumable = True
     # False: the method cannot run on several ranks (`pipeline.distributed`), e.g. it trains on per-rank data.
     distributed = True
-    # The serving targets (`alloc.targets`) the method can search inside; others are refused.
+    # The serving targets (`quant.targets`) the method can search inside; others are refused.
     targets: tuple[str, ...] = ("flexquant",)
     # True: the method quantizes every linear at the grid's --bits (so the target must run that width).
     uses_grid_bits = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..alloc.targets import get_target
+from ..quant.targets import get_target
 from ..models.spec import ModelSpec
 from ..transforms.permute import fold_sites
 from .blocks import quantize_blocks
