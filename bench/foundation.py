@@ -55,8 +55,8 @@ def export_for_target(qm, path: Path, target: str, ids: torch.Tensor) -> None:
     flexquant's importer, and write ``PATH-export.json``: the export's bits per weight as its files store them and
     the largest logit difference against the quantized model."""
     import flexquant as fq
-    from flexquant.quant.targets import get_target
     from flexquant.errors import FlexQuantError
+    from flexquant.quant.targets import get_target
 
     fmt, out = get_target(target).format, path.with_name(path.name + "-export")
     try:
@@ -175,8 +175,8 @@ def table(rows: list[dict]) -> str:
         mem = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "—"
         if r.get("export"):  # a --target row: the bits as its exported files store them
             e = r["export"]
-            name += f" (exported {e['format']} {e.get('checkpoint_format', '')}: {e['bpw']:.3f} bpw, " \
-                    f"reloaded max Δlogit {e['max_dlogit_rel']:.1e} of range)"
+            fmt = e["format"] + (f" ({e['checkpoint_format']})" if e.get("checkpoint_format") else "")
+            name += f" (exported {fmt}: {e['bpw']:.3f} bpw, reloaded max Δlogit {e['max_dlogit_rel']:.1e} of range)"
         lines.append(f"| {name} | {r['bits']} | {r['bpw']:.3f} | {r['perplexity']:.3f} | "
                      f"{r['kl_divergence']:.4f} | {t} | {mem} |")
     return "\n".join(lines)
