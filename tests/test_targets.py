@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import flexquant as fq
-from flexquant.quant.targets import TARGETS
 from flexquant.cli import main
 from flexquant.errors import FlexQuantError
 from flexquant.interop import export_checkpoint
+from flexquant.quant.targets import TARGETS
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..alloc import PROXIES, GroupTable, Layout, error_table, fixed_bits, greedy_allocate
-from ..quant.targets import get_target
 from ..config import MethodConfig, option
 from ..errors import FlexQuantError
 from ..models.stream import residency
@@ -18,6 +17,7 @@ from ..pipeline import Method, StatsRequest
 from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.impact import hinv_diagonal, salience
+from ..quant.targets import get_target
 from ..transforms.rotate import incoherence, rotate_model
 from .registry import register
 

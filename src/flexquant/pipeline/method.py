@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..quant.targets import get_target
 from ..config import MethodConfig, NoOptions, QuantConfig
 from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
 from ..quant.result import QuantResult
+from ..quant.targets import get_target
 from .capture import BlockInputs
 from .distributed import SINGLE, Dist
 from .statistics import FPStatistics, StatsRequest

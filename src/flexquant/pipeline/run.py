@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.targets import get_target
 from ..models.spec import ModelSpec
+from ..quant.targets import get_target
 from ..transforms.permute import fold_sites
 from .blocks import quantize_blocks
 from .distributed import SINGLE, Dist
