@@ -18,6 +18,7 @@ from .errors import FlexQuantError
 CONFIG_FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_MODES = ("minmax", "mse")
+TARGET_NAMES = ("flexquant", "vllm", "gptqmodel", "gguf")  # quant.targets.TARGETS (config sits below quant)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -226,9 +227,9 @@ class QuantConfig:
                                   ("routed", "all"))
     target: str = option("flexquant", "what the checkpoint is for: flexquant (its own packed format, no constraint), "
                                       "vllm (compressed-tensors: 4/8 bits per linear, no act-order) or gptqmodel "
-                                      "(GPTQ with per-module bits: 2/3/4/8; GPTQModel and vLLM's gptq kernels); "
-                                      "the method searches only inside what the target carries",
-                         ("flexquant", "vllm", "gptqmodel"))
+                                      "(GPTQ with per-module bits: 2/3/4/8; GPTQModel and vLLM's gptq kernels) or "
+                                      "gguf (llama.cpp: Q4_0/Q5_0/Q8_0 per linear, group 32, symmetric); "
+                                      "the method searches only inside what the target carries", TARGET_NAMES)
     # The method's options: an instance of its registered `MethodConfig` (a dict is converted).
     options: MethodConfig = field(default_factory=NoOptions)
     format_version: int = CONFIG_FORMAT_VERSION
@@ -243,8 +244,7 @@ class QuantConfig:
         _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         parse_bytes(self.max_memory)
-        _check(self.target in ("flexquant", "vllm", "gptqmodel"),
-               f"target={self.target!r} must be flexquant, vllm or gptqmodel")
+        _check(self.target in TARGET_NAMES, f"target={self.target!r} must be one of {', '.join(TARGET_NAMES)}")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
         object.__setattr__(self, "options", method_options(self.method, self.options))

@@ -1,4 +1,4 @@
-"""Interoperability: export to the formats serving engines load (compressed-tensors, GPTQ) and import of
+"""Interoperability: export to the formats serving engines load (compressed-tensors, GPTQ, GGUF) and import of
 checkpoints in those formats written by other tools."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FlexQuantError
-from . import ct, gptq
+from . import ct, gguf, gptq
 from .common import DTYPES, read_source
 from .foreign import foreign_format, foreign_info, load_foreign
 
-EXPORTERS = {ct.FORMAT: ct.export, gptq.FORMAT: gptq.export}
+EXPORTERS = {ct.FORMAT: ct.export, gptq.FORMAT: gptq.export, gguf.FORMAT: gguf.export}
 ONLINE_ROTATION = ("error", "dense")
 
 __all__ = ["DTYPES", "EXPORTERS", "ONLINE_ROTATION", "export_checkpoint", "foreign_format", "foreign_info",
@@ -18,12 +18,15 @@ __all__ = ["DTYPES", "EXPORTERS", "ONLINE_ROTATION", "export_checkpoint", "forei
 
 
 def export_checkpoint(path: str | Path, out: str | Path, format: str, dtype: str | None = None,
-                      online_rotation: str = "error", gptq_format: str = "gptq", overwrite: bool = False) -> dict:
-    """Export the flexquant checkpoint at ``path`` to ``out`` in ``format`` ("compressed-tensors" or "gptq").
+                      online_rotation: str = "error", gptq_format: str = "gptq", overwrite: bool = False,
+                      gguf_pre: str | None = None) -> dict:
+    """Export the flexquant checkpoint at ``path`` to ``out`` in ``format`` ("compressed-tensors", "gptq": a
+    folder; "gguf": one .gguf file).
 
     ``dtype``: float32 / float16 / bfloat16 for the unquantized tensors (default: the checkpoint's).
     ``online_rotation``: "error" (default) refuses layers with an online input rotation; "dense" writes them
-    unquantized with the rotation folded into the weight (exact). Returns a summary dict.
+    unquantized with the rotation folded into the weight (exact). ``gguf_pre``: llama.cpp's name of the
+    tokenizer's pre-tokenization (GGUF only; default: recognised from tokenizer.json). Returns a summary dict.
     """
     if format not in EXPORTERS:
         raise FlexQuantError(f"unknown export format {format!r}; available: {', '.join(sorted(EXPORTERS))}")
@@ -31,8 +34,11 @@ def export_checkpoint(path: str | Path, out: str | Path, format: str, dtype: str
         raise FlexQuantError(f"dtype {dtype!r} must be one of {', '.join(DTYPES)}")
     if online_rotation not in ONLINE_ROTATION:
         raise FlexQuantError(f"online_rotation {online_rotation!r} must be one of {ONLINE_ROTATION}")
-    src = read_source(path, format, online_rotation)
-    kwargs = {"checkpoint_format": gptq_format} if format == gptq.FORMAT else {}
     if format != gptq.FORMAT and gptq_format != "gptq":
         raise FlexQuantError("--gptq-format applies to --format gptq only")
+    if format != gguf.FORMAT and gguf_pre:
+        raise FlexQuantError("--gguf-pre applies to --format gguf only")
+    kwargs = {gptq.FORMAT: {"checkpoint_format": gptq_format}, gguf.FORMAT: {"tokenizer_pre": gguf_pre}}
+    kwargs = kwargs.get(format, {})
+    src = read_source(path, format, online_rotation)
     return EXPORTERS[format](src, out, dtype=dtype, overwrite=overwrite, **kwargs)

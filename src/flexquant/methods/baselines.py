@@ -15,7 +15,7 @@ class RTN(Method):
 
     name = "rtn"
     needs_calibration = False
-    targets = ("flexquant", "vllm", "gptqmodel")
+    targets = ("flexquant", "vllm", "gptqmodel", "gguf")
 
     def quantize_linear(self, ctx, name, W, H):
         return rtn_quantize(W, self.config.grid)
@@ -26,7 +26,7 @@ class GPTQ(Method):
     """GPTQ: column-by-column rounding with Hessian-based error compensation (METHODS.md, Baselines)."""
 
     name = "gptq"
-    targets = ("flexquant", "vllm", "gptqmodel")
+    targets = ("flexquant", "vllm", "gptqmodel", "gguf")
 
     def quantize_linear(self, ctx, name, W, H):
         gptq = self.config.gptq

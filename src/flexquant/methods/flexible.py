@@ -136,7 +136,7 @@ class FlexibleLLM(Method):
 
     name = "flexible"
     Config = FlexibleConfig
-    targets = ("flexquant", "vllm", "gptqmodel")
+    targets = ("flexquant", "vllm", "gptqmodel", "gguf")
     uses_grid_bits = False  # SBGBS chooses the widths (inside the target's)
 
     @classmethod
@@ -156,6 +156,9 @@ class FlexibleLLM(Method):
         if self.options.group_sizes and not self.target.per_layer:
             raise FlexQuantError("--group-sizes chooses one group size per linear, which only a --target of one "
                                  "width per linear (vllm, gptqmodel) uses; drop it or pass --target")
+        if self.target.group_size and set(self.options.group_sizes) - {self.target.group_size}:
+            raise FlexQuantError(f"--target {self.target.name} stores groups of {self.target.group_size} only "
+                                 f"({self.target.note}); drop --group-sizes")
         self.layer_options: dict[str, list[tuple[int, int]]] = {}  # per-layer target: (width, group size) options
         if self.target.per_layer and self.protect != "none":
             # salience-ordered groups need per-group widths and a stored permutation; kept columns mixed widths

@@ -98,7 +98,13 @@ class Method:
         if config.gptq.act_order and not target.permutation:
             log.info("--target %s: act-order only where the permutation folds into the neighbours (the MLP "
                      "intermediate); %s stores no per-column group index", target.name, target.format)
-        return dataclasses.replace(config, grid=dataclasses.replace(config.grid, scale_bits=16))
+        forced = {"scale_bits": 16}
+        for key, value in (("group_size", target.group_size), ("sym", target.sym)):
+            if value is not None and getattr(config.grid, key) != value:
+                log.info("--target %s: %s %s (%s stores no other)", target.name, key.replace("_", " "), value,
+                         target.format)
+                forced[key] = value
+        return dataclasses.replace(config, grid=dataclasses.replace(config.grid, **forced))
 
     def act_order_for(self, name: str) -> bool:
         """GPTQ act-order for block-relative linear ``name``: as configured where the target stores a column

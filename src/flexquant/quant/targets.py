@@ -11,6 +11,10 @@ it (`interop.ct.layer_tensors`, `interop.gptq.layer_tensors`), so that a ``--bpw
   act-order permutation.
 * ``gptqmodel``: the GPTQ layout with GPTQModel's per-module ``dynamic`` overrides (bits per linear), read by
   GPTQModel and by vLLM's ``gptq`` method (2, 3, 4 and 8 bits); ``g_idx`` carries act-order; no online rotation.
+* ``gguf``: a GGUF file for llama.cpp (`interop.gguf`), each linear one of GGML's 32-weight block types whose grid
+  is exactly flexquant's symmetric grid with a float16 scale per group: Q4_0, Q5_0, Q8_0 (4, 5, 8 bits; 4.5, 5.5,
+  8.5 bits per weight as stored); group size 32 and symmetric grids forced; no column permutation, no online
+  rotation.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Target:
     permutation: bool  # an act-order column permutation can be stored (g_idx)
     online_rotation: bool  # an online input rotation can be expressed
     note: str
+    group_size: int | None = None  # the one group size the format stores (None: any)
+    sym: bool | None = None  # the grid symmetry the format stores (None: either)
 
     def stored_bits(self, m: int, n: int, g: int, sym: bool, b: int) -> int:
         """Bits the exported files store for an m×n linear of width ``b`` (groups of ``g``), bias excluded."""
@@ -41,6 +47,8 @@ class Target:
             return m * _words(n, b) + 16 * m * ng + (0 if sym else _words(m, b) * ng) + 128
         if self.name == "gptqmodel":  # qweight [n·b/32, m], qzeros [ng, m·b/32] (always), scales fp16, g_idx int32
             return m * n * b + ng * m * b + 16 * m * ng + 32 * n
+        if self.name == "gguf":  # per block of 32 weights: a float16 scale and 32 codes of b bits
+            return m * n * b + 16 * m * ng
         raise FlexQuantError(f"target {self.name!r} has no exported layout to count")
 
     def candidates(self, wanted: tuple[int, ...]) -> tuple[int, ...]:
@@ -61,6 +69,8 @@ TARGETS = {
                    "vLLM's compressed-tensors WNA16 kernels"),
     "gptqmodel": Target("gptqmodel", "gptq", (2, 3, 4, 8), True, True, False,
                         "GPTQModel and vLLM's gptq kernels"),
+    "gguf": Target("gguf", "gguf", (4, 5, 8), True, False, False, "llama.cpp's Q4_0 / Q5_0 / Q8_0 block types",
+                   group_size=32, sym=True),
 }
 
 

@@ -1,0 +1,260 @@
+"""GGUF files for llama.cpp (and ollama, LM Studio): the container written by the ``gguf`` package, the tensor
+encodings flexquant's own.
+
+A quantized linear is written in the GGML block type whose grid is exactly its flexquant grid, so llama.cpp
+computes with the very weights flexquant quantized (``--target gguf`` makes every method quantize into these):
+
+  Q4_0  blocks of 32 weights: float16 d, 16 bytes of 4-bit codes (byte j: code j low nibble, code j+16 high);
+        w = d·(q − 8)        — flexquant's symmetric 4-bit grid (zero 8), float16 scale, group 32
+  Q5_0  float16 d, uint32 of the codes' fifth bits (bit j of code j), 16 bytes of low nibbles as Q4_0;
+        w = d·(q − 16)       — the symmetric 5-bit grid (zero 16)
+  Q8_0  float16 d, 32 signed bytes; w = d·q with q = code − 128 — the symmetric 8-bit grid (zero 128)
+
+GGML's blocks run along a row (a linear's input dimension), as flexquant's groups do. Everything else is refused
+with the fix: asymmetric grids (Q4_1's float minimum is not flexquant's integer zero point), other group sizes or
+widths, act-order permutations (GGUF has no per-column group index), online rotations. Embeddings and the output
+head are written in float16 (``dtype`` float32 keeps them in float32), norms in float32, as llama.cpp's converter
+does. llama.cpp's ``llama`` architecture applies rotary embeddings to adjacent pairs where transformers rotates
+the two halves of a head, so q_proj and k_proj rows are reordered per head (exact: a row permutation moves whole
+rows of codes and scales).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FlexQuantError
+from .common import GridLayer, Source, check_architecture, read_json
+
+log = logging.getLogger(__name__)
+FORMAT = "gguf"
+GROUP = 32
+BLOCK_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}  # width -> GGML type of the symmetric grid with fp16 scales
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
+GGUF_MAGIC = b"GGUF"
+
+
+def block_bytes(layer: GridLayer) -> tuple[np.ndarray, str]:
+    """(uint8 [m, n/32 · block size], GGML type name) of a linear on a Q4_0 / Q5_0 / Q8_0 grid."""
+    kind = BLOCK_TYPES.get(layer.bits)
+    if kind is None or not layer.sym or layer.group_size != GROUP or layer.g_idx is not None:
+        raise FlexQuantError(_refusal(layer))
+    m, n = layer.shape
+    codes = layer.codes.to(torch.int32).view(m, n // GROUP, GROUP).numpy()
+    d = layer.scales.to(torch.float16).numpy().view(np.uint8).reshape(m, n // GROUP, 2)
+    if kind == "Q8_0":
+        parts = [d, (codes - 128).astype(np.int8).view(np.uint8)]
+    else:
+        low = codes & 0xF
+        qs = (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
+        parts = [d, qs]
+        if kind == "Q5_0":
+            high = ((codes >> 4) & 1).astype(np.uint32) << np.arange(GROUP, dtype=np.uint32)
+            qh = np.bitwise_or.reduce(high, axis=-1).astype("<u4").view(np.uint8).reshape(m, n // GROUP, 4)
+            parts = [d, qh, qs]
+    return np.concatenate(parts, axis=-1).reshape(m, -1), kind
+
+
+def _refusal(layer: GridLayer) -> str:
+    why = []
+    if layer.bits not in BLOCK_TYPES:
+        why.append(f"{layer.bits}-bit weights (GGUF's exact block types hold 4, 5 or 8)")
+    if not layer.sym:
+        why.append("an asymmetric grid (integer zero points)")
+    if layer.group_size != GROUP:
+        why.append(f"groups of {layer.group_size} (GGML blocks hold {GROUP})")
+    if layer.g_idx is not None:
+        why.append("an act-order permutation (GGUF has no per-column group index)")
+    return (f"{layer.name} cannot be written exactly as a GGML block type: {', '.join(why)}; requantize with "
+            "--target gguf (symmetric 4/5/8-bit grids, group 32, float16 scales, no act-order permutation)")
+
+
+def rope_pairs(rows: int, heads: int) -> torch.Tensor:
+    """Row order that turns transformers' half-split rotary layout into llama.cpp's adjacent pairs: new row
+    h·d + 2i + j of a head of d rows is old row h·d + j·d/2 + i."""
+    d = rows // heads
+    h = torch.arange(heads).view(-1, 1, 1) * d
+    i = torch.arange(d // 2).view(1, -1, 1)
+    j = torch.arange(2).view(1, 1, -1) * (d // 2)
+    return (h + i + j).reshape(-1)
+
+
+def _reorder(layer: GridLayer, order: torch.Tensor) -> GridLayer:
+    return GridLayer(layer.name, layer.bits, layer.group_size, layer.sym, layer.codes[order], layer.scales[order],
+                     layer.zeros[order], layer.g_idx, None if layer.bias is None else layer.bias[order])
+
+
+def hyperparameters(config: dict) -> dict:
+    """The llama architecture's GGUF hyperparameters from a transformers config, or a clear refusal."""
+    mt = config.get("model_type")
+    if mt not in ARCHITECTURES:
+        raise FlexQuantError(f"GGUF export supports the model types {', '.join(ARCHITECTURES)} so far; this "
+                             f"checkpoint is {mt!r}: export it to compressed-tensors or GPTQ instead")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise FlexQuantError(f"rotary scaling {rope.get('rope_type') or rope.get('type')!r} is not written to GGUF "
+                             "yet; export to compressed-tensors or GPTQ instead")
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return {"context_length": config.get("max_position_embeddings", 2048), "embedding_length": config["hidden_size"],
+            "block_count": config["num_hidden_layers"], "feed_forward_length": config["intermediate_size"],
+            "head_count": heads, "head_count_kv": config.get("num_key_value_heads") or heads,
+            "rope_freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            "layer_norm_rms_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_dimension_count": head_dim,
+            "head_dim": head_dim, "vocab_size": config["vocab_size"],
+            "tied": bool(config.get("tie_word_embeddings", False))}
+
+
+def tokenizer_pre(folder: Path, given: str | None) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization (its splitting regex): ``given``, or recognised
+    from tokenizer.json. An unrecognised one is refused rather than guessed (a wrong split tokenizes
+    differently: a silent wrong answer)."""
+    if given:
+        return given
+    tj = read_json(folder, "tokenizer.json")
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex")) for s in steps]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"  # GPT-2's regex, no digit split
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"  # single digits, then GPT-2's regex
+    raise FlexQuantError(f"{folder}/tokenizer.json: its pre-tokenizer ({json.dumps(pre)[:120]}...) is not one "
+                         "flexquant recognises; pass --gguf-pre with llama.cpp's name for it (e.g. llama-bpe, "
+                         "qwen2, gpt-2; see llama.cpp's convert_hf_to_gguf.py)")
+
+
+def _add_tokenizer(w, folder: Path, vocab_size: int, pre: str | None) -> None:
+    import gguf
+
+    if not (folder / "tokenizer.json").is_file():
+        raise FlexQuantError(f"{folder} has no tokenizer.json; a GGUF file carries its tokenizer: copy the model's "
+                             "tokenizer files into the checkpoint folder")
+    try:
+        vocab = gguf.vocab.BpeVocab(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise FlexQuantError(f"{folder}: only byte-level BPE tokenizers (GPT-2 style) are written to GGUF so far "
+                             f"({' '.join(str(e).split())})") from e
+    tokens, types = [], []
+    for text, _, kind in vocab.all_tokens():
+        tokens.append(text.encode("utf-8") if isinstance(text, str) else text)
+        types.append(kind)
+    for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer (padded vocabularies)
+        tokens.append(f"[PAD{i}]".encode())
+        types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tokenizer_pre(folder, pre))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def _tensor_name(names, hf_name: str) -> str:
+    gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gname is None:
+        raise FlexQuantError(f"tensor {hf_name} has no GGUF name in the llama architecture; the checkpoint does not "
+                             "match its config.json")
+    return gname
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def write(src: Source, out: Path, dtype: str | None, pre: str | None) -> dict:
+    """Write ``src`` as a GGUF file at ``out`` (caller handles atomicity); returns the summary."""
+    import gguf
+
+    hp = hyperparameters(src.config)
+    arch = ARCHITECTURES[src.config["model_type"]]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["block_count"])
+    rest_dtype = torch.float32 if dtype == "float32" else torch.float16
+    w = gguf.GGUFWriter(out, arch)
+    w.add_name(Path(src.path).name)
+    w.add_context_length(hp["context_length"])
+    w.add_embedding_length(hp["embedding_length"])
+    w.add_block_count(hp["block_count"])
+    w.add_feed_forward_length(hp["feed_forward_length"])
+    w.add_head_count(hp["head_count"])
+    w.add_head_count_kv(hp["head_count_kv"])
+    w.add_rope_freq_base(hp["rope_freq_base"])
+    w.add_layer_norm_rms_eps(hp["layer_norm_rms_eps"])
+    w.add_rope_dimension_count(hp["rope_dimension_count"])
+    if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    w.add_vocab_size(hp["vocab_size"])
+    _add_tokenizer(w, Path(src.path), hp["vocab_size"], pre)
+
+    kinds: dict[str, int] = {}
+    stored = weights = 0
+    for name, layer in sorted(src.grids.items()):
+        if name.endswith(("q_proj", "k_proj")):
+            heads = hp["head_count"] if name.endswith("q_proj") else hp["head_count_kv"]
+            layer = _reorder(layer, rope_pairs(layer.shape[0], heads))
+        data, kind = block_bytes(layer)
+        w.add_tensor(_tensor_name(names, name + ".weight"), data, raw_dtype=gguf.GGMLQuantizationType[kind])
+        kinds[kind] = kinds.get(kind, 0) + 1
+        stored += data.nbytes * 8
+        weights += layer.shape[0] * layer.shape[1]
+    for name, layer in sorted(src.dense.items()):
+        wt = layer.weight
+        if name.endswith(("q_proj", "k_proj")):
+            wt = wt[rope_pairs(wt.shape[0], hp["head_count"] if name.endswith("q_proj") else hp["head_count_kv"])]
+        w.add_tensor(_tensor_name(names, name + ".weight"), _plain(wt, rest_dtype))
+    for key, t in sorted(src.rest.items()):
+        if hp["tied"] and key == "lm_head.weight":
+            continue  # llama.cpp reads the embedding when the output head is absent
+        keep = torch.float32 if t.dim() == 1 else rest_dtype  # norms in float32, as llama.cpp's converter
+        w.add_tensor(_tensor_name(names, key), _plain(t, keep))
+    main = max(kinds, key=kinds.get) if kinds else None
+    w.add_file_type(gguf.LlamaFileType[FILE_TYPES[main]] if main else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"block_types": kinds, "bpw": round(stored / weights, 6) if weights else 0.0,
+            "quantized_weights": weights}
+
+
+def export(src: Source, out: str | Path, dtype: str | None = None, overwrite: bool = False,
+           tokenizer_pre: str | None = None) -> dict:
+    """Write the checkpoint read into ``src`` as one GGUF file ``out``, atomically (a temporary sibling file
+    renamed into place; an existing file is replaced only with ``overwrite`` and only when it is a GGUF file)."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise FlexQuantError(f"--out {out} must name a .gguf file")
+    if out.is_dir():
+        raise FlexQuantError(f"--out {out} is a folder; name a .gguf file")
+    if out.exists():
+        if not overwrite:
+            raise FlexQuantError(f"{out} already exists; remove it or pass --overwrite")
+        with open(out, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise FlexQuantError(f"refusing to overwrite {out}: it is not a GGUF file")
+    check_architecture(src)
+    for layer in src.grids.values():  # every refusal before a byte is written
+        if layer.bits not in BLOCK_TYPES or not layer.sym or layer.group_size != GROUP or layer.g_idx is not None:
+            raise FlexQuantError(_refusal(layer))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        summary = write(src, tmp, dtype, tokenizer_pre)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    summary.update({"format": FORMAT, "out": str(out), "file_bytes": out.stat().st_size,
+                    "quantized_layers": len(src.grids)})
+    log.info("GGUF written: %s (%d bytes, %s, %.4f bpw in the quantized linears)", out, summary["file_bytes"],
+             ", ".join(f"{k} ×{v}" for k, v in sorted(summary["block_types"].items())), summary["bpw"])
+    return summary

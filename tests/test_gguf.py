@@ -1,0 +1,137 @@
+"""`--target gguf` and `flexquant export --format gguf`: methods quantize into GGML block types, and the GGUF file
+holds exactly the quantized weights (checked with the gguf package's own dequantizers), the budget counted as the
+file stores it; llama.cpp's logits where its binding is installed (bench/llama_env.sh)."""
+
+import importlib.util
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+import flexquant as fq
+from flexquant.cli import main
+from flexquant.errors import FlexQuantError
+from flexquant.interop import export_checkpoint
+from flexquant.interop.gguf import rope_pairs
+
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+      "ffn_down": "mlp.down_proj"}
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def flexible(calib, tmp_path_factory):
+    qm = fq.quantize("tiny-llama", method="flexible", group_size=64, progress=False, calib_ids=calib, batch_size=4,
+                     target="gguf", options=dict(bpw=5.5, alloc_nsamples=4))
+    return qm, fq.save(qm, tmp_path_factory.mktemp("gguf") / "q", plot=False)
+
+
+def _results(qm):
+    return {n: m.to_result() for n, m in qm.model.named_modules() if hasattr(m, "to_result")}
+
+
+def test_flexible_quantizes_into_ggml_types_and_the_file_holds_its_weights(flexible, tmp_path):
+    qm, path = flexible
+    results = _results(qm)
+    widths = set()
+    for name, r in results.items():
+        bits = set(r.group_bits.tolist())
+        assert len(bits) == 1 and bits <= {4, 5, 8}, name  # one GGML type per linear
+        widths |= bits
+        assert r.group_size == 32 and r.zeros is None and r.scale_base is None and r.perm is None
+    assert len(widths) > 1  # the search mixed types
+    alloc = qm.report["method"]["flexible"]["allocation"]
+    assert alloc["target"] == "gguf" and alloc["planned_bpw"] <= 5.5
+    out = export_checkpoint(path, tmp_path / "m.gguf", "gguf", gguf_pre="gpt-2")
+    assert out["bpw"] == pytest.approx(alloc["planned_bpw"], abs=1e-6)  # the budget is what the file stores
+    assert out["file_bytes"] == (tmp_path / "m.gguf").stat().st_size
+    cfg = qm.model.config
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    seen = 0
+    for t in reader.tensors:
+        if t.tensor_type.name not in ("Q4_0", "Q5_0", "Q8_0"):
+            continue
+        _, blk, kind, _ = t.name.split(".")
+        ref = results[f"model.layers.{blk}.{HF[kind]}"].dequantize(torch.float32)
+        if kind in ("attn_q", "attn_k"):
+            ref = ref[rope_pairs(ref.shape[0], cfg.num_attention_heads if kind == "attn_q"
+                                 else cfg.num_key_value_heads)]
+        assert torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type)).float(), ref), t.name  # bit-exact
+        seen += 1
+    assert seen == len(results)
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(fields["llama.block_count"].parts[-1][0]) == cfg.num_hidden_layers
+    assert int(fields["llama.attention.head_count_kv"].parts[-1][0]) == cfg.num_key_value_heads
+    assert len(fields["tokenizer.ggml.tokens"].data) == cfg.vocab_size
+
+
+def test_rope_pairs_turn_half_split_rotary_into_adjacent_pairs():
+    d, heads, pos = 8, 3, 5
+    q = torch.randn(heads * d)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    cos, sin = torch.cos(pos * inv), torch.sin(pos * inv)
+    h = q.view(heads, d)  # transformers: pairs (i, i + d/2)
+    x, y = h[:, : d // 2], h[:, d // 2:]
+    hf = torch.cat([x * cos - y * sin, y * cos + x * sin], -1).reshape(-1)
+    p = q[rope_pairs(heads * d, heads)].view(heads, d // 2, 2)  # llama.cpp: pairs (2i, 2i + 1)
+    a, b = p[..., 0], p[..., 1]
+    ggml = torch.stack([a * cos - b * sin, b * cos + a * sin], -1).reshape(-1)
+    assert torch.allclose(ggml, hf[rope_pairs(heads * d, heads)], atol=1e-6)
+
+
+def test_gptq_at_4_bits_is_q4_0_and_the_cli_writes_it(calib, tmp_path, capsys):
+    qm = fq.quantize("tiny-llama", method="gptq", bits=4, progress=False, calib_ids=calib, batch_size=4,
+                     target="gguf")
+    path = fq.save(qm, tmp_path / "q", plot=False)
+    assert main(["export", str(path), "--format", "gguf", "--out", str(tmp_path / "g.gguf"), "--gguf-pre",
+                 "gpt-2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["block_types"] == {"Q4_0": len(_results(qm))} and res["bpw"] == pytest.approx(4.5)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "g.gguf").tensors}
+    assert types == {"Q4_0", "F16", "F32"}  # linears, embedding, norms
+
+
+def test_refusals_name_the_fix_and_leave_nothing_behind(calib, flexible, tmp_path):
+    qm = fq.quantize("tiny-llama", method="gptq", bits=4, progress=False, calib_ids=calib, batch_size=4)
+    path = fq.save(qm, tmp_path / "asym", plot=False)  # asymmetric, group 64: not a GGML grid
+    with pytest.raises(FlexQuantError, match="--target gguf"):
+        export_checkpoint(path, tmp_path / "a.gguf", "gguf", gguf_pre="gpt-2")
+    assert not (tmp_path / "a.gguf").exists() and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    _, good = flexible
+    with pytest.raises(FlexQuantError, match="pre-tokenizer"):  # tiny-llama's splitter is none llama.cpp names
+        export_checkpoint(good, tmp_path / "b.gguf", "gguf")
+    with pytest.raises(FlexQuantError, match=".gguf file"):
+        export_checkpoint(good, tmp_path / "b", "gguf", gguf_pre="gpt-2")
+    (tmp_path / "c.gguf").write_text("not a gguf")
+    with pytest.raises(FlexQuantError, match="not a GGUF file"):
+        export_checkpoint(good, tmp_path / "c.gguf", "gguf", gguf_pre="gpt-2", overwrite=True)
+    with pytest.raises(FlexQuantError, match="--gguf-pre applies"):
+        export_checkpoint(good, tmp_path / "d", "gptq", gguf_pre="gpt-2")
+    with pytest.raises(FlexQuantError, match="groups of 32 only"):
+        fq.quantize("tiny-llama", method="flexible", progress=False, calib_ids=calib, target="gguf",
+                    options=dict(bpw=5.0, group_sizes=(32, 64)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or not os.environ.get("LLAMA_CPP_LIB_PATH"),
+                    reason="llama.cpp's binding not installed (bash bench/llama_env.sh; run with .venv-llama)")
+def test_llama_cpp_logits_match_flexquant(flexible, tmp_path):
+    from flexquant.eval.llama_cpp import llama_logits
+
+    qm, path = flexible
+    export_checkpoint(path, tmp_path / "m.gguf", "gguf", gguf_pre="gpt-2", dtype="float32")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = qm.model(ids).logits[0].float().numpy()
+    got = llama_logits(tmp_path / "m.gguf", ids[0].tolist())
+    rel = np.abs(got - ref).max() / (ref.max() - ref.min())
+    assert rel < 1e-2, rel
