@@ -12,10 +12,14 @@ computes with the very weights flexquant quantized (``--target gguf`` makes ever
 
 GGML's blocks run along a row (a linear's input dimension), as flexquant's groups do. Everything else is refused
 with the fix: asymmetric grids (Q4_1's float minimum is not flexquant's integer zero point), other group sizes or
-widths, act-order permutations (GGUF has no per-column group index), online rotations. Embeddings and the output
-head are written in float16 (``dtype`` float32 keeps them in float32), norms in float32, as llama.cpp's converter
-does. llama.cpp's ``llama`` architecture applies rotary embeddings to adjacent pairs where transformers rotates
-the two halves of a head, so q_proj and k_proj rows are reordered per head (exact: a row permutation moves whole
+widths, act-order permutations (GGUF has no per-column group index), online rotations. The token embedding and the
+output head follow llama.cpp's convention for small models: Q8_0 (round-to-nearest, as llama-quantize does;
+``embedding`` f16 / f32 keeps them in float); norms in float32; linears left in float (an online rotation folded
+in) in float16, or float32 with ``dtype`` float32. A plain transformers folder (no quant_config.json) is written
+all in float (``float_source``): the F32/F16 file llama.cpp's own quantizer starts from.
+
+llama.cpp's ``llama`` architecture applies rotary embeddings to adjacent pairs where transformers rotates the two
+halves of a head, so q_proj and k_proj rows are reordered per head (exact: a row permutation moves whole
 rows of codes and scales).
 """
 
@@ -38,7 +42,19 @@ GROUP = 32
 BLOCK_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}  # width -> GGML type of the symmetric grid with fp16 scales
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
+EMBEDDINGS = ("q8_0", "f16", "f32")  # the token embedding and output head
 GGUF_MAGIC = b"GGUF"
+ROPE_ROWS = ("q_proj", "k_proj")
+
+
+def float_source(path: str | Path) -> Source:
+    """A transformers folder of float weights (no quant_config.json) read for a float GGUF file."""
+    from ..tensorio import TensorFiles
+
+    path = Path(path)
+    config = read_json(path, "config.json")
+    files = TensorFiles(path)
+    return Source(path, {}, config, rest={k: files.get(k) for k in files.names()})
 
 
 def block_bytes(layer: GridLayer) -> tuple[np.ndarray, str]:
@@ -153,7 +169,11 @@ def _add_tokenizer(w, folder: Path, vocab_size: int, pre: str | None) -> None:
     w.add_tokenizer_pre(tokenizer_pre(folder, pre))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    if not special.merges:  # llama.cpp refuses a BPE vocabulary without merges, and GGUF has no empty arrays
+        raise FlexQuantError(f"{folder}/tokenizer.json is a BPE tokenizer without merges, which llama.cpp cannot "
+                             "load; give the checkpoint the model's real tokenizer files")
+    special.add_to_gguf(w, quiet=True)
 
 
 def _tensor_name(names, hf_name: str) -> str:
@@ -168,15 +188,35 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
-def write(src: Source, out: Path, dtype: str | None, pre: str | None) -> dict:
+def _rope_order(name: str, rows: int, hp: dict) -> torch.Tensor | None:
+    """The row order of a q_proj / k_proj weight in llama.cpp's rotary layout (None for other tensors)."""
+    stem = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    if stem not in ROPE_ROWS:
+        return None
+    return rope_pairs(rows, hp["head_count"] if stem == "q_proj" else hp["head_count_kv"])
+
+
+def _add_plain(w, gname: str, t: torch.Tensor, kind: str) -> int:
+    """Write a float tensor as ``kind`` (q8_0, f16, f32); returns its stored bits."""
+    import gguf
+
+    if kind == "q8_0" and t.dim() == 2 and t.shape[1] % GROUP == 0:
+        data = gguf.quants.quantize(_plain(t, torch.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        data = _plain(t, torch.float32 if kind == "f32" or t.dim() == 1 else torch.float16)
+        w.add_tensor(gname, data)
+    return data.nbytes * 8
+
+
+def write(src: Source, out: Path, dtype: str | None, pre: str | None, embedding: str) -> dict:
     """Write ``src`` as a GGUF file at ``out`` (caller handles atomicity); returns the summary."""
     import gguf
 
     hp = hyperparameters(src.config)
-    arch = ARCHITECTURES[src.config["model_type"]]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["block_count"])
-    rest_dtype = torch.float32 if dtype == "float32" else torch.float16
-    w = gguf.GGUFWriter(out, arch)
+    dense_kind = "f32" if dtype == "float32" else "f16"
+    w = gguf.GGUFWriter(out, ARCHITECTURES[src.config["model_type"]])
     w.add_name(Path(src.path).name)
     w.add_context_length(hp["context_length"])
     w.add_embedding_length(hp["embedding_length"])
@@ -196,40 +236,39 @@ def write(src: Source, out: Path, dtype: str | None, pre: str | None) -> dict:
     kinds: dict[str, int] = {}
     stored = weights = 0
     for name, layer in sorted(src.grids.items()):
-        if name.endswith(("q_proj", "k_proj")):
-            heads = hp["head_count"] if name.endswith("q_proj") else hp["head_count_kv"]
-            layer = _reorder(layer, rope_pairs(layer.shape[0], heads))
-        data, kind = block_bytes(layer)
+        order = _rope_order(name, layer.shape[0], hp)
+        data, kind = block_bytes(layer if order is None else _reorder(layer, order))
         w.add_tensor(_tensor_name(names, name + ".weight"), data, raw_dtype=gguf.GGMLQuantizationType[kind])
         kinds[kind] = kinds.get(kind, 0) + 1
         stored += data.nbytes * 8
         weights += layer.shape[0] * layer.shape[1]
-    for name, layer in sorted(src.dense.items()):
-        wt = layer.weight
-        if name.endswith(("q_proj", "k_proj")):
-            wt = wt[rope_pairs(wt.shape[0], hp["head_count"] if name.endswith("q_proj") else hp["head_count_kv"])]
-        w.add_tensor(_tensor_name(names, name + ".weight"), _plain(wt, rest_dtype))
-    for key, t in sorted(src.rest.items()):
+    plain = {n + ".weight": layer.weight for n, layer in src.dense.items()} | src.rest
+    for key, t in sorted(plain.items()):
         if hp["tied"] and key == "lm_head.weight":
             continue  # llama.cpp reads the embedding when the output head is absent
-        keep = torch.float32 if t.dim() == 1 else rest_dtype  # norms in float32, as llama.cpp's converter
-        w.add_tensor(_tensor_name(names, key), _plain(t, keep))
+        order = _rope_order(key, t.shape[0], hp) if t.dim() == 2 else None
+        gname = _tensor_name(names, key)
+        _add_plain(w, gname, t if order is None else t[order],
+                   embedding if gname in ("token_embd.weight", "output.weight") else dense_kind)
     main = max(kinds, key=kinds.get) if kinds else None
-    w.add_file_type(gguf.LlamaFileType[FILE_TYPES[main]] if main else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType[FILE_TYPES[main]] if main else
+                    gguf.LlamaFileType.ALL_F32 if dense_kind == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return {"block_types": kinds, "bpw": round(stored / weights, 6) if weights else 0.0,
-            "quantized_weights": weights}
+            "quantized_weights": weights, "embedding": embedding}
 
 
 def export(src: Source, out: str | Path, dtype: str | None = None, overwrite: bool = False,
-           tokenizer_pre: str | None = None) -> dict:
+           tokenizer_pre: str | None = None, embedding: str = "q8_0") -> dict:
     """Write the checkpoint read into ``src`` as one GGUF file ``out``, atomically (a temporary sibling file
     renamed into place; an existing file is replaced only with ``overwrite`` and only when it is a GGUF file)."""
     out = Path(out)
+    if embedding not in EMBEDDINGS:
+        raise FlexQuantError(f"embedding {embedding!r} must be one of {', '.join(EMBEDDINGS)}")
     if out.suffix != ".gguf":
         raise FlexQuantError(f"--out {out} must name a .gguf file")
     if out.is_dir():
@@ -247,7 +286,7 @@ def export(src: Source, out: str | Path, dtype: str | None = None, overwrite: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        summary = write(src, tmp, dtype, tokenizer_pre)
+        summary = write(src, tmp, dtype, tokenizer_pre, embedding)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
