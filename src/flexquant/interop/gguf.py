@@ -294,6 +294,7 @@ def export(src: Source, out: str | Path, dtype: str | None = None, overwrite: bo
         tmp.unlink(missing_ok=True)
     summary.update({"format": FORMAT, "out": str(out), "file_bytes": out.stat().st_size,
                     "quantized_layers": len(src.grids)})
-    log.info("GGUF written: %s (%d bytes, %s, %.4f bpw in the quantized linears)", out, summary["file_bytes"],
-             ", ".join(f"{k} ×{v}" for k, v in sorted(summary["block_types"].items())), summary["bpw"])
+    types = ", ".join(f"{k} ×{v}" for k, v in sorted(summary["block_types"].items()))
+    log.info("GGUF written: %s (%d bytes; %s)", out, summary["file_bytes"],
+             f"{types}: {summary['bpw']:.4f} bits per linear weight" if types else "float")
     return summary
