@@ -57,6 +57,31 @@ class DenseCacheKernel(Kernel):
         return F.linear(x, W, layer.bias)
 
 
+class PackedCPUKernel(Kernel):
+    """Keep the weight packed and dequantize group by group inside the matmul (`cpu_packed`).
+
+    The layer's memory stays near its packed size; `dense-cache` (the CPU default: faster on models whose layers
+    fit in the caches, bench/cpu_speed.py) trades that memory for the dense matmul. Select with --kernel
+    packed-cpu or FLEXQUANT_KERNEL=packed-cpu."""
+
+    name = "packed-cpu"
+    priority = 5
+
+    def supports(self, layer, device):
+        if device.type != "cpu" or layer.group_size % 2:
+            return False
+        from .cpu_packed import extension
+
+        return extension() is not None
+
+    def forward(self, layer, x):
+        from .cpu_packed import packed_forward, prepare
+
+        if layer._dense_cache is None:  # the kernel's own layout of the codes, made once
+            layer._dense_cache = prepare(layer)
+        return packed_forward(layer._dense_cache, x, layer.bias)
+
+
 KERNELS: dict[str, Kernel] = {}
 
 
@@ -67,6 +92,7 @@ def register(kernel: Kernel) -> Kernel:
 
 register(ReferenceKernel())
 register(DenseCacheKernel())
+register(PackedCPUKernel())
 
 
 def select(layer, device: torch.device, prefer: str | None = None) -> Kernel:

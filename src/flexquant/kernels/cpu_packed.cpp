@@ -1,0 +1,126 @@
+// flexquant's packed CPU matmul (kernels/cpu_packed.py): y = x·Wᵀ with W kept as integer codes, one scale and one
+// offset per row and group (w = code·scale + offset), dequantized group by group inside the product.
+//
+// codes: uint8 [m, n·bits/8], bits 4 (per group of g, byte t holds column t in its low nibble and column t + g/2 in
+// its high nibble, so both halves meet x contiguously, as GGML's Q4_0 does) or 8;
+// sz: float32 [m, ng, 2] (scale, offset); x: float32 [b, n] (columns already in the codes' order).
+// Small batches (decode) take the fused row-by-group loop: each group's codes meet x once and the group's sum of x
+// carries the offset. Larger batches dequantize a tile of rows into a float buffer and hand it to the BLAS matmul,
+// so memory holds one tile, never the dense weight.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+// One group's codes as floats in ``buf`` (plain loops the compiler vectorizes), then their dot with x in eight
+// lanes of accumulators.
+template <int BITS>
+inline float group_dot(const uint8_t* q, const float* x, int g, float* buf) {
+  if (BITS == 4) {
+    const int h = g / 2;
+    for (int t = 0; t < h; ++t) buf[t] = static_cast<float>(q[t] & 0xF);
+    for (int t = 0; t < h; ++t) buf[t + h] = static_cast<float>(q[t] >> 4);
+  } else {
+    for (int t = 0; t < g; ++t) buf[t] = static_cast<float>(q[t]);
+  }
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int t = 0;
+  for (; t + 8 <= g; t += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += buf[t + l] * x[t + l];
+  float sum = 0.f;
+  for (; t < g; ++t) sum += buf[t] * x[t];
+  for (int l = 0; l < 8; ++l) sum += acc[l];
+  return sum;
+}
+
+template <int BITS>
+void gemv(const uint8_t* codes, const float* sz, const float* x, const float* xsum, float* y,
+          int64_t b, int64_t m, int64_t n, int64_t g) {
+  const int64_t ng = n / g, row_bytes = n * BITS / 8, group_bytes = g * BITS / 8;
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(g);
+    for (int64_t i = r0; i < r1; ++i) {
+      const uint8_t* qi = codes + i * row_bytes;
+      const float* si = sz + i * ng * 2;
+      for (int64_t k = 0; k < b; ++k) {
+        const float* xk = x + k * n;
+        const float* sk = xsum + k * ng;
+        float acc = 0.f;
+        for (int64_t j = 0; j < ng; ++j)
+          acc += si[2 * j] * group_dot<BITS>(qi + j * group_bytes, xk + j * g, static_cast<int>(g), buf.data()) +
+                 si[2 * j + 1] * sk[j];
+        y[k * m + i] = acc;
+      }
+    }
+  });
+}
+
+template <int BITS>
+void dequant_rows(const uint8_t* codes, const float* sz, float* out, int64_t r0, int64_t r1, int64_t n, int64_t g) {
+  const int64_t ng = n / g, row_bytes = n * BITS / 8;
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const uint8_t* qi = codes + i * row_bytes;
+      const float* si = sz + i * ng * 2;
+      float* o = out + (i - r0) * n;
+      for (int64_t j = 0; j < ng; ++j) {
+        const float s = si[2 * j], off = si[2 * j + 1];
+        float* oj = o + j * g;
+        if (BITS == 4) {
+          const uint8_t* qj = qi + j * g / 2;
+          const int64_t h = g / 2;
+#pragma omp simd
+          for (int64_t t = 0; t < h; ++t) {
+            oj[t] = static_cast<float>(qj[t] & 0xF) * s + off;
+            oj[t + h] = static_cast<float>(qj[t] >> 4) * s + off;
+          }
+        } else {
+          const uint8_t* qj = qi + j * g;
+#pragma omp simd
+          for (int64_t t = 0; t < g; ++t) oj[t] = static_cast<float>(qj[t]) * s + off;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t bits, int64_t g,
+                            int64_t gemv_max_batch, int64_t tile_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [b, n]");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: contiguous uint8");
+  TORCH_CHECK(sz.scalar_type() == torch::kFloat32 && sz.is_contiguous(), "sz: contiguous float32");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const int64_t b = x.size(0), n = x.size(1), m = codes.size(0);
+  TORCH_CHECK(n % g == 0 && g % 2 == 0 && codes.size(1) == n * bits / 8 && sz.size(0) == m &&
+              sz.size(1) == n / g && sz.size(2) == 2, "shapes of x, codes and sz do not agree");
+  auto y = torch::empty({b, m}, x.options());
+  const uint8_t* q = codes.data_ptr<uint8_t>();
+  const float* s = sz.data_ptr<float>();
+  if (b <= gemv_max_batch) {
+    auto xsum = x.view({b, n / g, g}).sum(-1).contiguous();
+    if (bits == 4)
+      gemv<4>(q, s, x.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(), b, m, n, g);
+    else
+      gemv<8>(q, s, x.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(), b, m, n, g);
+    return y;
+  }
+  auto tile = torch::empty({std::min(tile_rows, m), n}, x.options());
+  for (int64_t r0 = 0; r0 < m; r0 += tile_rows) {
+    const int64_t r1 = std::min(r0 + tile_rows, m);
+    if (bits == 4)
+      dequant_rows<4>(q, s, tile.data_ptr<float>(), r0, r1, n, g);
+    else
+      dequant_rows<8>(q, s, tile.data_ptr<float>(), r0, r1, n, g);
+    y.narrow(1, r0, r1 - r0).copy_(at::mm(x, tile.narrow(0, 0, r1 - r0).t()));
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_matmul", &packed_matmul, "y = x·Wᵀ with W as packed codes, group scales and offsets");
+}
