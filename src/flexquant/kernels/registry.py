@@ -105,8 +105,8 @@ def select(layer, device: torch.device, prefer: str | None = None) -> Kernel:
         if not k.supports(layer, device):
             raise FlexQuantError(f"kernel {prefer!r} does not support this layer on {device}")
         return k
-    usable = [k for k in KERNELS.values() if k.supports(layer, device)]
-    return max(usable, key=lambda k: k.priority)
+    # highest priority first, asking each in turn (a kernel's check may build it: only the chosen one is asked)
+    return next(k for k in sorted(KERNELS.values(), key=lambda k: -k.priority) if k.supports(layer, device))
 
 
 def rotate(R, x: torch.Tensor) -> torch.Tensor:
