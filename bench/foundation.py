@@ -55,16 +55,17 @@ def export_for_target(qm, path: Path, target: str, ids: torch.Tensor) -> None:
     flexquant's importer, and write ``PATH-export.json``: the export's bits per weight as its files store them and
     the largest logit difference against the quantized model."""
     import flexquant as fq
-    from flexquant.errors import FlexQuantError
     from flexquant.quant.targets import get_target
 
     fmt, out = get_target(target).format, path.with_name(path.name + "-export")
-    try:
-        summary = fq.export(path, out, fmt, dtype="float16", overwrite=True)
-    except FlexQuantError as e:  # v1 GPTQ cannot hold a zero point of 0 next to a full-range group
-        if fmt != "gptq" or "gptq_v2" not in str(e):
-            raise
-        summary = fq.export(path, out, fmt, dtype="float16", overwrite=True, gptq_format="gptq_v2")
+    if fmt == "gguf":
+        out = out.with_suffix(".gguf")
+    # GPTQModel reads an asymmetric v1 GPTQ checkpoint only when its own quantizer wrote it: gptq_v2 for it
+    kw = {"gptq_format": "gptq_v2"} if target == "gptqmodel" else {}
+    summary = fq.export(path, out, fmt, overwrite=True, **({} if fmt == "gguf" else {"dtype": "float16"}), **kw)
+    if fmt == "gguf":  # judged by llama.cpp (bench/gguf.py), not by flexquant's importer
+        path.with_name(path.name + "-export.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return
     with torch.no_grad():
         ref = qm.model(ids).logits.float()
         got = fq.load(out).model(ids).logits.float()

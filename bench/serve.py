@@ -94,16 +94,19 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--check-windows", type=int, default=8, help="windows each client check runs (the first N)")
+    p.add_argument("--only", default=None, choices=tuple(CLIENTS),
+                   help="check the exports of this format only; the others keep their checks from the last run")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = json.loads(Path(args.results, args.name + ".json").read_text())
     work = Path(args.results) / "work"
     _, windows = foundation.setup(args, work, args.windows)  # the same held-out windows as step 1
     save_file({"input_ids": windows[: args.check_windows].contiguous()}, work / "serve-eval.safetensors")
-    checks = {}
+    last = Path(args.results, args.name + "_clients.json")
+    checks = json.loads(last.read_text()) if args.only and last.is_file() else {}
     for r in res["rows"]:
         e = r.get("export")
-        if not e:
+        if not e or (args.only and e["format"] != args.only):
             continue
         results = []
         for client, python, env in CLIENTS[e["format"]]:
@@ -118,7 +121,7 @@ def main() -> None:
                                                            work / "serve-eval.safetensors", env)))
         checks[label(r)] = results
     md = markdown(res["header"], res["rows"], checks, args.check_windows)
-    Path(args.results, args.name + "_clients.json").write_text(json.dumps(checks, indent=2) + "\n")
+    last.write_text(json.dumps(checks, indent=2) + "\n")
     Path(args.results, args.name + ".md").write_text(md)
     print(md)
 
