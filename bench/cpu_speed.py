@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--checkpoint", default=None,
+                   help="a flexquant checkpoint (default: GPTQ w3 g64 of --model, quantized once into work-cpu/)")
     p.add_argument("--gguf", nargs="*", default=[str(ROOT / "bench/results/work-gguf/gptq-q4_0.gguf"),
                                                  str(ROOT / "bench/results/work-gguf/llama-Q4_0.gguf")])
     args = p.parse_args()
@@ -109,15 +111,17 @@ def main() -> None:
     from flexquant.models.builtin import builtin_path
 
     model_dir = str(builtin_path(args.model) or args.model)
-    ckpt = WORK / "gptq-w3g64"
+    ckpt = Path(args.checkpoint) if args.checkpoint else WORK / "gptq-w3g64"
     if not (ckpt / "quant_config.json").is_file():
         qm = fq.quantize(model_dir, method="gptq", bits=3, group_size=64, progress=False)
         fq.save(qm, ckpt, overwrite=True, plot=False)
-    bpw = fq.load(ckpt).bpw
+    loaded = fq.load(ckpt)
+    bpw, method = loaded.bpw, next(iter(loaded.report.get("method") or {}), "checkpoint")
+    del loaded
     rows = [{"model": "float32", "kernel": "—", "bpw": 32.0, **run_one(model_dir, "float32", args)}]
     for kernel in ("dense-cache", "packed-cpu"):
-        rows.append({"model": "flexquant GPTQ w3 g64", "kernel": kernel, "bpw": bpw, **run_one(str(ckpt), kernel,
-                                                                                                args)})
+        rows.append({"model": f"flexquant {method} ({ckpt.name})", "kernel": kernel, "bpw": bpw,
+                     **run_one(str(ckpt), kernel, args)})
     for g in args.gguf:
         ts = llama_bench(Path(g), args.threads, args.new)
         if ts is not None:
