@@ -6,7 +6,8 @@ GGUF files.
     python -m bench.cpu_speed                      # -> bench/results/cpu_speed.{md,json}
     (llama.cpp rows need bash bench/llama_env.sh; GGUF files from python -m bench.gguf)
 
-Each measurement runs in a fresh process: VmHWM after the imports, then after loading and one 512-token forward
+Each measurement runs in a fresh process: VmHWM after the imports (transformers' llama modelling code included: about
+220 MB of modules, the same for every row and not part of any model), then after loading and one 512-token forward
 (the memory the model adds = the difference), the time of a second 512-token forward, then greedy decoding of
 --new tokens after a 16-token prompt with the KV cache, timed per token (median). llama.cpp's decode speed is
 llama-bench's ``tg`` figure at the same thread count.
@@ -38,6 +39,8 @@ def measure(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the code, ~220 MB of modules: not the model)
+
     import flexquant as fq  # noqa: F401  (imports counted before the baseline)
     from flexquant.models.loader import load_model
 
