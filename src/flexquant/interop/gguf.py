@@ -244,8 +244,8 @@ def write(src: Source, out: Path, dtype: str | None, pre: str | None, embedding:
         weights += layer.shape[0] * layer.shape[1]
     plain = {n + ".weight": layer.weight for n, layer in src.dense.items()} | src.rest
     for key, t in sorted(plain.items()):
-        if hp["tied"] and key == "lm_head.weight":
-            continue  # llama.cpp reads the embedding when the output head is absent
+        if hp["tied"] and key == "lm_head.weight" and torch.equal(t, plain.get("model.embed_tokens.weight", t)):
+            continue  # llama.cpp reads the embedding when the output head is absent (a rotated head is written)
         order = _rope_order(key, t.shape[0], hp) if t.dim() == 2 else None
         gname = _tensor_name(names, key)
         _add_plain(w, gname, t if order is None else t[order],
