@@ -59,9 +59,9 @@ def float_source(path: str | Path) -> Source:
 
 def block_bytes(layer: GridLayer) -> tuple[np.ndarray, str]:
     """(uint8 [m, n/32 · block size], GGML type name) of a linear on a Q4_0 / Q5_0 / Q8_0 grid."""
-    kind = BLOCK_TYPES.get(layer.bits)
-    if kind is None or not layer.sym or layer.group_size != GROUP or layer.g_idx is not None:
-        raise FlexQuantError(_refusal(layer))
+    if why := _refusal(layer):
+        raise FlexQuantError(why)
+    kind = BLOCK_TYPES[layer.bits]
     m, n = layer.shape
     codes = layer.codes.to(torch.int32).view(m, n // GROUP, GROUP).numpy()
     d = layer.scales.to(torch.float16).numpy().view(np.uint8).reshape(m, n // GROUP, 2)
@@ -78,7 +78,8 @@ def block_bytes(layer: GridLayer) -> tuple[np.ndarray, str]:
     return np.concatenate(parts, axis=-1).reshape(m, -1), kind
 
 
-def _refusal(layer: GridLayer) -> str:
+def _refusal(layer: GridLayer) -> str | None:
+    """Why ``layer`` is no GGML block type exactly, with the fix; None when it is one."""
     why = []
     if layer.bits not in BLOCK_TYPES:
         why.append(f"{layer.bits}-bit weights (GGUF's exact block types hold 4, 5 or 8)")
@@ -88,6 +89,8 @@ def _refusal(layer: GridLayer) -> str:
         why.append(f"groups of {layer.group_size} (GGML blocks hold {GROUP})")
     if layer.g_idx is not None:
         why.append("an act-order permutation (GGUF has no per-column group index)")
+    if not why:
+        return None
     return (f"{layer.name} cannot be written exactly as a GGML block type: {', '.join(why)}; requantize with "
             "--target gguf (symmetric 4/5/8-bit grids, group 32, float16 scales, no act-order permutation)")
 
@@ -196,17 +199,15 @@ def _rope_order(name: str, rows: int, hp: dict) -> torch.Tensor | None:
     return rope_pairs(rows, hp["head_count"] if stem == "q_proj" else hp["head_count_kv"])
 
 
-def _add_plain(w, gname: str, t: torch.Tensor, kind: str) -> int:
-    """Write a float tensor as ``kind`` (q8_0, f16, f32); returns its stored bits."""
+def _add_plain(w, gname: str, t: torch.Tensor, kind: str) -> None:
+    """Write a float tensor as ``kind`` (q8_0, f16, f32; 1-D tensors always float32)."""
     import gguf
 
     if kind == "q8_0" and t.dim() == 2 and t.shape[1] % GROUP == 0:
         data = gguf.quants.quantize(_plain(t, torch.float32), gguf.GGMLQuantizationType.Q8_0)
         w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     else:
-        data = _plain(t, torch.float32 if kind == "f32" or t.dim() == 1 else torch.float16)
-        w.add_tensor(gname, data)
-    return data.nbytes * 8
+        w.add_tensor(gname, _plain(t, torch.float32 if kind == "f32" or t.dim() == 1 else torch.float16))
 
 
 def write(src: Source, out: Path, dtype: str | None, pre: str | None, embedding: str) -> dict:
@@ -281,8 +282,8 @@ def export(src: Source, out: str | Path, dtype: str | None = None, overwrite: bo
                 raise FlexQuantError(f"refusing to overwrite {out}: it is not a GGUF file")
     check_architecture(src)
     for layer in src.grids.values():  # every refusal before a byte is written
-        if layer.bits not in BLOCK_TYPES or not layer.sym or layer.group_size != GROUP or layer.g_idx is not None:
-            raise FlexQuantError(_refusal(layer))
+        if why := _refusal(layer):
+            raise FlexQuantError(why)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
