@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.builtin import cache_dir
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_packed.cpp")
 GEMV_MAX_BATCH = 4  # up to this many rows of x: the fused loop; above: tiles of dequantized rows + BLAS
@@ -46,7 +48,7 @@ def extension():
             except ImportError:
                 pass
         digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-        build = Path(os.environ.get("FLEXQUANT_CACHE", Path.home() / ".cache" / "flexquant")) / "ext" / digest
+        build = cache_dir() / "ext" / digest
         build.mkdir(parents=True, exist_ok=True)
         _EXT["ext"] = cpp_extension.load(name=f"flexquant_cpu_packed_{digest}", sources=[str(SOURCE)],
                                          build_directory=str(build), verbose=False,

@@ -50,10 +50,10 @@ class DenseCacheKernel(Kernel):
         return device.type == "cpu"
 
     def forward(self, layer, x):
-        W = layer._dense_cache
+        W = layer._kernel_cache
         if W is None or W.dtype != x.dtype or W.device != x.device:
             W = layer.dequantized_weight(x.dtype)
-            layer._dense_cache = W
+            layer._kernel_cache = W
         return F.linear(x, W, layer.bias)
 
 
@@ -78,9 +78,9 @@ class PackedCPUKernel(Kernel):
     def forward(self, layer, x):
         from .cpu_packed import packed_forward, prepare
 
-        if layer._dense_cache is None:  # the kernel's own layout of the codes, made once
-            layer._dense_cache = prepare(layer)
-        return packed_forward(layer._dense_cache, x, layer.bias)
+        if layer._kernel_cache is None:  # the kernel's own layout of the codes, made once
+            layer._kernel_cache = prepare(layer)
+        return packed_forward(layer._kernel_cache, x, layer.bias)
 
 
 KERNELS: dict[str, Kernel] = {}

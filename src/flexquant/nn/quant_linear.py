@@ -47,7 +47,7 @@ class QuantLinear(nn.Module):
                           if rotation_order else None)
         self.kernel_name: str | None = None
         self._kernel = None
-        self._dense_cache: torch.Tensor | None = None
+        self._kernel_cache = None  # the kernel's prepared weight (a dense tensor, or packed-cpu's layout)
 
     @classmethod
     def from_result(cls, r: QuantResult, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
@@ -83,10 +83,10 @@ class QuantLinear(nn.Module):
         return self.stored_bits() / (self.in_features * self.out_features)
 
     def set_kernel(self, name: str | None) -> None:
-        self.kernel_name, self._kernel, self._dense_cache = name, None, None
+        self.kernel_name, self._kernel, self._kernel_cache = name, None, None
 
     def _apply(self, fn, recurse=True):
-        self._dense_cache, self._kernel = None, None  # device/dtype moves invalidate caches
+        self._kernel_cache, self._kernel = None, None  # device/dtype moves invalidate caches
         out = super()._apply(fn, recurse)
         if self._rotation is not None:
             self._rotation = Rotation(self._rotation.signs.to(self.rot_signs.device),
