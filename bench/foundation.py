@@ -58,19 +58,19 @@ def export_for_target(qm, path: Path, target: str, ids: torch.Tensor) -> None:
     from flexquant.quant.targets import get_target
 
     fmt, out = get_target(target).format, path.with_name(path.name + "-export")
-    if fmt == "gguf":
-        out = out.with_suffix(".gguf")
+    info = path.with_name(path.name + "-export.json")
+    if fmt == "gguf":  # judged by llama.cpp (bench/gguf.py), not by flexquant's importer
+        summary = fq.export(path, path.with_name(path.name + "-export.gguf"), fmt, overwrite=True)
+        info.write_text(json.dumps(summary, indent=2) + "\n")
+        return
     # GPTQModel reads an asymmetric v1 GPTQ checkpoint only when its own quantizer wrote it: gptq_v2 for it
     kw = {"gptq_format": "gptq_v2"} if target == "gptqmodel" else {}
-    summary = fq.export(path, out, fmt, overwrite=True, **({} if fmt == "gguf" else {"dtype": "float16"}), **kw)
-    if fmt == "gguf":  # judged by llama.cpp (bench/gguf.py), not by flexquant's importer
-        path.with_name(path.name + "-export.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return
+    summary = fq.export(path, out, fmt, dtype="float16", overwrite=True, **kw)
     with torch.no_grad():
         ref = qm.model(ids).logits.float()
         got = fq.load(out).model(ids).logits.float()
     summary["max_dlogit_rel"] = float((got - ref).abs().max() / ref.abs().max())
-    path.with_name(path.name + "-export.json").write_text(json.dumps(summary, indent=2) + "\n")
+    info.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def parse_flexible(spec: str) -> dict:
@@ -177,7 +177,8 @@ def table(rows: list[dict]) -> str:
         if r.get("export"):  # a --target row: the bits as its exported files store them
             e = r["export"]
             fmt = e["format"] + (f" ({e['checkpoint_format']})" if e.get("checkpoint_format") else "")
-            name += f" (exported {fmt}: {e['bpw']:.3f} bpw, reloaded max Δlogit {e['max_dlogit_rel']:.1e} of range)"
+            reload = f", reloaded max Δlogit {e['max_dlogit_rel']:.1e} of range" if "max_dlogit_rel" in e else ""
+            name += f" (exported {fmt}: {e['bpw']:.3f} bpw{reload})"
         lines.append(f"| {name} | {r['bits']} | {r['bpw']:.3f} | {r['perplexity']:.3f} | "
                      f"{r['kl_divergence']:.4f} | {t} | {mem} |")
     return "\n".join(lines)
