@@ -179,3 +179,9 @@ def test_group_size_chosen_per_linear_reaches_lower_budgets(calib, ids, tmp_path
     assert (got - ref).abs().max() <= 2.0**-8 * ref.abs().max()
     with pytest.raises(FlexQuantError, match="--group-sizes.*--target"):
         _flexible(calib, "flexquant", 3.0, group_sizes=(64,))
+
+
+def test_the_config_names_every_target():
+    from flexquant.config import TARGET_NAMES
+
+    assert tuple(TARGETS) == TARGET_NAMES  # config (below quant) keeps its own copy of the names

@@ -17,7 +17,7 @@ from ..pipeline import Method, StatsRequest
 from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.impact import hinv_diagonal, salience
-from ..quant.targets import get_target
+from ..quant.targets import TARGETS, get_target
 from ..transforms.rotate import incoherence, rotate_model
 from .registry import register
 
@@ -154,8 +154,9 @@ class FlexibleLLM(Method):
         self.candidates = self.target.candidates(self.options.candidates)
         self.protect = self.options.protect
         if self.options.group_sizes and not self.target.per_layer:
+            per_layer = ", ".join(t.name for t in TARGETS.values() if t.per_layer)
             raise FlexQuantError("--group-sizes chooses one group size per linear, which only a --target of one "
-                                 "width per linear (vllm, gptqmodel) uses; drop it or pass --target")
+                                 f"width per linear ({per_layer}) uses; drop it or pass --target")
         if self.target.group_size and set(self.options.group_sizes) - {self.target.group_size}:
             raise FlexQuantError(f"--target {self.target.name} stores groups of {self.target.group_size} only "
                                  f"({self.target.note}); drop --group-sizes")
