@@ -11,14 +11,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
 
-// One group's codes as floats in ``buf`` (plain loops the compiler vectorizes), then their dot with x in eight
-// lanes of accumulators.
+// One group's codes as floats in ``buf`` (plain loops the compiler vectorizes).
 template <int BITS>
-inline float group_dot(const uint8_t* q, const float* x, int g, float* buf) {
+inline void unpack_group(const uint8_t* q, int g, float* buf) {
   if (BITS == 4) {
     const int h = g / 2;
     for (int t = 0; t < h; ++t) buf[t] = static_cast<float>(q[t] & 0xF);
@@ -26,6 +26,10 @@ inline float group_dot(const uint8_t* q, const float* x, int g, float* buf) {
   } else {
     for (int t = 0; t < g; ++t) buf[t] = static_cast<float>(q[t]);
   }
+}
+
+// The unpacked group's dot with x, in eight lanes of accumulators.
+inline float group_dot(const float* buf, const float* x, int g) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int t = 0;
   for (; t + 8 <= g; t += 8)
@@ -36,24 +40,24 @@ inline float group_dot(const uint8_t* q, const float* x, int g, float* buf) {
   return sum;
 }
 
+// Each group is unpacked once and meets every row of x (up to gemv_max_batch of them).
 template <int BITS>
 void gemv(const uint8_t* codes, const float* sz, const float* x, const float* xsum, float* y,
           int64_t b, int64_t m, int64_t n, int64_t g) {
   const int64_t ng = n / g, row_bytes = n * BITS / 8, group_bytes = g * BITS / 8;
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(g);
+    std::vector<float> buf(g), acc(b);
     for (int64_t i = r0; i < r1; ++i) {
       const uint8_t* qi = codes + i * row_bytes;
       const float* si = sz + i * ng * 2;
-      for (int64_t k = 0; k < b; ++k) {
-        const float* xk = x + k * n;
-        const float* sk = xsum + k * ng;
-        float acc = 0.f;
-        for (int64_t j = 0; j < ng; ++j)
-          acc += si[2 * j] * group_dot<BITS>(qi + j * group_bytes, xk + j * g, static_cast<int>(g), buf.data()) +
-                 si[2 * j + 1] * sk[j];
-        y[k * m + i] = acc;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < ng; ++j) {
+        unpack_group<BITS>(qi + j * group_bytes, static_cast<int>(g), buf.data());
+        for (int64_t k = 0; k < b; ++k)
+          acc[k] += si[2 * j] * group_dot(buf.data(), x + k * n + j * g, static_cast<int>(g)) +
+                    si[2 * j + 1] * xsum[k * ng + j];
       }
+      for (int64_t k = 0; k < b; ++k) y[k * m + i] = acc[k];
     }
   });
 }
