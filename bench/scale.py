@@ -275,6 +275,7 @@ def run_row(row: dict, model: Path, calib: Path | None, work: Path, args, offloa
         res["bpw"] = summ.get("bpw")
         res["report_quant_seconds"] = summ.get("quant_seconds", summ.get("quant_time_s"))
         res["report_peak_rss_mb"] = summ.get("peak_rss_mb")
+        res["report_peak_device_mb"] = summ.get("peak_device_mb")
         res["store_report"], res["store_report_bytes"] = store_from_report(rep)
         if store is not None and store.exists():
             res["store_final_bytes"] = dir_bytes(store)
@@ -349,19 +350,23 @@ def row_name(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | params | layers | method | flags | peak RSS (MiB) | tree RSS (MiB) | time (s) | "
-             "store bytes | bpw |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per row; a "device peak" column (the CUDA allocator's peak) when any row ran on a GPU."""
+    gpu = any(r.get("report_peak_device_mb") for r in rows)
+    lines = ["| model | params | layers | method | flags | peak RSS (MiB) | tree RSS (MiB) | "
+             + ("device peak (MiB) | " if gpu else "") + "time (s) | store bytes | bpw |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in rows:
         head = (f"| {r['size']} | {fmt_params(r['params'])} | {r['layers']} | {row_name(r)} | "
                 f"{' '.join(r['flags']) or '—'} |")
         if r.get("status") != "ok":
             why = "; ".join(r.get("error") or []).replace("|", "\\|")[:300]
-            lines.append(f"{head} {r.get('status', 'failed')}: {why} | | | | |")
+            lines.append(f"{head} {r.get('status', 'failed')}: {why} | | | | |" + (" |" if gpu else ""))
             continue
         tree = f"{r['tree_rss_peak_mib']:.0f}" if r.get("tree_rss_peak_mib") else "—"
         bpw = f"{r['bpw']:.3f}" if isinstance(r.get("bpw"), (int, float)) else "—"
-        lines.append(f"{head} {r['peak_rss_mib']:.0f} | {tree} | {r['wall_s']:.0f} | {fmt_bytes(r.get('store_bytes'))} "
-                     f"| {bpw} |")
+        dev = (f" {r['report_peak_device_mb']:.0f} |" if r.get("report_peak_device_mb") else " — |") if gpu else ""
+        lines.append(f"{head} {r['peak_rss_mib']:.0f} | {tree} |{dev} {r['wall_s']:.0f} | "
+                     f"{fmt_bytes(r.get('store_bytes'))} | {bpw} |")
     return "\n".join(lines)
 
 

@@ -191,6 +191,10 @@ def llama_config(shape: Shape) -> dict:
 
 
 def tokenizer_source() -> Path:
+    """$FLEXQUANT_SYNTH_TOKENIZER (a folder with the tokenizer files: for a machine without the built-in
+    model's cache, such as a lent GPU machine), else the built-in smollm2-135m's folder."""
+    if os.environ.get("FLEXQUANT_SYNTH_TOKENIZER"):
+        return Path(os.environ["FLEXQUANT_SYNTH_TOKENIZER"])
     from flexquant.models.builtin import smollm2_path
 
     return smollm2_path()

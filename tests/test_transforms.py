@@ -7,7 +7,7 @@ import torch
 from flexquant.models import get_spec
 from flexquant.models.builtin import tiny_llama
 from flexquant.transforms.hadamard import factorize, hadamard_matrix, kron_apply, small_hadamard
-from flexquant.transforms.rotate import incoherence, rotate_model
+from flexquant.transforms.rotate import Rotation, incoherence, rotate_model
 
 
 @pytest.mark.parametrize("a", [1, 2, 4, 12, 20, 28, 36, 44, 60])
@@ -69,3 +69,16 @@ def test_rotation_reduces_incoherence():
     rotate_model(rotated, get_spec("llama"))
     after = [incoherence(b.mlp.up_proj.weight) for b in rotated.model.layers]
     assert max(after) < min(before)
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536, 4096 + 4096])
+def test_rotation_stays_on_its_inputs_device(n):
+    """The Hadamard factors are built on the inputs' device: a rotation held on a GPU (an online rotation moved
+    with its layer) must not mix in CPU tensors. The meta device stands in for CUDA here (found on an H200:
+    flexible on --device cuda failed in torch.kron with cuda:0 and cpu)."""
+    from flexquant.transforms.hadamard import _kron_factors
+
+    factor = Rotation.random(n, 0).factor.float().to("meta")
+    mats = _kron_factors(factor, n // factor.shape[0])
+    assert all(m.device.type == "meta" for m in mats)
+    assert kron_apply(torch.zeros(2, n, device="meta"), mats).shape == (2, n)

@@ -24,7 +24,7 @@ from .atomic import check_target, move_into_place
 from .config import QuantConfig, parse_bytes
 from .data import calibration_windows
 from .errors import FlexQuantError
-from .eval import peak_rss_mb
+from .eval import peak_device_mb, peak_rss_mb
 from .format.checkpoint import PROGRESS, QUANT_CONFIG, CheckpointWriter, install_packed
 from .models import experts, get_spec, load_model
 from .models.loader import load_streamed
@@ -207,6 +207,8 @@ class Run:
         report = build_report(c, bits, records, notes, time.perf_counter() - t0, peak_rss_mb(),
                               None if self.calib_ids is None else int(self.calib_ids.numel()))
         report["summary"]["load_seconds"] = self.load_seconds
+        if (device_mb := peak_device_mb()) is not None:
+            report["summary"]["peak_device_mb"] = device_mb
         report["calibration"]["windows_given"] = self.given  # passed in by the caller: a recipe redraws its own
         report["method"] = self.method.summary()
         if self.dist.active:

@@ -17,6 +17,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def peak_device_mb() -> float | None:
+    """Peak memory the CUDA caching allocator handed out in this process (all devices), in MiB; None
+    without CUDA. Read beside `peak_rss_mb` in the report: a CUDA run's host and device peaks differ."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB.
 

@@ -116,10 +116,10 @@ def _kron_factors(factor: torch.Tensor, b: int) -> list[torch.Tensor]:
         chunks += 1
     if rest * KRON_CHUNK**chunks != b:  # b is a power of two, so only the last split can be uneven
         raise ValueError(f"{b} is not a power of two")
-    h_rest = small_hadamard(rest).to(factor.dtype)
+    h_rest = small_hadamard(rest).to(factor.device, factor.dtype)  # on F's device: kron needs both there
     a = factor.shape[0]
     head = [torch.kron(factor.contiguous(), h_rest)] if a * rest <= MAX_SMALL_FACTOR else [factor, h_rest]
-    return head + [small_hadamard(KRON_CHUNK).to(factor.dtype)] * chunks
+    return head + [small_hadamard(KRON_CHUNK).to(factor.device, factor.dtype)] * chunks
 
 
 def kron_apply(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
