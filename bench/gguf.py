@@ -11,7 +11,8 @@ Steps (finished rows are cached in bench/results/work-gguf/rows.json; a rerun re
 2. llama.cpp's imatrix from the calibration windows (decoded to text), then ``llama-quantize --imatrix`` to each
    ``--types`` (Q4_0, Q4_K_M, ... : llama.cpp's own tensor mixes and fallbacks);
 3. flexquant: GPTQ w4 into Q4_0 and FlexibleLLM at the budgets whose files match each llama.cpp file's size
-   (±2%; a size below Q4_0's 4.5 bits in every linear is out of `--target gguf`'s reach and is listed so);
+   (±2%; a size below the cheapest GGML type of every linear — Q4_0, or Q3_K where a row holds 256-weight
+   super-blocks — is out of `--target gguf`'s reach and is listed so);
    each quantized, exported, and measured twice: flexquant's perplexity of its own model and llama.cpp's of
    the file (the export bar: within 0.5%).
 File bits per weight = file bytes × 8 / the weights of every 2-D tensor (linears and the embedding), the same
@@ -100,6 +101,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--name", default="gguf")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--sym-grids", nargs="+", default=["balanced"], choices=("balanced", "signed"),
+                   help="flexquant rows for each symmetric grid rule (GridConfig.sym_grid); 'signed' rows are "
+                        "named with a -signed suffix")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = ROOT / "bench/results" / f"work-{args.name}"
@@ -142,18 +146,27 @@ def main() -> None:
             return llama_row(out, windows, n2d, {"tool": "llama.cpp", "name": f"{t} (imatrix)"})
         rows.append(cached(f"llama:{t}", make))
 
-    base = cached("fq:gptq-q4_0", lambda: flexquant_row("gptq-q4_0", {"method": "gptq", "bits": 4}, args, calib,
-                                                        windows, n2d, work))
-    rows.append(base)
-    for r in [r for r in rows if r["tool"] == "llama.cpp"]:
-        bpw = budget_for(r["file_bytes"], base)
-        if not 4.5 <= bpw <= 8.5:
-            r["flexquant_match"] = f"out of reach: {bpw:.2f} bits per linear weight needed (Q4_0..Q8_0: 4.5..8.5)"
-            continue
-        name = f"flexible-{bpw:.3f}"
-        rows.append(cached(f"fq:{name}", lambda bpw=bpw, name=name: flexquant_row(
-            name, {"method": "flexible", "options": {"bpw": round(bpw, 3)}}, args, calib, windows, n2d, work)))
-        r["flexquant_match"] = name
+    from flexquant.errors import FlexQuantError
+
+    for grid in args.sym_grids:
+        sfx, extra = ("", {}) if grid == "balanced" else (f"-{grid}", {"sym_grid": grid})
+        base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(
+            f"gptq-q4_0{sfx}", {"method": "gptq", "bits": 4, **extra}, args, calib, windows, n2d, work))
+        rows.append(base)
+        for r in [r for r in rows if r["tool"] == "llama.cpp"]:
+            bpw = budget_for(r["file_bytes"], base)
+            if bpw > 8.5:
+                r["flexquant_match"] = f"out of reach: {bpw:.2f} bits per linear weight (Q8_0 everywhere is 8.5)"
+                continue
+            name = f"flexible-{bpw:.3f}{sfx}"
+            try:
+                rows.append(cached(f"fq:{name}", lambda bpw=bpw, name=name, extra=extra: flexquant_row(
+                    name, {"method": "flexible", "options": {"bpw": round(bpw, 3)}, **extra}, args, calib,
+                    windows, n2d, work)))
+            except FlexQuantError as e:  # below the cheapest GGML type of every linear
+                r["flexquant_match"] = f"out of reach: {bpw:.2f} bits per linear weight ({e})"
+                continue
+            r["flexquant_match"] = name
     write(args, rows)
 
 

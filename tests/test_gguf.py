@@ -64,6 +64,25 @@ def _results(qm):
     return {n: m.to_result() for n, m in qm.model.named_modules() if hasattr(m, "to_result")}
 
 
+def _assert_file_holds(qm, file, results):
+    """Every GGML-typed linear of ``file`` dequantizes (gguf's own decoders) to exactly the packed weight."""
+    cfg = qm.model.config
+    reader = gguf.GGUFReader(file)
+    seen = 0
+    for t in reader.tensors:
+        if t.tensor_type.name not in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K") or not t.name.startswith("blk."):
+            continue  # (the embedding is Q8_0 by default)
+        _, blk, kind, _ = t.name.split(".")
+        ref = results[f"model.layers.{blk}.{HF[kind]}"].dequantize(torch.float32)
+        if kind in ("attn_q", "attn_k"):
+            ref = ref[rope_pairs(ref.shape[0], cfg.num_attention_heads if kind == "attn_q"
+                                 else cfg.num_key_value_heads)]
+        assert torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type)).float(), ref), t.name  # bit-exact
+        seen += 1
+    assert seen == len(results)
+    return reader
+
+
 def test_flexible_quantizes_into_ggml_types_and_the_file_holds_its_weights(flexible, tmp_path):
     qm, path = flexible
     results = _results(qm)
@@ -79,20 +98,8 @@ def test_flexible_quantizes_into_ggml_types_and_the_file_holds_its_weights(flexi
     out = export_checkpoint(path, tmp_path / "m.gguf", "gguf", gguf_embedding="f32")
     assert out["bpw"] == pytest.approx(alloc["planned_bpw"], abs=1e-6)  # the budget is what the file stores
     assert out["file_bytes"] == (tmp_path / "m.gguf").stat().st_size
+    reader = _assert_file_holds(qm, tmp_path / "m.gguf", results)
     cfg = qm.model.config
-    reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    seen = 0
-    for t in reader.tensors:
-        if t.tensor_type.name not in ("Q4_0", "Q5_0", "Q8_0"):
-            continue
-        _, blk, kind, _ = t.name.split(".")
-        ref = results[f"model.layers.{blk}.{HF[kind]}"].dequantize(torch.float32)
-        if kind in ("attn_q", "attn_k"):
-            ref = ref[rope_pairs(ref.shape[0], cfg.num_attention_heads if kind == "attn_q"
-                                 else cfg.num_key_value_heads)]
-        assert torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type)).float(), ref), t.name  # bit-exact
-        seen += 1
-    assert seen == len(results)
     fields = {f.name: f for f in reader.fields.values()}
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
     assert int(fields["llama.block_count"].parts[-1][0]) == cfg.num_hidden_layers
@@ -123,6 +130,51 @@ def test_gptq_at_4_bits_is_q4_0_and_the_cli_writes_it(tiny, calib, tmp_path, cap
     assert res["block_types"] == {"Q4_0": len(_results(qm))} and res["bpw"] == pytest.approx(4.5)
     types = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "g.gguf").tensors}
     assert types == {"Q4_0", "Q8_0", "F32"}  # linears, embedding (Q8_0 by default), norms
+
+
+def test_k_quants_reach_below_q4_0_and_export_exactly(tiny, calib, tmp_path):
+    """Below Q4_0 everywhere (4.5 bpw) the search takes Q3_K where rows hold 256-weight super-blocks (tiny-llama's
+    down_proj: 256 columns); its group scales are multiples of one float16 step, so the file is bit-exact."""
+    qm = fq.quantize(str(tiny), method="flexible", group_size=64, progress=False, calib_ids=calib, batch_size=4,
+                     target="gguf", sym_grid="signed", options=dict(bpw=4.3, alloc_nsamples=4))
+    results = _results(qm)
+    kq = {n: r for n, r in results.items() if r.group_size == 16}
+    assert kq and all(n.endswith("down_proj") and set(r.group_bits.tolist()) <= {3, 6} for n, r in kq.items())
+    alloc = qm.report["method"]["flexible"]["allocation"]
+    assert alloc["planned_bpw"] <= 4.3
+    path = fq.save(qm, tmp_path / "q", plot=False)
+    out = export_checkpoint(path, tmp_path / "k.gguf", "gguf")
+    assert "Q3_K" in out["block_types"] and out["bpw"] == pytest.approx(alloc["planned_bpw"], abs=1e-6)
+    _assert_file_holds(qm, tmp_path / "k.gguf", results)
+
+
+def test_k_quant_blocks_decode_with_ggml(tmp_path):
+    """Q3_K / Q6_K bytes against the gguf package's decoders, subnormal float16 steps included."""
+    from flexquant.interop.gguf_kquants import block_bytes
+
+    g = torch.Generator().manual_seed(0)
+    for bits, kind in ((3, "Q3_K"), (6, "Q6_K")):
+        lo = -32 if bits == 3 else -128
+        codes = torch.randint(0, 2**bits, (3, 512), generator=g, dtype=torch.uint8)
+        k = torch.randint(lo, -lo, (3, 2, 16), generator=g).float()
+        k[k == 0] = 1
+        step = torch.tensor([5 * 2.0**-10, 3 * 2.0**-20]).view(1, 2, 1)
+        scales = (step * k).reshape(3, 32)
+        data, name = block_bytes(codes, scales, bits)
+        ref = ((codes.float() - 2 ** (bits - 1)).view(3, 32, 16) * scales[..., None]).view(3, 512)
+        assert name == kind and torch.equal(torch.from_numpy(dequantize(data, gguf.GGMLQuantizationType[kind])), ref)
+
+
+def test_signed_scales_are_ggml_scales(tiny, calib, tmp_path):
+    """--sym-grid signed (the Q4_0 rule: the extreme on code 0, a negative scale where the extreme is positive)
+    exports bit-exactly: GGML's d is a signed float16."""
+    qm = fq.quantize(str(tiny), method="gptq", bits=4, progress=False, calib_ids=calib, batch_size=4,
+                     target="gguf", sym_grid="signed")
+    results = _results(qm)
+    assert any(bool((r.scales < 0).any()) for r in results.values())
+    path = fq.save(qm, tmp_path / "q", plot=False)
+    export_checkpoint(path, tmp_path / "s.gguf", "gguf")
+    _assert_file_holds(qm, tmp_path / "s.gguf", results)
 
 
 def test_refusals_name_the_fix_and_leave_nothing_behind(calib, flexible, tmp_path):

@@ -18,6 +18,23 @@ def test_grid_codes_in_range_and_zero_representable(bits, sym):
     assert torch.equal(s, s.half().float())  # scales are fp16-exact
 
 
+@pytest.mark.parametrize("bits", [3, 4, 5])
+def test_signed_symmetric_grid_puts_the_extreme_on_code_zero(bits):
+    W = torch.randn(400, 32, generator=torch.Generator().manual_seed(0))
+    s, z = choose_qparams(W, bits, sym=True, signed=True)
+    c = quantize(W, s, z, 2**bits - 1)
+    ext = W.gather(1, W.abs().argmax(1, keepdim=True))
+    assert torch.equal(c.gather(1, W.abs().argmax(1, keepdim=True)), torch.zeros_like(ext))  # on code 0
+    assert torch.equal(torch.sign(s), -torch.sign(ext)) and torch.equal(s, s.half().float())
+    err = {}
+    for signed in (False, True):
+        s, z = choose_qparams(W, bits, sym=True, signed=signed)
+        err[signed] = float(((W - (quantize(W, s, z, 2**bits - 1) - z) * s) ** 2).sum())
+    assert err[True] < err[False]  # no step wasted on the side without the extreme
+    with pytest.raises(ValueError, match="float16"):
+        choose_qparams(W, bits, sym=True, signed=True, scale_base=torch.ones(400, 1))
+
+
 def test_mse_clip_never_worse_than_minmax():
     W = torch.randn(50, 64) ** 3
     e = {}

@@ -18,6 +18,7 @@ from .errors import FlexQuantError
 CONFIG_FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_MODES = ("minmax", "mse")
+SYM_GRIDS = ("balanced", "signed")
 TARGET_NAMES = ("flexquant", "vllm", "gptqmodel", "gguf")  # quant.targets.TARGETS (config sits below quant)
 
 
@@ -157,6 +158,11 @@ class GridConfig:
     group_size: int = option(64, "input columns per scale/zero group; must divide every linear's input size")
     sym: bool = option(False, "symmetric grid (no stored zero points)")
     clip: str = option("mse", "per-group range: min-max, or shrunk to minimise the rounding error", CLIP_MODES)
+    sym_grid: str = option("balanced", "symmetric grids: balanced = ±max|w| over 2^b−1 steps; signed = the "
+                           "largest-magnitude weight on the most negative code, the float16 scale carrying its sign "
+                           "(GGML's Q4_0/Q5_0 rule)", SYM_GRIDS)
+    superblock: int = option(0, "columns per float16 step of which every group scale is an integer multiple "
+                                "(256 with groups of 16: GGML's K-quants Q3_K/Q6_K; 0 = off)")
     scale_bits: int | None = option(None, "per-group scales: 16 = fp16, 8 = 8-bit codes on a per-row log grid "
                                           "with an fp16 row base; unset = the method's default", (16, 8))
     zero_bits: int | None = option(None, "asymmetric zero points: 8 = bytes, 4 = nibbles (bits <= 4); "
@@ -173,6 +179,13 @@ class GridConfig:
         )
         _check(self.clip in CLIP_MODES, f"clip={self.clip!r} must be one of {CLIP_MODES}")
         _check(self.scale_bits in (16, 8, None), f"scale_bits={self.scale_bits} must be 16 (fp16) or 8 (log-coded)")
+        _check(self.superblock == 0 or (self.superblock % self.group_size == 0 and self.sym
+                                         and self.scale_bits != 8),
+               f"superblock={self.superblock} needs a symmetric grid with float16 scales and a group size that "
+               f"divides it (group_size={self.group_size}, sym={self.sym}, scale_bits={self.scale_bits})")
+        _check(self.sym_grid in SYM_GRIDS, f"sym_grid={self.sym_grid!r} must be one of {SYM_GRIDS}")
+        _check(self.sym_grid == "balanced" or self.scale_bits != 8,
+               "sym_grid='signed' needs float16 scales (the 8-bit log-coded scales are positive); drop scale_bits 8")
         _check(self.zero_bits in (8, 4, None), f"zero_bits={self.zero_bits} must be 8 or 4")
         _check(self.zero_bits != 4 or self.bits <= 4,
                f"zero_bits=4 stores zero points of at most 4 bits; bits={self.bits} needs zero_bits=8")

@@ -9,6 +9,8 @@ computes with the very weights flexquant quantized (``--target gguf`` makes ever
   Q5_0  float16 d, uint32 of the codes' fifth bits (bit j of code j), 16 bytes of low nibbles as Q4_0;
         w = d·(q − 16)       — the symmetric 5-bit grid (zero 16)
   Q8_0  float16 d, 32 signed bytes; w = d·q with q = code − 128 — the symmetric 8-bit grid (zero 128)
+  Q3_K, Q6_K  256-weight super-blocks of 16-weight groups whose scales are integer multiples of one float16
+        step (`interop.gguf_kquants`) — the 3- and 6-bit symmetric grids, group 16, with ``GridConfig.superblock``
 
 GGML's blocks run along a row (a linear's input dimension), as flexquant's groups do. Everything else is refused
 with the fix: asymmetric grids (Q4_1's float minimum is not flexquant's integer zero point), other group sizes or
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import FlexQuantError
+from . import gguf_kquants as kquants
 from .common import GridLayer, Source, check_architecture, read_json
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,8 @@ FORMAT = "gguf"
 GROUP = 32
 BLOCK_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}  # width -> GGML type of the symmetric grid with fp16 scales
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
-FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0", "Q3_K": "MOSTLY_Q3_K_S",
+              "Q6_K": "MOSTLY_Q6_K"}
 EMBEDDINGS = ("q8_0", "f16", "f32")  # the token embedding and output head
 GGUF_MAGIC = b"GGUF"
 ROPE_ROWS = ("q_proj", "k_proj")
@@ -58,9 +62,12 @@ def float_source(path: str | Path) -> Source:
 
 
 def block_bytes(layer: GridLayer) -> tuple[np.ndarray, str]:
-    """(uint8 [m, n/32 · block size], GGML type name) of a linear on a Q4_0 / Q5_0 / Q8_0 grid."""
+    """(uint8 [m, n/32 · block size], GGML type name) of a linear on a Q4_0 / Q5_0 / Q8_0 grid (or a Q3_K /
+    Q6_K one: `interop.gguf_kquants`)."""
     if why := _refusal(layer):
         raise FlexQuantError(why)
+    if layer.group_size == kquants.GROUP:
+        return kquants.block_bytes(layer.codes, layer.scales, layer.bits)
     kind = BLOCK_TYPES[layer.bits]
     m, n = layer.shape
     codes = layer.codes.to(torch.int32).view(m, n // GROUP, GROUP).numpy()
@@ -81,12 +88,17 @@ def block_bytes(layer: GridLayer) -> tuple[np.ndarray, str]:
 def _refusal(layer: GridLayer) -> str | None:
     """Why ``layer`` is no GGML block type exactly, with the fix; None when it is one."""
     why = []
-    if layer.bits not in BLOCK_TYPES:
+    kquant = layer.group_size == kquants.GROUP
+    if kquant and layer.sym and not kquants.representable(layer.bits, layer.group_size, layer.shape[1],
+                                                          layer.scales):
+        why.append(f"{layer.bits}-bit groups of 16 that are no K-quant block (Q3_K / Q6_K need 3 or 6 bits, rows "
+                   "of a multiple of 256 and scales that are multiples of one float16 step per 256 columns)")
+    if not kquant and layer.bits not in BLOCK_TYPES:
         why.append(f"{layer.bits}-bit weights (GGUF's exact block types hold 4, 5 or 8)")
     if not layer.sym:
         why.append("an asymmetric grid (integer zero points)")
-    if layer.group_size != GROUP:
-        why.append(f"groups of {layer.group_size} (GGML blocks hold {GROUP})")
+    if not kquant and layer.group_size != GROUP:
+        why.append(f"groups of {layer.group_size} (GGML blocks hold {GROUP}, K-quants 16)")
     if layer.g_idx is not None:
         why.append("an act-order permutation (GGUF has no per-column group index)")
     if not why:

@@ -312,16 +312,17 @@ class FlexibleLLM(Method):
         target's files store for the linear (metadata included). Options are sorted by cost."""
         g0, sym = self.config.grid.group_size, self.config.grid.sym
         m, n = W.shape
-        opts, errs, costs = [], [], []
-        for g in dict.fromkeys((g0,) + self.options.group_sizes):
-            if n % g:
-                continue
-            E = table.errors if g == g0 else error_table(W, H, order, g, self.candidates, rows, self.options.proxy,
-                                                          self.config.gptq.damp)
-            for c, b in enumerate(self.candidates):
-                opts.append((b, g))
-                errs.append(float(E[:, c].sum()))
-                costs.append(self.target.stored_bits(m, n, g, sym, b))
+        opts = self.target.layer_options(n, self.candidates, (g0,) + self.options.group_sizes)
+        errs, costs = [], []
+        tables = {g0: dict(zip(self.candidates, table.errors.T))}
+        for g in dict.fromkeys(g for _, g in opts):
+            widths = tuple(b for b, h in opts if h == g and b not in tables.get(g, {}))
+            if widths:
+                E = error_table(W, H, order, g, widths, rows, self.options.proxy, self.config.gptq.damp)
+                tables.setdefault(g, {}).update(zip(widths, E.T))
+        for b, g in opts:
+            errs.append(float(tables[g][b].sum()))
+            costs.append(self.target.stored_bits(m, n, g, sym, b))
         idx = sorted(range(len(opts)), key=lambda i: (costs[i], errs[i]))
         self.layer_options[name] = [opts[i] for i in idx]
         return GroupTable(name, 1, 1, tuple(range(len(idx))), torch.tensor([[errs[i] for i in idx]]),
@@ -359,7 +360,8 @@ class FlexibleLLM(Method):
                 self._hinv = (H, U.T @ U)
             target = target + self.options.feedback_alpha * (target @ ctx.cross) @ self._hinv[1]
         gptq = self.config.gptq if plan.order is not None else replace(self.config.gptq, act_order=False)
-        grid = self.config.grid if plan.group_size is None else replace(self.config.grid, group_size=plan.group_size)
+        grid = self.config.grid if plan.group_size is None else replace(
+            self.config.grid, group_size=plan.group_size, superblock=self.target.superblock(plan.group_size))
         r = gptq_quantize(target, H, grid, gptq, group_bits=plan.group_bits, order=plan.order)
         r.rotation = self.online.get(full)
         return r

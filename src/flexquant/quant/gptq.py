@@ -15,7 +15,7 @@ import torch
 
 from ..config import GPTQConfig, GridConfig
 from ..errors import FlexQuantError
-from .grid import choose_qparams, dequantize, log_scale_base, quantize
+from .grid import choose_qparams, dequantize, log_scale_base, quantize, superblock_steps
 from .result import FP16_BITS, QuantResult
 
 log = logging.getLogger(__name__)
@@ -287,10 +287,15 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
         for i in range(i2 - i1):
             col = i1 + i
             gi, b = col // g, int(group_bits[col // g])
+            if grid.superblock and col % grid.superblock == 0 and b < FP16_BITS:
+                # the super-block's float16 step from its current (compensated) weights
+                step = superblock_steps(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :grid.superblock], b, g,
+                                        grid.sym_grid == "signed")
             if col % g == 0 and b < FP16_BITS:
                 # Group parameters from the current (already compensated) weights of the group.
                 Wgrp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip, None if base is None else base[:, None])
+                s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip, None if base is None else base[:, None],
+                                      grid.sym_grid == "signed", (step, b) if grid.superblock else None)
                 scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
             w, d = W1[:, i], U1[i, i]
             if b < FP16_BITS:

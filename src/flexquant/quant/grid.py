@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .superblock import snap
+
 # Shrink factors tried by the "mse" clip search: the range scaled by 1.00, 0.98, ..., 0.60.
 _SHRINK = torch.linspace(1.0, 0.6, 21)
 # 8-bit log-coded scales: code c in [0, 255] means base·2^(−c/LOG_SCALE_STEPS) (2.2% apart, 250× range).
@@ -39,7 +41,13 @@ def log_scale_base(Wg: torch.Tensor, group_bits: torch.Tensor, sym: bool) -> tor
     return base.half().float()
 
 
-def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool, base=None):
+def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool, base=None,
+                       signed: bool = False, step=None):
+    if step is not None:  # a multiple of the super-block's float16 step (`quant.superblock`; symmetric grids)
+        scale, zero = _signed_params(xmin, xmax, maxq) if signed else _params_from_range(xmin, xmax, maxq, True)
+        return snap(scale, step[0], step[1]), zero
+    if sym and signed:
+        return _signed_params(xmin, xmax, maxq)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -53,6 +61,18 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: b
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _signed_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int):
+    """The symmetric grid with the group's largest-magnitude value ``e`` on code 0: scale −e/2^(b−1) (its
+    sign is the opposite of e's, so the 2^(b−1) negative-side steps cover e's side of zero exactly, with no
+    step wasted on the other side's missing extreme). GGML's Q4_0 / Q5_0 choose their scale this way."""
+    half = (maxq + 1) // 2
+    ext = torch.where(xmax >= -xmin, xmax, xmin)
+    ext = torch.where(ext == 0, torch.ones_like(ext), ext)
+    scale = -ext / half
+    scale = torch.where(scale < 0, scale.clamp(max=-1e-6), scale.clamp(min=1e-6)).half().float()
+    return scale, torch.full_like(scale, half)
 
 
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -70,26 +90,46 @@ def _sq_error(W, scale, zero, maxq):
 
 
 def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "minmax",
-                   scale_base: torch.Tensor | None = None):
+                   scale_base: torch.Tensor | None = None, signed: bool = False, step=None):
     """Scale and zero for each row of ``W`` [..., g] (one group per row). Returns ([..., 1], [..., 1]).
 
     The range always contains 0 (so the zero point is an integer code). ``clip="mse"`` shrinks the
     range by the factor (of 21 tried) that minimises the group's rounding error. ``scale_base``
-    (broadcastable to [..., 1]) puts the scales on the 8-bit logarithmic grid below it.
+    (broadcastable to [..., 1]) puts the scales on the 8-bit logarithmic grid below it. ``signed`` (symmetric
+    grids with float16 scales: ``GridConfig.sym_grid="signed"``) puts the largest-magnitude value on the most
+    negative code, the scale carrying the sign (`_signed_params`). ``step`` (tensor broadcastable to [..., 1],
+    code width) makes each scale an integer multiple of the step (`quant.superblock`: GGML's K-quants).
     """
+    if signed and scale_base is not None:
+        raise ValueError("signed symmetric scales are float16 scales; the log-coded scales are positive")
+    if step is not None and (not sym or scale_base is not None):
+        raise ValueError("super-block steps are for symmetric grids with float16 scales")
     maxq = 2**bits - 1
     W = W.float()
     xmin = W.amin(-1, keepdim=True).clamp(max=0)
     xmax = W.amax(-1, keepdim=True).clamp(min=0)
-    scale, zero = _params_from_range(xmin, xmax, maxq, sym, scale_base)
+    scale, zero = _params_from_range(xmin, xmax, maxq, sym, scale_base, signed, step)
     if clip == "minmax":
         return scale, zero
     best = _sq_error(W, scale, zero, maxq)
     for p in _SHRINK[1:].tolist():
-        s, z = _params_from_range(p * xmin, p * xmax, maxq, sym, scale_base)
+        s, z = _params_from_range(p * xmin, p * xmax, maxq, sym, scale_base, signed, step)
         err = _sq_error(W, s, z, maxq)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
     return scale, zero
+
+
+def superblock_steps(W: torch.Tensor, bits: int, group_size: int, signed: bool = False) -> torch.Tensor:
+    """The float16 step of each super-block: W [..., S] (one super-block per leading index, S columns in
+    groups of ``group_size``) → [..., 1] (`quant.superblock.steps` of the groups' min-max scales)."""
+    from .superblock import SCALE_BITS, steps
+
+    if bits not in SCALE_BITS:
+        raise ValueError(f"{bits}-bit codes have no super-block scale layout (GGML's K-quants: "
+                         f"{sorted(SCALE_BITS)} bits)")
+    Wg = W.float().reshape(*W.shape[:-1], W.shape[-1] // group_size, group_size)
+    s, _ = choose_qparams(Wg, bits, sym=True, signed=signed)
+    return steps(s[..., 0], bits)

@@ -14,7 +14,9 @@ it (`interop.ct.layer_tensors`, `interop.gptq.layer_tensors`), so that a ``--bpw
 * ``gguf``: a GGUF file for llama.cpp (`interop.gguf`), each linear one of GGML's 32-weight block types whose grid
   is exactly flexquant's symmetric grid with a float16 scale per group: Q4_0, Q5_0, Q8_0 (4, 5, 8 bits; 4.5, 5.5,
   8.5 bits per weight as stored); group size 32 and symmetric grids forced; no column permutation, no online
-  rotation.
+  rotation. Linears whose rows are a multiple of 256 may also take the K-quants Q3_K and Q6_K (3 and 6 bits in
+  groups of 16 whose scales are multiples of one float16 step per 256 columns: 3.4375 and 6.5625 bits per
+  weight as stored; `quant.superblock`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FlexQuantError
+from .superblock import SUPERBLOCK
+
+KQUANT_GROUP = 16
+KQUANT_BITS = {3: 110 * 8, 6: 210 * 8}  # width -> bits per 256-weight K-quant block (Q3_K, Q6_K)
 
 
 def _words(values: int, bits: int) -> int:
@@ -48,8 +54,22 @@ class Target:
         if self.name == "gptqmodel":  # qweight [n·b/32, m], qzeros [ng, m·b/32] (always), scales fp16, g_idx int32
             return m * n * b + ng * m * b + 16 * m * ng + 32 * n
         if self.name == "gguf":  # per block of 32 weights: a float16 scale and 32 codes of b bits
+            if g == KQUANT_GROUP:  # per 256 weights: Q3_K 110 bytes, Q6_K 210 bytes
+                return m * n // SUPERBLOCK * KQUANT_BITS[b]
             return m * n * b + 16 * m * ng
         raise FlexQuantError(f"target {self.name!r} has no exported layout to count")
+
+    def layer_options(self, n: int, widths: tuple[int, ...], group_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+        """The (width, group size) pairs a linear with ``n`` input columns may take under a per-layer target:
+        every width at every group size dividing n, plus, for gguf rows of a multiple of 256, Q3_K and Q6_K."""
+        opts = [(b, g) for g in dict.fromkeys(group_sizes) if n % g == 0 for b in widths]
+        if self.name == "gguf" and n % SUPERBLOCK == 0:
+            opts += [(b, KQUANT_GROUP) for b in sorted(KQUANT_BITS)]
+        return opts
+
+    def superblock(self, group_size: int) -> int:
+        """``GridConfig.superblock`` for a linear quantized at ``group_size`` under this target."""
+        return SUPERBLOCK if self.name == "gguf" and group_size == KQUANT_GROUP else 0
 
     def candidates(self, wanted: tuple[int, ...]) -> tuple[int, ...]:
         """The bit-widths of ``wanted`` the target runs; an error naming the target's widths if none is left."""
