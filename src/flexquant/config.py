@@ -17,7 +17,7 @@ from .errors import FlexQuantError
 
 CONFIG_FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
-CLIP_MODES = ("minmax", "mse")
+CLIP_MODES = ("minmax", "mse", "lsq")
 SYM_GRIDS = ("balanced", "signed")
 TARGET_NAMES = ("flexquant", "vllm", "gptqmodel", "gguf")  # quant.targets.TARGETS (config sits below quant)
 
@@ -157,7 +157,8 @@ class GridConfig:
     bits: int = option(4, "bits per weight (the base width; fractional budgets use --bpw)", SUPPORTED_BITS)
     group_size: int = option(64, "input columns per scale/zero group; must divide every linear's input size")
     sym: bool = option(False, "symmetric grid (no stored zero points)")
-    clip: str = option("mse", "per-group range: min-max, or shrunk to minimise the rounding error", CLIP_MODES)
+    clip: str = option("mse", "per-group range: min-max; mse = shrunk to minimise the rounding error; lsq = also "
+                       "each candidate's least-squares scale, errors weighted by GPTQ's column costs", CLIP_MODES)
     sym_grid: str = option("balanced", "symmetric grids: balanced = ±max|w| over 2^b−1 steps; signed = the "
                            "largest-magnitude weight on the most negative code, the float16 scale carrying its sign "
                            "(GGML's Q4_0/Q5_0 rule)", SYM_GRIDS)

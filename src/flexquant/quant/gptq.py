@@ -279,6 +279,8 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
     scales = torch.zeros(m, ng, device=W.device)
     zeros = torch.zeros(m, ng, device=W.device)
     losses = torch.zeros(m, device=W.device)
+    # GPTQ's cost of a unit squared error in each column (weights of the "lsq" scale search)
+    cost = 1 / torch.diagonal(U).float() ** 2 if grid.clip == "lsq" else None
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -295,7 +297,8 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
                 # Group parameters from the current (already compensated) weights of the group.
                 Wgrp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
                 s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip, None if base is None else base[:, None],
-                                      grid.sym_grid == "signed", (step, b) if grid.superblock else None)
+                                      grid.sym_grid == "signed", (step, b) if grid.superblock else None,
+                                      None if cost is None else cost[col:col + g])
                 scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
             w, d = W1[:, i], U1[i, i]
             if b < FP16_BITS:

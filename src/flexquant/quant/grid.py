@@ -84,13 +84,24 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return (codes - zero) * scale
 
 
-def _sq_error(W, scale, zero, maxq):
+def _sq_error(W, scale, zero, maxq, weights=None):
     d = W - dequantize(quantize(W, scale, zero, maxq), scale, zero)
-    return (d * d).sum(-1, keepdim=True)
+    return (d * d if weights is None else weights * d * d).sum(-1, keepdim=True)
+
+
+def _refit(W, scale, zero, maxq, weights, step):
+    """The (weighted) least-squares scale for the codes ``scale`` gives: Σ w·x·q / Σ w·q² with q = code − zero
+    (symmetric grids), float16-exact (or a multiple of the super-block step)."""
+    q = quantize(W, scale, zero, maxq) - zero
+    w = torch.ones_like(W) if weights is None else weights.expand_as(W)
+    num, den = (w * W * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
+    fit = torch.where(den > 0, num / den.clamp(min=1e-30), scale)
+    fit = torch.where(fit.abs() < 1e-6, scale, fit)
+    return snap(fit, step[0], step[1]) if step is not None else fit.half().float()
 
 
 def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "minmax",
-                   scale_base: torch.Tensor | None = None, signed: bool = False, step=None):
+                   scale_base: torch.Tensor | None = None, signed: bool = False, step=None, weights=None):
     """Scale and zero for each row of ``W`` [..., g] (one group per row). Returns ([..., 1], [..., 1]).
 
     The range always contains 0 (so the zero point is an integer code). ``clip="mse"`` shrinks the
@@ -99,6 +110,9 @@ def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "m
     grids with float16 scales: ``GridConfig.sym_grid="signed"``) puts the largest-magnitude value on the most
     negative code, the scale carrying the sign (`_signed_params`). ``step`` (tensor broadcastable to [..., 1],
     code width) makes each scale an integer multiple of the step (`quant.superblock`: GGML's K-quants).
+    ``clip="lsq"`` also tries, for each shrunk range, the least-squares scale of the codes it gives (symmetric
+    grids with float16 scales), and both searches minimise the error weighted by ``weights`` (broadcastable to
+    W: GPTQ passes each column's cost 1/U_jj², the role llama.cpp's importance matrix plays).
     """
     if signed and scale_base is not None:
         raise ValueError("signed symmetric scales are float16 scales; the log-coded scales are positive")
@@ -111,14 +125,16 @@ def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "m
     scale, zero = _params_from_range(xmin, xmax, maxq, sym, scale_base, signed, step)
     if clip == "minmax":
         return scale, zero
-    best = _sq_error(W, scale, zero, maxq)
-    for p in _SHRINK[1:].tolist():
+    refit = clip == "lsq" and sym and scale_base is None
+    best = _sq_error(W, scale, zero, maxq, weights)
+    for p in _SHRINK.tolist():
         s, z = _params_from_range(p * xmin, p * xmax, maxq, sym, scale_base, signed, step)
-        err = _sq_error(W, s, z, maxq)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
+        for cand in (s, _refit(W, s, z, maxq, weights, step)) if refit else (s,):
+            err = _sq_error(W, cand, z, maxq, weights)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, cand, scale)
+            zero = torch.where(better, z, zero)
     return scale, zero
 
 
