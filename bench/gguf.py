@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--name", default="gguf")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the results from the rows already measured (work-NAME/rows.json), run nothing")
     p.add_argument("--sym-grids", nargs="+", default=["balanced"], choices=("balanced", "signed"),
                    help="flexquant rows for each symmetric grid rule (GridConfig.sym_grid); 'signed' rows are "
                         "named with a -signed suffix")
@@ -111,8 +113,13 @@ def main() -> None:
     cache = foundation.RowCache(work, args.fresh)
     n2d = weights_2d(args.model_dir)
 
+    class Missing(Exception):
+        pass
+
     def cached(key, make):
         row = cache.get(key)
+        if row is None and args.table_only:
+            raise Missing(key)
         if row is None:
             log.info("row %s", key)
             row = make()
@@ -150,8 +157,11 @@ def main() -> None:
 
     for grid in args.sym_grids:
         sfx, extra = ("", {}) if grid == "balanced" else (f"-{grid}", {"sym_grid": grid})
-        base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(
-            f"gptq-q4_0{sfx}", {"method": "gptq", "bits": 4, **extra}, args, calib, windows, n2d, work))
+        try:
+            base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(
+                f"gptq-q4_0{sfx}", {"method": "gptq", "bits": 4, **extra}, args, calib, windows, n2d, work))
+        except Missing:
+            continue
         rows.append(base)
         for r in [r for r in rows if r["tool"] == "llama.cpp"]:
             bpw = budget_for(r["file_bytes"], base)
@@ -163,6 +173,8 @@ def main() -> None:
                 rows.append(cached(f"fq:{name}", lambda bpw=bpw, name=name, extra=extra: flexquant_row(
                     name, {"method": "flexible", "options": {"bpw": round(bpw, 3)}, **extra}, args, calib,
                     windows, n2d, work)))
+            except Missing:
+                continue
             except FlexQuantError as e:  # below the cheapest GGML type of every linear
                 r["flexquant_match"] = f"out of reach: {bpw:.2f} bits per linear weight ({e})"
                 continue
