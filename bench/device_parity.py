@@ -27,15 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _codes(model) -> dict[str, torch.Tensor]:
     from flexquant.nn import QuantLinear
 
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            r = m.to_result()
-            codes = r.codes.clone()
-            if r.perm is not None:
-                codes[:, r.perm] = r.codes
-            out[name] = codes.cpu()
-    return out
+    return {n: m.input_order_codes().cpu() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _kl(model, ref, windows) -> float:

@@ -38,15 +38,7 @@ def _free_port() -> int:
 
 def _codes(model) -> dict[str, torch.Tensor]:
     """Every packed layer's codes in the original column order."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            r = m.to_result()
-            codes = r.codes.clone()
-            if r.perm is not None:
-                codes[:, r.perm] = r.codes
-            out[name] = codes
-    return out
+    return {n: m.input_order_codes() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _worker(rank: int, world: int, port: int, folder: str, cases: tuple[str, ...]) -> None:

@@ -71,6 +71,15 @@ class QuantLinear(nn.Module):
         t = {k: v for k, v in self.packed_tensors().items() if k not in ROTATION_BUFFERS}
         return tensors_to_result(t, self.out_features, self.in_features, self.group_size, self.sym)
 
+    def input_order_codes(self) -> torch.Tensor:
+        """The integer codes [out, in] with any act-order permutation undone (column j is input j): what two
+        checkpoints of one model compare code by code."""
+        r = self.to_result()
+        codes = r.codes.clone()
+        if r.perm is not None:
+            codes[:, r.perm] = r.codes
+        return codes
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.to_result().dequantize(dtype)
 
