@@ -156,7 +156,7 @@ def main() -> None:
     from flexquant.errors import FlexQuantError
 
     for grid in args.sym_grids:
-        sfx, extra = ("", {}) if grid == "balanced" else (f"-{grid}", {"sym_grid": grid})
+        sfx, extra = ("" if grid == "balanced" else f"-{grid}"), {"sym_grid": grid}
         try:
             base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(
                 f"gptq-q4_0{sfx}", {"method": "gptq", "bits": 4, **extra}, args, calib, windows, n2d, work))

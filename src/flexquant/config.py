@@ -159,9 +159,10 @@ class GridConfig:
     sym: bool = option(False, "symmetric grid (no stored zero points)")
     clip: str = option("mse", "per-group range: min-max; mse = shrunk to minimise the rounding error; lsq = also "
                        "each candidate's least-squares scale, errors weighted by GPTQ's column costs", CLIP_MODES)
-    sym_grid: str = option("balanced", "symmetric grids: balanced = ±max|w| over 2^b−1 steps; signed = the "
-                           "largest-magnitude weight on the most negative code, the float16 scale carrying its sign "
-                           "(GGML's Q4_0/Q5_0 rule)", SYM_GRIDS)
+    sym_grid: str | None = option(None, "symmetric grids: balanced = ±max|w| over 2^b−1 steps; signed = the "
+                                  "largest-magnitude weight on the most negative code, the float16 scale carrying its "
+                                  "sign (GGML's Q4_0/Q5_0 rule); unset = signed for --target gguf, else balanced",
+                                  SYM_GRIDS)
     superblock: int = option(0, "columns per float16 step of which every group scale is an integer multiple "
                                 "(256 with groups of 16: GGML's K-quants Q3_K/Q6_K; 0 = off)")
     scale_bits: int | None = option(None, "per-group scales: 16 = fp16, 8 = 8-bit codes on a per-row log grid "
@@ -184,8 +185,8 @@ class GridConfig:
                                          and self.scale_bits != 8),
                f"superblock={self.superblock} needs a symmetric grid with float16 scales and a group size that "
                f"divides it (group_size={self.group_size}, sym={self.sym}, scale_bits={self.scale_bits})")
-        _check(self.sym_grid in SYM_GRIDS, f"sym_grid={self.sym_grid!r} must be one of {SYM_GRIDS}")
-        _check(self.sym_grid == "balanced" or self.scale_bits != 8,
+        _check(self.sym_grid in SYM_GRIDS + (None,), f"sym_grid={self.sym_grid!r} must be one of {SYM_GRIDS}")
+        _check(self.sym_grid != "signed" or self.scale_bits != 8,
                "sym_grid='signed' needs float16 scales (the 8-bit log-coded scales are positive); drop scale_bits 8")
         _check(self.zero_bits in (8, 4, None), f"zero_bits={self.zero_bits} must be 8 or 4")
         _check(self.zero_bits != 4 or self.bits <= 4,
