@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -92,6 +93,27 @@ def budget_for(size: int, base: dict) -> float:
     return (size - fixed) * 8 / base["linear_weights"]
 
 
+def least_bpw(ckpt: Path) -> float:
+    """The smallest --bpw --target gguf can reach for the model of checkpoint ``ckpt`` (every linear at its
+    cheapest GGML type: Q4_0, or Q3_K where rows hold 256-weight super-blocks)."""
+    from flexquant.quant.targets import get_target
+
+    t = get_target("gguf")
+    mods = json.loads((ckpt / "quant_config.json").read_text())["modules"]
+    bits = weights = 0
+    for m in mods.values():
+        rows, cols = m["out_features"], m["in_features"]
+        bits += min(t.stored_bits(rows, cols, g, True, b) for b, g in t.layer_options(cols, t.bits, (32,)))
+        weights += rows * cols
+    return bits / weights
+
+
+def size_at(bpw: float, base: dict) -> float:
+    """File bytes of a flexquant GGUF whose linears store ``bpw`` (the inverse of `budget_for`)."""
+    fixed = base["file_bytes"] - base["linear_bpw"] * base["linear_weights"] / 8
+    return fixed + bpw * base["linear_weights"] / 8
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -101,6 +123,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--name", default="gguf")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--clip", default="mse", choices=("mse", "lsq", "minmax"),
+                   help="GridConfig.clip of the flexquant rows (rows other than mse are named with a -CLIP suffix)")
     p.add_argument("--table-only", action="store_true",
                    help="write the results from the rows already measured (work-NAME/rows.json), run nothing")
     p.add_argument("--sym-grids", nargs="+", default=["balanced"], choices=("balanced", "signed"),
@@ -156,7 +180,8 @@ def main() -> None:
     from flexquant.errors import FlexQuantError
 
     for grid in args.sym_grids:
-        sfx, extra = ("" if grid == "balanced" else f"-{grid}"), {"sym_grid": grid}
+        sfx = ("" if grid == "balanced" else f"-{grid}") + ("" if args.clip == "mse" else f"-{args.clip}")
+        extra = {"sym_grid": grid, "clip": args.clip}
         try:
             base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(
                 f"gptq-q4_0{sfx}", {"method": "gptq", "bits": 4, **extra}, args, calib, windows, n2d, work))
@@ -165,6 +190,9 @@ def main() -> None:
         rows.append(base)
         for r in [r for r in rows if r["tool"] == "llama.cpp"]:
             bpw = budget_for(r["file_bytes"], base)
+            least = least_bpw(Path(base["file"]).with_suffix(""))
+            if least > bpw and size_at(least, base) <= 1.02 * r["file_bytes"]:
+                bpw = math.ceil(least * 1000) / 1000  # the smallest file, still within ±2% of the peer's size
             if bpw > 8.5:
                 r["flexquant_match"] = f"out of reach: {bpw:.2f} bits per linear weight (Q8_0 everywhere is 8.5)"
                 continue

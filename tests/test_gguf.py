@@ -124,7 +124,7 @@ def test_rope_pairs_turn_half_split_rotary_into_adjacent_pairs():
 def test_gptq_at_4_bits_is_q4_0_and_the_cli_writes_it(tiny, calib, tmp_path, capsys):
     qm = fq.quantize(str(tiny), method="gptq", bits=4, progress=False, calib_ids=calib, batch_size=4,
                      target="gguf")
-    assert qm.config.grid.sym_grid == "signed"  # the target's default grid rule (GGML's own)
+    assert qm.config.grid.sym_grid == "signed" and qm.config.grid.clip == "lsq"  # the target's defaults
     path = fq.save(qm, tmp_path / "q", plot=False)
     assert main(["export", str(path), "--format", "gguf", "--out", str(tmp_path / "g.gguf")]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

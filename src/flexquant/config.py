@@ -157,8 +157,9 @@ class GridConfig:
     bits: int = option(4, "bits per weight (the base width; fractional budgets use --bpw)", SUPPORTED_BITS)
     group_size: int = option(64, "input columns per scale/zero group; must divide every linear's input size")
     sym: bool = option(False, "symmetric grid (no stored zero points)")
-    clip: str = option("mse", "per-group range: min-max; mse = shrunk to minimise the rounding error; lsq = also "
-                       "each candidate's least-squares scale, errors weighted by GPTQ's column costs", CLIP_MODES)
+    clip: str | None = option(None, "per-group range: minmax; mse = shrunk to minimise the rounding error; lsq = "
+                              "also each candidate's least-squares scale, errors weighted by GPTQ's column costs "
+                              "(symmetric grids); unset = lsq for --target gguf, else mse", CLIP_MODES)
     sym_grid: str | None = option(None, "symmetric grids: balanced = ±max|w| over 2^b−1 steps; signed = the "
                                   "largest-magnitude weight on the most negative code, the float16 scale carrying its "
                                   "sign (GGML's Q4_0/Q5_0 rule); unset = signed for --target gguf, else balanced",
@@ -179,7 +180,7 @@ class GridConfig:
             isinstance(self.group_size, int) and self.group_size >= 8 and self.group_size % 8 == 0,
             f"group_size={self.group_size} must be a positive multiple of 8 (e.g. 32, 64, 128)",
         )
-        _check(self.clip in CLIP_MODES, f"clip={self.clip!r} must be one of {CLIP_MODES}")
+        _check(self.clip in CLIP_MODES + (None,), f"clip={self.clip!r} must be one of {CLIP_MODES}")
         _check(self.scale_bits in (16, 8, None), f"scale_bits={self.scale_bits} must be 16 (fp16) or 8 (log-coded)")
         _check(self.superblock == 0 or (self.superblock % self.group_size == 0 and self.sym
                                          and self.scale_bits != 8),

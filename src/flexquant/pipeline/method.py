@@ -99,8 +99,12 @@ class Method:
             log.info("--target %s: act-order only where the permutation folds into the neighbours (the MLP "
                      "intermediate); %s stores no per-column group index", target.name, target.format)
         forced = {"scale_bits": 16}
-        if target.name == "gguf" and config.grid.sym_grid is None:
-            forced["sym_grid"] = "signed"  # GGML's own rule for Q4_0/Q5_0 (measured better: docs/gguf.md)
+        if target.name == "gguf":  # measured better into GGML's types (docs/gguf.md): GGML's own grid rule, and
+            # the least-squares scales weighted by GPTQ's column costs (llama.cpp weights by its importance matrix)
+            if config.grid.sym_grid is None:
+                forced["sym_grid"] = "signed"
+            if config.grid.clip is None:
+                forced["clip"] = "lsq"
         for key, value in (("group_size", target.group_size), ("sym", target.sym)):
             if value is not None and getattr(config.grid, key) != value:
                 log.info("--target %s: %s %s (%s stores no other)", target.name, key.replace("_", " "), value,

@@ -100,11 +100,11 @@ def _refit(W, scale, zero, maxq, weights, step):
     return snap(fit, step[0], step[1]) if step is not None else fit.half().float()
 
 
-def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str = "minmax",
+def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str | None = "minmax",
                    scale_base: torch.Tensor | None = None, signed: bool = False, step=None, weights=None):
     """Scale and zero for each row of ``W`` [..., g] (one group per row). Returns ([..., 1], [..., 1]).
 
-    The range always contains 0 (so the zero point is an integer code). ``clip="mse"`` shrinks the
+    The range always contains 0 (so the zero point is an integer code). ``clip="mse"`` (or None) shrinks the
     range by the factor (of 21 tried) that minimises the group's rounding error. ``scale_base``
     (broadcastable to [..., 1]) puts the scales on the 8-bit logarithmic grid below it. ``signed`` (symmetric
     grids with float16 scales: ``GridConfig.sym_grid="signed"``) puts the largest-magnitude value on the most
