@@ -189,7 +189,7 @@ def main() -> None:
             continue
         rows.append(base)
         for r in [r for r in rows if r["tool"] == "llama.cpp"]:
-            bpw = budget_for(r["file_bytes"], base)
+            bpw = math.ceil(budget_for(r["file_bytes"], base) * 1000) / 1000  # --bpw to 3 decimals, never below
             least = least_bpw(Path(base["file"]).with_suffix(""))
             if least > bpw and size_at(least, base) <= 1.02 * r["file_bytes"]:
                 bpw = math.ceil(least * 1000) / 1000  # the smallest file, still within ±2% of the peer's size
@@ -199,7 +199,7 @@ def main() -> None:
             name = f"flexible-{bpw:.3f}{sfx}"
             try:
                 rows.append(cached(f"fq:{name}", lambda bpw=bpw, name=name, extra=extra: flexquant_row(
-                    name, {"method": "flexible", "options": {"bpw": round(bpw, 3)}, **extra}, args, calib,
+                    name, {"method": "flexible", "options": {"bpw": bpw}, **extra}, args, calib,
                     windows, n2d, work)))
             except Missing:
                 continue
