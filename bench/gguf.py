@@ -123,8 +123,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--name", default="gguf")
     p.add_argument("--fresh", action="store_true")
-    p.add_argument("--clip", default="mse", choices=("mse", "lsq", "minmax"),
-                   help="GridConfig.clip of the flexquant rows (rows other than mse are named with a -CLIP suffix)")
+    p.add_argument("--clips", nargs="+", default=["mse"], choices=("mse", "lsq", "minmax"),
+                   help="GridConfig.clip of the flexquant rows, each with each --sym-grids (rows other than mse "
+                        "are named with a -CLIP suffix)")
     p.add_argument("--table-only", action="store_true",
                    help="write the results from the rows already measured (work-NAME/rows.json), run nothing")
     p.add_argument("--sym-grids", nargs="+", default=["balanced"], choices=("balanced", "signed"),
@@ -179,9 +180,9 @@ def main() -> None:
 
     from flexquant.errors import FlexQuantError
 
-    for grid in args.sym_grids:
-        sfx = ("" if grid == "balanced" else f"-{grid}") + ("" if args.clip == "mse" else f"-{args.clip}")
-        extra = {"sym_grid": grid, "clip": args.clip}
+    for grid, clip in [(g, c) for c in args.clips for g in args.sym_grids]:
+        sfx = ("" if grid == "balanced" else f"-{grid}") + ("" if clip == "mse" else f"-{clip}")
+        extra = {"sym_grid": grid, "clip": clip}
         try:
             base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(
                 f"gptq-q4_0{sfx}", {"method": "gptq", "bits": 4, **extra}, args, calib, windows, n2d, work))
@@ -189,7 +190,10 @@ def main() -> None:
             continue
         rows.append(base)
         for r in [r for r in rows if r["tool"] == "llama.cpp"]:
-            bpw = math.ceil(budget_for(r["file_bytes"], base) * 1000) / 1000  # --bpw to 3 decimals, never below
+            raw = budget_for(r["file_bytes"], base)
+            bpw = math.ceil(raw * 1000) / 1000  # --bpw to 3 decimals, never below
+            if cache.get(f"fq:flexible-{raw:.3f}{sfx}") is not None:  # a row measured before rounding up
+                bpw = round(raw, 3)
             least = least_bpw(Path(base["file"]).with_suffix(""))
             if least > bpw and size_at(least, base) <= 1.02 * r["file_bytes"]:
                 bpw = math.ceil(least * 1000) / 1000  # the smallest file, still within ±2% of the peer's size
@@ -211,6 +215,7 @@ def main() -> None:
 
 
 def write(args, rows: list[dict]) -> None:
+    rows = list({r["name"] + r["tool"]: r for r in rows}.values())  # one line per file (Q2_K and Q3_K_S share one)
     res = ROOT / "bench/results"
     (res / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     head = (f"{args.model}, calibration {args.nsamples}×{args.seqlen} tokens (imatrix and flexquant), "
