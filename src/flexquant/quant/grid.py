@@ -146,8 +146,9 @@ def superblock_steps(W: torch.Tensor, bits: int, group_size: int, signed: bool =
     if bits not in SCALE_BITS:
         from ..errors import FlexQuantError
 
-        raise FlexQuantError(f"--superblock needs 3- or 6-bit groups (GGML's Q3_K / Q6_K); {bits}-bit codes have no "
-                             "super-block layout: pass --bits 3 or 6 with --group-size 16, or drop --superblock")
+        raise FlexQuantError(f"--superblock needs 3- or 6-bit groups (GGML's Q3_K / Q6_K); {bits}-bit codes "
+                             "have no super-block layout: pass --bits 3 --group-size 16 --sym (6-bit ones come "
+                             "from --target gguf's search), or drop --superblock")
     Wg = W.float().reshape(*W.shape[:-1], W.shape[-1] // group_size, group_size)
     s, _ = choose_qparams(Wg, bits, sym=True, signed=signed)
     return steps(s[..., 0], bits)
