@@ -189,12 +189,12 @@ def main() -> None:
         except Missing:
             continue
         rows.append(base)
+        least = least_bpw(Path(base["file"]).with_suffix(""))
         for r in [r for r in rows if r["tool"] == "llama.cpp"]:
             raw = budget_for(r["file_bytes"], base)
             bpw = math.ceil(raw * 1000) / 1000  # --bpw to 3 decimals, never below
             if cache.get(f"fq:flexible-{raw:.3f}{sfx}") is not None:  # a row measured before rounding up
                 bpw = round(raw, 3)
-            least = least_bpw(Path(base["file"]).with_suffix(""))
             if least > bpw and size_at(least, base) <= 1.02 * r["file_bytes"]:
                 bpw = math.ceil(least * 1000) / 1000  # the smallest file, still within ±2% of the peer's size
             if bpw > 8.5:

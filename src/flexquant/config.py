@@ -197,6 +197,11 @@ class GridConfig:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def signed(self) -> bool:
+        """Symmetric scales by the signed rule (``sym_grid="signed"``; unset is balanced until a target sets it)."""
+        return self.sym_grid == "signed"
+
 
 @dataclass(frozen=True)
 class GPTQConfig:

@@ -292,12 +292,12 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
             if grid.superblock and col % grid.superblock == 0 and b < FP16_BITS:
                 # the super-block's float16 step from its current (compensated) weights
                 step = superblock_steps(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :grid.superblock], b, g,
-                                        grid.sym_grid == "signed")
+                                        grid.signed)
             if col % g == 0 and b < FP16_BITS:
                 # Group parameters from the current (already compensated) weights of the group.
                 Wgrp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
                 s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip, None if base is None else base[:, None],
-                                      grid.sym_grid == "signed", (step, b) if grid.superblock else None,
+                                      grid.signed, (step, b) if grid.superblock else None,
                                       None if cost is None else cost[col:col + g])
                 scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
             w, d = W1[:, i], U1[i, i]

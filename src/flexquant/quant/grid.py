@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .superblock import snap
+from ..errors import FlexQuantError
+from .superblock import SCALE_BITS, snap, steps
 
 # Shrink factors tried by the "mse" clip search: the range scaled by 1.00, 0.98, ..., 0.60.
 _SHRINK = torch.linspace(1.0, 0.6, 21)
@@ -141,11 +142,7 @@ def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str | No
 def superblock_steps(W: torch.Tensor, bits: int, group_size: int, signed: bool = False) -> torch.Tensor:
     """The float16 step of each super-block: W [..., S] (one super-block per leading index, S columns in
     groups of ``group_size``) → [..., 1] (`quant.superblock.steps` of the groups' min-max scales)."""
-    from .superblock import SCALE_BITS, steps
-
     if bits not in SCALE_BITS:
-        from ..errors import FlexQuantError
-
         raise FlexQuantError(f"--superblock needs 3- or 6-bit groups (GGML's Q3_K / Q6_K); {bits}-bit codes "
                              "have no super-block layout: pass --bits 3 --group-size 16 --sym (6-bit ones come "
                              "from --target gguf's search), or drop --superblock")

@@ -33,10 +33,10 @@ def rtn_quantize(W: torch.Tensor, grid: GridConfig, group_bits: torch.Tensor | N
         if grid.superblock:  # every group of a super-block at this width (K-quant layers have one width)
             per = grid.superblock // g
             step = (superblock_steps(W.float().reshape(m, n // grid.superblock, grid.superblock), b, g,
-                                     grid.sym_grid == "signed").repeat_interleave(per, 1)[:, sel], b)
+                                     grid.signed).repeat_interleave(per, 1)[:, sel], b)
         s, z = choose_qparams(Wg[:, sel], b, grid.sym, grid.clip,
                               None if base is None else base[:, None, None],  # [m, k, 1]
-                              grid.sym_grid == "signed", step)
+                              grid.signed, step)
         codes[:, sel] = quantize(Wg[:, sel], s, z, 2**b - 1).to(torch.uint8)
         scales[:, sel], zeros[:, sel] = s[..., 0], z[..., 0]
     qsel = qmask.to(W.device)
