@@ -4,7 +4,9 @@
 # host and device peaks, time), and the CUDA kernel tests. Everything it writes goes under $OUT (at most 8
 # files). Needs, carried from the developer's machine: .whl (the gguf wheel the GPU image lacks) and .devtok
 # (tokenizer.json + tokenizer_config.json for the synthetic models). Self-limited to BUDGET seconds (default
-# 560) so the call ends inside its 600 s limit with what it has.
+# 560) so the call ends inside its 600 s limit with what it has. CHECKS picks and orders the steps (default: all,
+# as below); GPTQ_SIZES / FLEX_SIZES the synthetic sizes of the scale rows (a later session runs what an earlier
+# one's budget cut off).
 set -u
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-560}
@@ -23,17 +25,27 @@ step() {  # step NAME MAX_SECONDS CMD...: run CMD for at most MAX_SECONDS (less 
   local name=$1 t=$2; shift 2
   local l; l=$(left)
   (( l < 20 )) && { echo "== $name: skipped, budget spent" | tee -a "$OUT/checks.log"; return; }
-  (( t > l - 10 )) && t=$(( l - 10 ))
+  (( t > l - 25 )) && t=$(( l - 25 ))
   echo "== $name (≤ ${t}s)" | tee -a "$OUT/checks.log"
-  timeout "$t" "$@" >> "$OUT/checks.log" 2>&1
+  # SIGINT first: pytest then still prints its durations, a bench its partial rows; SIGKILL 15 s later
+  timeout -s INT -k 15 "$t" "$@" >> "$OUT/checks.log" 2>&1
   echo "== $name: rc=$? at ${SECONDS}s" | tee -a "$OUT/checks.log"
 }
 
 SCALE=(python3 -m bench.scale --no-depth --peer-sizes "" --distributed-sizes "" --device cuda --out "$OUT"
-       --models-dir /tmp/models --timeout 200)
-step parity 150 python3 -m bench.device_parity --out "$OUT/parity.json"
-step scale-gptq 330 "${SCALE[@]}" --sizes 1.1b,2b --methods gptq --name scale_gpu_gptq
-step kernel-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py
-step scale-flexible 250 "${SCALE[@]}" --sizes 1.1b --methods flexible --name scale_gpu_flexible
+       --models-dir /tmp/models --timeout "${ROW_SECONDS:-200}")
+CHECKS=${CHECKS:-"parity scale-gptq kernel-tests scale-flexible"}
+for c in $CHECKS; do
+  case $c in
+    parity) step parity 150 python3 -m bench.device_parity --out "$OUT/parity.json" ;;
+    scale-gptq) step scale-gptq "${GPTQ_SECONDS:-330}" "${SCALE[@]}" --sizes "${GPTQ_SIZES:-1.1b,2b}" --methods gptq \
+                  --name scale_gpu_gptq ;;
+    kernel-tests) step kernel-tests "${KERNEL_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider --durations=25 \
+                    tests/test_kernels_gpu.py ;;
+    scale-flexible) step scale-flexible "${FLEX_SECONDS:-250}" "${SCALE[@]}" --sizes "${FLEX_SIZES:-1.1b}" \
+                      --methods flexible --name scale_gpu_flexible ;;
+    *) echo "unknown check $c (parity, scale-gptq, kernel-tests, scale-flexible)"; exit 2 ;;
+  esac
+done
 cp bench/results/work/scale/rows.json "$OUT/scale_rows.json" 2>/dev/null
 tail -c 20000 "$OUT/checks.log"

@@ -285,3 +285,37 @@ def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
     loaded = fq.load(tmp_path / "streamed")
     ids = torch.randint(0, 256, (1, 16))
     assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("gptq", dict(method="gptq", bits=4)),
+    ("flexible-3.5", dict(method="flexible", options=dict(bpw=3.5))),  # DOSA, Fisher, LFD
+    ("hiratio", dict(method="hiratio", options=dict(bpw=3.0))),
+    ("adaptive", dict(method="adaptive")),
+])
+def test_every_method_runs_on_half_precision_weights(tmp_path, monkeypatch, name, settings):
+    """A float16 model stays float16 on a GPU (the CPU upcasts it): every stage must compute in the model's dtype
+    or cast on purpose. The GPU's path, run here on the CPU (the load made to keep float16), against the float32
+    run from the same file: as close to the float model (next-token KL)."""
+    from flexquant import api
+    from flexquant.models.loader import load_streamed
+
+    from conftest import tiny_llama
+
+    model, tok = tiny_llama()
+    model.half().save_pretrained(tmp_path / "fp16")
+    tok.save_pretrained(tmp_path / "fp16")
+    model.float()
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+
+    def kl(m) -> float:
+        with torch.no_grad():
+            p, q = torch.log_softmax(model(ids).logits, -1), torch.log_softmax(m.float()(ids).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    run = dict(progress=False, group_size=64, **CALIB, **settings)
+    upcast = kl(fq.quantize(str(tmp_path / "fp16"), **run).model)
+    monkeypatch.setattr(api, "load_for_run", lambda config, device: load_streamed(config.model, None))
+    qm = fq.quantize(str(tmp_path / "fp16"), **run)
+    assert {p.dtype for p in qm.model.parameters()} == {torch.float16}
+    assert kl(qm.model) < 1.5 * upcast + 1e-3

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.attention import use_kv_attention
+from ..pipeline.capture import move_args
 from ..transforms.affine import HadamardRotation, KroneckerAffine, KroneckerRotation
 from .quantizers import clip_ratio, fake_quant_asym, fake_quant_sym, fake_quant_weight
 from .runtime import KVQuantizer, SiteQuantizer
@@ -187,9 +188,9 @@ def _mean_loss(tb, batches, sites, device) -> float:
     """Mean block-output MSE over all calibration batches (the loss reported before and after training)."""
     total = 0.0
     for h, kw, y in batches:
-        out = tb(h.to(device), **kw)
+        out = tb(h.to(device, torch.float32), **move_args(kw, device, torch.float32))
         out = out[0] if isinstance(out, (tuple, list)) else out
-        total += float(F.mse_loss(out, y.to(device)))
+        total += float(F.mse_loss(out, y.to(device, torch.float32)))
         for site in sites.values():
             site._cache = None
     return total / len(batches)
@@ -204,7 +205,7 @@ def calibrate_block(block: nn.Module, sites: list[SiteSpec], types: dict[str, tu
     site modules, trained K/V module) for `finalize_block`.
     """
     t0 = time.perf_counter()
-    tb = copy.deepcopy(block).to(device)
+    tb = copy.deepcopy(block).to(device, torch.float32)  # trained in float32 whatever the model's dtype
     for p in tb.parameters():
         p.requires_grad_(False)
     train_sites = {s.name: _Site(s, types[s.name], bits.a, seed + 31 * j, settings.clip_init,
@@ -232,9 +233,9 @@ def calibrate_block(block: nn.Module, sites: list[SiteSpec], types: dict[str, tu
     with torch.enable_grad():
         for step in range(settings.steps if opt is not None else 0):
             h, kw, y = batches[step % len(batches)]
-            out = tb(h.to(device), **kw)
+            out = tb(h.to(device, torch.float32), **move_args(kw, device, torch.float32))
             out = out[0] if isinstance(out, (tuple, list)) else out
-            loss = F.mse_loss(out, y.to(device))
+            loss = F.mse_loss(out, y.to(device, torch.float32))
             losses.append(float(loss.detach()))
             if not loss.requires_grad:  # nothing here is quantized or learnable (e.g. all 16 bits, no transform)
                 break

@@ -79,15 +79,17 @@ class BlockInputs:
         return BlockInputs(self.hidden, [kwargs_for(kw, index) for kw in self.kwargs])
 
 
-def _to(obj, device):
+def move_args(obj, device, float_dtype: torch.dtype | None = None):
+    """``obj`` (a block's arguments: tensors in tuples, lists, dicts) on ``device``, its floating tensors in
+    ``float_dtype`` when given."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, float_dtype) if float_dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(move_args(o, device, float_dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [move_args(o, device, float_dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: move_args(v, device, float_dtype) for k, v in obj.items()}
     return obj
 
 
@@ -117,7 +119,7 @@ def _batch_args(calls: list[dict], batch: int, device) -> dict:
             k = len(sets)
             sets.append(kw)
         index.append(k)
-    sets = [{k: _one_row(_to(v, device), batch) for k, v in s.items()} for s in sets]
+    sets = [{k: _one_row(move_args(v, device), batch) for k, v in s.items()} for s in sets]
     if len(sets) == 1:  # every block gets the same arguments: a plain dict
         return sets[0]
     return kwargs_for(BlockKwargs({}, LayerArgs(tuple(sets), tuple(index))), 0)

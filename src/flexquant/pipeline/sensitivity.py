@@ -41,7 +41,8 @@ def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor
             parts = []
             for h, y in zip(hb.split(1), yb.split(1)):
                 with torch.enable_grad():
-                    h = h.to(device).float().requires_grad_(True)
+                    # in the head's dtype (a half-precision model on a GPU computes in it), the logits in float32
+                    h = h.to(device, head.weight.dtype).requires_grad_(True)
                     logits = spec.logits(model.config, head(norm(h)))[:, :-1].float()  # the family's logit transforms
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
                                            reduction="sum")
