@@ -48,4 +48,6 @@ for c in $CHECKS; do
   esac
 done
 cp bench/results/work/scale/rows.json "$OUT/scale_rows.json" 2>/dev/null
+# each row's own log (its progress lines: where a killed row was) lies too deep under $OUT to come back
+for f in "$OUT"/work/scale/logs/*.log; do [ -f "$f" ] && { echo "### $f"; tail -c 4000 "$f"; }; done > "$OUT/row_logs.txt"
 tail -c 20000 "$OUT/checks.log"
