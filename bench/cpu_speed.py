@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CPU memory and speed (issues 4 and 24): what a loaded model adds to its process, a 512-token prefill and batch-1
-decode tokens/s, for the float32 model, a ~3.4-bpw flexquant checkpoint under each CPU kernel, and llama.cpp on
-GGUF files.
+decode tokens/s, for the float32 model, a ~3.4-bpw flexquant checkpoint under each CPU kernel (and the packed one
+loaded with ``lean=True``: one layout per linear, float16 ends), and llama.cpp on GGUF files.
 
     python -m bench.cpu_speed                      # -> bench/results/cpu_speed.{md,json}
     (llama.cpp rows need bash bench/llama_env.sh; GGUF files from python -m bench.gguf)
@@ -47,6 +47,8 @@ def measure(args) -> None:
     base = vmhwm_mb()
     if args.kernel == "float32":
         model, _ = load_model(args.path)
+    elif args.kernel == "packed-cpu-lean":
+        model = fq.load(args.path, lean=True).model
     else:
         model = fq.load(args.path, kernel=args.kernel).model
     model.eval()
@@ -122,7 +124,7 @@ def main() -> None:
     bpw, method = loaded.bpw, next(iter(loaded.report.get("method") or {}), "checkpoint")
     del loaded
     rows = [{"model": "float32", "kernel": "—", "bpw": 32.0, **run_one(model_dir, "float32", args)}]
-    for kernel in ("dense-cache", "packed-cpu"):
+    for kernel in ("dense-cache", "packed-cpu", "packed-cpu-lean"):
         rows.append({"model": f"flexquant {method} ({ckpt.name})", "kernel": kernel, "bpw": bpw,
                      **run_one(str(ckpt), kernel, args)})
     for g in args.gguf:

@@ -66,3 +66,38 @@ def test_a_whole_model_with_rotation_and_kept_columns(tmp_path):
         with torch.no_grad():
             out[k] = qm.model(ids).logits
     assert torch.allclose(out["packed-cpu"], out["reference"], atol=1e-4)
+
+
+def test_a_lean_load_holds_one_layout_and_half_ends(tmp_path, monkeypatch):
+    """lean=True: each linear keeps only packed-cpu's layout, the embedding and untied head are read as float16
+    (computed in float32); the logits stay those of a normal load up to the ends' float16 rounding."""
+    from flexquant.format import checkpoint
+    from flexquant.nn.lean import HalfStoredLinear
+
+    calib = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(2))
+    qm = fq.quantize("tiny-llama", method="flexible", progress=False, calib_ids=calib, batch_size=4,
+                     options=dict(bpw=3.0, alloc_nsamples=4))  # DOSA: an untied (rotated) head, online rotation
+    fq.save(qm, tmp_path / "ck", plot=False)
+    monkeypatch.setattr(checkpoint, "END_NUMEL", 1024)  # tiny-llama's ends are small: count them as ends
+    full = fq.load(tmp_path / "ck", kernel="packed-cpu")
+    lean = fq.load(tmp_path / "ck", lean=True)
+    m = lean.model
+    assert m.get_input_embeddings().weight.dtype == torch.float16 and isinstance(m.lm_head, HalfStoredLinear)
+    assert m.lm_head.weight.dtype == torch.float16 and m.model.norm.weight.dtype == torch.float32
+    layers = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert layers and all(not any(n.startswith("qweight") for n, _ in mod.named_buffers()) for mod in layers)
+    assert lean.bpw == pytest.approx(full.bpw)  # the stored bits are remembered
+    m.to("cpu")  # a move that stays on the CPU keeps the layouts
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, got = full.model(ids).logits, m(ids).logits
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() <= 2e-3 * ref.abs().max()
+    with pytest.raises(fq.FlexQuantError, match="lean=True"):
+        fq.save(lean, tmp_path / "again", plot=False)
+    with pytest.raises(fq.FlexQuantError, match="lean=True"):
+        fq.load(tmp_path / "ck", lean=True, kernel="dense-cache")
+    from flexquant.cli import main
+
+    assert main(["eval", str(tmp_path / "ck"), "--lean", "--seqlen", "64", "--windows", "1", "-q"]) == 0
+    assert main(["generate", str(tmp_path / "ck"), "--lean", "--prompt", "def", "--max-new-tokens", "3", "-q"]) == 0

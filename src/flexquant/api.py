@@ -113,17 +113,37 @@ def update_report(path: str | Path, report: dict) -> None:
     os.replace(tmp, target)
 
 
-def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verify: bool = True) -> QuantizedModel:
+def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verify: bool = True,
+         lean: bool = False) -> QuantizedModel:
     """Load a packed checkpoint; its linears run through the kernel registry (``kernel`` forces one).
 
-    GPTQ and compressed-tensors folders written by other tools load too (`flexquant.interop`)."""
+    ``lean`` (CPU, inference only): the model is held in about its packed size — each linear keeps only the
+    `packed-cpu` kernel's layout, the embedding and head are held in float16 (`flexquant.nn.lean`); such a model
+    cannot be saved, exported or moved to another device. GPTQ and compressed-tensors folders written by other
+    tools load too (`flexquant.interop`)."""
     from .interop import foreign_format, load_foreign
 
     recovered(path)
+    if lean and (resolve_device(device).type != "cpu" or kernel not in (None, "packed-cpu")):
+        raise FlexQuantError(f"lean=True holds the model for the packed CPU kernel; it cannot run with "
+                             f"device={device!r}, kernel={kernel!r}: drop lean, or use device='cpu' and "
+                             "kernel='packed-cpu'")
     if not is_checkpoint(path) and foreign_format(path):
+        if lean:
+            raise FlexQuantError(f"lean=True loads flexquant checkpoints; {path} is another tool's format: load it "
+                                 "without lean")
         model, tok, info = load_foreign(path, kernel=kernel)
         return QuantizedModel(model.to(resolve_device(device)), tok, None, {"foreign": info})
-    model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify)
+    if lean:
+        from .kernels.cpu_packed import extension
+        from .pipeline.progress import return_freed_memory
+
+        return_freed_memory()  # the checkpoint buffers dropped as layouts are made go back to the system
+        if extension() is None:
+            raise FlexQuantError("lean=True needs the packed CPU kernel, which could not be built here (see the "
+                                 "warning above: a C++ compiler and the Python headers); load without lean")
+        kernel = "packed-cpu"
+    model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify, lean=lean)
     cfg = _recorded_config(path, qc.get("quant_config"))
     return QuantizedModel(model.to(resolve_device(device)), tok, cfg, _read_report(Path(path)))
 

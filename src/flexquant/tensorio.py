@@ -58,6 +58,9 @@ def read_header(path: Path) -> dict[str, Entry]:
     return out
 
 
+CONVERT_CHUNK = 16 << 20  # bytes read at a time when a tensor is converted as it is read
+
+
 class TensorFiles:
     """The tensors of a folder's safetensors weights: one ``model.safetensors`` or shards with an index."""
 
@@ -102,6 +105,8 @@ class TensorFiles:
         e = self.entries.get(name)
         if e is None:
             raise FlexQuantError(f"tensor {name} is not in the weights of {self.folder}")
+        if dtype is not None and dtype != e.dtype and e.nbytes > CONVERT_CHUNK:
+            return self._get_converted(e, name, dtype)
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
         with open(e.file, "rb") as f:
             f.seek(e.start)
@@ -109,6 +114,23 @@ class TensorFiles:
                 raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
         t = buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
         return t if dtype is None or dtype == e.dtype else t.to(dtype)
+
+    def _get_converted(self, e: Entry, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A large tensor converted to ``dtype`` as it is read, CONVERT_CHUNK bytes at a time: never a whole copy
+        in the stored dtype beside the result."""
+        out = torch.empty(e.shape, dtype=dtype)
+        flat, size = out.view(-1), e.dtype.itemsize
+        buf = torch.empty(CONVERT_CHUNK // size * size, dtype=torch.uint8)
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            done = 0
+            while done < e.nbytes:
+                n = min(buf.numel(), e.nbytes - done)
+                if f.readinto(buf[:n].numpy()) != n:
+                    raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
+                flat[done // size:(done + n) // size] = buf[:n].view(e.dtype)
+                done += n
+        return out
 
 
 def all_finite(t: torch.Tensor, bound: float | None = None, chunk: int = 1 << 22) -> bool:

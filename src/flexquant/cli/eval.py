@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--reference", default=None, help="full-precision model for the KL divergence")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel", default=None, help="force a kernel (reference, dense-cache, ...)")
+    p.add_argument("--lean", action="store_true", help="load a flexquant checkpoint in about its packed size "
+                                                       "(packed-cpu kernel, float16 embedding/head)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     g = p.add_argument_group("lm-evaluation-harness (instead of perplexity)")
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy")
@@ -36,13 +38,16 @@ def run_eval(a) -> int:
 
     if a.kernel:
         os.environ["FLEXQUANT_KERNEL"] = a.kernel
+    if a.tasks is not None and a.lean:
+        raise FlexQuantError("--lean applies to perplexity, not to lm-eval tasks: drop it")
     if a.tasks is not None:  # lm-evaluation-harness tasks instead of perplexity
         return run_tasks(a)
     given = [f for f, v in (("--include-path", a.include_path), ("--num-fewshot", a.num_fewshot),
                             ("--limit", a.limit), ("--output", a.output)) if v is not None]
     if given:
         raise FlexQuantError(f"{', '.join(given)} apply to lm-eval tasks only; add --tasks (or drop them)")
-    res = api.evaluate(a.model, text=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
+    model = api.load(a.model, kernel=a.kernel, device=a.device, lean=True) if a.lean else a.model
+    res = api.evaluate(model, text=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
                        device=a.device, progress=not a.quiet)
     if a.json:
         print(json.dumps(res))

@@ -26,7 +26,7 @@ from ..atomic import atomic_folder, recover
 from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
-from ..tensorio import TensorFiles, write_file, write_stream
+from ..tensorio import TensorFiles, all_finite, write_file, write_stream
 from .validate import (
     DTYPES,
     MANIFEST,
@@ -75,7 +75,8 @@ def module_records(module: torch.nn.Module, prefix: str = "", skip: str | None =
     child path ``skip`` left out)."""
     return {
         prefix + name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
-                        "sym": m.sym, "bias": m.bias is not None, "bits": sorted(set(m.group_bits.tolist())),
+                        "sym": m.sym, "bias": m.bias is not None,
+                        "bits": sorted(set(m.packed_tensors()["group_bits"].tolist())),  # (refused when lean)
                         "bpw": round(m.bpw, 6), "rotation_order": m.rotation_order}
         for name, m in module.named_modules()
         if isinstance(m, QuantLinear) and not (skip and name.startswith(skip + "."))
@@ -229,21 +230,41 @@ def verify_file(f: Path, qc: dict) -> None:
         )
 
 
-def read_tensors(path: str | Path, qc: dict, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, after checking each file against its recorded sha256 (plain reads, no map)."""
+def read_tensors(path: str | Path, qc: dict, verify: bool = True, ends_dtype: torch.dtype | None = None,
+                 converted: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking each file against its recorded sha256 (plain reads, no map).
+    ``ends_dtype``: large full-precision tensors outside the quantized modules (embedding, head) converted to it
+    as they are read, where their values fit it; ``converted`` receives their stored dtypes."""
     out: dict[str, torch.Tensor] = {}
+    packed = tuple(name + "." for name in qc["modules"])
     for f in tensor_files(path, qc):
         if verify:
             verify_file(f, qc)
-        out.update(read_file(f))
+        out.update(read_file(f, ends_dtype, packed, converted))
     return out
 
 
-def read_file(f: Path) -> dict[str, torch.Tensor]:
+END_NUMEL = 1 << 20  # a full-precision tensor this large is an end (embedding, head), not a norm or bias
+
+
+def read_file(f: Path, ends_dtype: torch.dtype | None = None, packed: tuple[str, ...] = (),
+              converted: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file (plain reads); a malformed file is a `CheckpointError`."""
     try:
         files = TensorFiles.single(f)
-        return {k: files.get(k) for k in files.names()}
+        out = {}
+        for k in files.names():
+            e = files.entries[k]
+            end = (ends_dtype is not None and e.dtype.is_floating_point and e.dtype.itemsize > ends_dtype.itemsize
+                   and e.nbytes // e.dtype.itemsize >= END_NUMEL and not k.startswith(packed))
+            t = files.get(k, ends_dtype) if end else None
+            if t is not None and all_finite(t):
+                out[k] = t
+                if converted is not None:
+                    converted[k] = e.dtype
+            else:  # not an end, or its values overflow ends_dtype: as stored
+                out[k] = files.get(k)
+        return out
     except FlexQuantError as e:
         raise CheckpointError(f"{f} could not be read as safetensors ({e})") from e
 
@@ -290,15 +311,18 @@ def verify_checkpoint(path: Path, qc: dict) -> None:
                                   "checkpoint was edited: re-save it")
 
 
-def read_verified(path: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor], torch.nn.Module]:
+def read_verified(path: str | Path, verify: bool = True, ends_dtype: torch.dtype | None = None
+                  ) -> tuple[dict, dict[str, torch.Tensor], torch.nn.Module]:
     """(quant_config, tensors, meta skeleton) of a checkpoint once everything it says has been checked: the
     manifest and checksums (``verify``), every tensor finite, every module record against its tensors and all
-    of them against the model config.json describes. `load`, `info` and `export` read through this."""
+    of them against the model config.json describes. `load`, `info` and `export` read through this.
+    ``ends_dtype``: see `read_tensors`."""
     path = Path(path)
     qc = read_quant_config(path)
     if verify:
         verify_checkpoint(path, qc)
-    tensors = read_tensors(path, qc, verify)
+    converted: dict[str, torch.dtype] = {}
+    tensors = read_tensors(path, qc, verify, ends_dtype, converted)
     check_finite(path, tensors)
     model = _skeleton(path, torch_dtype(qc, path))
     if qc.get("actquant"):  # its tensors are in the file: the runtime is part of the skeleton
@@ -313,7 +337,8 @@ def read_verified(path: str | Path, verify: bool = True) -> tuple[dict, dict[str
                                   "checkpoint is damaged")
         mine = name + "."
         check_packed(path, name, spec, {k[len(mine):]: t for k, t in tensors.items() if k.startswith(mine)})
-    check_layout(path, model, qc["modules"], tensors, bool(getattr(model.config, "tie_word_embeddings", False)))
+    check_layout(path, model, qc["modules"], tensors, bool(getattr(model.config, "tie_word_embeddings", False)),
+                 converted)
     return qc, tensors, model
 
 
@@ -343,14 +368,14 @@ def _skeleton(path: Path, dtype: torch.dtype):
                               "is damaged or was edited") from e
 
 
-def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = True):
+def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = True, lean: bool = False):
     """(model, tokenizer, quant_config) of a packed checkpoint; linears are `QuantLinear`s. With ``verify``
     (the default) the manifest and checksums are checked first; the module records are always checked
-    against their tensors and every tensor for NaN/inf."""
+    against their tensors and every tensor for NaN/inf. ``lean``: see `nn.lean` (CPU, inference only)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    qc, tensors, model = read_verified(path, verify)
+    qc, tensors, model = read_verified(path, verify, torch.float16 if lean else None)
     config = model.config
     install_packed(model, qc["modules"], tensors, kernel, path)
     runtime = getattr(model, actquant.ATTRIBUTE, None)
@@ -368,5 +393,9 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_meta[:5]}")
     if runtime is not None:
         actquant.install(model, runtime)
+    if lean:
+        from ..nn.lean import make_lean
+
+        make_lean(model, torch_dtype(qc, path))
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tok, qc

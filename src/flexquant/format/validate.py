@@ -182,9 +182,10 @@ def check_finite(where, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def check_layout(where, model: torch.nn.Module, modules: dict[str, dict], tensors: dict[str, torch.Tensor],
-                 tied: bool = False) -> None:
+                 tied: bool = False, stored: dict[str, torch.dtype] | None = None) -> None:
     """The records and tensors against the model config.json describes (a meta-device skeleton): every recorded
-    module is a linear of that shape there, every other tensor has its place and shape, nothing is missing."""
+    module is a linear of that shape there, every other tensor has its place and shape, nothing is missing.
+    ``stored``: the file's dtype of tensors converted as they were read (`read_tensors`)."""
     full = model.state_dict()
     state = {k: tuple(v.shape) for k, v in full.items()}
     for name, spec in modules.items():
@@ -209,10 +210,12 @@ def check_layout(where, model: torch.nn.Module, modules: dict[str, dict], tensor
         raise CheckpointError(f"{where}: tensors {sorted(wrong)[:3]} do not fit the model config.json describes "
                               f"({tuple(tensors[wrong[0]].shape)} vs {state[wrong[0]]}); the checkpoint is damaged "
                               "or was edited")
-    cast = [k for k, t in tensors.items() if k in state and t.dtype != full[k].dtype]
+    stored = stored or {}
+    cast = [k for k, t in tensors.items() if k in state and stored.get(k, t.dtype) != full[k].dtype]
     if cast:
-        raise CheckpointError(f"{where}: tensors {sorted(cast)[:3]} are {tensors[cast[0]].dtype}, the model's "
-                              f"{full[cast[0]].dtype}; the checkpoint is damaged or was edited (re-save it)")
+        have = stored.get(cast[0], tensors[cast[0]].dtype)
+        raise CheckpointError(f"{where}: tensors {sorted(cast)[:3]} are {have}, the model's {full[cast[0]].dtype}; "
+                              "the checkpoint is damaged or was edited (re-save it)")
     missing = [k for k in state if k not in tensors and not (tied and k.endswith("lm_head.weight"))]
     if missing:
         raise CheckpointError(f"{where}: tensors missing from the checkpoint: {sorted(missing)[:3]}")

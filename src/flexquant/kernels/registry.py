@@ -75,11 +75,17 @@ class PackedCPUKernel(Kernel):
 
         return extension() is not None
 
+    def prepare(self, layer):
+        """The kernel's own layout of the layer's codes (self-contained: `QuantLinear.release_packed`)."""
+        from .cpu_packed import prepare
+
+        return prepare(layer)
+
     def forward(self, layer, x):
-        from .cpu_packed import packed_forward, prepare
+        from .cpu_packed import packed_forward
 
         if layer._kernel_cache is None:  # the kernel's own layout of the codes, made once
-            layer._kernel_cache = prepare(layer)
+            layer._kernel_cache = self.prepare(layer)
         return packed_forward(layer._kernel_cache, x, layer.bias)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import FlexQuantError
 from ..kernels import rotate, select
 from ..quant.pack import pack_bits, result_to_tensors, stored_bits, tensors_to_result, unpack_bits
 from ..quant.result import QuantResult
@@ -48,6 +49,7 @@ class QuantLinear(nn.Module):
         self.kernel_name: str | None = None
         self._kernel = None
         self._kernel_cache = None  # the kernel's prepared weight (a dense tensor, or packed-cpu's layout)
+        self._lean_bits: int | None = None  # set once the checkpoint buffers are released (`release_packed`)
 
     @classmethod
     def from_result(cls, r: QuantResult, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
@@ -65,7 +67,27 @@ class QuantLinear(nn.Module):
         return self._rotation
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
+        if self._lean_bits is not None:
+            raise FlexQuantError("this model was loaded with lean=True (inference only): its layers keep the "
+                                 "kernel's layout, not the checkpoint's tensors; load it again without lean to "
+                                 "save, export or inspect it")
         return {name: getattr(self, name) for name in self.buffer_names}
+
+    def release_packed(self) -> None:
+        """Inference only: build the kernel's own layout of the weight now and drop the checkpoint's packed
+        buffers (they are what `to_result`, saving and export read), so the layer holds one copy of its weight.
+        The kernel must prepare a self-contained layout (`packed-cpu`)."""
+        if self._lean_bits is not None:
+            return
+        kernel = select(self, torch.device("cpu"), self.kernel_name)
+        if not hasattr(kernel, "prepare"):
+            raise FlexQuantError(f"kernel {kernel.name!r} keeps no layout of its own; a lean load needs "
+                                 "kernel='packed-cpu'")
+        self._kernel, self._kernel_cache = kernel, kernel.prepare(self)
+        self._lean_bits = self.stored_bits()
+        for name in self.buffer_names:
+            if name not in ROTATION_BUFFERS:
+                del self._buffers[name]
 
     def to_result(self) -> QuantResult:
         t = {k: v for k, v in self.packed_tensors().items() if k not in ROTATION_BUFFERS}
@@ -85,7 +107,7 @@ class QuantLinear(nn.Module):
 
     def stored_bits(self) -> int:
         """Bits stored for the weight (codes, scales, zeros, bit map, permutation, fp16 columns)."""
-        return stored_bits(self.packed_tensors())
+        return self._lean_bits if self._lean_bits is not None else stored_bits(self.packed_tensors())
 
     @property
     def bpw(self) -> float:
@@ -95,7 +117,12 @@ class QuantLinear(nn.Module):
         self.kernel_name, self._kernel, self._kernel_cache = name, None, None
 
     def _apply(self, fn, recurse=True):
-        self._kernel_cache, self._kernel = None, None  # device/dtype moves invalidate caches
+        if self._lean_bits is not None:  # the kernel's layout is all there is: it stays (on the CPU)
+            if fn(torch.zeros(1)).device.type != "cpu":
+                raise FlexQuantError("a model loaded with lean=True runs on the CPU only; load it without lean "
+                                     "to move it to another device")
+        else:
+            self._kernel_cache, self._kernel = None, None  # device/dtype moves invalidate caches
         out = super()._apply(fn, recurse)
         if self._rotation is not None:
             self._rotation = Rotation(self._rotation.signs.to(self.rot_signs.device),

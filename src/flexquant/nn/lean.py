@@ -1,0 +1,48 @@
+"""A lean load (`flexquant.load(..., lean=True)`): a checkpoint held for inference in about its packed size.
+
+Every `QuantLinear` keeps only its kernel's own layout (`QuantLinear.release_packed`: the checkpoint's packed
+buffers are dropped once the layout is made), and the large full-precision ends — the embedding and an untied
+head — are held in float16 (read so from the file, `format.checkpoint.read_tensors`) and computed in the model's
+dtype: the embedding's rows are converted after the lookup, the head's weight ``HEAD_ROWS`` rows at a time. The
+cost is the ends' float16 rounding (a relative 2⁻¹¹ of each weight); a tensor whose values overflow float16 stays
+as stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant_linear import QuantLinear
+
+HEAD_ROWS = 2048  # rows of a float16-held head converted per matmul (temporaries: 2048 × (hidden + tokens))
+
+
+class HalfStoredLinear(nn.Linear):
+    """A full-precision linear (the head) whose weight is held in float16 and computed in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self.weight
+        if W.dtype == x.dtype:
+            return F.linear(x, W, self.bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2.new_empty(x2.shape[0], self.out_features)
+        for s in range(0, self.out_features, HEAD_ROWS):
+            out[:, s:s + HEAD_ROWS] = x2 @ W[s:s + HEAD_ROWS].to(x.dtype).T  # (a temporary per chunk)
+        if self.bias is not None:
+            out += self.bias.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def make_lean(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Release every `QuantLinear`'s checkpoint buffers and make modules whose weights were read narrower than
+    ``dtype`` (the model's compute dtype) compute in it. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.release_packed()
+        elif isinstance(module, nn.Embedding) and module.weight.dtype != dtype:
+            module.register_forward_hook(lambda _m, _args, out: out.to(dtype))
+        elif type(module) is nn.Linear and module.weight.dtype != dtype:
+            module.__class__ = HalfStoredLinear
+    return model
