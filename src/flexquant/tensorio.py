@@ -224,3 +224,17 @@ def flexquant_traces(folder: str | Path) -> str | None:
         if "flexquant" in (header.get("__metadata__") or {}):
             return f.name
     return None
+
+
+def move_args(obj, device, float_dtype: torch.dtype | None = None):
+    """``obj`` (a block's arguments: tensors in tuples, lists, dicts) on ``device``, its floating tensors in
+    ``float_dtype`` when given."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, float_dtype) if float_dtype is not None and obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_args(o, device, float_dtype) for o in obj)
+    if isinstance(obj, list):
+        return [move_args(o, device, float_dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_args(v, device, float_dtype) for k, v in obj.items()}
+    return obj

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.attention import use_kv_attention
-from ..pipeline.capture import move_args
+from ..tensorio import move_args
 from ..transforms.affine import HadamardRotation, KroneckerAffine, KroneckerRotation
 from .quantizers import clip_ratio, fake_quant_asym, fake_quant_sym, fake_quant_weight
 from .runtime import KVQuantizer, SiteQuantizer

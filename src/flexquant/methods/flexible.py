@@ -53,6 +53,8 @@ class FlexibleConfig(MethodConfig):
                                         "(comparable across layers), or not", SENSITIVITY)
     fisher_nsamples: int = option(16, "windows of the Fisher backward pass, a prefix of --alloc-nsamples "
                                       "(whole batches); 0 = all")
+    fisher_power: float = option(1.0, "the Fisher weights raised to this power (< 1 narrows their spread across "
+                                      "layers; 0 = unweighted)")
     proxy: str = option("gptq", "SBGBS error proxy: 'block' = tr(ΔW H_kk ΔWᵀ) of the group's Hessian block; "
                                 "'gptq' = Σ ΔW²/U_jj², GPTQ's cost after compensation", PROXIES)
     rotation_seed: int = option(0, "seed of the random Hadamard signs")
@@ -66,6 +68,8 @@ class FlexibleConfig(MethodConfig):
             raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
         if self.sensitivity not in SENSITIVITY:
             raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
+        if not 0 <= self.fisher_power <= 2:
+            raise FlexQuantError(f"fisher_power={self.fisher_power} must be in [0, 2]")
         if self.fisher_nsamples < 0:
             raise FlexQuantError(f"fisher_nsamples={self.fisher_nsamples} must be >= 0 (0 = alloc_nsamples)")
         if self.proxy not in PROXIES:
@@ -221,8 +225,8 @@ class FlexibleLLM(Method):
     def plan(self, model, spec, stats, calib_ids, device) -> None:
         f, g = self.options, self.config.grid.group_size
         if f.sensitivity == "fisher":
-            rows = stats.fisher
-            self.facts.sensitivity = {n: float(r.mean()) for n, r in rows.items()}
+            rows = stats.fisher if f.fisher_power == 1 else {n: r.pow(f.fisher_power) for n, r in stats.fisher.items()}
+            self.facts.sensitivity = {n: float(r.mean()) for n, r in stats.fisher.items()}
         else:
             rows = {n: torch.ones(model.get_submodule(n).out_features) for n in stats.hessians}
         names = self._names(model, spec)

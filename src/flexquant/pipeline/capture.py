@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import FlexQuantError
 from ..models.spec import ModelSpec
+from ..tensorio import move_args
 
 # A decoder layer's position in its model, set by the capture: how a block finds its own arguments.
 BLOCK_INDEX = "flexquant_block_index"
@@ -77,20 +78,6 @@ class BlockInputs:
     def for_block(self, index: int) -> BlockInputs:
         """The same hidden states with block ``index``'s arguments."""
         return BlockInputs(self.hidden, [kwargs_for(kw, index) for kw in self.kwargs])
-
-
-def move_args(obj, device, float_dtype: torch.dtype | None = None):
-    """``obj`` (a block's arguments: tensors in tuples, lists, dicts) on ``device``, its floating tensors in
-    ``float_dtype`` when given."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, float_dtype) if float_dtype is not None and obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(move_args(o, device, float_dtype) for o in obj)
-    if isinstance(obj, list):
-        return [move_args(o, device, float_dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: move_args(v, device, float_dtype) for k, v in obj.items()}
-    return obj
 
 
 def _same(a: dict, b: dict) -> bool:
