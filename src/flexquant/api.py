@@ -24,7 +24,7 @@ from .format.checkpoint import QUANT_CONFIG, load_checkpoint, save_checkpoint
 from .methods import build_method
 from .models import get_spec, load_model
 from .pipeline.distributed import Dist
-from .pipeline.progress import return_freed_memory
+from .pipeline.progress import return_freed_memory, trim_heap
 from .report import bit_summary
 from .runner import (  # noqa: F401 - QuantizedModel, pack_results and pack_model are public here too
     QuantizedModel,
@@ -136,7 +136,6 @@ def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verif
         return QuantizedModel(model.to(resolve_device(device)), tok, None, {"foreign": info})
     if lean:
         from .kernels.cpu_packed import extension
-        from .pipeline.progress import return_freed_memory
 
         return_freed_memory()  # the checkpoint buffers dropped as layouts are made go back to the system
         if extension() is None:
@@ -144,6 +143,8 @@ def load(path: str | Path, kernel: str | None = None, device: str = "cpu", verif
                                  "warning above: a C++ compiler and the Python headers); load without lean")
         kernel = "packed-cpu"
     model, tok, qc = load_checkpoint(path, kernel=kernel, verify=verify, lean=lean)
+    if lean:
+        trim_heap()
     cfg = _recorded_config(path, qc.get("quant_config"))
     return QuantizedModel(model.to(resolve_device(device)), tok, cfg, _read_report(Path(path)))
 

@@ -34,6 +34,18 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     return _TUNED
 
 
+def trim_heap() -> bool:
+    """Give the free memory at the top of glibc's heaps back to the system (malloc_trim): after many small
+    tensors were freed (a lean load drops every layer's checkpoint buffers) it stays resident otherwise. False
+    where it does not apply."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident memory of this process in MiB (0, 0 where /proc is missing)."""
     now = peak = 0.0
