@@ -1,6 +1,7 @@
-"""The packed CPU kernel (`packed-cpu`): the compiled extension builds, and every layout it meets — 2/3/4-bit
-groups in nibbles, 8-bit groups in bytes, mixed widths, act-order permutations, kept float16 columns, an online
-rotation — gives the reference kernel's output for decode-sized and prefill-sized batches."""
+"""The packed CPU kernel (`packed-cpu`): the compiled extension builds, and every layout it meets — 1/2/3-bit
+groups in 3-bit codes, 2/3/4-bit groups in nibbles, 8-bit groups in bytes, mixed widths, act-order permutations,
+kept float16 columns, an online rotation — gives the reference kernel's output for decode-sized and prefill-sized
+batches; a lean load holds one layout per linear and float16 ends."""
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def _layer(bits: list[int], g: int, sym: bool, perm: bool, m: int = 48, seed: in
 
 @pytest.mark.parametrize("bits,g,sym,perm", [
     ([4, 4, 4, 4], 32, False, False), ([2, 3, 4, 3], 64, False, True), ([3, 16, 2, 4], 32, True, True),
-    ([8, 4, 8, 2], 32, False, False), ([8, 8, 16, 8], 128, True, True)])
+    ([8, 4, 8, 2], 32, False, False), ([8, 8, 16, 8], 128, True, True),
+    ([3, 3, 3, 3], 64, False, True), ([3, 2, 16, 1], 32, True, False), ([2, 3], 24, False, False)])  # 3-bit layout
 @pytest.mark.parametrize("batch", [1, 3, 37])
 def test_packed_cpu_equals_the_reference_kernel(bits, g, sym, perm, batch):
     layer = _layer(bits, g, sym, perm)
@@ -49,8 +51,9 @@ def test_packed_cpu_equals_the_reference_kernel(bits, g, sym, perm, batch):
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     st = prepare(layer)
-    assert st.bits == (4 if max(b for b in bits if b < FP16_BITS) <= 4 else 8)
-    assert st.codes.numel() == layer.out_features * layer.in_features * st.bits // 8  # nibbles or bytes per weight
+    top = max(b for b in bits if b < FP16_BITS)
+    assert st.bits == (3 if top <= 3 and g % 8 == 0 else 4 if top <= 4 else 8)
+    assert st.codes.numel() == layer.out_features * layer.in_features * st.bits // 8  # 3 bits, nibbles or bytes
 
 
 def test_a_whole_model_with_rotation_and_kept_columns(tmp_path):

@@ -26,6 +26,7 @@ from ..atomic import atomic_folder, recover
 from ..errors import CheckpointError, FlexQuantError
 from ..models.builtin import sha256_file
 from ..nn.quant_linear import QuantLinear
+from ..pipeline.progress import trim_heap
 from ..tensorio import TensorFiles, all_finite, write_file, write_stream
 from .validate import (
     DTYPES,
@@ -270,9 +271,10 @@ def read_file(f: Path, ends_dtype: torch.dtype | None = None, packed: tuple[str,
 
 
 def install_packed(model: torch.nn.Module, modules: dict[str, dict], tensors: dict[str, torch.Tensor],
-                   kernel: str | None = None, where: str | Path = "", prefix: str = "") -> None:
+                   kernel: str | None = None, where: str | Path = "", prefix: str = "", release: bool = False) -> None:
     """Put a `QuantLinear` at each path of ``modules`` (records of quant_config.json) under ``model``, built from
-    (and popping) its tensors; ``prefix`` is stripped from the recorded paths."""
+    (and popping) its tensors; ``prefix`` is stripped from the recorded paths. ``release``: each layer keeps only
+    its kernel's layout, made as it is installed (`QuantLinear.release_packed`; a lean load)."""
     for name, spec in modules.items():
         if not name.startswith(prefix):
             continue
@@ -289,6 +291,9 @@ def install_packed(model: torch.nn.Module, modules: dict[str, dict], tensors: di
             raise CheckpointError(f"{where}: quantized module {name} cannot be rebuilt from its tensors ({e}); "
                                   "the checkpoint is damaged (re-save it)") from e
         q.set_kernel(kernel)
+        if release:
+            q.release_packed()
+            trim_heap()  # the freed buffers and the layout's temporaries are small blocks glibc would keep
         parent, _, child = local.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
 
@@ -377,7 +382,7 @@ def load_checkpoint(path: str | Path, kernel: str | None = None, verify: bool = 
     path = Path(path)
     qc, tensors, model = read_verified(path, verify, torch.float16 if lean else None)
     config = model.config
-    install_packed(model, qc["modules"], tensors, kernel, path)
+    install_packed(model, qc["modules"], tensors, kernel, path, release=lean)
     runtime = getattr(model, actquant.ATTRIBUTE, None)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

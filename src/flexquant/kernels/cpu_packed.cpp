@@ -2,7 +2,9 @@
 // offset per row and group (w = code·scale + offset), dequantized group by group inside the product.
 //
 // codes: uint8 [m, n·bits/8], bits 4 (per group of g, byte t holds column t in its low nibble and column t + g/2 in
-// its high nibble, so both halves meet x contiguously, as GGML's Q4_0 does) or 8;
+// its high nibble, so both halves meet x contiguously, as GGML's Q4_0 does), 3 (per group: g/4 bytes of low bit
+// pairs, byte t holding columns t + k·g/4 at bits 2k, then g/8 bytes of high bits, byte t holding columns t + e·g/8
+// at bit e: GGML's Q3_K splits its codes the same way) or 8;
 // sz: float32 [m, ng, 2] (scale, offset); x: float32 [b, n] (columns already in the codes' order).
 // Small batches (decode) take the fused row-by-group loop: each group's codes meet x once and the group's sum of x
 // carries the offset. Larger batches dequantize a tile of rows into a float buffer and hand it to the BLAS matmul,
@@ -19,7 +21,14 @@ namespace {
 // One group's codes as floats in ``buf`` (plain loops the compiler vectorizes).
 template <int BITS>
 inline void unpack_group(const uint8_t* q, int g, float* buf) {
-  if (BITS == 4) {
+  if (BITS == 3) {
+    const int f = g / 4, e8 = g / 8;
+    for (int k = 0; k < 4; ++k)
+      for (int t = 0; t < f; ++t) buf[k * f + t] = static_cast<float>((q[t] >> (2 * k)) & 3);
+    const uint8_t* hi = q + f;
+    for (int e = 0; e < 8; ++e)
+      for (int t = 0; t < e8; ++t) buf[e * e8 + t] += static_cast<float>(((hi[t] >> e) & 1) << 2);
+  } else if (BITS == 4) {
     const int h = g / 2;
     for (int t = 0; t < h; ++t) buf[t] = static_cast<float>(q[t] & 0xF);
     for (int t = 0; t < h; ++t) buf[t + h] = static_cast<float>(q[t] >> 4);
@@ -73,7 +82,11 @@ void dequant_rows(const uint8_t* codes, const float* sz, float* out, int64_t r0,
       for (int64_t j = 0; j < ng; ++j) {
         const float s = si[2 * j], off = si[2 * j + 1];
         float* oj = o + j * g;
-        if (BITS == 4) {
+        if (BITS == 3) {
+          unpack_group<3>(qi + j * g * 3 / 8, static_cast<int>(g), oj);
+#pragma omp simd
+          for (int64_t t = 0; t < g; ++t) oj[t] = oj[t] * s + off;
+        } else if (BITS == 4) {
           const uint8_t* qj = qi + j * g / 2;
           const int64_t h = g / 2;
 #pragma omp simd
@@ -98,7 +111,8 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [b, n]");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: contiguous uint8");
   TORCH_CHECK(sz.scalar_type() == torch::kFloat32 && sz.is_contiguous(), "sz: contiguous float32");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "bits must be 3, 4 or 8");
+  TORCH_CHECK(bits != 3 || g % 8 == 0, "3-bit codes need a group size divisible by 8");
   const int64_t b = x.size(0), n = x.size(1), m = codes.size(0);
   TORCH_CHECK(n % g == 0 && g % 2 == 0 && codes.size(1) == n * bits / 8 && sz.size(0) == m &&
               sz.size(1) == n / g && sz.size(2) == 2, "shapes of x, codes and sz do not agree");
@@ -107,7 +121,9 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   const float* s = sz.data_ptr<float>();
   if (b <= gemv_max_batch) {
     auto xsum = x.view({b, n / g, g}).sum(-1).contiguous();
-    if (bits == 4)
+    if (bits == 3)
+      gemv<3>(q, s, x.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(), b, m, n, g);
+    else if (bits == 4)
       gemv<4>(q, s, x.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(), b, m, n, g);
     else
       gemv<8>(q, s, x.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(), b, m, n, g);
@@ -116,7 +132,9 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   auto tile = torch::empty({std::min(tile_rows, m), n}, x.options());
   for (int64_t r0 = 0; r0 < m; r0 += tile_rows) {
     const int64_t r1 = std::min(r0 + tile_rows, m);
-    if (bits == 4)
+    if (bits == 3)
+      dequant_rows<3>(q, s, tile.data_ptr<float>(), r0, r1, n, g);
+    else if (bits == 4)
       dequant_rows<4>(q, s, tile.data_ptr<float>(), r0, r1, n, g);
     else
       dequant_rows<8>(q, s, tile.data_ptr<float>(), r0, r1, n, g);

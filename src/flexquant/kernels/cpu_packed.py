@@ -2,12 +2,13 @@
 by group inside the matmul (`cpu_packed.cpp`, compiled once per machine with torch's extension builder and cached
 under ~/.cache/flexquant/ext).
 
-At first use a layer's codes are laid out for the kernel: two 4-bit codes per byte when every quantized group has
-at most 4 bits (2-, 3- and 4-bit groups alike; per group, byte t holds columns t and t + g/2), else one byte per
-code; per row and group a float32 scale and
+At first use a layer's codes are laid out for the kernel: 3 bits per code when every quantized group has at most 3
+bits and the group size is a multiple of 8 (per group, low bit pairs four to a byte, then high bits eight to a byte),
+else two 4-bit codes per byte when every group has at most 4 bits (per group, byte t holds columns t and t + g/2),
+else one byte per code; per row and group a float32 scale and
 offset (w = code·scale + offset, offset = −zero·scale: the reference kernel's arithmetic reordered); columns in the
 layer's quantization order (the input is gathered by its permutation); kept float16 columns as a small dense
-matmul. That is 4 + 64/g bits per weight beside the checkpoint's own packed buffers — a 3.5-bpw g64 model holds
+matmul. That is 3, 4 or 8 + 64/g bits per weight beside the checkpoint's own packed buffers — a 3.5-bpw g64 model holds
 about a quarter of its float32 size. Where the compiler or the headers are missing the build fails once with a
 warning and `dense-cache` serves instead.
 """
@@ -63,7 +64,7 @@ def extension():
 class PackedState:
     codes: torch.Tensor  # uint8 [m, n·bits/8], quantization order
     sz: torch.Tensor  # float32 [m, ng, 2]
-    bits: int  # 4 or 8
+    bits: int  # 3, 4 or 8
     group_size: int
     perm: torch.Tensor | None
     kept_cols: torch.Tensor | None  # positions (quantization order) of float16 columns
@@ -75,7 +76,8 @@ def prepare(layer) -> PackedState:
     m, n = r.shape
     g = r.group_size
     q = r.quantized_groups
-    bits = 4 if not q.any() or int(r.group_bits[q].max()) <= 4 else 8
+    top = int(r.group_bits[q].max()) if q.any() else 0
+    bits = 3 if top <= 3 and g % 8 == 0 else 4 if top <= 4 else 8
     ng = n // g
     scale = torch.zeros(m, ng)
     offset = torch.zeros(m, ng)
@@ -86,6 +88,12 @@ def prepare(layer) -> PackedState:
     if bits == 4:  # per group: byte t = column t (low nibble) | column t + g/2 (high nibble)
         c = codes.view(m, ng, 2, g // 2)
         codes = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(m, n // 2)
+    elif bits == 3:  # per group: g/4 bytes of low bit pairs (4 columns g/4 apart), g/8 bytes of high bits (8 apart)
+        lo = (codes & 3).view(m, ng, 4, g // 4)
+        lo = lo[:, :, 0] | (lo[:, :, 1] << 2) | (lo[:, :, 2] << 4) | (lo[:, :, 3] << 6)
+        hi = (codes >> 2).view(m, ng, 8, g // 8)
+        hi = sum(hi[:, :, e] << e for e in range(8)).to(torch.uint8)
+        codes = torch.cat([lo, hi], 2).reshape(m, n * 3 // 8)
     kept_cols = kept = None
     if not bool(q.all()):
         cols = torch.arange(n).view(ng, g)[~q].reshape(-1)
