@@ -16,7 +16,7 @@ from torch import nn
 
 from .quant_linear import QuantLinear
 
-HEAD_ROWS = 2048  # rows of a float16-held head converted per matmul (temporaries: 2048 × (hidden + tokens))
+HEAD_ROWS = 1024  # rows of a float16-held head converted per matmul (two buffers: 1024 × hidden, tokens × 1024)
 
 
 class HalfStoredLinear(nn.Linear):
@@ -28,8 +28,13 @@ class HalfStoredLinear(nn.Linear):
             return F.linear(x, W, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         out = x2.new_empty(x2.shape[0], self.out_features)
-        for s in range(0, self.out_features, HEAD_ROWS):
-            out[:, s:s + HEAD_ROWS] = x2 @ W[s:s + HEAD_ROWS].to(x.dtype).T  # (a temporary per chunk)
+        rows = min(HEAD_ROWS, self.out_features)
+        w, y = x2.new_empty(rows, W.shape[1]), x2.new_empty(x2.shape[0], rows)  # reused for every chunk
+        for s in range(0, self.out_features, rows):
+            e = min(s + rows, self.out_features)
+            w[: e - s].copy_(W[s:e])
+            torch.mm(x2, w[: e - s].T, out=y[:, : e - s])
+            out[:, s:e] = y[:, : e - s]
         if self.bias is not None:
             out += self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
