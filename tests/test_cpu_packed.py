@@ -104,3 +104,11 @@ def test_a_lean_load_holds_one_layout_and_half_ends(tmp_path, monkeypatch):
 
     assert main(["eval", str(tmp_path / "ck"), "--lean", "--seqlen", "64", "--windows", "1", "-q"]) == 0
     assert main(["generate", str(tmp_path / "ck"), "--lean", "--prompt", "def", "--max-new-tokens", "3", "-q"]) == 0
+
+
+@pytest.mark.parametrize("b,n", [(1, 576), (3, 72), (4, 13)])
+def test_half_matmul_converts_float16_rows_as_it_reads_them(b, n):
+    gen = torch.Generator().manual_seed(4)
+    w, x = torch.randn(300, n, generator=gen).half(), torch.randn(b, n, generator=gen)
+    ref = x @ w.float().T
+    assert torch.allclose(extension().half_matmul(x, w), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <vector>
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -104,7 +107,43 @@ void dequant_rows(const uint8_t* codes, const float* sz, float* out, int64_t r0,
   });
 }
 
+// y[k, r] = Σ_t x[k, t]·W[r, t] for a float16 W, converted as it is read (no float copy of W): eight halves at a
+// time with F16C where the compiler targets it, else one by one.
+inline float half_dot(const at::Half* w, const float* x, int64_t n) {
+  int64_t t = 0;
+  float sum = 0.f;
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + t)));
+    acc = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + t), acc);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+#endif
+  for (; t < n; ++t) sum += static_cast<float>(w[t]) * x[t];
+  return sum;
+}
+
 }  // namespace
+
+// y = x·Wᵀ for float32 x [b, n] and float16 W [m, n] (a lean load's head, decode-sized batches).
+torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [b, n]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kHalf && w.is_contiguous() && w.size(1) == x.size(1),
+              "w: contiguous float16 [m, n] with x's n");
+  const int64_t b = x.size(0), n = x.size(1), m = w.size(0);
+  auto y = torch::empty({b, m}, x.options());
+  const at::Half* wp = w.data_ptr<at::Half>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < b; ++k) yp[k * m + r] = half_dot(wp + r * n, xp + k * n, n);
+  });
+  return y;
+}
 
 torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t bits, int64_t g,
                             int64_t gemv_max_batch, int64_t tile_rows) {
@@ -145,4 +184,5 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_matmul", &packed_matmul, "y = x·Wᵀ with W as packed codes, group scales and offsets");
+  m.def("half_matmul", &half_matmul, "y = x·Wᵀ with float16 W converted as it is read");
 }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.cpu_packed import GEMV_MAX_BATCH, extension
 from .quant_linear import QuantLinear
 
 HEAD_ROWS = 1024  # rows of a float16-held head converted per matmul (two buffers: 1024 × hidden, tokens × 1024)
@@ -27,6 +28,13 @@ class HalfStoredLinear(nn.Linear):
         if W.dtype == x.dtype:
             return F.linear(x, W, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= GEMV_MAX_BATCH and x.dtype == torch.float32 and W.dtype == torch.float16:
+            ext = extension()
+            if ext is not None:  # decode: the float16 rows meet x as they are read
+                y = ext.half_matmul(x2.contiguous(), W.contiguous())
+                if self.bias is not None:
+                    y += self.bias.float()
+                return y.view(*x.shape[:-1], self.out_features)
         out = x2.new_empty(x2.shape[0], self.out_features)
         rows = min(HEAD_ROWS, self.out_features)
         w, y = x2.new_empty(rows, W.shape[1]), x2.new_empty(x2.shape[0], rows)  # reused for every chunk
