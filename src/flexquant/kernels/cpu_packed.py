@@ -8,8 +8,8 @@ else two 4-bit codes per byte when every group has at most 4 bits (per group, by
 else one byte per code; per row and group a float32 scale and
 offset (w = code·scale + offset, offset = −zero·scale: the reference kernel's arithmetic reordered); columns in the
 layer's quantization order (the input is gathered by its permutation); kept float16 columns as a small dense
-matmul. That is 3, 4 or 8 + 64/g bits per weight beside the checkpoint's own packed buffers — a 3.5-bpw g64 model holds
-about a quarter of its float32 size. Where the compiler or the headers are missing the build fails once with a
+matmul. That is 3, 4 or 8 + 64/g bits per weight, beside the checkpoint's own packed buffers (a lean load,
+`flexquant.nn.lean`, keeps this layout alone). Where the compiler or the headers are missing the build fails once with a
 warning and `dense-cache` serves instead.
 """
 
