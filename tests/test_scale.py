@@ -297,9 +297,8 @@ def test_every_method_runs_on_half_precision_weights(tmp_path, monkeypatch, name
     """A float16 model stays float16 on a GPU (the CPU upcasts it): every stage must compute in the model's dtype
     or cast on purpose. The GPU's path, run here on the CPU (the load made to keep float16), against the float32
     run from the same file: as close to the float model (next-token KL)."""
-    from conftest import tiny_llama
-
     from flexquant import api
+    from flexquant.models.builtin import tiny_llama
     from flexquant.models.loader import load_streamed
 
     model, tok = tiny_llama()
