@@ -50,9 +50,14 @@ def test_packed_cpu_equals_the_reference_kernel(bits, g, sym, perm, batch):
     got = layer(x)
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    st = prepare(layer)
     top = max(b for b in bits if b < FP16_BITS)
+    st = prepare(layer)
+    assert st.bits == (4 if top <= 4 else 8)
+    st = prepare(layer, compact=True)  # a lean load's layout
     assert st.bits == (3 if top <= 3 and g % 8 == 0 else 4 if top <= 4 else 8)
+    layer._kernel_cache = st
+    got = layer(x)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     assert st.codes.numel() == layer.out_features * layer.in_features * st.bits // 8  # 3 bits, nibbles or bytes
 
 

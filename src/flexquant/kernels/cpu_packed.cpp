@@ -24,13 +24,20 @@ namespace {
 // One group's codes as floats in ``buf`` (plain loops the compiler vectorizes).
 template <int BITS>
 inline void unpack_group(const uint8_t* q, int g, float* buf) {
-  if (BITS == 3) {
+  if (BITS == 3) {  // one pass per byte: a low byte feeds four columns, a high byte eight
     const int f = g / 4, e8 = g / 8;
-    for (int k = 0; k < 4; ++k)
-      for (int t = 0; t < f; ++t) buf[k * f + t] = static_cast<float>((q[t] >> (2 * k)) & 3);
+    for (int t = 0; t < f; ++t) {
+      const int b = q[t];
+      buf[t] = static_cast<float>(b & 3);
+      buf[f + t] = static_cast<float>((b >> 2) & 3);
+      buf[2 * f + t] = static_cast<float>((b >> 4) & 3);
+      buf[3 * f + t] = static_cast<float>(b >> 6);
+    }
     const uint8_t* hi = q + f;
-    for (int e = 0; e < 8; ++e)
-      for (int t = 0; t < e8; ++t) buf[e * e8 + t] += static_cast<float>(((hi[t] >> e) & 1) << 2);
+    for (int t = 0; t < e8; ++t) {
+      const int h = hi[t];
+      for (int e = 0; e < 8; ++e) buf[e * e8 + t] += static_cast<float>(((h >> e) & 1) << 2);
+    }
   } else if (BITS == 4) {
     const int h = g / 2;
     for (int t = 0; t < h; ++t) buf[t] = static_cast<float>(q[t] & 0xF);

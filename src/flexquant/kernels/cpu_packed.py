@@ -2,15 +2,15 @@
 by group inside the matmul (`cpu_packed.cpp`, compiled once per machine with torch's extension builder and cached
 under ~/.cache/flexquant/ext).
 
-At first use a layer's codes are laid out for the kernel: 3 bits per code when every quantized group has at most 3
-bits and the group size is a multiple of 8 (per group, low bit pairs four to a byte, then high bits eight to a byte),
-else two 4-bit codes per byte when every group has at most 4 bits (per group, byte t holds columns t and t + g/2),
-else one byte per code; per row and group a float32 scale and
-offset (w = code·scale + offset, offset = −zero·scale: the reference kernel's arithmetic reordered); columns in the
-layer's quantization order (the input is gathered by its permutation); kept float16 columns as a small dense
-matmul. That is 3, 4 or 8 + 64/g bits per weight, beside the checkpoint's own packed buffers (a lean load,
-`flexquant.nn.lean`, keeps this layout alone). Where the compiler or the headers are missing the build fails once with a
-warning and `dense-cache` serves instead.
+At first use a layer's codes are laid out for the kernel: in a lean load, 3 bits per code when every quantized group
+has at most 3 bits and the group size is a multiple of 8 (per group, low bit pairs four to a byte, then high bits
+eight to a byte); else two 4-bit codes per byte when every group has at most 4 bits (per group, byte t holds
+columns t and t + g/2), else one byte per code; per row and group a float32 scale and offset (w = code·scale +
+offset, offset = −zero·scale: the reference kernel's arithmetic reordered); columns in the layer's quantization
+order (the input is gathered by its permutation); kept float16 columns as a small dense matmul. That is 3, 4 or
+8 + 64/g bits per weight, beside the checkpoint's own packed buffers (a lean load, `flexquant.nn.lean`, keeps
+this layout alone). Where the compiler or the headers are missing the build fails once with a warning and
+`dense-cache` serves instead.
 """
 
 from __future__ import annotations
@@ -71,13 +71,15 @@ class PackedState:
     kept: torch.Tensor | None  # float32 [m, n16]
 
 
-def prepare(layer) -> PackedState:
+def prepare(layer, compact: bool = False) -> PackedState:
+    """The kernel's layout of ``layer``. ``compact`` (a lean load): 3-bit codes where every group has ≤ 3 bits —
+    smaller, but its unpacking is not vectorized yet (decode 5-6× slower than nibbles); else nibbles or bytes."""
     r = layer.to_result()
     m, n = r.shape
     g = r.group_size
     q = r.quantized_groups
     top = int(r.group_bits[q].max()) if q.any() else 0
-    bits = 3 if top <= 3 and g % 8 == 0 else 4 if top <= 4 else 8
+    bits = 3 if compact and top <= 3 and g % 8 == 0 else 4 if top <= 4 else 8
     ng = n // g
     scale = torch.zeros(m, ng)
     offset = torch.zeros(m, ng)

@@ -75,11 +75,12 @@ class PackedCPUKernel(Kernel):
 
         return extension() is not None
 
-    def prepare(self, layer):
-        """The kernel's own layout of the layer's codes (self-contained: `QuantLinear.release_packed`)."""
+    def prepare(self, layer, compact: bool = False):
+        """The kernel's own layout of the layer's codes (self-contained: `QuantLinear.release_packed`; ``compact``:
+        3-bit codes where they fit, `cpu_packed.prepare`)."""
         from .cpu_packed import prepare
 
-        return prepare(layer)
+        return prepare(layer, compact)
 
     def forward(self, layer, x):
         from .cpu_packed import packed_forward

@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
         if not hasattr(kernel, "prepare"):
             raise FlexQuantError(f"kernel {kernel.name!r} keeps no layout of its own; a lean load needs "
                                  "kernel='packed-cpu'")
-        self._kernel, self._kernel_cache = kernel, kernel.prepare(self)
+        self._kernel, self._kernel_cache = kernel, kernel.prepare(self, compact=True)
         self._lean_bits = self.stored_bits()
         for name in self.buffer_names:
             if name not in ROTATION_BUFFERS:
