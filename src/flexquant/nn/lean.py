@@ -1,9 +1,10 @@
 """A lean load (`flexquant.load(..., lean=True)`): a checkpoint held for inference in about its packed size.
 
-Every `QuantLinear` keeps only its kernel's own layout (`QuantLinear.release_packed`: the checkpoint's packed
-buffers are dropped once the layout is made), and the large full-precision ends — the embedding and an untied
-head — are held in float16 (read so from the file, `format.checkpoint.read_tensors`) and computed in the model's
-dtype: the embedding's rows are converted after the lookup, the head's weight ``HEAD_ROWS`` rows at a time. The
+Every `QuantLinear` keeps only its kernel's own layout (`QuantLinear.release_packed`, called as the load installs
+each layer: the checkpoint's packed buffers are dropped once the layout is made), and the large full-precision
+ends — the embedding and an untied head — are held in float16 (read so from the file,
+`format.checkpoint.read_tensors`) and computed in the model's dtype: the embedding's rows are converted after the
+lookup, the head's weight ``HEAD_ROWS`` rows at a time (decode-sized batches: converted as read, `half_matmul`). The
 cost is the ends' float16 rounding (a relative 2⁻¹¹ of each weight); a tensor whose values overflow float16 stays
 as stored.
 """
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu_packed import GEMV_MAX_BATCH, extension
-from .quant_linear import QuantLinear
 
 HEAD_ROWS = 1024  # rows of a float16-held head converted per matmul (two buffers: 1024 × hidden, tokens × 1024)
 
@@ -49,12 +49,10 @@ class HalfStoredLinear(nn.Linear):
 
 
 def make_lean(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Release every `QuantLinear`'s checkpoint buffers and make modules whose weights were read narrower than
-    ``dtype`` (the model's compute dtype) compute in it. Returns ``model``."""
+    """Make modules whose weights were read narrower than ``dtype`` (the model's compute dtype) compute in it (the
+    `QuantLinear`s were released as the load installed them). Returns ``model``."""
     for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.release_packed()
-        elif isinstance(module, nn.Embedding) and module.weight.dtype != dtype:
+        if isinstance(module, nn.Embedding) and module.weight.dtype != dtype:
             module.register_forward_hook(lambda _m, _args, out: out.to(dtype))
         elif type(module) is nn.Linear and module.weight.dtype != dtype:
             module.__class__ = HalfStoredLinear
