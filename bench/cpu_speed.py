@@ -121,7 +121,7 @@ def main() -> None:
         qm = fq.quantize(model_dir, method="gptq", bits=3, group_size=64, progress=False)
         fq.save(qm, ckpt, overwrite=True, plot=False)
     loaded = fq.load(ckpt)
-    bpw, method = loaded.bpw, next(iter(loaded.report.get("method") or {}), "checkpoint")
+    bpw, method = loaded.bpw, (loaded.report.get("config") or {}).get("method", "checkpoint")
     del loaded
     rows = [{"model": "float32", "kernel": "—", "bpw": 32.0, **run_one(model_dir, "float32", args)}]
     for kernel in ("dense-cache", "packed-cpu", "packed-cpu-lean"):

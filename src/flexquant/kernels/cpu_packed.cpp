@@ -2,9 +2,9 @@
 // offset per row and group (w = code·scale + offset), dequantized group by group inside the product.
 //
 // codes: uint8 [m, n·bits/8], bits 4 (per group of g, byte t holds column t in its low nibble and column t + g/2 in
-// its high nibble, so both halves meet x contiguously, as GGML's Q4_0 does), 3 (per group: g/4 bytes of low bit
-// pairs, byte t holding columns t + k·g/4 at bits 2k, then g/8 bytes of high bits, byte t holding columns t + e·g/8
-// at bit e: GGML's Q3_K splits its codes the same way) or 8;
+// its high nibble, so both halves meet x contiguously, as GGML's Q4_0 does), 3 (per 32 columns: 8 bytes of low bit
+// pairs, byte t holding columns t + 8k at bits 2k, then a little-endian 32-bit word whose bit c is column c's high
+// bit — eight columns come out of one 8-byte load and one broadcast word; g a multiple of 32) or 8;
 // sz: float32 [m, ng, 2] (scale, offset); x: float32 [b, n] (columns already in the codes' order).
 // Small batches (decode) take the fused row-by-group loop: each group's codes meet x once and the group's sum of x
 // carries the offset. Larger batches dequantize a tile of rows into a float buffer and hand it to the BLAS matmul,
@@ -14,30 +14,41 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-// One group's codes as floats in ``buf`` (plain loops the compiler vectorizes).
+// 32 columns of 3-bit codes (the layout above) as floats in ``out``.
+inline void unpack32_3(const uint8_t* q, float* out) {
+  uint32_t h;
+  std::memcpy(&h, q + 8, 4);
+#if defined(__AVX2__)
+  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  const __m256i hv = _mm256_set1_epi32(static_cast<int>(h));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), three = _mm256_set1_epi32(3);
+  const __m256i four = _mm256_set1_epi32(4);
+  for (int k = 0; k < 4; ++k) {
+    const __m256i low = _mm256_and_si256(_mm256_srl_epi32(lo, _mm_cvtsi32_si128(2 * k)), three);
+    const __m256i high = _mm256_and_si256(
+        _mm256_slli_epi32(_mm256_srlv_epi32(hv, _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * k))), 2), four);
+    _mm256_storeu_ps(out + 8 * k, _mm256_cvtepi32_ps(_mm256_or_si256(low, high)));
+  }
+#else
+  for (int k = 0; k < 4; ++k)
+    for (int t = 0; t < 8; ++t)
+      out[8 * k + t] = static_cast<float>(((q[t] >> (2 * k)) & 3) | (((h >> (8 * k + t)) & 1) << 2));
+#endif
+}
+
+// One group's codes as floats in ``buf`` (plain loops the compiler vectorizes, or unpack32_3).
 template <int BITS>
 inline void unpack_group(const uint8_t* q, int g, float* buf) {
-  if (BITS == 3) {  // one pass per byte: a low byte feeds four columns, a high byte eight
-    const int f = g / 4, e8 = g / 8;
-    for (int t = 0; t < f; ++t) {
-      const int b = q[t];
-      buf[t] = static_cast<float>(b & 3);
-      buf[f + t] = static_cast<float>((b >> 2) & 3);
-      buf[2 * f + t] = static_cast<float>((b >> 4) & 3);
-      buf[3 * f + t] = static_cast<float>(b >> 6);
-    }
-    const uint8_t* hi = q + f;
-    for (int t = 0; t < e8; ++t) {
-      const int h = hi[t];
-      for (int e = 0; e < 8; ++e) buf[e * e8 + t] += static_cast<float>(((h >> e) & 1) << 2);
-    }
+  if (BITS == 3) {
+    for (int c = 0; c < g; c += 32) unpack32_3(q + c * 3 / 8, buf + c);
   } else if (BITS == 4) {
     const int h = g / 2;
     for (int t = 0; t < h; ++t) buf[t] = static_cast<float>(q[t] & 0xF);
@@ -158,7 +169,7 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: contiguous uint8");
   TORCH_CHECK(sz.scalar_type() == torch::kFloat32 && sz.is_contiguous(), "sz: contiguous float32");
   TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "bits must be 3, 4 or 8");
-  TORCH_CHECK(bits != 3 || g % 8 == 0, "3-bit codes need a group size divisible by 8");
+  TORCH_CHECK(bits != 3 || g % 32 == 0, "3-bit codes need a group size divisible by 32");
   const int64_t b = x.size(0), n = x.size(1), m = codes.size(0);
   TORCH_CHECK(n % g == 0 && g % 2 == 0 && codes.size(1) == n * bits / 8 && sz.size(0) == m &&
               sz.size(1) == n / g && sz.size(2) == 2, "shapes of x, codes and sz do not agree");
