@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,21 @@ log = logging.getLogger(__name__)
 FORMAT = "gguf"
 GROUP = 32
 BLOCK_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}  # width -> GGML type of the symmetric grid with fp16 scales
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
+
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one transformers family is written for llama.cpp (data; `hyperparameters` reads the config)."""
+
+    gguf: str  # GGUF architecture name (gguf.MODEL_ARCH member, lower case)
+    rope_pairs: bool  # llama.cpp rotates adjacent pairs: q_proj / k_proj rows reordered per head (`rope_pairs`)
+    norm_shift: float = 0.0  # added to every *norm.weight: Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
+
+
+LLAMA = Architecture("llama", rope_pairs=True)
+ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA,  # transformers model_type -> how it is written
+                 "gemma3_text": Architecture("gemma3", rope_pairs=False, norm_shift=1.0)}
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0", "Q3_K": "MOSTLY_Q3_K_S",
               "Q6_K": "MOSTLY_Q6_K"}
 EMBEDDINGS = ("q8_0", "f16", "f32")  # the token embedding and output head
@@ -123,24 +138,47 @@ def _reorder(layer: GridLayer, order: torch.Tensor) -> GridLayer:
 
 
 def hyperparameters(config: dict) -> dict:
-    """The llama architecture's GGUF hyperparameters from a transformers config, or a clear refusal."""
+    """The GGUF hyperparameters of a transformers config (llama, mistral, gemma3_text), or a clear refusal."""
     mt = config.get("model_type")
     if mt not in ARCHITECTURES:
         raise FlexQuantError(f"GGUF export supports the model types {', '.join(ARCHITECTURES)} so far; this "
                              f"checkpoint is {mt!r}: export it to compressed-tensors or GPTQ instead")
+    arch = ARCHITECTURES[mt]
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise FlexQuantError(f"rotary scaling {rope.get('rope_type') or rope.get('type')!r} is not written to GGUF "
-                             "yet; export to compressed-tensors or GPTQ instead")
+    local = {}
+    if arch.gguf == "gemma3":  # per layer type; llama.cpp's gemma3 has every 6th layer global, the rest sliding
+        local, rope = rope.get("sliding_attention") or {}, rope.get("full_attention") or rope
+        types = config.get("layer_types") or []
+        pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]
+        if types != pattern:
+            raise FlexQuantError("this Gemma 3 model's layer types are not llama.cpp's pattern (every 6th layer "
+                                 "global); export it to compressed-tensors instead")
+        layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+        scale = hidden // heads if layers == 62 else config.get("head_dim") or hidden // heads
+        if config.get("query_pre_attn_scalar", scale) != scale:  # llama.cpp derives it from the model's size
+            raise FlexQuantError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} is not the {scale} "
+                                 "llama.cpp assumes for this Gemma 3 size; export to compressed-tensors instead")
+        for what in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if config.get(what):
+                raise FlexQuantError(f"{what} is not written to GGUF yet; export to compressed-tensors instead")
+    for r in (rope, local):
+        if r.get("rope_type", r.get("type", "default")) not in ("default", None):
+            raise FlexQuantError(f"rotary scaling {r.get('rope_type') or r.get('type')!r} is not written to GGUF "
+                                 "yet; export to compressed-tensors or GPTQ instead")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return {"context_length": config.get("max_position_embeddings", 2048), "embedding_length": config["hidden_size"],
-            "block_count": config["num_hidden_layers"], "feed_forward_length": config["intermediate_size"],
-            "head_count": heads, "head_count_kv": config.get("num_key_value_heads") or heads,
-            "rope_freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            "layer_norm_rms_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_dimension_count": head_dim,
-            "head_dim": head_dim, "vocab_size": config["vocab_size"],
-            "tied": bool(config.get("tie_word_embeddings", False))}
+    hp = {"arch": arch, "context_length": config.get("max_position_embeddings", 2048),
+          "embedding_length": config["hidden_size"], "block_count": config["num_hidden_layers"],
+          "feed_forward_length": config["intermediate_size"], "head_count": heads,
+          "head_count_kv": config.get("num_key_value_heads") or heads,
+          "rope_freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+          "layer_norm_rms_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_dimension_count": head_dim,
+          "head_dim": head_dim, "vocab_size": config["vocab_size"],
+          "tied": bool(config.get("tie_word_embeddings", False))}
+    if arch.gguf == "gemma3":
+        hp |= {"sliding_window": int(config["sliding_window"]),
+               "rope_freq_base_swa": float(local.get("rope_theta", 10000.0))}
+    return hp
 
 
 def tokenizer_pre(folder: Path, given: str | None) -> str:
@@ -168,11 +206,14 @@ def _add_tokenizer(w, folder: Path, vocab_size: int, pre: str | None) -> None:
     if not (folder / "tokenizer.json").is_file():
         raise FlexQuantError(f"{folder} has no tokenizer.json; a GGUF file carries its tokenizer: copy the model's "
                              "tokenizer files into the checkpoint folder")
+    tj = read_json(folder, "tokenizer.json")
+    if _sentencepiece_style(tj):
+        return _add_sentencepiece(w, folder, tj, vocab_size)
     try:
         vocab = gguf.vocab.BpeVocab(folder)
     except (FileNotFoundError, ValueError) as e:
-        raise FlexQuantError(f"{folder}: only byte-level BPE tokenizers (GPT-2 style) are written to GGUF so far "
-                             f"({' '.join(str(e).split())})") from e
+        raise FlexQuantError(f"{folder}: only byte-level BPE tokenizers (GPT-2 style) and SentencePiece-style BPE "
+                             f"ones are written to GGUF so far ({' '.join(str(e).split())})") from e
     tokens, types = [], []
     for text, _, kind in vocab.all_tokens():
         tokens.append(text.encode("utf-8") if isinstance(text, str) else text)
@@ -191,10 +232,54 @@ def _add_tokenizer(w, folder: Path, vocab_size: int, pre: str | None) -> None:
     special.add_to_gguf(w, quiet=True)
 
 
+def _sentencepiece_style(tj: dict) -> bool:
+    """A BPE tokenizer converted from SentencePiece (Gemma, Llama 2): byte fallback, spaces written as ▁."""
+    model = tj.get("model") or {}
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and "\u2581" in json.dumps(tj.get("normalizer") or tj.get("pre_tokenizer") or {}, ensure_ascii=False))
+
+
+def _add_sentencepiece(w, folder: Path, tj: dict, vocab_size: int) -> None:
+    """llama.cpp's SentencePiece vocabulary ("llama"): pieces, scores and types. SentencePiece merges the adjacent
+    pair whose piece scores highest; a converted tokenizer.json keeps the merges in that order, so a piece's score
+    is minus the rank of the merge that makes it (single characters, bytes and special tokens: 0)."""
+    import gguf
+
+    vocab = tj["model"]["vocab"]
+    text = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in tj.get("added_tokens") or []}
+    rank = {}
+    for r, m in enumerate(tj["model"].get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    unk = tj["model"].get("unk_token")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        t = added[i]["content"] if i in added else text.get(i)
+        if t is None:  # embedding rows past the tokenizer (padded vocabularies)
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t.encode("utf-8"))
+        scores.append(-float(rank[t]) if t in rank and i not in added else 0.0)
+        types.append(gguf.TokenType.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else
+                     gguf.TokenType.UNKNOWN if t == unk else
+                     gguf.TokenType.CONTROL if i in added and added[i].get("special") else
+                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(False)
+    gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
 def _tensor_name(names, hf_name: str) -> str:
     gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if gname is None:
-        raise FlexQuantError(f"tensor {hf_name} has no GGUF name in the llama architecture; the checkpoint does not "
+        raise FlexQuantError(f"tensor {hf_name} has no GGUF name in its architecture; the checkpoint does not "
                              "match its config.json")
     return gname
 
@@ -206,7 +291,7 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 def _rope_order(name: str, rows: int, hp: dict) -> torch.Tensor | None:
     """The row order of a q_proj / k_proj weight in llama.cpp's rotary layout (None for other tensors)."""
     stem = name.removesuffix(".weight").rsplit(".", 1)[-1]
-    if stem not in ROPE_ROWS:
+    if stem not in ROPE_ROWS or not hp["arch"].rope_pairs:
         return None
     return rope_pairs(rows, hp["head_count"] if stem == "q_proj" else hp["head_count_kv"])
 
@@ -227,9 +312,10 @@ def write(src: Source, out: Path, dtype: str | None, pre: str | None, embedding:
     import gguf
 
     hp = hyperparameters(src.config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["block_count"])
+    arch = hp["arch"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], hp["block_count"])
     dense_kind = "f32" if dtype == "float32" else "f16"
-    w = gguf.GGUFWriter(out, ARCHITECTURES[src.config["model_type"]])
+    w = gguf.GGUFWriter(out, arch.gguf)
     w.add_name(Path(src.path).name)
     w.add_context_length(hp["context_length"])
     w.add_embedding_length(hp["embedding_length"])
@@ -243,6 +329,9 @@ def write(src: Source, out: Path, dtype: str | None, pre: str | None, embedding:
     if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
+    if "sliding_window" in hp:
+        w.add_sliding_window(hp["sliding_window"])
+        w.add_rope_freq_base_swa(hp["rope_freq_base_swa"])
     w.add_vocab_size(hp["vocab_size"])
     _add_tokenizer(w, Path(src.path), hp["vocab_size"], pre)
 
@@ -261,6 +350,8 @@ def write(src: Source, out: Path, dtype: str | None, pre: str | None, embedding:
             continue  # llama.cpp reads the embedding when the output head is absent (a rotated head is written)
         order = _rope_order(key, t.shape[0], hp) if t.dim() == 2 else None
         gname = _tensor_name(names, key)
+        if arch.norm_shift and key.endswith("norm.weight"):
+            t = t.float() + arch.norm_shift
         _add_plain(w, gname, t if order is None else t[order],
                    embedding if gname in ("token_embd.weight", "output.weight") else dense_kind)
     main = max(kinds, key=kinds.get) if kinds else None
