@@ -90,6 +90,8 @@ def test_quantize_save_load(folders, ids, tmp_path, family, method):
 @pytest.mark.parametrize("family,options", [
     ("phi3", {}),  # DOSA (rotation of the fused q/k/v and gate/up readers), SBGBS, LFD
     ("gemma3_text", {"dosa": False}),  # LFD's feedback through the sandwich-norm fast path
+    ("gemma3_text", {}),  # DOSA as online rotations of every linear input (no residual rotation is exact)
+    ("olmo2", {"lfd": False}),
 ])
 def test_flexible_where_the_family_allows_it(folders, ids, tmp_path, family, options):
     qm = quantize_tiny(folders[family], "flexible", ids, options=dict(bpw=3.0, alloc_nsamples=4, fisher_nsamples=2,
@@ -116,9 +118,23 @@ def test_rotated_model_equals_the_original(ids, family):
         assert torch.allclose(rotated(ids[:2]).logits, model(ids[:2]).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_online_input_rotations_leave_the_model_unchanged(ids, family):
+    """DOSA's online mode (families whose residual stream cannot be rotated): every linear reads its input
+    through a randomized Hadamard that its weight undoes."""
+    from flexquant.transforms.rotate import rotate_inputs_online
+
+    model = tiny_model(family)
+    rotated = copy.deepcopy(model)
+    sites = rotate_inputs_online(rotated, get_spec(family)).online
+    assert len(sites) == model.config.num_hidden_layers * len(get_spec(family).linears)
+    with torch.no_grad():
+        assert torch.allclose(rotated(ids[:2]).logits, model(ids[:2]).logits, atol=1e-4)
+
+
 @pytest.mark.parametrize("family,method,options,match", [
-    ("olmo2", "flexible", {}, "--no-dosa"),
-    ("gemma3_text", "flexible", {}, "--no-dosa"),
+    ("olmo2", "flexible", {"dosa_rotation": "residual"}, "--dosa-rotation online or --no-dosa"),
+    ("gemma3_text", "flexible", {"dosa_rotation": "residual"}, "--no-dosa"),
     ("granite", "flexible", {"dosa": False, "denoise": "bias"}, "--denoise off"),
     ("gemma3_text", "adaptive", {}, "--method gptq"),
     ("olmo2", "adaptive", {}, "--method gptq"),

@@ -18,12 +18,13 @@ from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.impact import hinv_diagonal, salience
 from ..quant.targets import TARGETS, get_target
-from ..transforms.rotate import incoherence, rotate_model
+from ..transforms.rotate import incoherence, rotate_inputs_online, rotate_model
 from .registry import register
 
 log = logging.getLogger(__name__)
 PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
+ROTATIONS = ("auto", "residual", "online")
 WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits and the rotation is off
 
 
@@ -32,8 +33,13 @@ class FlexibleConfig(MethodConfig):
     """FlexibleLLM options."""
 
     bpw: float = option(2.5, "honest bits-per-weight budget over all quantized linears, metadata included")
-    dosa: bool | None = option(None, "DOSA Hadamard rotation of the residual stream and MLP intermediate "
-                                     f"(unset: on below {WIDE_BUDGET:g} bpw, off from there)")
+    dosa: bool | None = option(None, "DOSA Hadamard rotation (unset: on below "
+                                     f"{WIDE_BUDGET:g} bpw, off from there)")
+    dosa_rotation: str = option("auto", "'residual' = the residual stream (folded into the weights) and "
+                                        "down_proj's input online; 'online' = every linear's input online (for "
+                                        "families whose residual stream cannot be rotated: Gemma's sandwich "
+                                        "norms); 'auto' = residual where the family allows it, else online",
+                                ROTATIONS)
     protect: str = option("groups", "attribute outliers: 'groups' orders columns by salience so SBGBS raises the "
                                     "groups holding them; 'columns' keeps the top salient columns at "
                                     "--protect-bits, quantized last; 'none'", PROTECT)
@@ -66,6 +72,8 @@ class FlexibleConfig(MethodConfig):
             raise FlexQuantError(f"bpw={self.bpw} must be in (1, 16]")
         if self.denoise not in ("bias", "off"):
             raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
+        if self.dosa_rotation not in ROTATIONS:
+            raise FlexQuantError(f"dosa_rotation={self.dosa_rotation!r} must be one of {ROTATIONS}")
         if self.sensitivity not in SENSITIVITY:
             raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
         if not 0 <= self.fisher_power <= 2:
@@ -104,10 +112,11 @@ def _refuse(f: FlexibleConfig, spec) -> None:
                              f"norms its linears read (norm_linear_pairs, residual readers/writers, rotatable) and "
                              f"blocks of two residual sub-layers (prenorm); {spec.family} has only a discovered one "
                              "(linear groups): pass --no-dosa --no-lfd, or use --method gptq")
-    if f.dosa and not spec.rotatable:
+    if f.dosa and not spec.rotatable and (f.dosa_rotation == "residual" or spec.experts):
         why = ("its experts' router reads the residual stream and is not rotated" if spec.experts else
                "norms on its sub-layer outputs or readers without a foldable norm")
-        raise FlexQuantError(f"FlexibleLLM's DOSA rotation is not exact for {spec.family} ({why}): pass --no-dosa, "
+        fix = "pass --no-dosa" if spec.experts else "pass --dosa-rotation online or --no-dosa"
+        raise FlexQuantError(f"FlexibleLLM's residual rotation is not exact for {spec.family} ({why}): {fix}, "
                              "or use --method gptq")
     if f.lfd and not spec.prenorm:
         raise FlexQuantError(f"FlexibleLLM's LFD feedback needs residual blocks of two sub-layers, which the "
@@ -197,7 +206,13 @@ class FlexibleLLM(Method):
                 return fn
 
             res.transform_blocks(observe("before"))
-            rotated = rotate_model(model, spec, seed=f.rotation_seed, online=self.target.online_rotation)
+            if f.dosa_rotation == "online" or (f.dosa_rotation == "auto" and not spec.rotatable):
+                if not self.target.online_rotation:
+                    raise FlexQuantError(f"--target {self.target.name} cannot express online rotations, and "
+                                         f"{spec.family}'s residual stream cannot be rotated: pass --no-dosa")
+                rotated = rotate_inputs_online(model, spec, seed=f.rotation_seed)
+            else:
+                rotated = rotate_model(model, spec, seed=f.rotation_seed, online=self.target.online_rotation)
             res.transform_blocks(observe("after"))
             self.facts.rotation, self.online, self.facts.incoherence = rotated.facts, rotated.online, inc
         # A whole number of batches, so that the kept FP inputs are the first batches of the block loop.

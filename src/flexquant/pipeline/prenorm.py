@@ -117,8 +117,9 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     for h in inputs.hidden:  # each o_proj input freed once used
         h_mid.append(h.to(device) + sub.attn_out(_matmul(o_proj, x_o.pop(0).to(device))))
     acc = dist.accumulator(get(gate_up[0]).in_features, device)
+    seen = getattr(get(gate_up[0]), "online_rotation", None) or (lambda x: x)  # what the matmul sees
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
-        acc.add(sub.mlp_in(hm), None if x_fp is None else x_fp.to(device))
+        acc.add(seen(sub.mlp_in(hm)), None if x_fp is None else x_fp.to(device))
     dist.reduce_hessian(acc)
     quantize_group(gate_up, acc.H, acc.D)
     d_ff = get(down[0]).in_features

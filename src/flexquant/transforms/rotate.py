@@ -176,6 +176,35 @@ def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0, online: bool 
     return RotatedModel(facts, sites)
 
 
+@torch.no_grad()
+def rotate_inputs_online(model: nn.Module, spec: ModelSpec, seed: int = 0) -> RotatedModel:
+    """Rotate the input of every linear at run time (W ↦ W·Q offline, x ↦ x·Q online), one randomized Hadamard
+    per group of linears that read the same input: incoherence without folding anything, for families whose
+    residual stream cannot be rotated exactly (Gemma's sandwich norms). Exact; costs one transform per group."""
+    if spec.experts is not None:
+        raise FlexQuantError(f"online input rotations of {spec.family}'s experts are not supported; pass --no-dosa")
+    res = residency(model, spec)
+    sites: dict[str, Rotation] = {}
+    per_block: list[dict[str, Rotation]] = []
+    for i, block in enumerate(model.get_submodule(spec.layers)):
+        mine = {}
+        for k, group in enumerate(spec.groups_in(block)):
+            R = Rotation.random(block.get_submodule(group[0]).in_features, seed + 1 + 8 * i + k)
+            for name in group:
+                mine[name] = sites[f"{spec.layers}.{i}.{name}"] = R
+        per_block.append(mine)
+
+    def apply(i: int, block: nn.Module) -> None:
+        for name, R in per_block[i].items():
+            lin = block.get_submodule(name)
+            _rotate_in(lin, R)
+            attach_online_rotation(lin, R)
+
+    res.transform_blocks(apply)
+    sizes = sorted({R.signs.shape[0] for R in sites.values()})
+    return RotatedModel({"online": {"n": sizes, "sites": list(sites), "every_linear": True}}, sites)
+
+
 def incoherence(W: torch.Tensor) -> float:
     """μ(W) = √(mn)·max|W_ij| / ‖W‖_F (1 for a flat matrix, √(mn) for a single spike)."""
     W = W.detach().double()
