@@ -168,3 +168,14 @@ def test_llama_cpp_runs_the_gemma3_files(gemma, quantized, tmp_path):
     assert rel(llama_logits(tmp_path / "f.gguf", x[0].tolist()), ref_fp) < 2e-3
     got = llama_logits(tmp_path / "m.gguf", x[0].tolist())
     assert rel(got, ref_q) < 0.25 * rel(ref_q, ref_fp), (rel(got, ref_q), rel(ref_q, ref_fp))
+
+
+def test_flexible_for_gguf_on_gemma_runs_without_a_rotation(gemma, tmp_path, caplog):
+    """Gemma's residual stream cannot be rotated and GGUF cannot express online rotations: DOSA is off, said so."""
+    calib = torch.randint(4, 300, (8, 64), generator=torch.Generator().manual_seed(2))
+    qm = fq.quantize(str(gemma), method="flexible", group_size=64, progress=False, calib_ids=calib, batch_size=4,
+                     target="gguf", options=dict(bpw=5.0, dosa=True, alloc_nsamples=4))
+    assert "DOSA's rotation is off" in caplog.text
+    assert all(m.to_result().rotation is None for m in qm.model.modules() if hasattr(m, "to_result"))
+    out = export_checkpoint(fq.save(qm, tmp_path / "q", plot=False), tmp_path / "f.gguf", "gguf")
+    assert out["bpw"] <= 5.0

@@ -195,7 +195,11 @@ class FlexibleLLM(Method):
             self.feedback_groups = tuple(g[0] for g in spec.linear_groups if g[0] in spec.residual_readers)
         self.spec_writer = spec.residual_writers[-1] if spec.residual_writers else None  # (used by LFD only)
         self.layers_path = spec.layers
-        if f.dosa:
+        online_only = f.dosa_rotation == "online" or (f.dosa_rotation == "auto" and not spec.rotatable)
+        if f.dosa and online_only and not self.target.online_rotation:
+            log.warning("--target %s cannot express online rotations and %s's residual stream cannot be rotated: "
+                        "DOSA's rotation is off", self.target.name, spec.family)
+        elif f.dosa:
             res, inc = residency(model, spec), {}
 
             def observe(stage):  # incoherence of each linear the first time its block is seen (before/after)
@@ -206,10 +210,7 @@ class FlexibleLLM(Method):
                 return fn
 
             res.transform_blocks(observe("before"))
-            if f.dosa_rotation == "online" or (f.dosa_rotation == "auto" and not spec.rotatable):
-                if not self.target.online_rotation:
-                    raise FlexQuantError(f"--target {self.target.name} cannot express online rotations, and "
-                                         f"{spec.family}'s residual stream cannot be rotated: pass --no-dosa")
+            if online_only:
                 rotated = rotate_inputs_online(model, spec, seed=f.rotation_seed)
             else:
                 rotated = rotate_model(model, spec, seed=f.rotation_seed, online=self.target.online_rotation)
