@@ -77,13 +77,30 @@ def flexquant_row(name: str, quantize: dict, args, calib, windows, n2d: int, wor
                      progress=False, target="gguf", **quantize)
     seconds = time.perf_counter() - t0
     path = fq.save(qm, work / name, overwrite=True, plot=False)
+    exp = fq.export(path, work / f"{name}.gguf", "gguf", overwrite=True, gguf_embedding=args.embedding)
+    if args.embedding != "q8_0":  # rounded at export: flexquant's own figure with the file's embedding and head
+        file_ends(qm.model, work / f"{name}.gguf")
     own = evaluate_windows(qm.model, windows, progress=False)["perplexity"]
-    exp = fq.export(path, work / f"{name}.gguf", "gguf", overwrite=True)
     row = llama_row(work / f"{name}.gguf", windows, n2d, {"tool": "flexquant", "name": name,
                                                           "quantize": quantize, "quant_seconds": seconds})
     row.update({"flexquant_ppl": own, "linear_bpw": exp["bpw"], "linear_weights": exp["quantized_weights"],
                 "block_types": exp["block_types"], "ppl_gap": row["llama_ppl"] / own - 1})
     return row
+
+
+@torch.no_grad()
+def file_ends(model, path: Path) -> None:
+    """Give ``model`` the token embedding and output head as the GGUF file ``path`` stores them (dequantized by
+    the gguf package), so that its perplexity is that of the weights in the file."""
+    import gguf
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for name, mod in (("token_embd.weight", model.get_input_embeddings()),
+                      ("output.weight", model.get_output_embeddings())):
+        if name in tensors:
+            t = tensors[name]
+            mod.weight.data.copy_(torch.from_numpy(dequantize(t.data, t.tensor_type)).view_as(mod.weight))
 
 
 def budget_for(size: int, base: dict) -> float:
@@ -126,6 +143,9 @@ def main() -> None:
     p.add_argument("--clips", nargs="+", default=["mse"], choices=("mse", "lsq", "minmax"),
                    help="GridConfig.clip of the flexquant rows, each with each --sym-grids (rows other than mse "
                         "are named with a -CLIP suffix)")
+    p.add_argument("--embedding", default="q8_0", choices=("q8_0", "q5_0", "q4_0"),
+                   help="GGML type of the token embedding and output head in flexquant's files (rows other than "
+                        "q8_0 are named with a -eTYPE suffix; llama.cpp's own files keep its choice)")
     p.add_argument("--table-only", action="store_true",
                    help="write the results from the rows already measured (work-NAME/rows.json), run nothing")
     p.add_argument("--sym-grids", nargs="+", default=["balanced"], choices=("balanced", "signed"),
@@ -181,7 +201,8 @@ def main() -> None:
     from flexquant.errors import FlexQuantError
 
     for grid, clip in [(g, c) for c in args.clips for g in args.sym_grids]:
-        sfx = ("" if grid == "balanced" else f"-{grid}") + ("" if clip == "mse" else f"-{clip}")
+        sfx = (("" if grid == "balanced" else f"-{grid}") + ("" if clip == "mse" else f"-{clip}")
+               + ("" if args.embedding == "q8_0" else f"-e{args.embedding}"))
         extra = {"sym_grid": grid, "clip": clip}
         try:
             base = cached(f"fq:gptq-q4_0{sfx}", lambda sfx=sfx, extra=extra: flexquant_row(

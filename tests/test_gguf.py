@@ -133,6 +133,26 @@ def test_gptq_at_4_bits_is_q4_0_and_the_cli_writes_it(tiny, calib, tmp_path, cap
     assert types == {"Q4_0", "Q8_0", "F32"}  # linears, embedding (Q8_0 by default), norms
 
 
+def test_a_coarser_embedding_is_ggmls_own_rounding(tiny, calib, tmp_path):
+    """--gguf-embedding q5_0 / q4_0: the tied embedding rounded at export with GGML's rule (gguf's reference)."""
+    from gguf.quants import quantize
+
+    from flexquant.models.loader import load_model
+
+    qm = fq.quantize(str(tiny), method="rtn", bits=4, progress=False, calib_ids=calib, target="gguf")
+    path = fq.save(qm, tmp_path / "q", plot=False)
+    E = load_model(str(tiny))[0].get_input_embeddings().weight.detach().float().numpy()
+    sizes = {}
+    for kind in ("q8_0", "q5_0", "q4_0"):
+        out = export_checkpoint(path, tmp_path / f"{kind}.gguf", "gguf", gguf_pre="gpt-2", gguf_embedding=kind)
+        t = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{kind}.gguf").tensors}["token_embd.weight"]
+        qtype = gguf.GGMLQuantizationType[kind.upper()]
+        assert t.tensor_type == qtype and np.array_equal(np.asarray(t.data).reshape(-1),
+                                                         quantize(E, qtype).reshape(-1))
+        sizes[kind] = out["file_bytes"]
+    assert sizes["q4_0"] < sizes["q5_0"] < sizes["q8_0"]
+
+
 def test_k_quants_reach_below_q4_0_and_export_exactly(tiny, calib, tmp_path):
     """Below Q4_0 everywhere (4.5 bpw) the search takes Q3_K where rows hold 256-weight super-blocks (tiny-llama's
     down_proj: 256 columns); its group scales are multiples of one float16 step, so the file is bit-exact."""

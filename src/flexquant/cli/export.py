@@ -30,9 +30,10 @@ def register(sub) -> None:
     p.add_argument("--gguf-pre", default=None, metavar="NAME",
                    help="GGUF only: llama.cpp's name of the tokenizer's pre-tokenization (default: recognised from "
                         "tokenizer.json; e.g. gpt-2, smollm, llama-bpe)")
-    p.add_argument("--gguf-embedding", choices=("q8_0", "f16", "f32"), default="q8_0",
+    p.add_argument("--gguf-embedding", choices=("q8_0", "q5_0", "q4_0", "f16", "f32"), default="q8_0",
                    help="GGUF only: the token embedding and output head in Q8_0 (llama.cpp's choice for small "
-                        "models; default) or float")
+                        "models; default), Q5_0 / Q4_0 (round-to-nearest at export: coarser, leaving more of a file "
+                        "size to the linears) or float")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
     p.set_defaults(func=run_export)
 

@@ -28,7 +28,7 @@ def export_checkpoint(path: str | Path, out: str | Path, format: str, dtype: str
     ``online_rotation``: "error" (default) refuses layers with an online input rotation; "dense" writes them
     unquantized with the rotation folded into the weight (exact). ``gguf_pre``: llama.cpp's name of the
     tokenizer's pre-tokenization (GGUF only; default: recognised from tokenizer.json); ``gguf_embedding``: q8_0
-    (default), f16 or f32 for the token embedding and output head. For GGUF, ``path`` may also be a plain
+    (default), q5_0, q4_0, f16 or f32 for the token embedding and output head. For GGUF, ``path`` may also be a plain
     transformers folder of float weights: it is written all in float (``dtype``). Returns a summary dict.
     """
     if format not in EXPORTERS:

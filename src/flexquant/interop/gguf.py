@@ -16,7 +16,8 @@ GGML's blocks run along a row (a linear's input dimension), as flexquant's group
 with the fix: asymmetric grids (Q4_1's float minimum is not flexquant's integer zero point), other group sizes or
 widths, act-order permutations (GGUF has no per-column group index), online rotations. The token embedding and the
 output head follow llama.cpp's convention for small models: Q8_0 (round-to-nearest, as llama-quantize does;
-``embedding`` f16 / f32 keeps them in float); norms in float32; linears left in float (an online rotation folded
+``embedding`` q5_0 / q4_0 rounds them coarser, leaving more of a file size to the linears; f16 / f32 keeps them in
+float); norms in float32; linears left in float (an online rotation folded
 in) in float16, or float32 with ``dtype`` float32. A plain transformers folder (no quant_config.json) is written
 all in float (``float_source``): the F32/F16 file llama.cpp's own quantizer starts from.
 
@@ -61,7 +62,7 @@ ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA,  # transformers model_type ->
                  "gemma3_text": Architecture("gemma3", rope_pairs=False, norm_shift=1.0)}
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0", "Q3_K": "MOSTLY_Q3_K_S",
               "Q6_K": "MOSTLY_Q6_K"}
-EMBEDDINGS = ("q8_0", "f16", "f32")  # the token embedding and output head
+EMBEDDINGS = ("q8_0", "q5_0", "q4_0", "f16", "f32")  # the token embedding and output head
 GGUF_MAGIC = b"GGUF"
 ROPE_ROWS = ("q_proj", "k_proj")
 
@@ -300,9 +301,9 @@ def _add_plain(w, gname: str, t: torch.Tensor, kind: str) -> None:
     """Write a float tensor as ``kind`` (q8_0, f16, f32; 1-D tensors always float32)."""
     import gguf
 
-    if kind == "q8_0" and t.dim() == 2 and t.shape[1] % GROUP == 0:
-        data = gguf.quants.quantize(_plain(t, torch.float32), gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    if kind in ("q8_0", "q5_0", "q4_0") and t.dim() == 2 and t.shape[1] % GROUP == 0:
+        qtype = gguf.GGMLQuantizationType[kind.upper()]  # round-to-nearest with GGML's own rule
+        w.add_tensor(gname, gguf.quants.quantize(_plain(t, torch.float32), qtype), raw_dtype=qtype)
     else:
         w.add_tensor(gname, _plain(t, torch.float32 if kind == "f32" or t.dim() == 1 else torch.float16))
 
