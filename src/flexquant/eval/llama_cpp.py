@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from ..errors import FlexQuantError
 
+ROWS = 128  # positions whose log-probabilities are computed at once
+
 
 def open_gguf(path: str | Path, n_ctx: int, threads: int | None = None):
     """A llama.cpp context over ``path`` that keeps the logits of every position."""
@@ -48,10 +50,12 @@ def gguf_perplexity(path: str | Path, windows: torch.Tensor, threads: int | None
     llm = open_gguf(path, int(windows.shape[1]), threads)
     nll, count, t0 = 0.0, 0, time.perf_counter()
     for row in tqdm(windows.tolist(), desc="llama.cpp windows", disable=not progress):
-        logits = torch.from_numpy(llama_logits(path, row, llm=llm)).double()
-        lp = torch.log_softmax(logits[:-1], -1)
+        logits = torch.from_numpy(llama_logits(path, row, llm=llm))[:-1]
         target = torch.tensor(row[1:])
-        nll += float(-lp.gather(-1, target.unsqueeze(-1)).sum())
+        for lg, tg in zip(logits.split(ROWS), target.split(ROWS)):  # float64 a few rows at a time: a 262k
+            lp = torch.log_softmax(lg.double(), -1)                   # vocabulary is 2 GB a window in float64
+            nll += float(-lp.gather(-1, tg.unsqueeze(-1)).sum())
         count += target.numel()
+        del logits
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "windows": int(windows.shape[0]),
             "seqlen": int(windows.shape[1]), "tokens": count, "eval_seconds": time.perf_counter() - t0}
