@@ -47,7 +47,6 @@ GROUP = 32
 BLOCK_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}  # width -> GGML type of the symmetric grid with fp16 scales
 
 
-
 @dataclass(frozen=True)
 class Architecture:
     """How one transformers family is written for llama.cpp (data; `hyperparameters` reads the config)."""
@@ -273,7 +272,7 @@ def _add_sentencepiece(w, folder: Path, tj: dict, vocab_size: int) -> None:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    w.add_add_space_prefix(False)
+    w.add_add_space_prefix('"Prepend"' in json.dumps(tj.get("normalizer") or {}))  # Llama 2 prepends ▁, Gemma not
     gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 

@@ -1,16 +1,16 @@
-"""The packed CPU kernel (``packed-cpu``; ``dense-cache`` stays the CPU default): weights stay packed in memory and are dequantized group
-by group inside the matmul (`cpu_packed.cpp`, compiled once per machine with torch's extension builder and cached
-under ~/.cache/flexquant/ext).
+"""The packed CPU kernel (``packed-cpu``; ``dense-cache`` stays the CPU default): weights stay packed in memory and are
+dequantized group by group inside the matmul (`cpu_packed.cpp`, compiled once per machine with torch's extension
+builder and cached under ~/.cache/flexquant/ext).
 
 At first use a layer's codes are laid out for the kernel: in a lean load, 3 bits per code when every quantized group
 has at most 3 bits and the group size is a multiple of 32 (per 32 columns, 8 bytes of low bit pairs, then a 32-bit
-word of high bits: unpacked eight columns at a time with AVX2); else two 4-bit codes per byte when every group has at most 4 bits (per group, byte t holds
-columns t and t + g/2), else one byte per code; per row and group a float32 scale and offset (w = code·scale +
-offset, offset = −zero·scale: the reference kernel's arithmetic reordered); columns in the layer's quantization
-order (the input is gathered by its permutation); kept float16 columns as a small dense matmul. That is 3, 4 or
-8 + 64/g bits per weight, beside the checkpoint's own packed buffers (a lean load, `flexquant.nn.lean`, keeps
-this layout alone). Where the compiler or the headers are missing the build fails once with a warning and
-`dense-cache` serves instead.
+word of high bits: unpacked eight columns at a time with AVX2); else two 4-bit codes per byte when every group has
+at most 4 bits (per group, byte t holds columns t and t + g/2), else one byte per code; per row and group a float32
+scale and offset (w = code·scale + offset, offset = −zero·scale: the reference kernel's arithmetic reordered);
+columns in the layer's quantization order (the input is gathered by its permutation); kept float16 columns as a
+small dense matmul. That is 3, 4 or 8 + 64/g bits per weight, beside the checkpoint's own packed buffers (a lean
+load, `flexquant.nn.lean`, keeps this layout alone). Where the compiler or the headers are missing the build fails
+once with a warning and `dense-cache` serves instead.
 """
 
 from __future__ import annotations
