@@ -91,7 +91,7 @@ def test_quantize_save_load(folders, ids, tmp_path, family, method):
     ("phi3", {}),  # DOSA (rotation of the fused q/k/v and gate/up readers), SBGBS, LFD
     ("gemma3_text", {"dosa": False}),  # LFD's feedback through the sandwich-norm fast path
     ("gemma3_text", {}),  # DOSA as online rotations of every linear input (no residual rotation is exact)
-    ("olmo2", {"lfd": False}),
+    ("olmo2", {}),
 ])
 def test_flexible_where_the_family_allows_it(folders, ids, tmp_path, family, options):
     qm = quantize_tiny(folders[family], "flexible", ids, options=dict(bpw=3.0, alloc_nsamples=4, fisher_nsamples=2,
