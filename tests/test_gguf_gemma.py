@@ -20,6 +20,9 @@ from flexquant.interop.gguf import hyperparameters
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
       "ffn_down": "mlp.down_proj"}
+NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+         "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 LAYER_TYPES = ["sliding_attention"] * 5 + ["full_attention"]  # llama.cpp's gemma3 pattern: every 6th layer global
 
 
@@ -91,16 +94,13 @@ def test_gemma3_is_written_as_llama_cpps_gemma3(gemma, quantized, tmp_path):
     sd = qm.model.state_dict()
     norms = 0
     for t in reader.tensors:
-        _, blk, kind, _ = (t.name.split(".") + ["", ""])[:4] if t.name.startswith("blk.") else ("", "", "", "")
+        parts = t.name.split(".")
+        blk, kind = (parts[1], parts[2]) if parts[0] == "blk" else (None, parts[0])
         if t.tensor_type.name == "Q4_0" and kind in HF:  # exact codes, rows in transformers' order (NEOX rotary)
             ref = results[f"model.layers.{blk}.{HF[kind]}"].dequantize(torch.float32)
             assert torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type)).float(), ref), t.name
-        elif t.name.endswith("norm.weight"):
-            hf = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-                  "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-                  "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-            key = "model.norm.weight" if t.name == "output_norm.weight" else \
-                f"model.layers.{blk}.{hf[kind]}.weight"
+        elif kind.endswith("norm"):
+            key = "model.norm.weight" if blk is None else f"model.layers.{blk}.{NORMS[kind]}.weight"
             assert torch.allclose(torch.from_numpy(np.array(t.data)), sd[key] + 1), t.name
             norms += 1
     assert norms == 6 * 6 + 1

@@ -144,6 +144,8 @@ def hyperparameters(config: dict) -> dict:
         raise FlexQuantError(f"GGUF export supports the model types {', '.join(ARCHITECTURES)} so far; this "
                              f"checkpoint is {mt!r}: export it to compressed-tensors or GPTQ instead")
     arch = ARCHITECTURES[mt]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     local = {}
     if arch.gguf == "gemma3":  # per layer type; llama.cpp's gemma3 has every 6th layer global, the rest sliding
@@ -153,8 +155,7 @@ def hyperparameters(config: dict) -> dict:
         if types != pattern:
             raise FlexQuantError("this Gemma 3 model's layer types are not llama.cpp's pattern (every 6th layer "
                                  "global); export it to compressed-tensors instead")
-        layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
-        scale = hidden // heads if layers == 62 else config.get("head_dim") or hidden // heads
+        scale = config["hidden_size"] // heads if config["num_hidden_layers"] == 62 else head_dim
         if config.get("query_pre_attn_scalar", scale) != scale:  # llama.cpp derives it from the model's size
             raise FlexQuantError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} is not the {scale} "
                                  "llama.cpp assumes for this Gemma 3 size; export to compressed-tensors instead")
@@ -165,8 +166,6 @@ def hyperparameters(config: dict) -> dict:
         if r.get("rope_type", r.get("type", "default")) not in ("default", None):
             raise FlexQuantError(f"rotary scaling {r.get('rope_type') or r.get('type')!r} is not written to GGUF "
                                  "yet; export to compressed-tensors or GPTQ instead")
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     hp = {"arch": arch, "context_length": config.get("max_position_embeddings", 2048),
           "embedding_length": config["hidden_size"], "block_count": config["num_hidden_layers"],
           "feed_forward_length": config["intermediate_size"], "head_count": heads,

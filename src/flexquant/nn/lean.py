@@ -28,21 +28,19 @@ class HalfStoredLinear(nn.Linear):
         if W.dtype == x.dtype:
             return F.linear(x, W, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= GEMV_MAX_BATCH and x.dtype == torch.float32 and W.dtype == torch.float16:
-            ext = extension()
-            if ext is not None:  # decode: the float16 rows meet x as they are read
-                y = ext.half_matmul(x2.contiguous(), W.contiguous())
-                if self.bias is not None:
-                    y += self.bias.float()
-                return y.view(*x.shape[:-1], self.out_features)
-        out = x2.new_empty(x2.shape[0], self.out_features)
-        rows = min(HEAD_ROWS, self.out_features)
-        w, y = x2.new_empty(rows, W.shape[1]), x2.new_empty(x2.shape[0], rows)  # reused for every chunk
-        for s in range(0, self.out_features, rows):
-            e = min(s + rows, self.out_features)
-            w[: e - s].copy_(W[s:e])
-            torch.mm(x2, w[: e - s].T, out=y[:, : e - s])
-            out[:, s:e] = y[:, : e - s]
+        ext = extension() if x2.shape[0] <= GEMV_MAX_BATCH and (x.dtype, W.dtype) == (torch.float32,
+                                                                                      torch.float16) else None
+        if ext is not None:  # decode: the float16 rows meet x as they are read
+            out = ext.half_matmul(x2.contiguous(), W.contiguous())
+        else:
+            out = x2.new_empty(x2.shape[0], self.out_features)
+            rows = min(HEAD_ROWS, self.out_features)
+            w, y = x2.new_empty(rows, W.shape[1]), x2.new_empty(x2.shape[0], rows)  # reused for every chunk
+            for s in range(0, self.out_features, rows):
+                e = min(s + rows, self.out_features)
+                w[: e - s].copy_(W[s:e])
+                torch.mm(x2, w[: e - s].T, out=y[:, : e - s])
+                out[:, s:e] = y[:, : e - s]
         if self.bias is not None:
             out += self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)

@@ -140,6 +140,11 @@ def _rotate_block(block: nn.Module, spec: ModelSpec, R: Rotation, online: dict[s
         _rotate_in(block.get_submodule(name), R)
     for name in spec.residual_writers:
         _rotate_out(block.get_submodule(name), R)
+    _rotate_online(block, online)
+
+
+def _rotate_online(block: nn.Module, online: dict[str, Rotation]) -> None:
+    """Each named linear of ``block`` reads its input through its rotation: weight rotated, rotation attached."""
     for name, Rm in online.items():
         lin = block.get_submodule(name)
         _rotate_in(lin, Rm)
@@ -193,14 +198,7 @@ def rotate_inputs_online(model: nn.Module, spec: ModelSpec, seed: int = 0) -> Ro
             for name in group:
                 mine[name] = sites[f"{spec.layers}.{i}.{name}"] = R
         per_block.append(mine)
-
-    def apply(i: int, block: nn.Module) -> None:
-        for name, R in per_block[i].items():
-            lin = block.get_submodule(name)
-            _rotate_in(lin, R)
-            attach_online_rotation(lin, R)
-
-    res.transform_blocks(apply)
+    res.transform_blocks(lambda i, block: _rotate_online(block, per_block[i]))
     sizes = sorted({R.signs.shape[0] for R in sites.values()})
     return RotatedModel({"online": {"n": sizes, "sites": list(sites), "every_linear": True}}, sites)
 
