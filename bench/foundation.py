@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
 KEEP_LOGPROBS_BYTES = 4 << 30  # reference log-probabilities kept in memory up to this size
-GRID_KEYS = ("scale_bits", "zero_bits", "target", "act_order")  # `--flexible 3.5:target=vllm` reaches the run config
+# run-config keys of a `--flexible` row (`3.5:target=vllm,group_size=128`), not method options
+GRID_KEYS = ("scale_bits", "zero_bits", "target", "act_order", "group_size")
 
 
 def job(args) -> None:
@@ -41,8 +42,9 @@ def job(args) -> None:
 
     calib = load_file(args.calib)["input_ids"]
     options = json.loads(args.options)
-    grid = {k: options.pop(k) for k in GRID_KEYS if k in options}  # grid settings, not method options
-    qm = fq.quantize(args.model, method=args.method, bits=args.bits, group_size=args.group_size,
+    grid = {"group_size": args.group_size}
+    grid.update({k: options.pop(k) for k in GRID_KEYS if k in options})  # grid settings, not method options
+    qm = fq.quantize(args.model, method=args.method, bits=args.bits,
                      calib_ids=calib, nsamples=calib.shape[0], seqlen=calib.shape[1], progress=False,
                      options=options, **grid)
     fq.save(qm, args.out, overwrite=True)

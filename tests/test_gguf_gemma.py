@@ -16,10 +16,7 @@ import flexquant as fq
 from flexquant.errors import FlexQuantError
 from flexquant.interop import export_checkpoint
 from flexquant.interop.gguf import hyperparameters
-
-HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-      "ffn_down": "mlp.down_proj"}
+from test_gguf import HF  # GGUF linear name -> the block-relative transformers one
 NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
          "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
          "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}

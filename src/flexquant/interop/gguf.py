@@ -180,13 +180,12 @@ def hyperparameters(config: dict) -> dict:
     return hp
 
 
-def tokenizer_pre(folder: Path, given: str | None) -> str:
+def tokenizer_pre(folder: Path, tj: dict, given: str | None) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenization (its splitting regex): ``given``, or recognised
-    from tokenizer.json. An unrecognised one is refused rather than guessed (a wrong split tokenizes
-    differently: a silent wrong answer)."""
+    from the folder's tokenizer.json (parsed: ``tj``). An unrecognised one is refused rather than guessed (a
+    wrong split tokenizes differently: a silent wrong answer)."""
     if given:
         return given
-    tj = read_json(folder, "tokenizer.json")
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex")) for s in steps]
@@ -221,7 +220,7 @@ def _add_tokenizer(w, folder: Path, vocab_size: int, pre: str | None) -> None:
         tokens.append(f"[PAD{i}]".encode())
         types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tokenizer_pre(folder, pre))
+    w.add_tokenizer_pre(tokenizer_pre(folder, tj, pre))
     w.add_token_list(tokens)
     w.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
