@@ -1,5 +1,6 @@
 """The block-by-block output Fisher equals the one autograd computes on the whole model."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,3 +38,39 @@ def test_blockwise_fisher_matches_whole_model_autograd(tiny):
     for n in got:
         torch.testing.assert_close(got[n], want[n] / ids.numel(), rtol=1e-4, atol=1e-10)
         assert got[n].gt(0).all()
+
+
+def test_block_probes_equal_the_whole_model_with_one_block_replaced(tiny):
+    """One streamed sweep gives, for every block, the KL of the model with only that block's linears changed."""
+    from flexquant.pipeline.sensitivity import block_probe_kl
+
+    model, _ = tiny
+    spec = get_spec(model.config.model_type)
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(4))
+    noise = {}
+
+    def replaced(i, block):  # a fixed perturbation of every linear of block i
+        g = torch.Generator().manual_seed(i)
+        new = {}
+        for n in spec.linears_in(block):
+            w = block.get_submodule(n).weight.data
+            new[n] = noise.setdefault((i, n), w + 0.05 * w.std() * torch.randn(w.shape, generator=g))
+        return new
+
+    got = block_probe_kl(model, spec, ids, torch.device("cpu"), replaced, batch_size=2, progress=False, rows=7)
+    layers = model.get_submodule(spec.layers)
+    assert len(got) == len(layers)
+    with torch.no_grad():
+        ref = F.log_softmax(model(ids).logits.float(), -1)
+        for i, block in enumerate(layers):
+            own = {n: block.get_submodule(n).weight.data for n in spec.linears_in(block)}
+            for n in own:
+                block.get_submodule(n).weight.data = noise[(i, n)]
+            lp = F.log_softmax(model(ids).logits.float(), -1)
+            for n, w in own.items():
+                block.get_submodule(n).weight.data = w
+            want = float((ref.exp() * (ref - lp)).sum() / ids.numel())
+            assert want > 1e-6 and got[i] == pytest.approx(want, rel=1e-4)
+    # the model's own weights are back: nothing replaced means nothing measured
+    zero = block_probe_kl(model, spec, ids, torch.device("cpu"), lambda i, b: {}, batch_size=2, progress=False)
+    assert max(abs(v) for v in zero) < 1e-9

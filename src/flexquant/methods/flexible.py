@@ -14,6 +14,7 @@ from ..config import MethodConfig, option
 from ..errors import FlexQuantError
 from ..models.stream import residency
 from ..pipeline import Method, StatsRequest
+from ..pipeline.sensitivity import block_probe_kl
 from ..quant import gptq_quantize
 from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.impact import hinv_diagonal, salience
@@ -24,6 +25,7 @@ from .registry import register
 log = logging.getLogger(__name__)
 PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
+PROBES = ("off", "block")
 ROTATIONS = ("auto", "residual", "online")
 WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits and the rotation is off
 
@@ -61,6 +63,11 @@ class FlexibleConfig(MethodConfig):
                                       "(whole batches); 0 = all")
     fisher_power: float = option(1.0, "the Fisher weights raised to this power (< 1 narrows their spread across "
                                       "layers; 0 = unweighted)")
+    probe: str = option("off", "'block': measure each block's real KL to the float model with only its linears "
+                               "quantized (at the widest candidate within --bpw) and scale that block's predicted "
+                               "errors to it before the search (one streamed pass over the blocks); 'off'", PROBES)
+    probe_nsamples: int = option(8, "windows the probes measure KL on")
+    probe_seqlen: int = option(256, "tokens per probe window")
     proxy: str = option("gptq", "SBGBS error proxy: 'block' = tr(ΔW H_kk ΔWᵀ) of the group's Hessian block; "
                                 "'gptq' = Σ ΔW²/U_jj², GPTQ's cost after compensation", PROXIES)
     rotation_seed: int = option(0, "seed of the random Hadamard signs")
@@ -80,6 +87,11 @@ class FlexibleConfig(MethodConfig):
             raise FlexQuantError(f"fisher_power={self.fisher_power} must be in [0, 2]")
         if self.fisher_nsamples < 0:
             raise FlexQuantError(f"fisher_nsamples={self.fisher_nsamples} must be >= 0 (0 = alloc_nsamples)")
+        if self.probe not in PROBES:
+            raise FlexQuantError(f"probe={self.probe!r} must be one of {PROBES}")
+        if self.probe_nsamples < 1 or self.probe_seqlen < 2:
+            raise FlexQuantError(f"probe_nsamples={self.probe_nsamples} must be >= 1 and probe_seqlen="
+                                 f"{self.probe_seqlen} >= 2")
         if self.proxy not in PROXIES:
             raise FlexQuantError(f"proxy={self.proxy!r} must be one of {PROXIES}")
         if self.protect not in PROTECT:
@@ -141,6 +153,7 @@ class _Facts:
     protected: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
     sensitivity: dict = field(default_factory=dict)  # mean output Fisher per matrix
+    probes: dict = field(default_factory=dict)  # --probe block: width, predicted and measured KL per block
 
 
 @register
@@ -246,11 +259,12 @@ class FlexibleLLM(Method):
         else:
             rows = {n: torch.ones(model.get_submodule(n).out_features) for n in stats.hessians}
         names = self._names(model, spec)
-        tables, orders, hinv, shapes = [], {}, {}, {}
+        tables, orders, hinv, shapes, predicted = [], {}, {}, {}, {}
         fixed_total = weights = 0
         grid = self.config.grid
         for name, W in self._weights(model, spec):
             table, order, nkept = self._linear_table(name, W, stats.hessians[name], rows[name], hinv)
+            predicted[name] = table.errors[:, table.candidates.index(self._probe_width)].sum()
             if self.target.per_layer:
                 table = self._layer_table(name, W, stats.hessians[name], rows[name], order, table)
             tables.append(table)
@@ -260,6 +274,8 @@ class FlexibleLLM(Method):
             layout = Layout(*W.shape, g, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None, factor)
             fixed_total += fixed_bits(layout, int(table.fixed.sum()) if f.protect_bits == 16 else 0)
             weights += W.numel()
+        if f.probe == "block":
+            self._calibrate(model, spec, stats, calib_ids, device, orders, predicted, tables)
         if self.target.per_layer:  # each table's options cost what the target's files store, whole
             fixed_total = 0
             least = sum(t.cost(0) for t in tables) / weights
@@ -291,6 +307,42 @@ class FlexibleLLM(Method):
         if sizes:
             self.facts.allocation["per_matrix_group_size"] = sizes
         log.info("SBGBS: planned %.4f bpw (target %.3f)", self.facts.allocation["planned_bpw"], f.bpw)
+
+    @property
+    def _probe_width(self) -> int:
+        """The width the block probes quantize at: the widest candidate within the budget."""
+        return max([c for c in self.candidates if c <= self.options.bpw] or self.candidates[:1])
+
+    def _calibrate(self, model, spec, stats, calib_ids, device, orders, predicted, tables) -> None:
+        """``--probe block``: scale every block's error tables by measured / predicted KL of that block alone at
+        the probe width (GPTQ in the planned order, float inputs), so the search trades blocks by what they
+        really cost (the output-Fisher prediction is second order and per linear)."""
+        f, w = self.options, self._probe_width
+        ids = calib_ids[: f.probe_nsamples, : f.probe_seqlen]
+        grid = replace(self.config.grid, bits=w)
+        gptq = replace(self.config.gptq, act_order=False)
+
+        def replaced(i, block):
+            new = {}
+            for n in spec.linears_in(block):
+                full, W = f"{spec.layers}.{i}.{n}", block.get_submodule(n).weight.data.float()
+                bits = torch.full((W.shape[1] // grid.group_size,), w, dtype=torch.uint8)
+                new[n] = gptq_quantize(W, stats.hessians[full], grid, gptq, group_bits=bits,
+                                       order=orders[full][0]).dequantize()
+            return new
+
+        kl = block_probe_kl(model, spec, ids, device, replaced, self.config.batch_size, progress=False)
+        blocks = [[n for n in predicted if n.startswith(f"{spec.layers}.{i}.")] for i in range(len(kl))]
+        pred = [float(sum(predicted[n] for n in names)) for names in blocks]
+        factor = [max(k, 1e-12) / max(p, 1e-30) for k, p in zip(kl, pred)]
+        mean = float(torch.tensor(factor).log().mean().exp())  # only ratios between blocks matter to the search
+        scale = {n: factor[i] / mean for i, names in enumerate(blocks) for n in names}
+        for t in tables:
+            t.errors.mul_(scale[t.name])
+        self.facts.probes = {"width": w, "windows": int(ids.shape[0]), "tokens": int(ids.numel()),
+                             "measured_kl": kl, "predicted": pred, "scale": [x / mean for x in factor]}
+        log.info("block probes at %d bits: measured/predicted spans %.3g … %.3g (geometric mean 1)", w,
+                 min(factor) / mean, max(factor) / mean)
 
     def _linear_table(self, name, W, H, rows, hinv) -> tuple[GroupTable, torch.Tensor, int]:
         """One linear's quantization order (salience or act-order, protected columns last) and error table."""

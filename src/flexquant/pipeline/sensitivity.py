@@ -9,9 +9,14 @@ can be traded against each other (SBGBS).
 Run block by block, like the rest of the pipeline: a forward pass stores each block's inputs, the
 loss gradient at the last block's output comes from the final norm and the head, and the gradient
 walks back one block at a time (only that block on the device).
+
+`block_probe_kl` measures instead of predicting: the KL to the float model when only one block's linears are
+replaced, for every block, in one streamed pass over the blocks (FlexibleLLM's ``--probe block``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..models.spec import ModelSpec
 from ..models.stream import residency
-from .capture import BlockInputs
+from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
 
 
@@ -105,3 +110,49 @@ def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInp
         for name in acc:
             fisher[f"{spec.layers}.{i}.{name}"] = (dist.sum_batches(acc[name]) / tokens).cpu()
     return fisher
+
+
+@torch.no_grad()
+def block_probe_kl(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor, device: torch.device,
+                   replaced: Callable[[int, nn.Module], dict[str, torch.Tensor]], batch_size: int = 8,
+                   progress: bool = True, rows: int = 128) -> list[float]:
+    """[KL(float model ‖ the model with block i's linears replaced), per token, for every block i] on ``input_ids``.
+
+    ``replaced(i, block)`` gives block i's new weights by block-relative linear name. One pass over the blocks
+    (each read once when the model is streamed) carries the float stream and one stream per probed block, which
+    runs its replaced block and then the float blocks after it; the head then scores every stream against the
+    float one, ``rows`` positions at a time (a large vocabulary's log-probabilities are never held whole).
+    """
+    res, layers = residency(model, spec), model.get_submodule(spec.layers)
+    with res.ends(device, (spec.embed,)):
+        fp = capture_block_inputs(model, spec, input_ids, device, batch_size)
+    probes: list[list[torch.Tensor]] = []
+    for i in tqdm(range(len(layers)), desc="block probes", disable=not progress):
+        inputs = fp.for_block(i)
+        with res.block(i, device) as block:
+            probes = [run_block(block, inputs.with_hidden(h), device) for h in probes]
+            new = replaced(i, block)
+            own = {n: block.get_submodule(n).weight.data for n in new}
+            try:
+                for n, w in new.items():
+                    block.get_submodule(n).weight.data = w.to(device, own[n].dtype)
+                probes.append(run_block(block, inputs, device))
+            finally:
+                for n, w in own.items():
+                    block.get_submodule(n).weight.data = w
+            fp = inputs.with_hidden(run_block(block, inputs, device))
+    kl = [0.0] * len(probes)
+    with res.ends(device, (spec.final_norm, spec.lm_head)):
+        norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
+
+        def logprobs(h):
+            h = h.to(device, head.weight.dtype)
+            return F.log_softmax(spec.logits(model.config, head(norm(h))).float(), -1)
+
+        for b, h in enumerate(fp.hidden):
+            for s in range(0, h.shape[1], rows):
+                ref = logprobs(h[:, s:s + rows])
+                p = ref.exp()
+                for k, probe in enumerate(probes):
+                    kl[k] += float((p * (ref - logprobs(probe[b][:, s:s + rows]))).sum())
+    return [v / input_ids.numel() for v in kl]
