@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize
+from test_gguf import HF  # GGUF linear name -> the block-relative transformers one
 
 import flexquant as fq
 from flexquant.errors import FlexQuantError
 from flexquant.interop import export_checkpoint
 from flexquant.interop.gguf import hyperparameters
-from test_gguf import HF  # GGUF linear name -> the block-relative transformers one
+
 NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
          "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
          "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
