@@ -140,14 +140,16 @@ def test_fisher_on_a_prefix_of_the_allocation_windows(wide, calib):
         FlexibleConfig(fisher_nsamples=-1)
 
 
-def test_block_probes_rescale_the_search(wide, calib):
-    """--probe block measures every block alone at the widest candidate within the budget and rescales its
-    errors: the budget is still hit exactly and the report says what was measured."""
+@pytest.mark.parametrize("unit,probes", [("block", 2), ("linear", 14)])
+def test_probes_rescale_the_search(wide, calib, unit, probes):
+    """--probe block|linear measures every block (linear) alone at the widest candidate within the budget and
+    rescales its errors: the budget is still hit exactly and the report says what was measured."""
     path, _ = wide
     qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, progress=False,
-                     options=dict(bpw=3.3, lfd=False, probe="block", probe_nsamples=2, probe_seqlen=64))
-    probes = qm.report["method"]["flexible"]["probes"]
-    assert probes["width"] == 3 and probes["tokens"] == 128 and len(probes["measured_kl"]) == 2
+                     options=dict(bpw=3.3, lfd=False, probe=unit, probe_nsamples=2, probe_seqlen=64))
+    probes_ = qm.report["method"]["flexible"]["probes"]
+    assert probes_["width"] == 3 and probes_["tokens"] == 128 and len(probes_["measured_kl"]) == probes
+    probes = probes_
     assert all(k > 0 for k in probes["measured_kl"]) and all(p > 0 for p in probes["predicted"])
     assert torch.tensor(probes["scale"]).log().mean().abs() < 1e-6  # only ratios between blocks matter
     assert 3.3 - 0.02 <= qm.bpw <= 3.3

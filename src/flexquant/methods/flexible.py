@@ -25,7 +25,7 @@ from .registry import register
 log = logging.getLogger(__name__)
 PROTECT = ("columns", "groups", "none")
 SENSITIVITY = ("fisher", "none")
-PROBES = ("off", "block")
+PROBES = ("off", "block", "linear")
 ROTATIONS = ("auto", "residual", "online")
 WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits and the rotation is off
 
@@ -65,7 +65,8 @@ class FlexibleConfig(MethodConfig):
                                       "layers; 0 = unweighted)")
     probe: str = option("off", "'block': measure each block's real KL to the float model with only its linears "
                                "quantized (at the widest candidate within --bpw) and scale that block's predicted "
-                               "errors to it before the search (one streamed pass over the blocks); 'off'", PROBES)
+                               "errors to it before the search (one streamed pass over the blocks); 'linear': the "
+                               "same for each linear alone; 'off'", PROBES)
     probe_nsamples: int = option(8, "windows the probes measure KL on")
     probe_seqlen: int = option(256, "tokens per probe window")
     proxy: str = option("gptq", "SBGBS error proxy: 'block' = tr(ΔW H_kk ΔWᵀ) of the group's Hessian block; "
@@ -274,7 +275,7 @@ class FlexibleLLM(Method):
             layout = Layout(*W.shape, g, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None, factor)
             fixed_total += fixed_bits(layout, int(table.fixed.sum()) if f.protect_bits == 16 else 0)
             weights += W.numel()
-        if f.probe == "block":
+        if f.probe != "off":
             self._calibrate(model, spec, stats, calib_ids, device, orders, predicted, tables)
         if self.target.per_layer:  # each table's options cost what the target's files store, whole
             fixed_total = 0
@@ -314,13 +315,14 @@ class FlexibleLLM(Method):
         return max([c for c in self.candidates if c <= self.options.bpw] or self.candidates[:1])
 
     def _calibrate(self, model, spec, stats, calib_ids, device, orders, predicted, tables) -> None:
-        """``--probe block``: scale every block's error tables by measured / predicted KL of that block alone at
-        the probe width (GPTQ in the planned order, float inputs), so the search trades blocks by what they
-        really cost (the output-Fisher prediction is second order and per linear)."""
+        """``--probe block|linear``: scale the error tables of every block (or linear) by the measured / predicted
+        KL of that block (linear) alone at the probe width (GPTQ in the planned order, float inputs), so the
+        search trades them by what they really cost (the output-Fisher prediction is second order)."""
         f, w = self.options, self._probe_width
         ids = calib_ids[: f.probe_nsamples, : f.probe_seqlen]
         grid = replace(self.config.grid, bits=w)
         gptq = replace(self.config.gptq, act_order=False)
+        units: list[list[str]] = []  # full linear names of each probe, in probe order
 
         def replaced(i, block):
             new = {}
@@ -329,19 +331,21 @@ class FlexibleLLM(Method):
                 bits = torch.full((W.shape[1] // grid.group_size,), w, dtype=torch.uint8)
                 new[n] = gptq_quantize(W, stats.hessians[full], grid, gptq, group_bits=bits,
                                        order=orders[full][0]).dequantize()
-            return new
+            changes = [new] if f.probe == "block" else [{n: v} for n, v in new.items()]
+            units.extend([f"{spec.layers}.{i}.{n}" for n in c] for c in changes)
+            return changes
 
-        kl = block_probe_kl(model, spec, ids, device, replaced, self.config.batch_size, progress=False)
-        blocks = [[n for n in predicted if n.startswith(f"{spec.layers}.{i}.")] for i in range(len(kl))]
-        pred = [float(sum(predicted[n] for n in names)) for names in blocks]
+        kl = [k for per_block in block_probe_kl(model, spec, ids, device, replaced, self.config.batch_size,
+                                                progress=False) for k in per_block]
+        pred = [float(sum(predicted[n] for n in names)) for names in units]
         factor = [max(k, 1e-12) / max(p, 1e-30) for k, p in zip(kl, pred)]
-        mean = float(torch.tensor(factor).log().mean().exp())  # only ratios between blocks matter to the search
-        scale = {n: factor[i] / mean for i, names in enumerate(blocks) for n in names}
+        mean = float(torch.tensor(factor).log().mean().exp())  # only ratios between probes matter to the search
+        scale = {n: factor[j] / mean for j, names in enumerate(units) for n in names}
         for t in tables:
             t.errors.mul_(scale[t.name])
-        self.facts.probes = {"width": w, "windows": int(ids.shape[0]), "tokens": int(ids.numel()),
+        self.facts.probes = {"unit": f.probe, "width": w, "windows": int(ids.shape[0]), "tokens": int(ids.numel()),
                              "measured_kl": kl, "predicted": pred, "scale": [x / mean for x in factor]}
-        log.info("block probes at %d bits: measured/predicted spans %.3g … %.3g (geometric mean 1)", w,
+        log.info("%s probes at %d bits: measured/predicted spans %.3g … %.3g (geometric mean 1)", f.probe, w,
                  min(factor) / mean, max(factor) / mean)
 
     def _linear_table(self, name, W, H, rows, hinv) -> tuple[GroupTable, torch.Tensor, int]:

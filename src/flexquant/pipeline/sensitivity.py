@@ -114,32 +114,36 @@ def output_fisher(model: nn.Module, spec: ModelSpec, block_inputs: list[BlockInp
 
 @torch.no_grad()
 def block_probe_kl(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor, device: torch.device,
-                   replaced: Callable[[int, nn.Module], dict[str, torch.Tensor]], batch_size: int = 8,
-                   progress: bool = True, rows: int = 128) -> list[float]:
-    """[KL(float model ‖ the model with block i's linears replaced), per token, for every block i] on ``input_ids``.
+                   replaced: Callable[[int, nn.Module], list[dict[str, torch.Tensor]]], batch_size: int = 8,
+                   progress: bool = True, rows: int = 128) -> list[list[float]]:
+    """For every block i and every change ``replaced(i, block)`` lists (new weights by block-relative linear
+    name): KL(float model ‖ the model with only that change), per token, on ``input_ids``.
 
-    ``replaced(i, block)`` gives block i's new weights by block-relative linear name. One pass over the blocks
-    (each read once when the model is streamed) carries the float stream and one stream per probed block, which
-    runs its replaced block and then the float blocks after it; the head then scores every stream against the
-    float one, ``rows`` positions at a time (a large vocabulary's log-probabilities are never held whole).
+    One pass over the blocks (each read once when the model is streamed) carries the float stream and one stream
+    per change, which runs its changed block and then the float blocks after it; the head then scores every
+    stream against the float one, ``rows`` positions at a time (a large vocabulary's log-probabilities are never
+    held whole).
     """
     res, layers = residency(model, spec), model.get_submodule(spec.layers)
     with res.ends(device, (spec.embed,)):
         fp = capture_block_inputs(model, spec, input_ids, device, batch_size)
     probes: list[list[torch.Tensor]] = []
+    counts = []
     for i in tqdm(range(len(layers)), desc="block probes", disable=not progress):
         inputs = fp.for_block(i)
         with res.block(i, device) as block:
             probes = [run_block(block, inputs.with_hidden(h), device) for h in probes]
-            new = replaced(i, block)
-            own = {n: block.get_submodule(n).weight.data for n in new}
-            try:
-                for n, w in new.items():
-                    block.get_submodule(n).weight.data = w.to(device, own[n].dtype)
-                probes.append(run_block(block, inputs, device))
-            finally:
-                for n, w in own.items():
-                    block.get_submodule(n).weight.data = w
+            changes = replaced(i, block)
+            counts.append(len(changes))
+            for new in changes:
+                own = {n: block.get_submodule(n).weight.data for n in new}
+                try:
+                    for n, w in new.items():
+                        block.get_submodule(n).weight.data = w.to(device, own[n].dtype)
+                    probes.append(run_block(block, inputs, device))
+                finally:
+                    for n, w in own.items():
+                        block.get_submodule(n).weight.data = w
             fp = inputs.with_hidden(run_block(block, inputs, device))
     kl = [0.0] * len(probes)
     with res.ends(device, (spec.final_norm, spec.lm_head)):
@@ -155,4 +159,5 @@ def block_probe_kl(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor, d
                 p = ref.exp()
                 for k, probe in enumerate(probes):
                     kl[k] += float((p * (ref - logprobs(probe[b][:, s:s + rows]))).sum())
-    return [v / input_ids.numel() for v in kl]
+    per_token = iter([v / input_ids.numel() for v in kl])
+    return [[next(per_token) for _ in range(c)] for c in counts]
