@@ -1,4 +1,5 @@
-"""Layer-wise high-impact ratio benchmark (METHODS.md §2, issue 6) on smollm2-135m, baselines in the same run.
+"""Layer-wise high-impact ratio benchmark (METHODS.md §2, issue 6) on smollm2-135m (or ``--model gemma3-270m``),
+baselines in the same run.
 
 Rows (same calibration windows, same held-out evaluation windows, same full-precision reference):
 - full precision; flexquant GPTQ at the nearest uniform bits (w2g64); llm-compressor GPTQ w2g64 (peer);
@@ -290,6 +291,7 @@ def write(args, header: str, rows: list[dict], spear: dict | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in model name (smollm2-135m, gemma3-270m) or folder")
     p.add_argument("--bpw", type=float, default=2.5)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--nsamples", type=int, default=128)
@@ -318,19 +320,19 @@ def main() -> None:
     p.add_argument("--skip-spearman", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--name", default="hiratio")
-    p.add_argument("--fresh", action="store_true", help="ignore finished rows in OUT/work/hiratio/rows.json")
+    p.add_argument("--fresh", action="store_true", help="ignore finished rows in the work folder's hiratio/rows.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from flexquant.methods.hiratio import HiRatioConfig
 
-    work = Path(args.out) / "work" / "hiratio"
+    work = Path(args.out) / ("work" if args.model == "smollm2-135m" else f"work-{Path(args.model).name}") / "hiratio"
     calib, windows = foundation.setup(args, work, args.windows)
     cache = foundation.RowCache(work, args.fresh)
     setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}-g{args.group_size}"
     ref, fp_row = foundation.reference_row(args, windows)
     rows = [fp_row]
-    header = (f"smollm2-135m, {args.bpw} bpw budget (honest: codes + scales + zeros + bit maps + permutations), "
+    header = (f"{args.model}, {args.bpw} bpw budget (honest: codes + scales + zeros + bit maps + permutations), "
               f"b_lo = 2; calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, evaluation "
               f"{windows.shape[0]} windows × 2048 tokens of the held-out split; group size {args.group_size}; "
               f"{dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}")
