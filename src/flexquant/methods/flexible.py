@@ -154,7 +154,7 @@ class _Facts:
     protected: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
     sensitivity: dict = field(default_factory=dict)  # mean output Fisher per matrix
-    probes: dict = field(default_factory=dict)  # --probe block: width, predicted and measured KL per block
+    probes: dict = field(default_factory=dict)  # --probe: unit, width, predicted and measured KL per probe
 
 
 @register
@@ -265,7 +265,8 @@ class FlexibleLLM(Method):
         grid = self.config.grid
         for name, W in self._weights(model, spec):
             table, order, nkept = self._linear_table(name, W, stats.hessians[name], rows[name], hinv)
-            predicted[name] = table.errors[:, table.candidates.index(self._probe_width)].sum()
+            if f.probe != "off":  # the predicted cost of the linear quantized alone at the probe width
+                predicted[name] = table.errors[:, table.candidates.index(self._probe_width)].sum()
             if self.target.per_layer:
                 table = self._layer_table(name, W, stats.hessians[name], rows[name], order, table)
             tables.append(table)
