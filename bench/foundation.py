@@ -186,6 +186,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def work_dir(args) -> Path:
+    """The benchmark's working folder (calibration windows, checkpoints, finished rows) for ``args.model``."""
+    return Path(args.out) / ("work" if args.model == "smollm2-135m" else f"work-{Path(args.model).name}")
+
+
 def setup(args, work: Path, text_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo model (into ``args.model_dir``), ``work`` created, the calibration windows written to
     work/calib.safetensors atomically (a running job may read it), and ``text_windows`` held-out windows."""
@@ -240,7 +245,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    work = Path(args.out) / ("work" if args.model == "smollm2-135m" else f"work-{Path(args.model).name}")
+    work = work_dir(args)
     calib, windows = setup(args, work, args.windows)
     peers = [m for m in args.peers.split(",") if m]
     if peers and not (ROOT / ".venv-peers/bin/python").exists():

@@ -326,7 +326,7 @@ def main() -> None:
 
     from flexquant.methods.hiratio import HiRatioConfig
 
-    work = Path(args.out) / ("work" if args.model == "smollm2-135m" else f"work-{Path(args.model).name}") / "hiratio"
+    work = foundation.work_dir(args) / "hiratio"
     calib, windows = foundation.setup(args, work, args.windows)
     cache = foundation.RowCache(work, args.fresh)
     setting = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}-g{args.group_size}"

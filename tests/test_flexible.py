@@ -140,16 +140,15 @@ def test_fisher_on_a_prefix_of_the_allocation_windows(wide, calib):
         FlexibleConfig(fisher_nsamples=-1)
 
 
-@pytest.mark.parametrize("unit,probes", [("block", 2), ("linear", 14)])
-def test_probes_rescale_the_search(wide, calib, unit, probes):
+@pytest.mark.parametrize("unit,count", [("block", 2), ("linear", 14)])
+def test_probes_rescale_the_search(wide, calib, unit, count):
     """--probe block|linear measures every block (linear) alone at the widest candidate within the budget and
     rescales its errors: the budget is still hit exactly and the report says what was measured."""
     path, _ = wide
     qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, progress=False,
                      options=dict(bpw=3.3, lfd=False, probe=unit, probe_nsamples=2, probe_seqlen=64))
-    probes_ = qm.report["method"]["flexible"]["probes"]
-    assert probes_["width"] == 3 and probes_["tokens"] == 128 and len(probes_["measured_kl"]) == probes
-    probes = probes_
+    probes = qm.report["method"]["flexible"]["probes"]
+    assert probes["width"] == 3 and probes["tokens"] == 128 and len(probes["measured_kl"]) == count
     assert all(k > 0 for k in probes["measured_kl"]) and all(p > 0 for p in probes["predicted"])
     assert torch.tensor(probes["scale"]).log().mean().abs() < 1e-6  # only ratios between blocks matter
     assert 3.3 - 0.02 <= qm.bpw <= 3.3
