@@ -1,4 +1,5 @@
-"""Adaptive transformation selection (METHODS.md §3, issue 7): five variants side by side on smollm2-135m.
+"""Adaptive transformation selection (METHODS.md §3, issue 7): five variants side by side on smollm2-135m
+(or ``--model gemma3-270m``).
 
 At each weight/activation/KV setting (W4A4KV4, W3A3K2V2) the same model, calibration windows and held-out
 windows are used for: no transform, all-rotation (QuaRot-style), all-affine (FlatQuant-style), the
@@ -12,8 +13,10 @@ held-out pydoc tokens) runs here on the saved checkpoints, i.e. with the activat
     python -m bench.adaptive_bench                          # everything (hours on 2 cores)
     python -m bench.adaptive_bench --settings W4A4KV4 --variants rule-rotation,search
     python -m bench.adaptive_bench --settings W4A4KV4 --variants affine,rule-affine --seeds 0,1,2 --name adaptive_seeds
+    python -m bench.adaptive_bench --model gemma3-270m --settings W4A4KV4 --variants rule-affine,affine,rotation,search \
+        --seeds 0,1,2 --name gemma3_270m_adaptive
 
-Finished rows are kept in OUT/work/adaptive/rows.json, keyed by the resolved method configuration, so an
+Finished rows are kept in the model's work folder (OUT/work/adaptive/rows.json for smollm2-135m), keyed by the resolved method configuration, so an
 interrupted run resumes and a changed default never reuses a stale row.
 """
 
@@ -221,6 +224,7 @@ def verdicts(rows: list[dict], rule_time: dict) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in model name (smollm2-135m, gemma3-270m) or folder")
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--group-size", type=int, default=64)
@@ -240,14 +244,14 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    work = Path(args.out) / "work" / "adaptive"
+    work = fd.work_dir(args) / "adaptive"
     calib, windows = fd.setup(args, work, args.windows)
     cache = fd.RowCache(work, args.fresh)
     legacy = legacy_rows(cache)
     ref, fp_row = fd.reference_row(args, windows)
     rows = [fp_row]
     rule_time = rule_timing(args.model_dir, args.rule_repeats)
-    header = (f"smollm2-135m; weights GPTQ group {args.group_size} (asymmetric, act-order) from {args.nsamples}×"
+    header = (f"{args.model}; weights GPTQ group {args.group_size} (asymmetric, act-order) from {args.nsamples}×"
               f"{args.seqlen} calibration tokens; transforms and clipping trained per block on "
               f"{args.train_nsamples}×{args.seqlen} tokens, {args.train_steps} Adam steps "
               f"(search: +{args.search_steps} mixed steps); activations symmetric per token, K/V asymmetric "

@@ -42,9 +42,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
+CHUNK = 256  # positions whose log-softmax is taken at once (a 262k vocabulary: 256 MiB per float32 chunk)
+
+
+def _logits(model, ids: torch.Tensor, device) -> torch.Tensor:
+    return model(input_ids=ids.to(device), use_cache=False).logits[0, :-1]  # [L-1, V], the model's dtype
+
+
 def _logprobs(model, ids: torch.Tensor, device) -> torch.Tensor:
-    out = model(input_ids=ids.to(device), use_cache=False)
-    return F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [1, L-1, V]
+    return F.log_softmax(_logits(model, ids, device).float(), dim=-1)[None]  # [1, L-1, V]
 
 
 @torch.no_grad()
@@ -60,19 +66,26 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, device="cpu",
                      progress: bool = True) -> dict:
     """Perplexity (and KL to ``reference`` when given) of ``model`` on ``windows`` [w, L].
 
-    ``reference``: a model, or the list `reference_logprobs` returned for the same windows.
+    ``reference``: a model, or the list `reference_logprobs` returned for the same windows. Log-softmax and KL
+    are taken `CHUNK` positions at a time, so beyond the two models' logits a window needs only a few chunks.
     """
     nll_sum, kl_sum, count = 0.0, 0.0, 0
     t0 = time.perf_counter()
     for i in tqdm(range(windows.shape[0]), desc="eval windows", disable=not progress):
         ids = windows[i:i + 1]
-        lp = _logprobs(model, ids, device)
-        target = ids[:, 1:].to(lp.device)
-        nll_sum += float(-lp.gather(-1, target.unsqueeze(-1)).sum())
-        if reference is not None:
-            ref = reference[i].to(lp.device) if isinstance(reference, list) else _logprobs(reference, ids, device)
-            kl_sum += float((ref.exp() * (ref - lp)).sum())
+        logits = _logits(model, ids, device)
+        target = ids[0, 1:].to(logits.device)
+        ref = None if reference is None else (reference[i][0] if isinstance(reference, list)
+                                              else _logits(reference, ids, device))
+        for s in range(0, target.numel(), CHUNK):
+            lp = F.log_softmax(logits[s:s + CHUNK].float(), dim=-1)
+            nll_sum += float(-lp.gather(-1, target[s:s + CHUNK, None]).sum())
+            if ref is not None:
+                r = ref[s:s + CHUNK].to(lp.device)
+                r = r if isinstance(reference, list) else F.log_softmax(r.float(), dim=-1)
+                kl_sum += float((r.exp() * (r - lp)).sum())
         count += target.numel()
+        del logits, ref
     res = {
         "perplexity": math.exp(nll_sum / count),
         "nll": nll_sum / count,

@@ -156,10 +156,10 @@ class Adaptive(Method):
 
     # ----- whole-model preparation: transforms, clipping, selection -----
     def _sites(self, model, spec):
-        if (not spec.prenorm or len(spec.linear_groups) != len(SITE_NAMES) or spec.norm_offset
+        if (not spec.prenorm or len(spec.linear_groups) != len(SITE_NAMES)
                 or spec.attn_implementation != "sdpa" or not spec.norm_linear_pairs):
             raise FlexQuantError(f"--method adaptive needs Llama-style blocks (q/k/v, o, gate/up and down groups, "
-                                 f"x·w norms before q/k/v and gate/up, SDPA attention); {spec.family} is not one: "
+                                 f"norms before q/k/v and gate/up, SDPA attention); {spec.family} is not one: "
                                  "use --method gptq")
         norm_of = {tuple(readers): norm for norm, readers in spec.norm_linear_pairs}
         block0 = model.get_submodule(spec.layers)[0]
@@ -203,7 +203,7 @@ class Adaptive(Method):
         if a.transform != "none":  # norm scales into the readers, so the transforms act on normalised x
             for block in layers:
                 for norm, readers in spec.norm_linear_pairs:
-                    fold_norm(block.get_submodule(norm), [block.get_submodule(r) for r in readers])
+                    fold_norm(block.get_submodule(norm), [block.get_submodule(r) for r in readers], spec.norm_offset)
         t0 = time.perf_counter()
         # Folding changes only the sites reading a norm; with transform "none" nothing is folded (the folded
         # scores are then the raw ones, reported, not used).
