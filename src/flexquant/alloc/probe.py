@@ -62,8 +62,7 @@ class ProbeEngine:
     @torch.no_grad()
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
         with onload(self.norm, self.device), onload(self.head, self.device):
-            logits = self.spec.logits(self.model.config, self.head(self.norm(h.to(self.device))))
-            return F.log_softmax(logits.float(), -1).cpu()
+            return F.log_softmax(self.spec.head_logits(self.model, h), -1).cpu()
 
     @torch.no_grad()
     def _kl(self, hidden: list[torch.Tensor]) -> float:

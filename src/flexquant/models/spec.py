@@ -125,6 +125,13 @@ class ModelSpec:
             head_out = torch.tanh(head_out / cap) * cap
         return head_out
 
+    def head_logits(self, model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the last block's output ``h`` through the final norm and the head (both already placed
+        where they compute; ``h`` is moved there, in the head's dtype)."""
+        head = model.get_submodule(self.lm_head)
+        h = h.to(head.weight.device, head.weight.dtype)
+        return self.logits(model.config, head(model.get_submodule(self.final_norm)(h))).float()
+
 
 def _has(module: torch.nn.Module, path: str) -> bool:
     try:

@@ -39,7 +39,7 @@ def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor
     """∂(summed next-token NLL)/∂(last block output) per batch."""
     grads = []
     with residency(model, spec).ends(device, (spec.final_norm, spec.lm_head)):
-        norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
+        head = model.get_submodule(spec.lm_head)
         for hb, yb in zip(hidden, ids):
             # one window at a time: the logits of a whole batch (windows × tokens × vocab floats, and as much
             # again for their gradient) are the largest tensors of a run; each window's gradient is its own
@@ -47,8 +47,8 @@ def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor
             for h, y in zip(hb.split(1), yb.split(1)):
                 with torch.enable_grad():
                     # in the head's dtype (a half-precision model on a GPU computes in it), the logits in float32
-                    h = h.to(device, head.weight.dtype).requires_grad_(True)
-                    logits = spec.logits(model.config, head(norm(h)))[:, :-1].float()  # the family's logit transforms
+                    h = h.to(head.weight.device, head.weight.dtype).requires_grad_(True)
+                    logits = spec.head_logits(model, h)[:, :-1]  # the family's logit transforms
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
                                            reduction="sum")
                     (g,) = torch.autograd.grad(loss, h)
@@ -147,11 +147,9 @@ def block_probe_kl(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor, d
             fp = inputs.with_hidden(run_block(block, inputs, device))
     kl = [0.0] * len(probes)
     with res.ends(device, (spec.final_norm, spec.lm_head)):
-        norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
 
         def logprobs(h):
-            h = h.to(device, head.weight.dtype)
-            return F.log_softmax(spec.logits(model.config, head(norm(h))).float(), -1)
+            return F.log_softmax(spec.head_logits(model, h), -1)
 
         for b, h in enumerate(fp.hidden):
             for s in range(0, h.shape[1], rows):
