@@ -360,3 +360,43 @@ def test_curve_loss_model_probes_curves_and_keeps_the_budget(wide, calib):
     assert facts["probe"]["curve"] and all(p["layer"] in (0, 1) for p in facts["probe"]["curve"])
     with pytest.raises(FlexQuantError, match="joint_probes"):
         HiRatioConfig(loss_model="curve", joint_probes=4)
+
+
+def test_probe_kl_equals_the_whole_models_kl(monkeypatch):
+    """The probe engine's KL (taken 5 positions at a time; a base configuration, then a change of block 1 only
+    rerun from that block's stored input) equals the whole model's KL to the float model on the same tokens, and
+    the model's own weights come back."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from flexquant.alloc import probe
+    from flexquant.models import get_spec
+
+    monkeypatch.setattr(probe, "ROWS", 5)
+    model = tiny_llama(seed=0)[0].eval()
+    ref = copy.deepcopy(model)
+    spec, ids = get_spec("llama"), torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(name):
+        w = ref.get_submodule(name).weight.data
+        return w + 0.05 * w.std() * torch.randn(w.shape, generator=gen)
+
+    base = {n: noisy(n) for n in ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj")}
+    change = {"model.layers.1.self_attn.o_proj": noisy("model.layers.1.self_attn.o_proj") * 1.5}
+
+    def whole(weights):  # every position's next-token distribution, as the probes measure
+        m = copy.deepcopy(ref)
+        for n, w in weights.items():
+            m.get_submodule(n).weight.data = w
+        with torch.no_grad():
+            lp, rp = (F.log_softmax(x(ids).logits.float(), -1) for x in (m, ref))
+        return float((rp.exp() * (rp - lp)).sum()) / ids.numel()
+
+    with probe.ProbeEngine(model, spec, ids, torch.device("cpu"), batch_size=2) as engine:
+        assert engine.set_base(base) == pytest.approx(whole(base), rel=1e-4)
+        changed = whole({**base, **change})
+        assert changed > 2 * whole(base) and engine.loss(change, 1) == pytest.approx(changed, rel=1e-4)
+    for n in base:
+        assert torch.equal(model.get_submodule(n).weight, ref.get_submodule(n).weight)

@@ -23,6 +23,8 @@ from ..quant import gptq_quantize
 from ..quant.impact import latent_high_columns
 from .ratio import RatioPlan
 
+ROWS = 256  # positions whose log-probabilities are taken at once
+
 
 class ProbeEngine:
     """KL of weight configurations to the full-precision model on ``ids`` [P, L]."""
@@ -61,15 +63,24 @@ class ProbeEngine:
 
     @torch.no_grad()
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [tokens, vocab] of the last block's output ``h``, `ROWS` positions at a time."""
+        h = h.reshape(-1, h.shape[-1])
         with onload(self.norm, self.device), onload(self.head, self.device):
-            return F.log_softmax(self.spec.head_logits(self.model, h), -1).cpu()
+            return torch.cat([F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1).cpu()
+                              for s in range(0, h.shape[0], ROWS)])
 
     @torch.no_grad()
     def _kl(self, hidden: list[torch.Tensor]) -> float:
+        """KL to the reference, `ROWS` positions at a time (with a 262k vocabulary one batch of probe
+        log-probabilities, and each temporary of the KL, would be GBs)."""
         total = 0.0
-        for h, ref in zip(hidden, self.ref):
-            lp = self._logprobs(h)
-            total += float((ref.exp() * (ref - lp)).sum())
+        with onload(self.norm, self.device), onload(self.head, self.device):
+            for h, ref in zip(hidden, self.ref):
+                h = h.reshape(-1, h.shape[-1])
+                for s in range(0, h.shape[0], ROWS):
+                    lp = F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1)
+                    r = ref[s:s + ROWS].to(lp.device)
+                    total += float((r.exp() * (r - lp)).sum())
         return total / self.tokens
 
     def _install(self, weights: dict[str, torch.Tensor]) -> None:
