@@ -154,3 +154,26 @@ def test_probes_rescale_the_search(wide, calib, unit, count):
     assert 3.3 - 0.02 <= qm.bpw <= 3.3
     with pytest.raises(FlexQuantError, match="probe="):
         FlexibleConfig(probe="layer")
+
+
+def test_tied_tables_take_one_option_for_all_members():
+    """Tied per-layer tables are allocated as one (errors and costs summed) and each member gets its choice."""
+    import torch
+
+    from flexquant.alloc import GroupTable, greedy_allocate
+    from flexquant.alloc.greedy import tie_tables, untie
+
+    def table(name, errors, costs):
+        return GroupTable(name, 1, 1, (0, 1), torch.tensor([errors]), torch.zeros(1, dtype=torch.bool),
+                          costs=costs)
+
+    # alone, the search raises only e0 (its error drops the most per bit); tied, e0 and e1 go up together or not
+    # at all, which costs 20 bits where the budget leaves 10, so a goes up instead
+    tables = [table("a", [5.0, 1.0], (10, 20)), table("e0", [9.0, 0.0], (10, 20)), table("e1", [1.0, 0.9], (10, 20))]
+    alone, _ = greedy_allocate(tables, 40)
+    assert {n: int(b[0]) for n, b in alone.items()} == {"a": 0, "e0": 1, "e1": 0}
+    tied_tables, tied = tie_tables(tables, lambda n: "experts" if n.startswith("e") else None)
+    assert tied == {"experts": ["e0", "e1"]} and tied_tables[-1].costs == (20, 40)
+    bits, used = greedy_allocate(tied_tables, 40)
+    bits = untie(bits, tied)
+    assert {n: int(b[0]) for n, b in bits.items()} == {"a": 1, "e0": 0, "e1": 0} and used == 40

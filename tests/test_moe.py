@@ -5,6 +5,8 @@ stores one packed linear per expert and loads to the same logits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import quantize_tiny, save_tiny_models
@@ -89,6 +91,46 @@ def test_flexible_spans_the_experts(folders, ids, tmp_path, family):
     assert all(2 <= r["bits"] <= 8 for r in rows)  # (the search may give every expert the same width)
     re = fq.load(fq.save(qm, tmp_path / "q", plot=False))
     assert torch.allclose(_logits(re.model, ids[:2]), _logits(qm.model, ids[:2]), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_flexible_moe_exports_to_compressed_tensors_that_transformers_loads(folders, ids, tmp_path, family):
+    """FlexibleLLM's search inside what vLLM serves (4/8-bit widths, one per linear, one for all experts), exported to
+    compressed-tensors under the hub's tensor names (Mixtral: block_sparse_moe.experts.E.w1/w3/w2), which
+    transformers loads into its fused experts with the same logits; flexquant imports it back too."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from flexquant.interop import export_checkpoint
+
+    qm = fq.quantize(str(folders[family]), method="flexible", bits=4, group_size=32, calib_ids=ids, batch_size=2,
+                     progress=False, sym=True, target="vllm", options=dict(bpw=5.0, dosa=False, lfd=False, alloc_nsamples=4,
+                                                                 fisher_nsamples=2))
+    rows = qm.report["experts"]["linears"]
+    assert len({r["bits"] for r in rows}) == 1  # one width for every expert: one config group for transformers
+    export_checkpoint(fq.save(qm, tmp_path / "q", plot=False), tmp_path / "e", "compressed-tensors")
+    with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    hub = "block_sparse_moe.experts.3.w2" if family == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"model.layers.1.{hub}.weight_packed" in names
+    groups = json.loads((tmp_path / "e" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 2  # 4 and 8 bits: the experts' group found by its regex target, the others by name
+    assert sum(t.startswith("re:") for g in groups.values() for t in g["targets"]) == 1
+    ref = _logits(qm.model, ids[:2])
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "e"), dtype=torch.float32)
+    assert type(hf.model.layers[1].mlp.experts).__name__.endswith("Experts")  # transformers' own fused module
+    assert (_logits(hf, ids[:2]) - ref).abs().max() <= 2.0**-8 * ref.abs().max()  # float16 scales of the same grid
+    assert (_logits(fq.load(tmp_path / "e").model, ids[:2]) - ref).abs().max() <= 2.0**-8 * ref.abs().max()
+
+
+def test_mixtral_hub_names_stream(folders):
+    """A Mixtral folder in the hub layout (what save_pretrained writes) streams block by block: its expert names
+    map onto the model's own."""
+    from flexquant.models.loader import load_streamed
+
+    model, _ = load_streamed(str(folders["mixtral"]), strict=True)
+    assert hasattr(model, "_flexquant_stream") or any(p.is_meta for p in model.parameters())
 
 
 def test_routed_and_all_calibration(folders, ids):
@@ -219,8 +261,7 @@ def test_a_moe_family_without_a_spec_is_discovered_expert_by_expert(ids, tmp_pat
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_exports_hold_one_linear_per_expert_and_reimport(folders, ids, tmp_path, fmt):
     """The export writes each expert's packed linear under its own name (the per-expert layout of llm-compressor's
-    MoE checkpoints) and flexquant imports it back with the same logits. (transformers 5.24 does not load MoE
-    compressed-tensors checkpoints, flexquant's or llm-compressor's: docs/models.md.)"""
+    MoE checkpoints) and flexquant imports it back with the same logits."""
     pytest.importorskip("compressed_tensors")
     from safetensors import safe_open
 

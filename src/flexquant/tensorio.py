@@ -94,6 +94,11 @@ class TensorFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def rename(self, fn) -> TensorFiles:
+        """Address every tensor by ``fn(stored name)`` from now on (a family's hub names as the model's own)."""
+        self.entries = {fn(k): e for k, e in self.entries.items()}
+        return self
+
     def names(self) -> list[str]:
         return list(self.entries)
 

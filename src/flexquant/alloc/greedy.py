@@ -91,3 +91,33 @@ def greedy_allocate(tables: list[GroupTable], budget_bits: int) -> tuple[dict[st
         bits[t.name][grp] = t.candidates[j]
         push(t_i, grp, j)
     return {k: v.to(torch.uint8) for k, v in bits.items()}, used
+
+
+def tie_tables(tables: list[GroupTable], key) -> tuple[list[GroupTable], dict[str, list[str]]]:
+    """Per-layer tables (one group each) whose ``key(name)`` is the same string made one table that takes a
+    single option for all of them: its errors and costs are the members' sums. Returns the tables to allocate
+    and {key: member names} to spread the tied table's bits back with (`untie`)."""
+    out, members = [], {}
+    for t in tables:
+        k = key(t.name)
+        if k is None:
+            out.append(t)
+        else:
+            members.setdefault(k, []).append(t)
+    for k, ts in members.items():
+        first = ts[0]
+        if any(t.candidates != first.candidates or t.costs is None or t.errors.shape[0] != 1 for t in ts):
+            raise FlexQuantError(f"the linears tied as {k} ({first.name}, ...) do not share their per-layer options")
+        out.append(GroupTable(k, first.rows, first.group_size, first.candidates, sum(t.errors for t in ts),
+                              torch.zeros(1, dtype=torch.bool), 0,
+                              tuple(sum(t.costs[c] for t in ts) for c in range(len(first.candidates)))))
+    return out, {k: [t.name for t in ts] for k, ts in members.items()}
+
+
+def untie(bits: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """`tie_tables`' tied bits given to each member."""
+    bits = dict(bits)
+    for k, names in tied.items():
+        b = bits.pop(k)
+        bits.update({n: b.clone() for n in names})
+    return bits

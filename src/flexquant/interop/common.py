@@ -100,6 +100,13 @@ class Source:
     def dtype(self) -> str:
         return self.qc.get("torch_dtype", "float32")
 
+    def hub(self, name: str) -> str:
+        """A tensor's or module's name as the family's hub checkpoints spell it (`ModelSpec.checkpoint_names`):
+        what exported files and their configs use."""
+        from ..models import get_spec
+
+        return get_spec(self.config["model_type"]).to_checkpoint(name)
+
 
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (library messages may span several)."""
@@ -286,9 +293,11 @@ def cast_rest(src: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def write_folder(out: str | Path, src: Source, tensors: dict[str, torch.Tensor], json_files: dict[str, dict],
                  overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write a Hugging Face folder atomically: tensors (sharded with an index past ``shard_bytes``), JSON
-    files, and the source's tokenizer and generation files. A temporary sibling folder is renamed into place."""
+    """Write a Hugging Face folder atomically: tensors (sharded with an index past ``shard_bytes``) under the
+    names the family's hub checkpoints use (`ModelSpec.checkpoint_names`), JSON files, and the source's tokenizer
+    and generation files. A temporary sibling folder is renamed into place."""
     out = Path(out)
+    tensors = {src.hub(k): v for k, v in tensors.items()}
     if out.resolve() == src.path.resolve():
         raise FlexQuantError("--out must differ from the source checkpoint folder")
     copies = side_files(src.path, set(json_files))  # checked before anything is written

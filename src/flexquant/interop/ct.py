@@ -59,6 +59,9 @@ def weights_args(layer: GridLayer) -> dict:
             "group_size": layer.group_size, "dynamic": False, "observer": "minmax"}
 
 
+EXPERT = re.compile(r".*\.experts\.\d+\.")  # a routed expert's linear in the hub layout (not shared_experts)
+
+
 def _scheme_key(layer: GridLayer) -> tuple:
     return layer.bits, layer.group_size, layer.sym
 
@@ -76,13 +79,23 @@ def quantization_config(src: Source) -> dict:
     skeleton = meta_model(AutoConfig.from_pretrained(src.path))
     linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     groups = {}
+    expert_schemes = {k for k, names in schemes.items() if any(EXPERT.search(src.hub(n)) for n in names)}
+    if len(expert_schemes) > 1:
+        log.warning("the routed experts use %d schemes (bits, group size, symmetry): vLLM reads them per layer, but "
+                    "transformers fuses all experts under one config group and would load them wrong; quantize "
+                    "with --target vllm (one width for every expert) for a checkpoint transformers loads",
+                    len(expert_schemes))
     for i, (_, names) in enumerate(sorted(schemes.items(), key=lambda kv: -len(kv[1]))):
-        targets = ["Linear"] if len(schemes) == 1 else sorted(names)
+        # experts under one regex target (how transformers finds the experts' group), other linears by name
+        hub = sorted(map(src.hub, names))
+        targets = ["Linear"] if len(schemes) == 1 else [n for n in hub if not EXPERT.search(n)] + (
+            [f"re:{EXPERT.pattern}"] if any(EXPERT.search(n) for n in hub) and len(expert_schemes) == 1 else
+            [n for n in hub if EXPERT.search(n)])
         groups[f"group_{i}"] = {"targets": targets, "weights": weights_args(src.grids[names[0]]),
                                 "input_activations": None, "output_activations": None, "format": CT_FORMAT}
     return {
         "quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
-        "config_groups": groups, "ignore": sorted(n for n in linears if n not in src.grids),
+        "config_groups": groups, "ignore": sorted(src.hub(n) for n in linears if n not in src.grids),
         "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
         "transform_config": {}, "version": CT_VERSION,
     }

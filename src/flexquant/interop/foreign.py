@@ -10,6 +10,7 @@ are read, never pickles.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, FlexQuantError
 from ..format.checkpoint import attention_for
+from ..models import get_spec
 from ..nn.quant_linear import QuantLinear
 from ..quant.pack import pack_bits
 from . import ct, gptq
@@ -140,7 +142,6 @@ def stored_bits(tensors: dict[str, torch.Tensor], name: str) -> int:
 def _skeleton(path: Path, cfg: dict):
     from transformers import AutoConfig
 
-    from ..models import get_spec
     from ..models.loader import meta_model
 
     try:
@@ -172,12 +173,19 @@ def read_foreign(path: str | Path):
     files = weight_files(path)  # every path checked before anything is built or read
     model, config, dtype = _skeleton(path, cfg)
     tensors = read_hf_tensors(files)
-    linears = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # configs and tensors are read under the file's names (a family's hub names: ModelSpec.checkpoint_names)
+    spec = get_spec(config.model_type)
+    linears = {spec.to_checkpoint(n): type(m).__name__ for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
     file_bits = {n: stored_bits(tensors, n) for n in linears}
     layers = READERS[fmt](qcfg, tensors, linears)
     if not layers:
         raise FlexQuantError(f"{path}: no quantized layers found for its {fmt} config; the checkpoint is incomplete")
-    return model, config, dtype, fmt, layers, tensors, {n: file_bits[n] for n in layers}
+    ours = spec.from_checkpoint
+    file_bits = {ours(n): file_bits[n] for n in layers}
+    layers = {ours(n): replace(layer, name=ours(n)) for n, layer in layers.items()}
+    tensors = {ours(k): v for k, v in tensors.items()}
+    return model, config, dtype, fmt, layers, tensors, file_bits
 
 
 def load_foreign(path: str | Path, kernel: str | None = None):

@@ -130,7 +130,7 @@ def quantize_config(src: Source, checkpoint_format: str) -> dict:
     for layer in src.grids.values():
         counts[_key(layer)] = counts.get(_key(layer), 0) + 1
     bits, group_size, sym = max(counts, key=lambda k: (counts[k], k))
-    dynamic = {f"+:^{re.escape(name)}$": {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym}
+    dynamic = {f"+:^{re.escape(src.hub(name))}$": {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym}
                for name, layer in src.grids.items() if _key(layer) != (bits, group_size, sym)}
     if dynamic:
         log.warning("%d linears differ from the model-wide %d-bit setting: written as GPTQModel `dynamic` overrides, "
@@ -147,7 +147,7 @@ def quantize_config(src: Source, checkpoint_format: str) -> dict:
     blocks = _block_modules(src)
     if blocks is not None:
         qc["modules_in_block_to_quantize"] = blocks
-        dynamic.update({f"-:^{re.escape(name)}$": {} for name in src.dense})
+        dynamic.update({f"-:^{re.escape(src.hub(name))}$": {} for name in src.dense})
     if dynamic:
         qc["dynamic"] = dynamic
     return qc

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..alloc import PROXIES, GroupTable, Layout, error_table, fixed_bits, greedy_allocate
+from ..alloc.greedy import tie_tables, untie
 from ..config import MethodConfig, option
 from ..errors import FlexQuantError
 from ..models.stream import residency
@@ -286,7 +287,9 @@ class FlexibleLLM(Method):
                                      f"width ({self.candidates[0]} bits, float16 scales, group "
                                      f"{max(f.group_sizes or (g,))}): {least:.3f} bpw; raise --bpw, or pass a "
                                      "larger --group-size")
+        tables, tied = self._tie_experts(tables, spec)
         bits, used = self._allocate(tables, int(f.bpw * weights) - fixed_total)
+        bits = untie(bits, tied)
         sizes = {}
         if self.target.per_layer:  # option index -> one width (and group size) for every group of the linear
             for n, b in bits.items():
@@ -404,6 +407,19 @@ class FlexibleLLM(Method):
         self.layer_options[name] = [opts[i] for i in idx]
         return GroupTable(name, 1, 1, tuple(range(len(idx))), torch.tensor([[errs[i] for i in idx]]),
                           torch.zeros(1, dtype=torch.bool), costs=tuple(costs[i] for i in idx))
+
+    def _tie_experts(self, tables: list[GroupTable], spec):
+        """A target whose loaders read one config group for all routed experts gets one table for them."""
+        if not (self.target.per_layer and self.target.shared_experts and spec.experts):
+            return tables, {}
+        key = "routed experts"
+        tables, tied = tie_tables(tables, lambda n: key if f".{spec.experts}." in n else None)
+        if tied:
+            if len({tuple(self.layer_options[n]) for n in tied[key]}) > 1:
+                raise FlexQuantError(f"--target {self.target.name} stores all experts at one width and group size, "
+                                     "but their linears allow different group sizes; drop --group-sizes")
+            self.layer_options[key] = self.layer_options[tied[key][0]]
+        return tables, tied
 
     def _allocate(self, tables: list[GroupTable], budget: int):
         """SBGBS over every group of the model, or (``sbgbs`` off) the highest uniform candidate that fits."""

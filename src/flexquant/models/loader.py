@@ -116,7 +116,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from e
     spec = spec_for(config, trust_remote_code)  # a family without a tested spec gets a discovered one
-    files = TensorFiles(folder)
+    files = TensorFiles(folder).rename(spec.from_checkpoint)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     dtype = dtype or stored

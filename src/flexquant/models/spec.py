@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -71,6 +72,10 @@ class ModelSpec:
     # own groups (its own Hessian, from the tokens routed to it). Routers and shared-expert gates are not linears of
     # the spec: they stay in full precision.
     experts: str | None = None
+    # Tensor names of the family's hub checkpoints where they differ from the model's own modules (transformers
+    # renames them when it loads a checkpoint whole): pairs of block-relative paths, the model's then the hub's,
+    # a ``*`` standing for the expert index. Exports write the hub's names; streamed loads and imports read them.
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         read = {r for _, readers in self.norm_linear_pairs for r in readers}
@@ -125,12 +130,39 @@ class ModelSpec:
             head_out = torch.tanh(head_out / cap) * cap
         return head_out
 
+    def to_checkpoint(self, name: str) -> str:
+        """A tensor's (or module's) name in the family's hub checkpoints (``checkpoint_names``)."""
+        return _rename(name, self.layers, self.checkpoint_names, False)
+
+    def from_checkpoint(self, name: str) -> str:
+        """The model's own name of a tensor named as the family's hub checkpoints name it."""
+        return _rename(name, self.layers, self.checkpoint_names, True)
+
     def head_logits(self, model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the last block's output ``h`` through the final norm and the head (both already placed
         where they compute; ``h`` is moved there, in the head's dtype)."""
         head = model.get_submodule(self.lm_head)
         h = h.to(head.weight.device, head.weight.dtype)
         return self.logits(model.config, head(model.get_submodule(self.final_norm)(h))).float()
+
+
+@functools.lru_cache(maxsize=None)
+def _renames(layers: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> tuple:
+    out = []
+    for ours, hub in pairs:
+        src, dst = (hub, ours) if reverse else (ours, hub)
+        body = re.escape(src).replace(r"\*", r"(\d+)")
+        out.append((re.compile(rf"^({re.escape(layers)}\.\d+\.){body}(?=\.|$)"), dst))
+    return tuple(out)
+
+
+def _rename(name: str, layers: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
+    for pattern, dst in _renames(layers, pairs, reverse):
+        m = pattern.match(name)
+        if m:
+            star = dst.replace("*", m.group(2)) if m.lastindex and m.lastindex > 1 else dst
+            return m.group(1) + star + name[m.end():]
+    return name
 
 
 def _has(module: torch.nn.Module, path: str) -> bool:
@@ -185,7 +217,11 @@ SPECS: dict[str, ModelSpec] = {
     "granite": ModelSpec("granite", residual_multiplier="residual_multiplier", logits_divisor="logits_scaling"),
     "gemma2": ModelSpec("gemma2", **_GEMMA, attn_implementation="eager"),
     "gemma3_text": ModelSpec("gemma3_text", qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA),
-    "mixtral": ModelSpec("mixtral", linear_groups=(_QKV, ("self_attn.o_proj",)) + _EXPERTS, **_MOE),
+    # hub checkpoints name the experts block_sparse_moe.experts.E.w1 / w3 / w2 (gate / up / down)
+    "mixtral": ModelSpec("mixtral", linear_groups=(_QKV, ("self_attn.o_proj",)) + _EXPERTS, **_MOE, checkpoint_names=(
+        ("mlp.experts.*.gate_proj", "block_sparse_moe.experts.*.w1"), ("mlp.experts.*.up_proj",
+                                                                       "block_sparse_moe.experts.*.w3"),
+        ("mlp.experts.*.down_proj", "block_sparse_moe.experts.*.w2"), ("mlp.gate", "block_sparse_moe.gate"))),
     "qwen3_moe": ModelSpec("qwen3_moe", linear_groups=(_QKV, ("self_attn.o_proj",)) + _DENSE + _EXPERTS,
                            qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_MOE),
     # a shared expert beside the routed ones (its sigmoid gate stays in full precision)

@@ -8,7 +8,8 @@ it (`interop.ct.layer_tensors`, `interop.gptq.layer_tensors`), so that a ``--bpw
 * ``flexquant``: flexquant's own packed format, no constraint (mixed widths per group, log-coded scales, ...).
 * ``vllm``: compressed-tensors ``pack-quantized``, the layout llm-compressor writes and vLLM serves with its
   WNA16 kernels, which run 4- and 8-bit weights only; per-layer config groups; no per-column group index, so no
-  act-order permutation.
+  act-order permutation; all routed experts of a mixture-of-experts model at one width (transformers fuses them
+  under one config group).
 * ``gptqmodel``: the GPTQ layout with GPTQModel's per-module ``dynamic`` overrides (bits per linear), read by
   GPTQModel and by vLLM's ``gptq`` method (2, 3, 4 and 8 bits); ``g_idx`` carries act-order; no online rotation.
 * ``gguf``: a GGUF file for llama.cpp (`interop.gguf`), each linear one of GGML's 32-weight block types whose grid
@@ -45,6 +46,9 @@ class Target:
     note: str
     group_size: int | None = None  # the one group size the format stores (None: any)
     sym: bool | None = None  # the grid symmetry the format stores (None: either)
+    # One width for all routed experts: loaders that fuse the experts into 3-D tensors (transformers 5's
+    # compressed-tensors path) read a single config group for them.
+    shared_experts: bool = False
 
     def stored_bits(self, m: int, n: int, g: int, sym: bool, b: int) -> int:
         """Bits the exported files store for an m×n linear of width ``b`` (groups of ``g``), bias excluded."""
@@ -86,7 +90,7 @@ class Target:
 TARGETS = {
     "flexquant": Target("flexquant", None, None, False, True, True, "flexquant's own packed format"),
     "vllm": Target("vllm", "compressed-tensors", (4, 8), True, False, False,
-                   "vLLM's compressed-tensors WNA16 kernels"),
+                   "vLLM's compressed-tensors WNA16 kernels", shared_experts=True),
     "gptqmodel": Target("gptqmodel", "gptq", (2, 3, 4, 8), True, True, False,
                         "GPTQModel and vLLM's gptq kernels"),
     "gguf": Target("gguf", "gguf", (4, 5, 8), True, False, False, "llama.cpp's Q4_0 / Q5_0 / Q8_0 block types",
