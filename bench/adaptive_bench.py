@@ -13,11 +13,11 @@ held-out pydoc tokens) runs here on the saved checkpoints, i.e. with the activat
     python -m bench.adaptive_bench                          # everything (hours on 2 cores)
     python -m bench.adaptive_bench --settings W4A4KV4 --variants rule-rotation,search
     python -m bench.adaptive_bench --settings W4A4KV4 --variants affine,rule-affine --seeds 0,1,2 --name adaptive_seeds
-    python -m bench.adaptive_bench --model gemma3-270m --settings W4A4KV4 --variants rule-affine,affine,rotation,search \
-        --seeds 0,1,2 --name gemma3_270m_adaptive
+    python -m bench.adaptive_bench --model gemma3-270m --settings W4A4KV4 \
+        --variants rule-affine,affine,rotation,search --seeds 0,1,2 --name gemma3_270m_adaptive
 
-Finished rows are kept in the model's work folder (OUT/work/adaptive/rows.json for smollm2-135m), keyed by the resolved method configuration, so an
-interrupted run resumes and a changed default never reuses a stale row.
+Finished rows are kept in the model's work folder (OUT/work/adaptive/rows.json for smollm2-135m), keyed by the
+resolved method configuration, so an interrupted run resumes and a changed default never reuses a stale row.
 """
 
 from __future__ import annotations

@@ -104,9 +104,9 @@ def test_flexible_moe_exports_to_compressed_tensors_that_transformers_loads(fold
 
     from flexquant.interop import export_checkpoint
 
+    options = dict(bpw=5.0, dosa=False, lfd=False, alloc_nsamples=4, fisher_nsamples=2)
     qm = fq.quantize(str(folders[family]), method="flexible", bits=4, group_size=32, calib_ids=ids, batch_size=2,
-                     progress=False, sym=True, target="vllm", options=dict(bpw=5.0, dosa=False, lfd=False, alloc_nsamples=4,
-                                                                 fisher_nsamples=2))
+                     progress=False, sym=True, target="vllm", options=options)
     rows = qm.report["experts"]["linears"]
     assert len({r["bits"] for r in rows}) == 1  # one width for every expert: one config group for transformers
     export_checkpoint(fq.save(qm, tmp_path / "q", plot=False), tmp_path / "e", "compressed-tensors")
