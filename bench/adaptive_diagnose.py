@@ -25,13 +25,12 @@ def main() -> None:
     from flexquant.actquant.runtime import ATTRIBUTE
     from flexquant.data import eval_windows
     from flexquant.eval import evaluate_windows
-    from flexquant.models import load_tokenizer
-    from flexquant.models.builtin import smollm2_path
 
-    windows = eval_windows(load_tokenizer(str(smollm2_path())), "pydoc", 2048, args.windows)
     result: dict[str, dict[str, float]] = {}
     for path in args.checkpoints:
-        model = fq.load(path).model
+        loaded = fq.load(path)
+        model = loaded.model
+        windows = eval_windows(loaded.tokenizer, "pydoc", 2048, args.windows)  # the checkpoint's own tokenizer
         rt = getattr(model, ATTRIBUTE, None)
         if rt is None:
             raise SystemExit(f"{path} has no activation/KV quantizers (not an --method adaptive checkpoint)")
