@@ -61,26 +61,27 @@ class ProbeEngine:
         self.forwards += len(self.layers) - start
         return run_blocks(self.layers, self._block0.with_hidden(hidden), self.device, start, keep)
 
-    @torch.no_grad()
-    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities [tokens, vocab] of the last block's output ``h``, `ROWS` positions at a time."""
+    def _chunks(self, h: torch.Tensor):
+        """Log-probabilities of the last block's output ``h``, `ROWS` positions at a time (with a 262k vocabulary
+        one batch of them, and each temporary of the KL, would be GBs); norm and head onloaded meanwhile."""
         h = h.reshape(-1, h.shape[-1])
         with onload(self.norm, self.device), onload(self.head, self.device):
-            return torch.cat([F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1).cpu()
-                              for s in range(0, h.shape[0], ROWS)])
+            for s in range(0, h.shape[0], ROWS):
+                yield F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1)
+
+    @torch.no_grad()
+    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [tokens, vocab] of the last block's output ``h``, on the CPU."""
+        return torch.cat([lp.cpu() for lp in self._chunks(h)])
 
     @torch.no_grad()
     def _kl(self, hidden: list[torch.Tensor]) -> float:
-        """KL to the reference, `ROWS` positions at a time (with a 262k vocabulary one batch of probe
-        log-probabilities, and each temporary of the KL, would be GBs)."""
+        """KL to the reference, `ROWS` positions at a time."""
         total = 0.0
-        with onload(self.norm, self.device), onload(self.head, self.device):
-            for h, ref in zip(hidden, self.ref):
-                h = h.reshape(-1, h.shape[-1])
-                for s in range(0, h.shape[0], ROWS):
-                    lp = F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1)
-                    r = ref[s:s + ROWS].to(lp.device)
-                    total += float((r.exp() * (r - lp)).sum())
+        for h, ref in zip(hidden, self.ref):
+            for lp, r in zip(self._chunks(h), ref.split(ROWS)):  # the generator first: it ends (offloads) itself
+                r = r.to(lp.device)
+                total += float((r.exp() * (r - lp)).sum())
         return total / self.tokens
 
     def _install(self, weights: dict[str, torch.Tensor]) -> None:

@@ -79,18 +79,19 @@ def quantization_config(src: Source) -> dict:
     skeleton = meta_model(AutoConfig.from_pretrained(src.path))
     linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     groups = {}
-    expert_schemes = {k for k, names in schemes.items() if any(EXPERT.search(src.hub(n)) for n in names)}
+    hub = {k: sorted(map(src.hub, names)) for k, names in schemes.items()}  # the names the export's files use
+    experts = {k: [n for n in names if EXPERT.search(n)] for k, names in hub.items()}
+    expert_schemes = {k for k, names in experts.items() if names}
     if len(expert_schemes) > 1:
         log.warning("the routed experts use %d schemes (bits, group size, symmetry): vLLM reads them per layer, but "
                     "transformers fuses all experts under one config group and would load them wrong; quantize "
                     "with --target vllm (one width for every expert) for a checkpoint transformers loads",
                     len(expert_schemes))
-    for i, (_, names) in enumerate(sorted(schemes.items(), key=lambda kv: -len(kv[1]))):
+    for i, (k, names) in enumerate(sorted(schemes.items(), key=lambda kv: -len(kv[1]))):
         # experts under one regex target (how transformers finds the experts' group), other linears by name
-        hub = sorted(map(src.hub, names))
-        targets = ["Linear"] if len(schemes) == 1 else [n for n in hub if not EXPERT.search(n)] + (
-            [f"re:{EXPERT.pattern}"] if any(EXPERT.search(n) for n in hub) and len(expert_schemes) == 1 else
-            [n for n in hub if EXPERT.search(n)])
+        shared = experts[k] and len(expert_schemes) == 1
+        targets = ["Linear"] if len(schemes) == 1 else [n for n in hub[k] if n not in experts[k]] + (
+            [f"re:{EXPERT.pattern}"] if shared else experts[k])
         groups[f"group_{i}"] = {"targets": targets, "weights": weights_args(src.grids[names[0]]),
                                 "input_activations": None, "output_activations": None, "format": CT_FORMAT}
     return {

@@ -151,12 +151,12 @@ def _skeleton(path: Path, cfg: dict):
                               f"({one_line(e)})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linears; flexquant swaps in its own layers
-    get_spec(config.model_type)  # unsupported families fail with the list of supported ones
+    spec = get_spec(config.model_type)  # unsupported families fail with the list of supported ones
     config.use_cache = False
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float16"
     dtype = getattr(torch, str(name).replace("torch.", ""), torch.float16)
     model = meta_model(config, dtype=dtype, attn_implementation=attention_for(config.model_type))
-    return model, config, dtype
+    return model, config, dtype, spec
 
 
 def read_foreign(path: str | Path):
@@ -171,10 +171,9 @@ def read_foreign(path: str | Path):
                               "incomplete")
     qcfg = quant_settings(path, cfg)
     files = weight_files(path)  # every path checked before anything is built or read
-    model, config, dtype = _skeleton(path, cfg)
+    model, config, dtype, spec = _skeleton(path, cfg)
     tensors = read_hf_tensors(files)
     # configs and tensors are read under the file's names (a family's hub names: ModelSpec.checkpoint_names)
-    spec = get_spec(config.model_type)
     linears = {spec.to_checkpoint(n): type(m).__name__ for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)}
     file_bits = {n: stored_bits(tensors, n) for n in linears}
