@@ -54,8 +54,9 @@ VARIANTS = {
 LEARNED = "-learned"
 VARIANTS.update({v + LEARNED: {**o, "rotation": "learned"} for v, o in list(VARIANTS.items())
                  if v not in ("none", "affine")})
-# Rows cached before rule_weights existed were keyed by the options as passed, when the rule scored folded weights.
-LEGACY_DEFAULTS = {"rule_weights": "folded"}
+# Rows cached before rule_weights existed were keyed by the options as passed, when the rule scored folded weights;
+# rows cached before fold_norms existed were computed with the norms folded.
+LEGACY_DEFAULTS = {"rule_weights": "folded", "fold_norms": "on"}
 
 
 def config_key(setting_key: str, options: dict, defaults: dict | None = None) -> str:
@@ -71,6 +72,8 @@ def config_key(setting_key: str, options: dict, defaults: dict | None = None) ->
             del resolved[k]
     if resolved["transform"] in ("none", "affine"):
         del resolved["rotation"]
+    if resolved["transform"] == "none":  # nothing is folded without transforms
+        del resolved["fold_norms"]
     return f"{setting_key}:resolved:{json.dumps(resolved, sort_keys=True)}"
 
 
@@ -81,6 +84,11 @@ def legacy_rows(cache) -> dict[str, dict]:
         if ":resolved:" not in key and ":" in key:
             setting_key, options = key.split(":", 1)
             out[config_key(setting_key, json.loads(options), LEGACY_DEFAULTS)] = row
+        elif ":resolved:" in key:  # resolved before fold_norms existed: the norms were folded
+            setting_key, resolved = key.split(":resolved:")
+            resolved = json.loads(resolved)
+            if "fold_norms" not in resolved and resolved["transform"] != "none":
+                out[config_key(setting_key, {**resolved, "fold_norms": "on"})] = row
     return out
 
 

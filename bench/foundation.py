@@ -93,6 +93,25 @@ def parse_flexible(spec: str) -> dict:
     return opts
 
 
+def finished_run(out: Path, method: str, bits: int, group_size: int, options: dict, calib: Path) -> bool:
+    """Whether ``out`` already holds this flexquant quantization, finished (checkpoints are written to a temporary
+    folder and renamed, so a report means a whole checkpoint): same method, grid, options and calibration shape
+    (the windows are drawn with a fixed seed from the shape). Lets a benchmark killed between quantization and
+    evaluation resume."""
+    import yaml
+
+    rep, recipe = out / "report.json", out / "recipe.yaml"
+    if not (rep.is_file() and recipe.is_file()):
+        return False
+    r = yaml.safe_load(recipe.read_text())
+    if [r.get("nsamples"), r.get("seqlen")] != list(load_file(calib)["input_ids"].shape):
+        return False
+    opts = dict(options)
+    grid = {"bits": bits, "group_size": group_size, **{k: opts.pop(k) for k in GRID_KEYS if k in opts}}
+    return (r.get("method") == method and all(r["grid"].get(k, r.get(k)) == v for k, v in grid.items())
+            and all(r.get("options", {}).get(k) == v for k, v in opts.items()))
+
+
 def run_quantization(kind: str, method: str, bits: int, args, work: Path, options: dict | None = None) -> dict:
     tag = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in options.items())
     out = work / f"{kind}-{method}-w{bits}g{args.group_size}{tag}"

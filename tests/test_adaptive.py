@@ -136,17 +136,29 @@ def test_kv_quantization_round_trips_within_its_grid(kind, bits):
 
 
 # ----- the whole method -----
-@pytest.mark.parametrize("mode,rotation", [("none", "hadamard"), ("rotation", "hadamard"), ("rotation", "learned"),
-                                           ("affine", "hadamard"), ("search", "learned"), ("rule", "hadamard")])
-def test_all_bits_16_transformed_model_equals_the_original(tiny, ids, mode, rotation):
+@pytest.mark.parametrize("mode,rotation,fold", [
+    ("none", "hadamard", "on"), ("rotation", "hadamard", "off"), ("rotation", "hadamard", "on"),
+    ("rotation", "learned", "off"), ("affine", "hadamard", "off"), ("affine", "hadamard", "on"),
+    ("search", "learned", "off"), ("rule", "hadamard", "on")])
+def test_all_bits_16_transformed_model_equals_the_original(tiny, ids, mode, rotation, fold):
     model = copy.deepcopy(tiny[0]).double()
+    g = torch.Generator().manual_seed(1)
+    for layer in model.model.layers:  # gains that are not all 1, so folding is visible
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            n.weight.data = torch.rand(n.weight.shape, generator=g, dtype=n.weight.dtype) + 0.5
     ref = model(input_ids=ids).logits
-    m, method = _prepare(model, ids, w_bits=16, a_bits=16, k_bits=16, v_bits=16, transform=mode, rotation=rotation)
+    norm = model.model.layers[1].post_attention_layernorm.weight.detach().clone()
+    m, method = _prepare(model, ids, w_bits=16, a_bits=16, k_bits=16, v_bits=16, transform=mode, rotation=rotation,
+                         fold_norms=fold)
     assert getattr(m, actquant.runtime.ATTRIBUTE) is not None
     out = m(input_ids=ids).logits
     assert torch.allclose(out, ref, atol=1e-9, rtol=0), (out - ref).abs().max()
     if mode not in ("none",):  # the transforms really are there
         assert any(s.transform is not None for s in m.fq_actquant.sites.values())
+    # the norms' gains move into the readers only when asked (never with transform none)
+    folded = fold == "on" and mode != "none"
+    got = m.model.layers[1].post_attention_layernorm.weight
+    assert torch.equal(got, torch.ones_like(got)) if folded else torch.equal(got, norm)
 
 
 def test_runtime_computes_what_calibration_trained(tiny, ids):
@@ -249,6 +261,8 @@ def test_bad_settings_fail_clearly():
         AdaptiveConfig(rotation="spin")
     with pytest.raises(FlexQuantError, match="rule_weights"):
         AdaptiveConfig(rule_weights="norm")
+    with pytest.raises(FlexQuantError, match="fold_norms"):
+        AdaptiveConfig(fold_norms="auto")
 
 
 def test_cli_quantize_eval_generate(tmp_path, capsys):

@@ -8,7 +8,7 @@ Each decoder block has four activation sites — the inputs of q/k/v, o, gate/up
 gets one transform type: an online randomized Hadamard rotation (QuaRot-style) or a learnable Kronecker
 affine transform with a per-channel scale (FlatQuant-style); keys follow the q/k/v site's type and values
 the o site's (head-dim transforms). How the types are chosen (``transform``):
-  none / rotation / affine   every site the same (baselines; "none" keeps the norms unfolded too);
+  none / rotation / affine   every site the same (baselines);
   search                     differentiable search: per-site softmax-mixed outputs of both types trained
                              jointly with the transforms, argmax, then calibration with the chosen types;
   rule                       fast rule: kurtosis κ of the weights reading each site (``rule_weights``: as
@@ -16,6 +16,9 @@ the o site's (head-dim transforms). How the types are chosen (``transform``):
                              site type across layers, z = 0.6745·(κ − median κ)/MAD(κ); sites above
                              ``z_threshold`` are outliers and get the type that is not ``rule_default``.
 The rotation type (``rotation``) is the fixed randomized Hadamard or orthogonal Kronecker factors learned from it.
+The transforms act on each norm's output (``fold_norms`` "on": on x/rms(x), the gains folded into the readers,
+QuaRot's order; that puts the channels a norm switches off — Gemma 3's zero gains, near-zero ones in
+smollm2's MLP norms — into the activation range, and measured worse on both models).
 Transforms and clipping ratios (activations, K/V, and the calibration-time weight quantizer) are trained
 per block on the MSE to the full-precision block output over a few calibration windows; then the
 transforms are folded into the weights (float64) and GPTQ quantizes the weights from Hessians of the
@@ -47,6 +50,7 @@ MODES = ("none", "rotation", "affine", "search", "rule")
 CANDIDATES = ("affine", "rotation")
 SITE_NAMES = ("qkv", "o", "gate_up", "down")
 RULE_WEIGHTS = ("raw", "folded")
+FOLDS = ("off", "on")
 KV_SITES = ("qkv", "o")  # keys follow the q/k/v site's type, values the o site's
 
 
@@ -72,6 +76,8 @@ class AdaptiveConfig(MethodConfig):
     search_steps: int = option(16, "steps of the differentiable search per block (before recalibration)")
     affine_lr: float = option(5e-3, "Adam learning rate of the affine transforms")
     transform_seed: int = option(0, "seed of the random signs and initial transforms")
+    fold_norms: str = option("off", "'on' folds each norm's gains into the linears reading it, so the transforms "
+                                    "and quantizers see x/rms(x) instead of the norm's output (QuaRot's order)", FOLDS)
 
     def __post_init__(self) -> None:
         for name in ("a_bits", "k_bits", "v_bits"):
@@ -94,6 +100,8 @@ class AdaptiveConfig(MethodConfig):
             raise FlexQuantError("train_nsamples and search_steps must be >= 1, train_steps >= 0")
         if not self.affine_lr > 0:
             raise FlexQuantError(f"affine_lr={self.affine_lr} must be > 0")
+        if self.fold_norms not in FOLDS:
+            raise FlexQuantError(f"fold_norms={self.fold_norms!r} must be one of {', '.join(FOLDS)}")
 
 
 def kurtosis(W: torch.Tensor) -> float:
@@ -103,9 +111,16 @@ def kurtosis(W: torch.Tensor) -> float:
     return float((x**4).mean() / (x**2).mean().clamp(min=1e-300) ** 2)
 
 
-def site_kurtosis(block, groups) -> dict[str, float]:
-    """{site: kurtosis of the weights of all linears reading it} for ``groups`` = [(site, linear names)]."""
-    return {name: kurtosis(torch.cat([block.get_submodule(n).weight for n in linears])) for name, linears in groups}
+def site_kurtosis(block, groups, gains: dict | None = None) -> dict[str, float]:
+    """{site: kurtosis of the weights of all linears reading it} for ``groups`` = [(site, linear names)], the
+    weights' columns scaled by ``gains[site]`` where given (a norm's gains folded in)."""
+    gains = gains or {}
+
+    def weights(name, linears):
+        W = torch.cat([block.get_submodule(n).weight.detach().double() for n in linears])
+        return W * gains[name][None, :] if name in gains else W
+
+    return {name: kurtosis(weights(name, linears)) for name, linears in groups}
 
 
 def robust_z(values: list[float]) -> list[float]:
@@ -200,17 +215,23 @@ class Adaptive(Method):
         t0 = time.perf_counter()
         kappas = {"raw": [site_kurtosis(block, [(st.name, st.linears) for st in sites]) for block in layers]}
         raw_seconds = time.perf_counter() - t0
-        if a.transform != "none":  # norm scales into the readers, so the transforms act on normalised x
+        t0 = time.perf_counter()
+        site_of = {tuple(readers): norm for norm, readers in spec.norm_linear_pairs}
+        normed = {st.name: site_of[tuple(st.linears)] for st in sites if tuple(st.linears) in site_of}
+        groups = [(st.name, st.linears) for st in sites if st.name in normed]
+
+        def gains(block):
+            return {site: block.get_submodule(n).weight.detach().double() + spec.norm_offset
+                    for site, n in normed.items()}
+
+        kappas["folded"] = [{**k, **site_kurtosis(block, groups, gains(block))}
+                            for k, block in zip(kappas["raw"], layers)]
+        # Seconds to score every site one way (folded: an upper bound, it includes the raw pass over the norm sites).
+        score_seconds = {"raw": raw_seconds, "folded": raw_seconds + time.perf_counter() - t0}
+        if a.fold_norms == "on" and a.transform != "none":  # the transforms then act on x/rms(x)
             for block in layers:
                 for norm, readers in spec.norm_linear_pairs:
                     fold_norm(block.get_submodule(norm), [block.get_submodule(r) for r in readers], spec.norm_offset)
-        t0 = time.perf_counter()
-        # Folding changes only the sites reading a norm; with transform "none" nothing is folded (the folded
-        # scores are then the raw ones, reported, not used).
-        normed = [(st.name, st.linears) for st in sites if self.hooks[st.name][0] == "output" and a.transform != "none"]
-        kappas["folded"] = [{**k, **site_kurtosis(block, normed)} for k, block in zip(kappas["raw"], layers)]
-        # Seconds to score every site one way (folded: an upper bound, it includes the raw pass over the norm sites).
-        score_seconds = {"raw": raw_seconds, "folded": raw_seconds + time.perf_counter() - t0}
         t0 = time.perf_counter()
         kappa = kappas[a.rule_weights]
         rule, z = rule_choice(kappa, a.rule_default, a.z_threshold)
