@@ -216,8 +216,7 @@ class Adaptive(Method):
         kappas = {"raw": [site_kurtosis(block, [(st.name, st.linears) for st in sites]) for block in layers]}
         raw_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        site_of = {tuple(readers): norm for norm, readers in spec.norm_linear_pairs}
-        normed = {st.name: site_of[tuple(st.linears)] for st in sites if tuple(st.linears) in site_of}
+        normed = {site: norm for site, (where, norm) in self.hooks.items() if where == "output"}  # site -> its norm
         groups = [(st.name, st.linears) for st in sites if st.name in normed]
 
         def gains(block):
