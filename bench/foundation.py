@@ -112,20 +112,31 @@ def finished_run(out: Path, method: str, bits: int, group_size: int, options: di
             and all(r.get("options", {}).get(k) == v for k, v in opts.items()))
 
 
+def flexquant_job(out: Path, method: str, bits: int, options: dict, args, work: Path) -> subprocess.CompletedProcess:
+    """One flexquant quantization into ``out`` through this module's job entry (a subprocess, so its wall time and
+    peak memory are its own), or the finished one already there (``finished_run``)."""
+    cmd = [sys.executable, "-m", "bench.foundation", "_job", "--model", args.model_dir, "--method", method,
+           "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
+           "--out", str(out), "--options", json.dumps(options)]
+    if finished_run(out, method, bits, args.group_size, options, work / "calib.safetensors"):
+        log.info("reusing the finished quantization in %s", out)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    log.info("running %s", " ".join(cmd[1:4] + cmd[5:]))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
 def run_quantization(kind: str, method: str, bits: int, args, work: Path, options: dict | None = None) -> dict:
     tag = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in options.items())
     out = work / f"{kind}-{method}-w{bits}g{args.group_size}{tag}"
+    t0 = time.perf_counter()
     if kind == "flexquant":
-        cmd = [sys.executable, "-m", "bench.foundation", "_job", "--model", args.model_dir, "--method", method,
-               "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
-               "--out", str(out), "--options", json.dumps(options or {})]
+        proc = flexquant_job(out, method, bits, options or {}, args, work)
     else:
         cmd = [str(ROOT / ".venv-peers/bin/python"), str(ROOT / "bench/peers.py"), method, "--model",
                args.model_dir, "--calib", str(work / "calib.safetensors"), "--bits", str(bits),
                "--group-size", str(args.group_size), "--out", str(out)]
-    log.info("running %s", " ".join(cmd[1:4] + cmd[5:]))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        log.info("running %s", " ".join(cmd[1:4] + cmd[5:]))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         log.error("%s %s w%d failed:\n%s", kind, method, bits, proc.stderr[-3000:])

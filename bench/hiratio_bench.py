@@ -27,8 +27,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,18 +41,10 @@ log = logging.getLogger("bench.hiratio")
 
 
 def run_flexquant(label: str, method: str, bits: int, options: dict, args, work: Path) -> dict:
-    """One flexquant quantization through foundation.py's job entry (a subprocess)."""
+    """One flexquant quantization through foundation.py's job entry (a subprocess), or the finished one."""
     out = work / label
-    cmd = [sys.executable, "-m", "bench.foundation", "_job", "--model", args.model_dir, "--method", method,
-           "--bits", str(bits), "--group-size", str(args.group_size), "--calib", str(work / "calib.safetensors"),
-           "--out", str(out), "--options", json.dumps(options)]
     t0 = time.perf_counter()
-    if foundation.finished_run(out, method, bits, args.group_size, options, work / "calib.safetensors"):
-        log.info("reusing the finished quantization in %s", out)
-        proc = subprocess.CompletedProcess(cmd, 0)
-    else:
-        log.info("running %s: %s %s", label, method, json.dumps(options))
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = foundation.flexquant_job(out, method, bits, options, args, work)
     if proc.returncode != 0:
         log.error("%s failed:\n%s", label, proc.stderr[-3000:])
         return {"kind": "flexquant", "label": label, "method": method, "bits": bits, "options": options,
