@@ -205,7 +205,7 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """GPTQ solver settings (METHODS.md, Baselines)."""
+    """GPTQ solver settings."""
 
     damp: float = option(0.01, "GPTQ Hessian damping, times the mean of its diagonal (retried upward on failure)")
     block_size: int = option(128, "GPTQ lazy-update block (columns)")

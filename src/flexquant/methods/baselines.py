@@ -11,7 +11,7 @@ from .registry import register
 
 @register
 class RTN(Method):
-    """Round to nearest per group: no data (METHODS.md, Baselines)."""
+    """Round to nearest per group: no data."""
 
     name = "rtn"
     needs_calibration = False
@@ -23,7 +23,7 @@ class RTN(Method):
 
 @register
 class GPTQ(Method):
-    """GPTQ: column-by-column rounding with Hessian-based error compensation (METHODS.md, Baselines)."""
+    """GPTQ: column-by-column rounding with Hessian-based error compensation."""
 
     name = "gptq"
     targets = ("flexquant", "vllm", "gptqmodel", "gguf")

@@ -37,7 +37,7 @@ class HiRatioConfig(MethodConfig):
     trust: float = option(0.5, "QP trust region: each ratio within TRUST × the span its probes covered around "
                                "the centre; 0 = only 0 <= r <= r_max")
     joint_probes: int = option(0, "random joint allocations probed to refit the quadratic model by least "
-                                  "squares; 0 = METHODS.md's per-probe formulas only")
+                                  "squares; 0 = the per-probe finite-difference formulas only")
     loss_model: str = option("quadratic", "QP loss model: quadratic around the centre, or per-layer convex "
                                           "curves over [0, r_max] + pair couplings", LOSS_MODELS)
     curve_points: tuple[float, ...] = option((0.0, 0.06, 0.12, 0.2, 0.4, 0.56, 0.76, 1.0),
