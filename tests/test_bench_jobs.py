@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from bench import foundation
 
 
-def finished(tmp_path, options):
+def finished(tmp_path, options, calib_shape=(4, 16)):
     work = tmp_path / "work"
     work.mkdir()
-    save_file({"input_ids": torch.zeros(4, 16, dtype=torch.long)}, str(work / "calib.safetensors"))
+    save_file({"input_ids": torch.zeros(calib_shape, dtype=torch.long)}, str(work / "calib.safetensors"))
     out = work / "run"
     out.mkdir()
     (out / "report.json").write_text("{}")
@@ -26,9 +26,10 @@ def finished(tmp_path, options):
 
 
 @pytest.mark.parametrize("change, reused", [({}, True), ({"options": {"bpw": 2.5}}, False),
-                                            ({"bits": 3}, False), ({"group_size": 128}, False)])
+                                            ({"bits": 3}, False), ({"group_size": 128}, False),
+                                            ({"calib_shape": (8, 16)}, False)])
 def test_flexquant_job_reuses_only_a_matching_finished_run(tmp_path, monkeypatch, change, reused):
-    work, out = finished(tmp_path, {"bpw": 3.5, "candidates": [3, 4], "lfd": True})
+    work, out = finished(tmp_path, {"bpw": 3.5, "candidates": [3, 4], "lfd": True}, change.get("calib_shape", (4, 16)))
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     args = SimpleNamespace(model_dir="m", group_size=change.get("group_size", 64))
