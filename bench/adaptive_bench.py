@@ -265,7 +265,8 @@ def main() -> None:
               f"(search: +{args.search_steps} mixed steps); activations symmetric per token, K/V asymmetric "
               f"per head; evaluation "
               f"{windows.shape[0]}×2048 held-out pydoc tokens through the saved checkpoints; {dt.date.today()}, "
-              f"{platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}")
+              f"{platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"ATen {torch.backends.cpu.get_cpu_capability()}")
     train = {"train_nsamples": args.train_nsamples, "train_steps": args.train_steps, "search_steps": args.search_steps}
     setting_key = f"calib{args.nsamples}x{args.seqlen}-eval{windows.shape[0]}"
 

@@ -287,7 +287,8 @@ def main() -> None:
     header = (f"{args.model}, calibration {args.nsamples}×{args.seqlen} tokens of the pydoc calibration split, "
               f"evaluation {windows.shape[0]} windows × 2048 tokens of the held-out split; group size "
               f"{args.group_size}; {dt.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"ATen {torch.backends.cpu.get_cpu_capability()}")
 
     def run(kind: str, method: str, bits: int, options: dict | None = None) -> None:
         key = f"{setting}:{kind}:{method}:{bits}:{json.dumps(options or {}, sort_keys=True)}"

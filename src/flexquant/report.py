@@ -46,7 +46,9 @@ def build_report(config, bits: dict, records, block_notes, seconds: float, peak_
         "flexquant_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    # the ATen kernels' vector width: GPTQ amplifies its last-bit differences into other codes
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "config": config.to_dict(),
         "calibration": {"text": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen,
                         "tokens": calib_tokens},
