@@ -162,13 +162,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def seed_means(rows: list[dict]) -> dict[tuple[str, str], tuple[float, float, int]]:
-    """(setting, variant) -> (mean perplexity, sample standard deviation, seeds) where a variant ran with 2+ seeds."""
-    runs: dict[tuple[str, str], list[float]] = {}
+def seed_means(rows: list[dict]) -> dict[tuple[str, str], tuple[float, float, int, float, float]]:
+    """(setting, variant) -> (mean perplexity, its sample standard deviation, seeds, mean KL, its standard
+    deviation) where a variant ran with 2+ seeds."""
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in rows:
         if r["kind"] != "reference" and "perplexity" in r:
-            runs.setdefault((r["setting"], r["base"]), []).append(r["perplexity"])
-    return {k: (statistics.mean(v), statistics.stdev(v), len(v)) for k, v in runs.items() if len(v) > 1}
+            runs.setdefault((r["setting"], r["base"]), []).append((r["perplexity"], r["kl_divergence"]))
+    out = {}
+    for k, v in runs.items():
+        if len(v) > 1:
+            ppl, kl = zip(*v)
+            out[k] = (statistics.mean(ppl), statistics.stdev(ppl), len(v), statistics.mean(kl), statistics.stdev(kl))
+    return out
 
 
 def bar_line(setting: str, what: str, rule: float, aff: float | None, rot: float | None) -> str | None:
@@ -187,9 +193,10 @@ def seed_table(rows: list[dict]) -> str:
     means = seed_means(rows)
     if not means:
         return ""
-    lines = ["Across transform seeds (mean ± sample standard deviation of the perplexity):", "",
-             "| setting | variant | seeds | perplexity |", "|---|---|---|---|"]
-    lines += [f"| {s} | {v} | {n} | {m:.3f} ± {sd:.3f} |" for (s, v), (m, sd, n) in means.items()]
+    lines = ["Across transform seeds (mean ± sample standard deviation):", "",
+             "| setting | variant | seeds | perplexity | KL to FP |", "|---|---|---|---|---|"]
+    lines += [f"| {s} | {v} | {n} | {m:.3f} ± {sd:.3f} | {mk:.4f} ± {sdk:.4f} |"
+              for (s, v), (m, sd, n, mk, sdk) in means.items()]
     lines.append("")
     for s in SETTINGS:
         for v, rot, what in rule_rows(VARIANTS):
