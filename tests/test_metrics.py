@@ -2,6 +2,7 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,3 +74,26 @@ def test_unknown_logit_transform_falls_back_to_the_whole_forward(monkeypatch):
     res = evaluate_windows(model, windows, progress=False)
     assert res["perplexity"] == pytest.approx(_whole(model, windows), rel=1e-5)
     assert metrics._Logits(model, "cpu").split is not None  # the split exists; the check rejected it
+
+
+def test_body_without_hidden_states_falls_back_to_the_whole_forward(monkeypatch):
+    """A model whose body does not return ``last_hidden_state`` (here: a plain tuple) is evaluated through its own
+    forward, not stopped by the chunked head's check."""
+    model = tiny_llama(seed=0)[0].eval()
+    body_forward = model.model.forward
+
+    def tuple_body(*args, **kwargs):
+        return tuple(body_forward(*args, **kwargs).values())
+
+    def forward(input_ids, use_cache=False):  # the model's own forward still works
+        hidden = body_forward(input_ids=input_ids, use_cache=use_cache).last_hidden_state
+        return SimpleNamespace(logits=model.lm_head(hidden))
+
+    monkeypatch.setattr(model.model, "forward", tuple_body)
+    monkeypatch.setattr(model, "forward", forward)
+    windows = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(4))
+    logits = metrics._Logits(model, "cpu")
+    assert torch.cat(list(logits.window(windows[:1]))).shape == (32, model.config.vocab_size)
+    assert logits.split is None  # the chunked head was tried, failed on the body's output, and was dropped
+    res = evaluate_windows(model, windows, progress=False)
+    assert res["perplexity"] == pytest.approx(_whole(model, windows), rel=1e-5)

@@ -55,10 +55,10 @@ def _head_split(model):
         head = model.get_output_embeddings()
     if head is None or not callable(head):
         return None
-    from ..models.spec import DISCOVERED, SPECS
+    from ..models.spec import find_spec
 
     config = model.config
-    spec = SPECS.get(config.model_type) or DISCOVERED.get(config.model_type)
+    spec = find_spec(config.model_type)
     return body, head, (lambda out: spec.logits(config, out)) if spec is not None else (lambda out: out)
 
 

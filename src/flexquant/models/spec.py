@@ -246,10 +246,15 @@ def register_discovered(spec: ModelSpec) -> None:
     DISCOVERED[spec.family] = spec
 
 
+def find_spec(model_type: str) -> ModelSpec | None:
+    """The family's registered spec (built in, else discovered), unexpanded; None for a family without one."""
+    return SPECS.get(model_type) or DISCOVERED.get(model_type)
+
+
 def get_spec(model_type: str, config=None) -> ModelSpec:
     """The family's spec; a mixture-of-experts family's expanded to the experts ``config`` (object or dict)
     declares."""
-    spec = SPECS.get(model_type) or DISCOVERED.get(model_type)
+    spec = find_spec(model_type)
     if spec is None:
         raise FlexQuantError(
             f"model family {model_type!r} is not supported; supported families: {', '.join(sorted(SPECS))}"
