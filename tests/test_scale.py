@@ -318,3 +318,49 @@ def test_every_method_runs_on_half_precision_weights(tmp_path, monkeypatch, name
     qm = fq.quantize(str(tmp_path / "fp16"), **run)
     assert {p.dtype for p in qm.model.parameters()} == {torch.float16}
     assert kl(qm.model) < 1.5 * upcast + 1e-3
+
+
+def test_blocks_held_in_the_files_half_dtype(tmp_path):
+    """--block-weights stored (auto under --max-memory): a streamed block's linear weights stay float16 and each
+    linear computes on a widened copy. The codes match the float32-block run's where nothing fed them rounded
+    weights (block 0's first group), and the whole is as close to the float model; methods that rotate weights keep
+    float32."""
+    from flexquant.models.builtin import tiny_llama
+    from flexquant.models.loader import load_streamed
+    from flexquant.models.stream import residency
+
+    model, tok = tiny_llama()
+    model.half().save_pretrained(tmp_path / "fp16")
+    tok.save_pretrained(tmp_path / "fp16")
+    model, _ = load_streamed(str(tmp_path / "fp16"), torch.float32)
+    res = residency(model)
+    res.narrow = True
+    with res.block(0, "cpu") as block:
+        assert block.mlp.down_proj.weight.dtype == torch.float16
+        assert block.input_layernorm.weight.dtype == torch.float32
+        x = torch.randn(1, 8, block.mlp.down_proj.in_features)
+        assert block.mlp.down_proj(x).dtype == torch.float32
+    res.transform_blocks(lambda i, blk: None)  # a registered transform: float32 blocks from here
+    with res.block(0, "cpu") as block:
+        assert block.mlp.down_proj.weight.dtype == torch.float32
+
+    run = dict(progress=False, method="gptq", bits=3, group_size=32, **CALIB)
+    wide = fq.quantize(str(tmp_path / "fp16"), block_weights="float32", **run)
+    narrow = fq.quantize(str(tmp_path / "fp16"), max_memory="64MB", **run)
+    assert narrow.report["memory"]["block_weights"] == "stored"
+    assert wide.report["memory"]["block_weights"] == "float32"
+    a, b = (m.model.get_submodule("model.layers.0.self_attn.q_proj") for m in (narrow, wide))
+    assert a.buffer_names == b.buffer_names
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in a.buffer_names)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    ref = tiny_llama()[0].eval()
+
+    def kl(m) -> float:
+        with torch.no_grad():
+            p, q = torch.log_softmax(ref(ids).logits, -1), torch.log_softmax(m(ids).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert kl(narrow.model) == pytest.approx(kl(wide.model), rel=0.05)
+    flex = fq.quantize(str(tmp_path / "fp16"), method="flexible", group_size=64, max_memory="64MB",
+                       progress=False, **CALIB, options=dict(bpw=3.5))
+    assert flex.report["memory"]["block_weights"] == "float32"  # DOSA rotates the blocks

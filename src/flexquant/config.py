@@ -221,6 +221,9 @@ class GPTQConfig:
                f"factor_dtype={self.factor_dtype!r} must be auto, float64 or float32")
 
 
+BLOCK_WEIGHTS = ("auto", "float32", "stored")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything that defines one quantization run (a recipe file is this, serialised)."""
@@ -243,6 +246,11 @@ class QuantConfig:
     max_memory: str = option("", "host memory for kept activations, e.g. 512MB or 8GB; beyond it they spill to "
                                  "--offload-dir ('' = no limit)")
     offload_dir: str = option("", "folder for spilled activations ('' = a temporary folder)")
+    block_weights: str = option("auto", "how a streamed block's linear weights are held on the CPU: float32, or "
+                                        "stored = in the files' 16-bit dtype, each linear widened as it runs (half "
+                                        "the block's memory; the quantized weights later blocks see are rounded to "
+                                        "that dtype; methods that rotate or fold weights keep float32); auto = "
+                                        "stored under --max-memory", BLOCK_WEIGHTS)
     moe_calibration: str = option("routed", "mixture-of-experts Hessians: routed (each expert's routed tokens, "
                                             "weighted by routing weight) | all (every token through every expert)",
                                   ("routed", "all"))
@@ -265,6 +273,8 @@ class QuantConfig:
         _check(self.seqlen >= 8, f"seqlen={self.seqlen} must be >= 8")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         parse_bytes(self.max_memory)
+        _check(self.block_weights in BLOCK_WEIGHTS,
+               f"block_weights={self.block_weights!r} must be one of {', '.join(BLOCK_WEIGHTS)}")
         _check(self.target in TARGET_NAMES, f"target={self.target!r} must be one of {', '.join(TARGET_NAMES)}")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")

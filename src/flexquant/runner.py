@@ -111,6 +111,7 @@ def load_for_run(config: QuantConfig, device: torch.device):
     if config.stream != "off":
         loaded = load_streamed(config.model, torch.float32 if cpu else None, strict=config.stream == "on")
         if loaded is not None:
+            residency(loaded[0]).narrow = narrow_blocks(config)
             return loaded
         if config.stream == "on":
             raise FlexQuantError(f"--stream on needs a model folder with safetensors weights; {config.model} has "
@@ -119,6 +120,11 @@ def load_for_run(config: QuantConfig, device: torch.device):
     if cpu and model.dtype in (torch.float16, torch.bfloat16):
         model = model.float()
     return model, tok
+
+
+def narrow_blocks(config: QuantConfig) -> bool:
+    """Whether a streamed block's linear weights stay in the files' 16-bit dtype (``--block-weights``)."""
+    return config.block_weights == "stored" or (config.block_weights == "auto" and bool(config.max_memory))
 
 
 def check_budget(model: nn.Module, config: QuantConfig) -> None:
@@ -217,6 +223,7 @@ class Run:
         if moe["linears"]:  # (a discovered MoE family's experts too)
             report["experts"] = moe
         report["memory"] = {"streamed": self.res.streamed, "store": store.summary(),
+                            "block_weights": "stored" if self.res.narrowing else "float32",
                             "weights_read_bytes": getattr(self.res, "reads", None)}
         return report
 
@@ -318,6 +325,7 @@ def _resumable(config: QuantConfig) -> dict:
     plain = config.to_plain()
     for name in ("stream", "max_memory", "offload_dir", "device"):
         plain.pop(name, None)
+    plain["block_weights"] = narrow_blocks(config)  # (--max-memory decides it under auto)
     return plain
 
 

@@ -14,7 +14,7 @@ from ..pipeline.distributed import close_process_group, env_rank
 from .flags import add_field, add_method_flags, at_least, flag
 
 RUN_FIELDS = ("method", "target", "calib", "nsamples", "seqlen", "seed", "batch_size", "device", "moe_calibration")
-MEMORY_FIELDS = ("stream", "store_dtype", "max_memory", "offload_dir")
+MEMORY_FIELDS = ("stream", "store_dtype", "max_memory", "offload_dir", "block_weights")
 NOT_CONFIG = {"command", "quiet", "debug", "recipe", "out", "overwrite", "resume", "eval_windows", "func"}
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import FlexQuantError
 from ..tensorio import TensorFiles, all_finite
@@ -51,6 +53,7 @@ class Residency:
     """A model held whole in memory."""
 
     streamed = False
+    narrowing = False  # (see `Streamed`)
 
     def __init__(self, model: nn.Module, spec: ModelSpec):
         self.model, self.spec = model, spec
@@ -124,8 +127,22 @@ def _release(module: nn.Module) -> None:
             _assign(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
+def _wide_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear whose weight is held narrower than its input computes in the input's dtype (a transient copy)."""
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
 class Streamed(Residency):
-    """A meta-device skeleton whose tensors are read from ``files`` block by block, in ``dtype``."""
+    """A meta-device skeleton whose tensors are read from ``files`` block by block, in ``dtype``.
+
+    ``narrow``: the linear weights of a block are held in the files' own 16-bit dtype and each linear computes
+    in ``dtype`` on a transient widened copy (half the resident block; the quantized weights written back are
+    rounded to that dtype). It applies while no block transform is registered and the model is not pinned:
+    transforms (rotations, folded norms) compute on the block's weights and get them in ``dtype``."""
 
     streamed = True
 
@@ -138,9 +155,21 @@ class Streamed(Residency):
         self.resident: set[int] = set()  # blocks whose tensors are in memory (kept or pinned)
         self.pinned = False
         self.reads = 0  # bytes read from the files (for the report)
+        self.narrow = False
+
+    @property
+    def narrowing(self) -> bool:
+        """Whether blocks read from now on hold their linear weights in the files' 16-bit dtype."""
+        return self.narrow and not self.block_fns and not self.pinned
+
+    def _narrow_names(self, blk: nn.Module) -> set[str]:
+        """The block's linear weights to hold in the files' 16-bit dtype (none where narrowing does not apply)."""
+        if not self.narrowing:
+            return set()
+        return {f"{n}.weight" for n in self.spec.linears_in(blk) if isinstance(blk.get_submodule(n), nn.Linear)}
 
     # ----- reading -----
-    def _read(self, module: nn.Module, prefix: str) -> None:
+    def _read(self, module: nn.Module, prefix: str, narrow: set[str] = frozenset()) -> None:
         for name, t in module.state_dict(keep_vars=True).items():
             if not t.is_meta:
                 continue
@@ -150,7 +179,9 @@ class Streamed(Residency):
             if t.is_floating_point() and not self.files.entries[full].dtype.is_floating_point:
                 raise FlexQuantError(f"tensor {full} in {self.files.folder} is stored as "
                                      f"{self.files.entries[full].dtype}, not a float: the weights are damaged")
-            value = self.files.get(full, self.dtype if t.is_floating_point() else None)
+            stored = self.files.entries[full].dtype
+            keep = name in narrow and stored in HALF and stored != self.dtype
+            value = self.files.get(full, None if keep or not t.is_floating_point() else self.dtype)
             refuse_non_finite(full, value, self.files)
             if tuple(value.shape) != tuple(t.shape):
                 raise FlexQuantError(f"tensor {full} in {self.files.folder} has shape {tuple(value.shape)}, the "
@@ -158,10 +189,13 @@ class Streamed(Residency):
                                      "match")
             self.reads += value.numel() * value.element_size()
             _assign(module, name, value)
+            if keep:
+                owner = module.get_submodule(name.rpartition(".")[0])
+                owner.forward = types.MethodType(_wide_forward, owner)
 
     def _load_block(self, i: int) -> None:
         blk = self.layers[i]
-        self._read(blk, f"{self.spec.layers}.{i}")
+        self._read(blk, f"{self.spec.layers}.{i}", self._narrow_names(blk))
         for fn in self.block_fns:
             fn(i, blk)
 
@@ -237,6 +271,7 @@ class Streamed(Residency):
     def transform_blocks(self, fn: Callable[[int, nn.Module], None]) -> None:
         self.block_fns.append(fn)
         for i in sorted(self.resident):
+            _widen(self.layers[i], self.dtype)
             fn(i, self.layers[i])
 
     def transform_ends(self, fn: Callable[[nn.Module], None]) -> None:
@@ -257,12 +292,21 @@ class Streamed(Residency):
         if self.pinned:
             return
         log.info("holding the whole model in memory%s", f" ({reason})" if reason else "")
+        for i in sorted(self.resident):
+            _widen(self.layers[i], self.dtype)
+        self.pinned = True  # (no narrowing from here)
         for i in range(len(self.layers)):
             if i not in self.resident:
                 self._load_block(i)
                 self.resident.add(i)
         self._load_ends(())
-        self.pinned = True
+
+
+def _widen(blk: nn.Module, dtype: torch.dtype) -> None:
+    """A resident block's narrowed linear weights back in ``dtype`` (before a transform computes on them)."""
+    for mod in blk.modules():
+        if isinstance(mod, nn.Linear) and not mod.weight.is_meta and mod.weight.dtype != dtype:
+            mod.weight = nn.Parameter(mod.weight.to(dtype), requires_grad=False)
 
 
 def refuse_non_finite(name: str, value: torch.Tensor, files: TensorFiles) -> None:

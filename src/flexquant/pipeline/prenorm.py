@@ -171,4 +171,5 @@ class _Sublayers:
 
 
 def _matmul(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, lin.weight, lin.bias)
+    """The linear's matmul without its hooks, in ``x``'s dtype (a block's weights may be held narrower)."""
+    return torch.nn.functional.linear(x, lin.weight.to(x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
