@@ -52,7 +52,7 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
                 results: dict, records: list) -> None:
     t0 = time.perf_counter()
     W = linear.weight.data
-    Wq = r.dequantize(torch.float32)
+    Wq = r.dequantize(W.dtype)  # (the weight written back; the error below is that of what later blocks see)
     if not all_finite(Wq):
         raise FlexQuantError(f"quantizing {prefix}.{name} gave non-finite values: its weights reach "
                              f"{float(W.abs().max()):.3g}, beyond what the stored float16 scales can hold")

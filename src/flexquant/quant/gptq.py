@@ -157,7 +157,8 @@ def gptq_quantize(
         group_bits[ng - kept.numel() // g:] = kept_bits
     perm = order.to(W.device) if order is not None else column_order(diag, cfg.act_order, kept)
     # our own copy of W in quantization order (one copy whatever W's dtype), dead columns zeroed
-    W = W.detach().float().index_select(1, perm) if perm is not None else W.detach().float().clone()
+    W = W.detach().index_select(1, perm) if perm is not None else W.detach().clone()
+    W = W.float()  # (a narrower W is widened after the permuted copy: one float32 copy at a time)
     W[:, dead if perm is None else dead[perm]] = 0
     fdtype = factor_dtype(cfg.factor_dtype, n)
     parked = _Parked.maybe(H, fdtype)

@@ -59,23 +59,29 @@ class QuantResult:
         bits = self.group_bits[self.quantized_groups].long().to(self.scales.device)
         return (2 ** (bits - 1)).float().expand_as(self.scales)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense weight [m, n] in the original column order."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: int = 256) -> torch.Tensor:
+        """Dense weight [m, n] in the original column order, computed in float32 ``rows`` rows at a time (only a
+        slab's temporaries beside the result) and returned in ``dtype``."""
         m, n = self.codes.shape
         g = self.group_size
         qmask = self.quantized_groups
-        C = self.codes.view(m, n // g, g).to(torch.float32)  # [m, ng, g]
-        Wq = torch.empty(m, n // g, g, dtype=torch.float32, device=self.codes.device)
-        if qmask.any():
-            Wq[:, qmask] = (C[:, qmask] - self.zero_points()[..., None]) * self.scales[..., None]
-        if (~qmask).any():
-            Wq[:, ~qmask] = self.fp16_cols.view(m, -1, g).float()
-        W = Wq.view(m, n)
-        if self.perm is not None:
-            out = torch.empty_like(W)
-            out[:, self.perm] = W
-            W = out
-        return W.to(dtype)
+        some, rest = bool(qmask.any()), bool((~qmask).any())
+        zeros = self.zero_points() if some else None
+        out = torch.empty(m, n, dtype=dtype, device=self.codes.device)
+        for r in range(0, m, rows):
+            s = slice(r, min(r + rows, m))
+            C = self.codes[s].view(-1, n // g, g).to(torch.float32)  # [rows, ng, g]
+            Wq = torch.empty_like(C)
+            if some:
+                Wq[:, qmask] = (C[:, qmask] - zeros[s, :, None]) * self.scales[s, :, None]
+            if rest:
+                Wq[:, ~qmask] = self.fp16_cols[s].view(C.shape[0], -1, g).float()
+            Wq = Wq.view(-1, n).to(dtype)
+            if self.perm is None:
+                out[s] = Wq
+            else:
+                out[s].index_copy_(1, self.perm, Wq)
+        return out
 
     def mean_bits(self) -> float:
         """Nominal code bits per weight (no metadata): the average of the group bit-widths."""
