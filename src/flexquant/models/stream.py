@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -127,10 +126,14 @@ def _release(module: nn.Module) -> None:
             _assign(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
-def _wide_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A linear whose weight is held narrower than its input computes in the input's dtype (a transient copy)."""
-    bias = None if self.bias is None else self.bias.to(x.dtype)
-    return F.linear(x, self.weight.to(x.dtype), bias)
+class WideLinear(nn.Linear):
+    """An nn.Linear whose weight may be held narrower than its inputs: it computes in the input's dtype on a
+    transient widened copy. (A class, not a bound method on the instance: that would be a reference cycle, and a
+    released block's weights would wait for the cyclic garbage collector.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -166,7 +169,8 @@ class Streamed(Residency):
         """The block's linear weights to hold in the files' 16-bit dtype (none where narrowing does not apply)."""
         if not self.narrowing:
             return set()
-        return {f"{n}.weight" for n in self.spec.linears_in(blk) if isinstance(blk.get_submodule(n), nn.Linear)}
+        plain = (nn.Linear, WideLinear)  # (a subclass of nn.Linear may compute otherwise: left as it is)
+        return {f"{n}.weight" for n in self.spec.linears_in(blk) if type(blk.get_submodule(n)) in plain}
 
     # ----- reading -----
     def _read(self, module: nn.Module, prefix: str, narrow: set[str] = frozenset()) -> None:
@@ -190,8 +194,7 @@ class Streamed(Residency):
             self.reads += value.numel() * value.element_size()
             _assign(module, name, value)
             if keep:
-                owner = module.get_submodule(name.rpartition(".")[0])
-                owner.forward = types.MethodType(_wide_forward, owner)
+                module.get_submodule(name.rpartition(".")[0]).__class__ = WideLinear
 
     def _load_block(self, i: int) -> None:
         blk = self.layers[i]
