@@ -268,6 +268,16 @@ def _permute_columns(A: torch.Tensor, perm: torch.Tensor, rows: int) -> torch.Te
     return A
 
 
+_UPDATE_COLUMNS = 2048
+
+
+def _ahead(W1: torch.Tensor, W: torch.Tensor, i: int, i2: int, k: int) -> torch.Tensor:
+    """The next ``k`` columns from column ``i`` of the lazy block ``W1`` on, then W's from ``i2`` (a copy of just
+    those columns, not of the whole rest of W)."""
+    have = W1.shape[1] - i
+    return W1[:, i:i + k].clone() if have >= k else torch.cat([W1[:, i:], W[:, i2:i2 + k - have]], dim=1)
+
+
 def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: GridConfig, base, B: int):
     """The GPTQ column loop over W [m, n] (quantization order) with U the upper Cholesky factor of H⁻¹:
     each column rounded, its error spread onto the later columns, in lazy blocks of B columns; group
@@ -292,11 +302,10 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
             gi, b = col // g, int(group_bits[col // g])
             if grid.superblock and col % grid.superblock == 0 and b < FP16_BITS:
                 # the super-block's float16 step from its current (compensated) weights
-                step = superblock_steps(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :grid.superblock], b, g,
-                                        grid.signed)
+                step = superblock_steps(_ahead(W1, W, i, i2, grid.superblock), b, g, grid.signed)
             if col % g == 0 and b < FP16_BITS:
                 # Group parameters from the current (already compensated) weights of the group.
-                Wgrp = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                Wgrp = _ahead(W1, W, i, i2, g)
                 s, z = choose_qparams(Wgrp, b, grid.sym, grid.clip, None if base is None else base[:, None],
                                       grid.signed, (step, b) if grid.superblock else None,
                                       None if cost is None else cost[col:col + g])
@@ -314,6 +323,7 @@ def _solve(W: torch.Tensor, U: torch.Tensor, group_bits: torch.Tensor, grid: Gri
             losses += (w - q) ** 2 / d**2 / 2
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        for c in range(i2, n, _UPDATE_COLUMNS):  # (column slabs: no m × n temporary)
+            W[:, c:c + _UPDATE_COLUMNS] -= Err1 @ U[i1:i2, c:c + _UPDATE_COLUMNS]
         W[:, i1:i2] = Q1  # columns i1:i2 are done: they now hold their dequantized values
     return codes, scales, zeros, W, float(losses.sum())
