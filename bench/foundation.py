@@ -243,14 +243,18 @@ class RowCache:
 
     def __init__(self, work: Path, fresh: bool):
         self.path = work / "rows.json"
-        self.rows = json.loads(self.path.read_text()) if self.path.exists() and not fresh else {}
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.rows = {} if fresh else old
+        # with --fresh, the rows on disk at the start are stale: a later merge must not bring them back
+        self.stale = {k: json.dumps(v, sort_keys=True) for k, v in old.items()} if fresh else {}
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
 
     def put(self, key: str, row: dict) -> None:
         if self.path.exists():
-            self.rows.update({k: v for k, v in json.loads(self.path.read_text()).items() if k not in self.rows})
+            self.rows.update({k: v for k, v in json.loads(self.path.read_text()).items()
+                              if k not in self.rows and self.stale.get(k) != json.dumps(v, sort_keys=True)})
         self.rows[key] = row
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.rows, indent=1))

@@ -39,3 +39,17 @@ def test_flexquant_job_reuses_only_a_matching_finished_run(tmp_path, monkeypatch
     assert (not ran) == reused
     if ran:
         assert ran[0][ran[0].index("--out") + 1] == str(out)
+
+
+def test_row_cache_fresh_does_not_bring_back_stale_rows(tmp_path):
+    """Rows finished by another invocation are merged on every write, but with --fresh the rows on disk at the
+    start are stale: they stay out."""
+    old = foundation.RowCache(tmp_path, fresh=False)
+    old.put("a", {"v": 1})
+    old.put("b", {"v": 1})
+    fresh = foundation.RowCache(tmp_path, fresh=True)
+    other = foundation.RowCache(tmp_path, fresh=False)
+    other.put("c", {"v": 2})  # finished meanwhile by another invocation
+    fresh.put("a", {"v": 3})
+    assert fresh.get("b") is None and fresh.get("c") == {"v": 2} and fresh.get("a") == {"v": 3}
+    assert foundation.RowCache(tmp_path, fresh=False).get("a") == {"v": 3}
