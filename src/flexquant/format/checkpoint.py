@@ -348,10 +348,11 @@ def read_verified(path: str | Path, verify: bool = True, ends_dtype: torch.dtype
 
 
 def attention_for(model_type: str) -> str:
-    """The attention implementation a family runs with (its ModelSpec's; sdpa for a family without one)."""
-    from ..models.spec import SPECS
+    """The attention implementation a family runs with (its ModelSpec's, built in or discovered; sdpa for a family
+    without one)."""
+    from ..models.spec import find_spec
 
-    spec = SPECS.get(model_type)
+    spec = find_spec(model_type)
     return spec.attn_implementation if spec is not None else "sdpa"
 
 
