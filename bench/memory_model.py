@@ -9,7 +9,8 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
     M = M0 + max(capture, block)
     capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
               + T·d·(B + s)                 the captured stream and its kept float16 copy
-    block   = P_b·B + kept + hess           one decoder block's weights, what the store keeps (below)
+    block   = P_b·B + kept + hess           one decoder block's weights (P_b·s for gptq under --max-memory:
+                                            --block-weights auto), what the store keeps (below)
               + max(solve, forward)         the two phases of a block, which do not overlap:
     solve   = F(n) + m·n·(B + 1)            the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
                                             permuted copy, the float64 factor), 4·n² beyond (H parked on disk,
@@ -95,7 +96,9 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     forward = min(batch * window * 3 * f * B, MLP_CHUNK_BYTES) + 4 * f * f + T * d * B
     parts = {
         "base": M0,
-        "block weights": shape.block_params * B,  # a whole block, all its experts (read together)
+        # a whole block, all its experts (read together); in the files' float16 under a budget where no
+        # transform computes on the blocks (--block-weights auto)
+        "block weights": shape.block_params * (S if max_memory is not None and method == "gptq" else B),
         "kept (store)": budgeted,
         "solve": solve,
         "forward": forward,
