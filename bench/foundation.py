@@ -245,8 +245,7 @@ class RowCache:
         self.path = work / "rows.json"
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.rows = {} if fresh else old
-        # with --fresh, the rows on disk at the start are stale: a later merge must not bring them back
-        self.stale = {k: json.dumps(v, sort_keys=True) for k, v in old.items()} if fresh else {}
+        self.stale = old if fresh else {}  # with --fresh, rows on disk at the start: a merge must not bring them back
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
@@ -254,7 +253,7 @@ class RowCache:
     def put(self, key: str, row: dict) -> None:
         if self.path.exists():
             self.rows.update({k: v for k, v in json.loads(self.path.read_text()).items()
-                              if k not in self.rows and self.stale.get(k) != json.dumps(v, sort_keys=True)})
+                              if k not in self.rows and self.stale.get(k) != v})
         self.rows[key] = row
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.rows, indent=1))

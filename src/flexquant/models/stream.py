@@ -126,14 +126,18 @@ def _release(module: nn.Module) -> None:
             _assign(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
+def wide_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin``'s matmul (no hooks) in ``x``'s dtype: a weight held narrower is widened for the call only."""
+    return F.linear(x, lin.weight.to(x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
+
+
 class WideLinear(nn.Linear):
     """An nn.Linear whose weight may be held narrower than its inputs: it computes in the input's dtype on a
     transient widened copy. (A class, not a bound method on the instance: that would be a reference cycle, and a
     released block's weights would wait for the cyclic garbage collector.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return wide_linear(self, x)
 
 
 HALF = (torch.float16, torch.bfloat16)

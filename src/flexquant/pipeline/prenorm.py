@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.spec import ModelSpec
+from ..models.stream import wide_linear
 from ..quant.hessian import HessianAccumulator
 from .capture import BlockInputs, _StopForward, block_kwargs
 from .distributed import SINGLE, Dist
@@ -115,7 +116,7 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     # rotation), so outputs are rebuilt with the bare matmul, not by calling the module again.
     h_mid = []
     for h in inputs.hidden:  # each o_proj input freed once used
-        h_mid.append(h.to(device) + sub.attn_out(_matmul(o_proj, x_o.pop(0).to(device))))
+        h_mid.append(h.to(device) + sub.attn_out(wide_linear(o_proj, x_o.pop(0).to(device))))
     acc = dist.accumulator(get(gate_up[0]).in_features, device)
     seen = getattr(get(gate_up[0]), "online_rotation", None) or (lambda x: x)  # what the matmul sees
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
@@ -168,8 +169,3 @@ class _Sublayers:
     def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's contribution to the residual stream at h'."""
         return self._out(self.mlp(self.mlp_in(h)), self.post2)
-
-
-def _matmul(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The linear's matmul without its hooks, in ``x``'s dtype (a block's weights may be held narrower)."""
-    return torch.nn.functional.linear(x, lin.weight.to(x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
