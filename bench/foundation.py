@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
 KEEP_LOGPROBS_BYTES = 4 << 30  # reference log-probabilities kept in memory up to this size
 # run-config keys of a `--flexible` row (`3.5:target=vllm,group_size=128`), not method options
-GRID_KEYS = ("scale_bits", "zero_bits", "target", "act_order", "group_size")
+GRID_KEYS = ("scale_bits", "zero_bits", "target", "act_order", "group_size", "clip")
 
 
 def job(args) -> None:

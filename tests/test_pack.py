@@ -17,6 +17,18 @@ def test_pack_unpack_round_trip(bits, N):
     assert torch.equal(unpack_bits(packed, bits, N), codes)
 
 
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_pack_in_row_slabs_equals_one_pass(bits, monkeypatch):
+    """Packing is done in row slabs (bounded int64 temporaries); the slabs join to the one-pass packing."""
+    from flexquant.quant import pack
+
+    codes = torch.randint(0, 2**bits, (37, 200), dtype=torch.uint8)
+    whole = pack_bits(codes, bits)
+    monkeypatch.setattr(pack, "PACK_SLAB_CODES", 3 * 200 + 5)  # 3 rows per slab, the last slab 1 row
+    assert torch.equal(pack_bits(codes, bits), whole)
+    assert torch.equal(unpack_bits(whole, bits, 200), codes.long())
+
 def _results(correlated_layer):
     W, H = correlated_layer
     yield rtn_quantize(W, GridConfig(bits=3, group_size=64))

@@ -26,10 +26,23 @@ def _layout(b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return pos // 32, pos % 32
 
 
+# Codes packed per call of `_pack_rows` at most (its int64 temporaries are ~3 × 8 bytes per code).
+PACK_SLAB_CODES = 1 << 20
+
+
 def pack_bits(codes: torch.Tensor, b: int) -> torch.Tensor:
-    """Pack codes [m, N] (values < 2^b) into int32 [m, ceil(N/32)·b]."""
+    """Pack codes [m, N] (values < 2^b) into int32 [m, ceil(N/32)·b], in row slabs of about PACK_SLAB_CODES
+    codes (a 2048 × 8192 weight packed at once held ~400 MiB of int64 temporaries)."""
     if b not in PACK_BITS:
         raise ValueError(f"cannot pack {b}-bit codes; supported: 1..8")
+    m, N = codes.shape
+    rows = max(1, PACK_SLAB_CODES // max(N, 1))
+    if m <= rows:
+        return _pack_rows(codes, b)
+    return torch.cat([_pack_rows(codes[a:a + rows], b) for a in range(0, m, rows)])
+
+
+def _pack_rows(codes: torch.Tensor, b: int) -> torch.Tensor:
     m, N = codes.shape
     c = F.pad(codes.to(torch.int64), (0, (-N) % 32)).view(m, -1, 32)  # [m, chunks, 32]
     word, off = _layout(b, codes.device)
