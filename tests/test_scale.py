@@ -163,9 +163,13 @@ def test_a_killed_run_resumes_to_the_same_checkpoint(fp_folder, tmp_path, monkey
     partial = tmp_path / ".cut.partial"
     assert (partial / "progress.json").is_file() and not (tmp_path / "cut").exists()
     monkeypatch.setattr(runner.Run, "_on_block", real)
-    with pytest.raises(FlexQuantError, match="another config"):
+    with pytest.raises(FlexQuantError, match="another config .seed: 0 then, 1 now"):
         fq.quantize(str(fp_folder), progress=False, out=tmp_path / "cut", resume=True, plot=False,
                     **{**settings, "seed": 1})
+    # a progress.json written before --block-weights existed (its blocks were float32) still resumes
+    state = json.loads((partial / "progress.json").read_text())
+    assert state["config"].pop("block_weights") is False
+    (partial / "progress.json").write_text(json.dumps(state))
     resumed = fq.quantize(str(fp_folder), progress=False, out=tmp_path / "cut", resume=True, plot=False, **settings)
     assert not partial.exists() and digest(tmp_path / "cut") == digest(tmp_path / "whole")
     assert len(resumed.report["layers"]) == len(fq.load(tmp_path / "whole").report["layers"])
@@ -356,7 +360,7 @@ def test_blocks_held_in_the_files_half_dtype(tmp_path):
     run = dict(progress=False, method="gptq", bits=3, group_size=32, **CALIB)
     wide = fq.quantize(str(tmp_path / "fp16"), block_weights="float32", **run)
     narrow = fq.quantize(str(tmp_path / "fp16"), max_memory="64MB", **run)
-    assert narrow.report["memory"]["block_weights"] == "stored"
+    assert narrow.report["memory"]["block_weights"] == "float16"
     assert wide.report["memory"]["block_weights"] == "float32"
     a, b = (m.model.get_submodule("model.layers.0.self_attn.q_proj") for m in (narrow, wide))
     assert a.buffer_names == b.buffer_names
@@ -373,3 +377,7 @@ def test_blocks_held_in_the_files_half_dtype(tmp_path):
     flex = fq.quantize(str(tmp_path / "fp16"), method="flexible", group_size=64, max_memory="64MB",
                        progress=False, **CALIB, options=dict(bpw=3.5))
     assert flex.report["memory"]["block_weights"] == "float32"  # DOSA rotates the blocks
+    # a float32 model narrows nothing, and the report says what is held
+    tiny_llama()[0].save_pretrained(tmp_path / "fp32")
+    tok.save_pretrained(tmp_path / "fp32")
+    assert fq.quantize(str(tmp_path / "fp32"), max_memory="64MB", **run).report["memory"]["block_weights"] == "float32"

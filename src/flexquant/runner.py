@@ -223,7 +223,7 @@ class Run:
         if moe["linears"]:  # (a discovered MoE family's experts too)
             report["experts"] = moe
         report["memory"] = {"streamed": self.res.streamed, "store": store.summary(),
-                            "block_weights": "stored" if self.res.narrowing else "float32",
+                            "block_weights": self.res.block_weights_dtype(),
                             "weights_read_bytes": getattr(self.res, "reads", None)}
         return report
 
@@ -272,9 +272,10 @@ class Run:
                 raise FlexQuantError(f"--method {self.method.name} cannot resume a run (its per-block state is "
                                      f"not on disk); delete {folder} and run again without --resume")
             self.writer, state = CheckpointWriter.resume(folder, shards)
-            if state["config"] != _resumable(self.config):
-                raise FlexQuantError(f"the unfinished run in {folder} was made with another config; run the "
-                                     "command that started it with --resume, or delete that folder")
+            differ = config_differences(state["config"], _resumable(self.config))
+            if differ:
+                raise FlexQuantError(f"the unfinished run in {folder} was made with another config ({differ}); run "
+                                     "the command that started it with --resume, or delete that folder")
             self.records = [LinearRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["records"]]
             self.notes, self.bits = state["notes"], {k: tuple(v) for k, v in state["bits"].items()}
             log.info("resuming at block %d of %d from %s", state["blocks"], shards - 1, folder)
@@ -327,6 +328,14 @@ def _resumable(config: QuantConfig) -> dict:
         plain.pop(name, None)
     plain["block_weights"] = narrow_blocks(config)  # (--max-memory decides it under auto)
     return plain
+
+
+def config_differences(saved: dict, now: dict) -> str:
+    """The settings in which an unfinished run's saved config and this one differ, as ``name: then → now``
+    ('' when none). A saved config from before ``block_weights`` existed held its blocks in float32."""
+    saved = {"block_weights": False, **saved}
+    names = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    return "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in names)
 
 
 def checkpoint_meta(qmodel: QuantizedModel) -> dict:

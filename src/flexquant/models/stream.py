@@ -107,6 +107,11 @@ class Residency:
         """A model held whole has its ends in memory: nothing to stream (see `Streamed`)."""
         return None
 
+    def block_weights_dtype(self) -> str:
+        """The dtype a block's linear weights are held in while it is quantized (the report's
+        ``memory.block_weights``)."""
+        return str(self.model.dtype).replace("torch.", "")
+
     def materialized_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values() if not t.is_meta)
 
@@ -168,6 +173,14 @@ class Streamed(Residency):
     def narrowing(self) -> bool:
         """Whether blocks read from now on hold their linear weights in the files' 16-bit dtype."""
         return self.narrow and not self.block_fns and not self.pinned
+
+    def block_weights_dtype(self) -> str:
+        held = self.dtype
+        if self.narrowing:  # the files' dtype of the first block's linear weights, where it is a 16-bit one
+            blk = self.layers[0]
+            stored = self.files.entries[f"{self.spec.layers}.0.{self.spec.linears_in(blk)[0]}.weight"].dtype
+            held = stored if stored in HALF else held
+        return str(held).replace("torch.", "")
 
     def _narrow_names(self, blk: nn.Module) -> set[str]:
         """The block's linear weights to hold in the files' 16-bit dtype (none where narrowing does not apply)."""
