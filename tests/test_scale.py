@@ -206,6 +206,25 @@ def test_weights_that_do_not_match_the_config_fail_clearly(fp_folder, tmp_path):
         fq.quantize(str(bad), method="rtn", bits=4, group_size=32, progress=False)
 
 
+def test_a_memory_budget_bounds_the_mlp_chunks_and_the_widened_weights(monkeypatch):
+    """Under --max-memory the MLP's row chunks are a sixteenth of the budget (8 MiB at least, MLP_CHUNK_BYTES at
+    most); a weight held in float16 is widened by slabs of output rows, to the one-pass product."""
+    from flexquant.models import stream
+    from flexquant.pipeline import prenorm
+
+    assert prenorm.mlp_chunk_bytes(None) == prenorm.MLP_CHUNK_BYTES
+    assert prenorm.mlp_chunk_bytes(512 * 10**6) == 32 * 10**6
+    assert prenorm.mlp_chunk_bytes(10**6) == 8 * 2**20 and prenorm.mlp_chunk_bytes(10**12) == prenorm.MLP_CHUNK_BYTES
+    lin = torch.nn.Linear(48, 40).half()
+    lin.__class__ = stream.WideLinear
+    x = torch.randn(3, 5, 48)
+    whole = stream.wide_linear(lin, x)
+    monkeypatch.setattr(stream, "WIDEN_SLAB_BYTES", 7 * 48 * 4)  # 7 rows per slab, the last one 5
+    slabs = lin(x)
+    assert slabs.dtype == torch.float32 and slabs.shape == (3, 5, 40)
+    torch.testing.assert_close(slabs, whole, rtol=0, atol=1e-6)
+
+
 def test_mlp_runs_in_row_chunks_past_its_budget(monkeypatch):
     """A batch whose MLP activations exceed MLP_CHUNK_BYTES runs in row chunks (views written in place): the
     block outputs equal the whole-batch ones, and a quantized model differs only by the Hessian's float order."""
@@ -228,8 +247,8 @@ def test_mlp_runs_in_row_chunks_past_its_budget(monkeypatch):
     calls = []
     real = prenorm.mlp_chunks
 
-    def spy(*a):
-        chunks = list(real(*a))
+    def spy(*a, **k):
+        chunks = list(real(*a, **k))
         calls.append(len(chunks))
         return iter(chunks)
 

@@ -22,7 +22,7 @@ from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
 from .hooks import collect_hessian, run_capturing
 from .method import BlockContext, Method
-from .prenorm import MAX_CACHE_BYTES, cache_limit, prenorm_applicable, quantize_prenorm_block
+from .prenorm import MAX_CACHE_BYTES, cache_limit, mlp_chunk_bytes, prenorm_applicable, quantize_prenorm_block
 from .progress import BlockProgress
 from .statistics import FPStatistics
 from .store import ActivationStore, MemoryStore
@@ -150,7 +150,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         with res.block(i, device) as block:
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
-                                    fast, mine, records, cache_limit(store.max_bytes))
+                                    fast, mine, records, store.max_bytes)
             if method.fold_sites:  # act-order for a target without g_idx: into the producers' rows
                 ctx.notes["act_order_folded"] = fold_permutations(block, spec, mine, ctx.prefix)
             if dist.active:  # bytes this rank all-reduced and broadcast (or received) for this block
@@ -168,9 +168,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 
 
 def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, nblocks, fast, results, records,
-                    cap=MAX_CACHE_BYTES):
-    """One block's linear groups, then the method's after-block step; the block's quantized-stream outputs."""
-    device = ctx.device
+                    max_bytes=None):
+    """One block's linear groups, then the method's after-block step; the block's quantized-stream outputs.
+    ``max_bytes`` (the memory budget) bounds the cached activations and the MLP's row chunks."""
+    device, cap = ctx.device, cache_limit(max_bytes)
 
     def quantize_group(group, H, D=None):
         ctx.cross = D
@@ -186,7 +187,8 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
         del fp_block
     # feedback needs the cached path whatever the cap; otherwise past the cap the block is recomputed per group
     if (fast or feedback) and prenorm_applicable(spec, inputs, block, MAX_CACHE_BYTES if feedback else cap):
-        out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist)
+        out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist,
+                                       mlp_chunk_bytes(max_bytes))
     elif feedback:
         raise FlexQuantError(f"this method's feedback needs residual blocks of two sub-layers; {spec.family} "
                              "is not declared so in its ModelSpec")

@@ -29,12 +29,18 @@ MAX_CACHE_BYTES = 6 * 2**30
 MLP_CHUNK_BYTES = 128 * 2**20
 
 
-def mlp_chunks(h: torch.Tensor, d_ff: int, *others: torch.Tensor | None):
+def mlp_chunk_bytes(max_bytes: int | None) -> int:
+    """The MLP chunk size: MLP_CHUNK_BYTES, or under a memory budget a sixteenth of it (8 MiB at least)."""
+    return MLP_CHUNK_BYTES if max_bytes is None else min(MLP_CHUNK_BYTES, max(8 * 2**20, max_bytes // 16))
+
+
+def mlp_chunks(h: torch.Tensor, d_ff: int, *others: torch.Tensor | None, chunk_bytes: int | None = None):
     """(h, *others) split into row chunks of ``h`` [..., d] (and the tensors matching it token for token) so
-    that the MLP's activations stay under MLP_CHUNK_BYTES; one chunk — the tensors themselves — when they
-    fit. Chunks are views shaped [1, rows, width] (MoE blocks read batch and sequence from the shape)."""
+    that the MLP's activations stay under ``chunk_bytes`` (default MLP_CHUNK_BYTES); one chunk — the tensors
+    themselves — when they fit. Chunks are views shaped [1, rows, width] (MoE blocks read batch and sequence from
+    the shape)."""
     rows = h.numel() // h.shape[-1]
-    step = max(1, MLP_CHUNK_BYTES // (3 * d_ff * 4))
+    step = max(1, (chunk_bytes or MLP_CHUNK_BYTES) // (3 * d_ff * 4))
     if rows <= step:
         yield (h, *others)
         return
@@ -77,13 +83,14 @@ def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator,
 @torch.no_grad()
 def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device,
                            quantize_group, fp_inputs: dict[str, list[torch.Tensor]] | None = None,
-                           dist: Dist = SINGLE) -> list[torch.Tensor]:
+                           dist: Dist = SINGLE, chunk_bytes: int | None = None) -> list[torch.Tensor]:
     """Quantize a pre-norm block group by group; ``quantize_group(group, H, D)`` quantizes in place.
 
     ``fp_inputs`` maps a group's first linear to its full-precision-stream inputs for the first batches
     (all of them, or a prefix); for those groups the feedback term D is accumulated next to H over
     the batches that have them (else D is None).
     Returns the block's outputs (quantized weights) for every stored batch. H and D are all-reduced over ``dist``.
+    The MLP runs in row chunks of at most ``chunk_bytes`` of activations (`mlp_chunk_bytes`).
     """
     qkv, o, gate_up, down = spec.linear_groups
     get = block.get_submodule
@@ -127,7 +134,7 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     acc = dist.accumulator(d_ff, device)
     for hm, x_fp in zip(h_mid, fp_for(down[0])):
         acc.begin_batch()
-        for part, part_fp in mlp_chunks(hm, d_ff, x_fp):
+        for part, part_fp in mlp_chunks(hm, d_ff, x_fp, chunk_bytes=chunk_bytes):
             _stop_at(block, lambda part=part: sub.mlp(sub.mlp_in(part)), get(down[0]), acc, None, part_fp)
         acc.end_batch()
     dist.reduce_hessian(acc)
@@ -137,7 +144,7 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     # same operations on the same values, so the same outputs; each output takes its h' buffer's place
     for k, hm in enumerate(h_mid):
         hm = hm.contiguous()  # (it is: a fresh sum) the chunks are views written in place
-        for (part,) in mlp_chunks(hm, d_ff):
+        for (part,) in mlp_chunks(hm, d_ff, chunk_bytes=chunk_bytes):
             part.add_(sub.mlp_out(part))
         h_mid[k] = hm.to("cpu")
     return h_mid
