@@ -135,6 +135,32 @@ def test_store_spills_beyond_its_budget_and_cleans_up(tmp_path):
     assert store.summary()["peak_disk_bytes"] == 1024
 
 
+def test_a_reserved_share_of_the_budget_and_kept_lists(tmp_path):
+    """`reserve` holds part of the budget for what the store cannot spill; a `KeptList` keeps tensors exactly,
+    spilling past the rest, and frees them by index or as it drains."""
+    from flexquant.pipeline.store import KeptList
+
+    store = ActivationStore("float16", max_bytes=2000, offload_dir=tmp_path / "off")
+    assert store.reserve(1500) and not store.reserve(2000) and store.reserve(1500)
+    store.put(0, _inputs())  # 512 bytes per float16 batch: none fits the 500 bytes left
+    assert store.memory_bytes == 0 and store.disk_bytes == 3 * 512
+    kept = KeptList(store, "h")
+    xs = [torch.randn(2, 3, 16) for _ in range(3)]  # 384 bytes each, float32 kept as float32
+    for x in xs:
+        kept.append(x)
+    assert store.memory_bytes == 384 and len(kept) == 3
+    assert all(torch.equal(a, b) for a, b in zip(kept, xs)) and torch.equal(kept[1:][1], xs[2])
+    kept[0] = xs[0] * 2
+    kept.free(1)
+    with pytest.raises(IndexError, match="freed"):
+        kept[1]
+    drained = list(kept.drain())
+    assert torch.equal(drained[0], xs[0] * 2) and torch.equal(drained[1], xs[2])
+    store.drop(0)
+    assert store.memory_bytes == 0 and store.disk_bytes == 0
+    store.close()
+
+
 def test_float32_store_is_exact():
     store = ActivationStore("float32")
     x = _inputs()
@@ -184,6 +210,12 @@ def test_cli_spills_beyond_max_memory_and_resumes(tmp_path, capsys):
             "--store-dtype", "bfloat16", "--out", str(out), "--quiet"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
+    # tiny-llama's block needs more than 40KB (weights, Hessian, solve): everything kept spills, and the
+    # result is the unbudgeted run's, bit for bit (its cached activations were kept exactly, on disk)
+    assert "below one block's working set" in capsys.readouterr().err
+    free = [a for a in args if a not in ("--max-memory", "40KB")]
+    assert main(free[:-3] + ["--out", str(tmp_path / "free"), "--quiet"]) == 0
+    assert digest(tmp_path / "free") == digest(out)
     store = report["memory"]["store"]
     assert store["dtype"] == "bfloat16" and store["peak_disk_bytes"] > 0 and store["peak_memory_bytes"] <= 40_000
     assert not list(off.rglob("*.bin"))  # spill files removed at the end

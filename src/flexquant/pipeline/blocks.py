@@ -25,7 +25,7 @@ from .method import BlockContext, Method
 from .prenorm import MAX_CACHE_BYTES, cache_limit, mlp_chunk_bytes, prenorm_applicable, quantize_prenorm_block
 from .progress import BlockProgress
 from .statistics import FPStatistics
-from .store import ActivationStore, MemoryStore
+from .store import ActivationStore, KeptList, MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 finish(i, block, mine)
         return results, records, notes
 
+    if store.max_bytes is not None:
+        reserve_working_set(store, layers, res.block_weights_dtype())
     if inputs is None:
         with res.ends(device, (spec.embed,)):
             inputs = capture_block_inputs(model, spec, dist.shard(calib_ids, batch_size), device, batch_size)
@@ -150,7 +152,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
         with res.block(i, device) as block:
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
-                                    fast, mine, records, store.max_bytes)
+                                    fast, mine, records, store)
             if method.fold_sites:  # act-order for a target without g_idx: into the producers' rows
                 ctx.notes["act_order_folded"] = fold_permutations(block, spec, mine, ctx.prefix)
             if dist.active:  # bytes this rank all-reduced and broadcast (or received) for this block
@@ -161,16 +163,37 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
             stats.inputs.drop(i)
         kwargs = inputs.kwargs
         del inputs, fp_inputs, ctx
-        store.put("stream", BlockInputs(out_q, kwargs))
+        store.put("stream", BlockInputs(out_q.drain() if isinstance(out_q, KeptList) else out_q, kwargs))
         del out_q
     store.drop("stream")
     return results, records, notes
 
 
+def reserve_working_set(store: ActivationStore, layers, weights_dtype: str) -> int:
+    """Hold the largest block's working set out of the store's budget: its weights as held, its largest Hessian
+    (float32, n²) and the solve's float32 copy of its largest weight (shapes from the skeleton: nothing is read).
+    Under a budget smaller than that everything kept spills, and a warning says the peak will pass the budget."""
+    held = getattr(torch, weights_dtype).itemsize
+    need = 0
+    for blk in layers:
+        params = list(blk.parameters())
+        mats = [p.shape[-2:] for p in params if p.dim() >= 2]
+        if mats:
+            need = max(need, sum(p.numel() for p in params) * held + 4 * max(n * n for _, n in mats)
+                       + 4 * max(m * n for m, n in mats))
+    if not store.reserve(need):
+        log.warning("--max-memory (%.0f MiB) is below one block's working set (%.0f MiB: its weights, largest "
+                    "Hessian and solve): every kept activation goes to disk, and the peak will pass the budget",
+                    store.max_bytes / 2**20, need / 2**20)
+    return need
+
+
 def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, nblocks, fast, results, records,
-                    max_bytes=None):
+                    store: ActivationStore | None = None):
     """One block's linear groups, then the method's after-block step; the block's quantized-stream outputs.
-    ``max_bytes`` (the memory budget) bounds the cached activations and the MLP's row chunks."""
+    A ``store`` with a memory budget bounds the cached activations (kept in it, spilled past the budget) and the
+    MLP's row chunks."""
+    max_bytes = None if store is None else store.max_bytes
     device, cap = ctx.device, cache_limit(max_bytes)
 
     def quantize_group(group, H, D=None):
@@ -188,7 +211,7 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
     # feedback needs the cached path whatever the cap; otherwise past the cap the block is recomputed per group
     if (fast or feedback) and prenorm_applicable(spec, inputs, block, MAX_CACHE_BYTES if feedback else cap):
         out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist,
-                                       mlp_chunk_bytes(max_bytes))
+                                       mlp_chunk_bytes(max_bytes), store if max_bytes is not None else None)
     elif feedback:
         raise FlexQuantError(f"this method's feedback needs residual blocks of two sub-layers; {spec.family} "
                              "is not declared so in its ModelSpec")

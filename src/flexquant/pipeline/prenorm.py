@@ -20,7 +20,7 @@ from ..quant.hessian import HessianAccumulator
 from .capture import BlockInputs, _StopForward, block_kwargs
 from .distributed import SINGLE, Dist
 from .hooks import input_hook
-from .store import itemsize, shapes
+from .store import ActivationStore, KeptList, itemsize, shapes
 
 # Cached activations beyond this many bytes make the pipeline fall back to recomputation.
 MAX_CACHE_BYTES = 6 * 2**30
@@ -83,15 +83,17 @@ def _stop_at(block: nn.Module, call, linear: nn.Module, acc: HessianAccumulator,
 @torch.no_grad()
 def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device,
                            quantize_group, fp_inputs: dict[str, list[torch.Tensor]] | None = None,
-                           dist: Dist = SINGLE, chunk_bytes: int | None = None) -> list[torch.Tensor]:
+                           dist: Dist = SINGLE, chunk_bytes: int | None = None,
+                           kept: ActivationStore | None = None) -> list[torch.Tensor] | KeptList:
     """Quantize a pre-norm block group by group; ``quantize_group(group, H, D)`` quantizes in place.
 
     ``fp_inputs`` maps a group's first linear to its full-precision-stream inputs for the first batches
     (all of them, or a prefix); for those groups the feedback term D is accumulated next to H over
     the batches that have them (else D is None).
     Returns the block's outputs (quantized weights) for every stored batch. H and D are all-reduced over ``dist``.
-    The MLP runs in row chunks of at most ``chunk_bytes`` of activations (`mlp_chunk_bytes`).
-    """
+    The MLP runs in row chunks of at most ``chunk_bytes`` of activations (`mlp_chunk_bytes`). ``kept``: a store
+    for the block's cached activations (o_proj's inputs, h', the outputs built in h''s place), so that they spill
+    to disk past its budget; the outputs are then a `KeptList` of that store (plain lists without it)."""
     qkv, o, gate_up, down = spec.linear_groups
     get = block.get_submodule
     nbatches = len(inputs.hidden)
@@ -114,25 +116,31 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
         dist.reduce_hessian(acc)
         return acc.H, acc.D
 
+    def cache(name):  # kept through the store when one is given (spilled past its budget), else a list
+        return [] if kept is None else KeptList(kept, (name, id(block)))
+
     quantize_group(qkv, *hessian(qkv[0], calls()))
-    x_o: list[torch.Tensor] = []
+    x_o = cache("o_proj inputs")
     quantize_group(o, *hessian(o[0], calls(), keep=x_o))
 
     o_proj, sub = get(o[0]), _Sublayers(block, spec)
     # Captured inputs are what the linear's matmul sees (after any input pre-hook such as an online
     # rotation), so outputs are rebuilt with the bare matmul, not by calling the module again.
-    h_mid = []
-    for h in inputs.hidden:  # each o_proj input freed once used
-        h_mid.append(h.to(device) + sub.attn_out(wide_linear(o_proj, x_o.pop(0).to(device))))
+    h_mid = cache("h'")
+    for k, h in enumerate(inputs.hidden):  # each o_proj input freed once used
+        h_mid.append(h.to(device) + sub.attn_out(wide_linear(o_proj, x_o[k].to(device))))
+        _free(x_o, k)
     acc = dist.accumulator(get(gate_up[0]).in_features, device)
     seen = getattr(get(gate_up[0]), "online_rotation", None) or (lambda x: x)  # what the matmul sees
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
+        hm = hm.to(device)
         acc.add(seen(sub.mlp_in(hm)), None if x_fp is None else x_fp.to(device))
     dist.reduce_hessian(acc)
     quantize_group(gate_up, acc.H, acc.D)
     d_ff = get(down[0]).in_features
     acc = dist.accumulator(d_ff, device)
     for hm, x_fp in zip(h_mid, fp_for(down[0])):
+        hm = hm.to(device)
         acc.begin_batch()
         for part, part_fp in mlp_chunks(hm, d_ff, x_fp, chunk_bytes=chunk_bytes):
             _stop_at(block, lambda part=part: sub.mlp(sub.mlp_in(part)), get(down[0]), acc, None, part_fp)
@@ -142,12 +150,19 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     del acc
     # the MLP runs again rather than keeping down_proj's inputs (tokens × d_ff floats, the largest cache): the
     # same operations on the same values, so the same outputs; each output takes its h' buffer's place
-    for k, hm in enumerate(h_mid):
-        hm = hm.contiguous()  # (it is: a fresh sum) the chunks are views written in place
+    for k in range(len(h_mid)):
+        hm = h_mid[k].to(device).contiguous()  # (it is: a fresh sum) the chunks are views written in place
         for (part,) in mlp_chunks(hm, d_ff, chunk_bytes=chunk_bytes):
             part.add_(sub.mlp_out(part))
         h_mid[k] = hm.to("cpu")
     return h_mid
+
+
+def _free(cached: list | KeptList, k: int) -> None:
+    if isinstance(cached, KeptList):
+        cached.free(k)
+    else:
+        cached[k] = None
 
 
 class _Sublayers:

@@ -57,6 +57,7 @@ class ActivationStore:
         self._dir: Path | None = None
         self._items: dict[Hashable, tuple[list[_Kept], list[dict]]] = {}
         self._count = 0
+        self.reserved = 0  # bytes of the budget held for what is not the store's (`reserve`)
         self.memory_bytes = self.disk_bytes = 0
         self.peak_memory_bytes = self.peak_disk_bytes = self.written_bytes = 0
 
@@ -91,6 +92,13 @@ class ActivationStore:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
+    def reserve(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` of the budget for what the store cannot spill (a block's weights, its largest Hessian
+        and solve): what is put from now on stays in memory only within the rest. False when nothing is left
+        (everything put then goes to disk)."""
+        self.reserved = nbytes
+        return self.max_bytes is None or nbytes < self.max_bytes
+
     def close(self) -> None:
         """Forget everything and remove the spill files with the store's own folder."""
         for key in list(self._items):
@@ -114,7 +122,7 @@ class ActivationStore:
             stored = h.dtype  # would overflow float16: keep this batch as it is
         k = _Kept(h.dtype, tuple(h.shape), stored)
         data = h.to("cpu", stored)
-        if self.max_bytes is not None and self.memory_bytes + k.nbytes > self.max_bytes:
+        if self.max_bytes is not None and self.memory_bytes + k.nbytes > self.max_bytes - self.reserved:
             k.path = self._spill(data)
             self.disk_bytes += k.nbytes
             self.written_bytes += k.nbytes
@@ -187,6 +195,51 @@ class Batches(Sequence):
     @property
     def dtype(self) -> torch.dtype:
         return self._kept[0].dtype
+
+
+class KeptList:
+    """A list of tensors kept in a store in their own dtype (under its budget, spilling like everything else):
+    appended, read back by index (slices give lists), and freed by index or all at once."""
+
+    def __init__(self, store: ActivationStore, key: Hashable):
+        self.store, self.key, self._n = store, key, 0
+
+    def append(self, t: torch.Tensor) -> None:
+        self.store.put((self.key, self._n), BlockInputs([t], [{}]), exact=True)
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(self._n)[i]]
+        item = self.store.get((self.key, range(self._n)[i]))
+        if item is None:
+            raise IndexError(f"kept tensor {i} was freed")
+        return item.hidden[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(self._n))
+
+    def __setitem__(self, i: int, t: torch.Tensor) -> None:
+        self.store.put((self.key, range(self._n)[i]), BlockInputs([t], [{}]), exact=True)
+
+    def free(self, i: int) -> None:
+        self.store.drop((self.key, i))
+
+    def drain(self):
+        """Each tensor still held, in turn, freed from the store once handed out."""
+        for i in range(self._n):
+            if (self.key, i) not in self.store:
+                continue
+            t = self[i]
+            self.free(i)
+            yield t
+
+    def clear(self) -> None:
+        for i in range(self._n):
+            self.free(i)
 
 
 def itemsize(hidden) -> int:
