@@ -20,6 +20,10 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
               + 4·d_ff²                     down_proj's Hessian being accumulated
               + T·d·B                       h' (the block outputs are written into it)
 
+Under --max-memory X the block's working set (its weights, 4·d_ff² for the largest Hessian, 4·d·d_ff for the
+solve's copy) is held out of X; what is kept (the store's, h' and the outputs of the pre-norm path) fills the rest
+and spills beyond it (one batch being read back stays), and the MLP runs in chunks of C = X/16 (8..128 MiB).
+
 FlexibleLLM keeps the full-precision inputs of its first K windows for every block (kept = n_l·K·L·d·s at the
 start of the block loop) and, until its plan is made, every linear group's Hessian (hess = n_l·Σ_g n_g²·4).
 With --max-memory, kept + hess + the stream's kept copy are capped there (the rest spills to disk) and so is the
@@ -92,17 +96,19 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     if max_memory is not None:
         budgeted = min(budgeted, max_memory)
     cached = cache > 0
-    solve = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 4) + d * f * (B + 1) + (T * d * B if cached else 0)
-    forward = min(batch * window * 3 * f * B, MLP_CHUNK_BYTES) + 4 * f * f + T * d * B
-    parts = {
-        "base": M0,
-        # a whole block, all its experts (read together); in the files' float16 under a budget where no
-        # transform computes on the blocks (--block-weights auto)
-        "block weights": shape.block_params * (S if max_memory is not None and method == "gptq" else B),
-        "kept (store)": budgeted,
-        "solve": solve,
-        "forward": forward,
-    }
+    # a whole block, all its experts (read together); in the files' float16 under a budget where no transform
+    # computes on the blocks (--block-weights auto)
+    block_w = shape.block_params * (S if max_memory is not None and method == "gptq" else B)
+    chunk = MLP_CHUNK_BYTES if max_memory is None else min(MLP_CHUNK_BYTES, max(8 * 2**20, max_memory / 16))
+    factor = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 4) + d * f * (B + 1)
+    if max_memory is None:
+        solve = factor + (T * d * B if cached else 0)
+        forward = min(batch * window * 3 * f * B, chunk) + 4 * f * f + T * d * B
+    else:  # the block's working set is reserved; what is kept (h' and the outputs too) fills the rest, then spills
+        room = max(0.0, max_memory - (block_w + 4 * f * f + 4 * d * f))
+        budgeted = min(budgeted + T * d * B, room) + batch * window * d * B  # + the batch being read back
+        solve, forward = factor, min(batch * window * 3 * f * B, chunk) + 4 * f * f
+    parts = {"base": M0, "block weights": block_w, "kept (store)": budgeted, "solve": solve, "forward": forward}
     block = parts["block weights"] + budgeted + max(solve, forward)
     parts["capture"] = capture
     parts["peak"] = M0 + max(capture, block)

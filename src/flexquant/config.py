@@ -243,8 +243,8 @@ class QuantConfig:
                                  "(auto: when it has them; off: load it whole)", ("auto", "on", "off"))
     store_dtype: str = option("float16", "dtype of the activations kept between blocks (statistics stay float32)",
                               ("float16", "bfloat16", "float32"))
-    max_memory: str = option("", "host memory for kept activations, e.g. 512MB or 8GB; beyond it they spill to "
-                                 "--offload-dir ('' = no limit)")
+    max_memory: str = option("", "host memory for a block's working set and the kept activations, e.g. 512MB or "
+                                 "8GB; activations beyond it spill to --offload-dir ('' = no limit)")
     offload_dir: str = option("", "folder for spilled activations ('' = a temporary folder)")
     block_weights: str = option("auto", "how a streamed block's linear weights are held on the CPU: float32, or "
                                         "stored = in the files' 16-bit dtype, each linear widened as it runs (half "
