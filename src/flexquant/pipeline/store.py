@@ -199,7 +199,7 @@ class Batches(Sequence):
 
 class KeptList:
     """A list of tensors kept in a store in their own dtype (under its budget, spilling like everything else):
-    appended, read back by index (slices give lists), and freed by index or all at once."""
+    appended, read back by index (slices give lists), and freed by index or as it drains."""
 
     def __init__(self, store: ActivationStore, key: Hashable):
         self.store, self.key, self._n = store, key, 0
@@ -236,10 +236,6 @@ class KeptList:
             t = self[i]
             self.free(i)
             yield t
-
-    def clear(self) -> None:
-        for i in range(self._n):
-            self.free(i)
 
 
 def itemsize(hidden) -> int:
