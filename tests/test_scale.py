@@ -336,12 +336,33 @@ def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
     whole = fq.quantize(str(folder), progress=False, stream="off", **settings)
     fq.save(whole, tmp_path / "whole", plot=False)
     assert not streamed_shards
+    from flexquant import tensorio
+
+    monkeypatch.setattr(tensorio, "CONVERT_CHUNK", 4096)  # each end read, converted and written in pieces
     fq.quantize(str(folder), progress=False, stream="on", out=tmp_path / "streamed", plot=False, **settings)
     assert streamed_shards == [["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]]
     assert digest(tmp_path / "whole") == digest(tmp_path / "streamed")
     loaded = fq.load(tmp_path / "streamed")
     ids = torch.randint(0, 256, (1, 16))
     assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)
+
+
+def test_lazy_tensors_are_converted_in_pieces_and_refuse_non_finite_values(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from flexquant import tensorio
+
+    w = torch.randn(64, 48).half()
+    w[50, 3] = float("inf")
+    save_file({"w": w, "ok": w[:40].clone()}, tmp_path / "model.safetensors")
+    files = tensorio.TensorFiles(tmp_path)
+    monkeypatch.setattr(tensorio, "CONVERT_CHUNK", 1000)
+    lazy = files.lazy("ok", torch.float32)
+    assert lazy.shape == (40, 48) and lazy.numel() == 40 * 48
+    parts = [p.clone() for p in lazy.parts()]
+    assert len(parts) > 1 and torch.equal(torch.cat(parts), w[:40].float().reshape(-1))
+    with pytest.raises(FlexQuantError, match="tensor w .*NaN or inf"):
+        list(files.lazy("w", torch.float32).parts())
 
 
 @pytest.mark.parametrize("name,settings", [

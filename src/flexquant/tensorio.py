@@ -124,18 +124,60 @@ class TensorFiles:
         """A large tensor converted to ``dtype`` as it is read, CONVERT_CHUNK bytes at a time: never a whole copy
         in the stored dtype beside the result."""
         out = torch.empty(e.shape, dtype=dtype)
-        flat, size = out.view(-1), e.dtype.itemsize
-        buf = torch.empty(CONVERT_CHUNK // size * size, dtype=torch.uint8)
-        with open(e.file, "rb") as f:
-            f.seek(e.start)
-            done = 0
-            while done < e.nbytes:
-                n = min(buf.numel(), e.nbytes - done)
-                if f.readinto(buf[:n].numpy()) != n:
-                    raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
-                flat[done // size:(done + n) // size] = buf[:n].view(e.dtype)
-                done += n
+        flat, done = out.view(-1), 0
+        for part in _read_parts(e, name):
+            flat[done:done + part.numel()] = part
+            done += part.numel()
         return out
+
+    def lazy(self, name: str, dtype: torch.dtype | None = None) -> Lazy:
+        """One tensor to be read (and converted to ``dtype``) a chunk at a time as it is written out
+        (`write_stream`): never whole in memory."""
+        e = self.entries.get(name)
+        if e is None:
+            raise FlexQuantError(f"tensor {name} is not in the weights of {self.folder}")
+        return Lazy(name, e, dtype or e.dtype)
+
+
+def _read_parts(e: Entry, name: str):
+    """The tensor of ``e`` as flat pieces of about CONVERT_CHUNK bytes in its stored dtype (one buffer, reused:
+    each piece is valid until the next is read)."""
+    size = e.dtype.itemsize
+    buf = torch.empty(CONVERT_CHUNK // size * size, dtype=torch.uint8)
+    with open(e.file, "rb") as f:
+        f.seek(e.start)
+        done = 0
+        while done < e.nbytes:
+            n = min(buf.numel(), e.nbytes - done)
+            if f.readinto(buf[:n].numpy()) != n:
+                raise FlexQuantError(f"{e.file} is truncated (tensor {name}); re-download or re-save it")
+            yield buf[:n].view(e.dtype)
+            done += n
+
+
+@dataclass
+class Lazy:
+    """A tensor of a safetensors file read piece by piece, converted to ``dtype`` (`TensorFiles.lazy`)."""
+
+    name: str
+    entry: Entry
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    def numel(self) -> int:
+        return int(torch.Size(self.entry.shape).numel())
+
+    def parts(self):
+        """The converted values, a flat piece at a time; NaN or inf is refused, naming the tensor."""
+        for part in _read_parts(self.entry, self.name):
+            part = part.to(self.dtype)
+            if not all_finite(part):
+                raise FlexQuantError(f"tensor {self.name} in {self.entry.file.parent} holds NaN or inf: the weights "
+                                     "are damaged or were saved in a dtype that overflowed")
+            yield part
 
 
 def all_finite(t: torch.Tensor, bound: float | None = None, chunk: int = 1 << 22) -> bool:
@@ -164,7 +206,8 @@ def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
 def write_stream(path: str | Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], stream,
                  metadata: dict[str, str] | None = None) -> str:
     """`write_file` for tensors that exist one at a time: ``layout`` declares (name, dtype, shape) of each, in
-    order, and ``stream`` yields (name, tensor) in that order (each may be dropped once written)."""
+    order, and ``stream`` yields (name, tensor) in that order (each may be dropped once written); a `Lazy` tensor
+    is read, converted and written a piece at a time."""
     import hashlib
 
     codes = {v: k for k, v in DTYPES.items()}
@@ -187,10 +230,11 @@ def write_stream(path: str | Path, layout: list[tuple[str, torch.dtype, tuple[in
             if got != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"write_stream: {got} {t.dtype} {tuple(t.shape)} where the layout says {name} "
                                    f"{dtype} {tuple(shape)}")
-            if t.numel():
-                view = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                f.write(view)
-                h.update(view)
+            for part in t.parts() if isinstance(t, Lazy) else [t.detach().cpu().contiguous().reshape(-1)]:
+                if part.numel():
+                    view = memoryview(part.view(torch.uint8).numpy())
+                    f.write(view)
+                    h.update(view)
     return h.hexdigest()
 
 

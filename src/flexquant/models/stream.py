@@ -203,24 +203,29 @@ class Streamed(Residency):
         return {f"{n}.weight" for n in self.spec.linears_in(blk) if type(blk.get_submodule(n)) in plain}
 
     # ----- reading -----
+    def _entry(self, full: str, t: torch.Tensor):
+        """The files' entry for the skeleton's tensor ``t`` at ``full``, checked against it (present, a float where
+        the model has one, the same shape)."""
+        if full not in self.files:
+            raise _missing(full, self.files)
+        e = self.files.entries[full]
+        if t.is_floating_point() and not e.dtype.is_floating_point:
+            raise FlexQuantError(f"tensor {full} in {self.files.folder} is stored as {e.dtype}, not a float: the "
+                                 "weights are damaged")
+        if tuple(e.shape) != tuple(t.shape):
+            raise FlexQuantError(f"tensor {full} in {self.files.folder} has shape {tuple(e.shape)}, the model's "
+                                 f"config.json says {tuple(t.shape)}: the weights and the config do not match")
+        return e
+
     def _read(self, module: nn.Module, prefix: str, narrow: set[str] = frozenset()) -> None:
         for name, t in module.state_dict(keep_vars=True).items():
             if not t.is_meta:
                 continue
             full = f"{prefix}.{name}"
-            if full not in self.files:
-                raise _missing(full, self.files)
-            if t.is_floating_point() and not self.files.entries[full].dtype.is_floating_point:
-                raise FlexQuantError(f"tensor {full} in {self.files.folder} is stored as "
-                                     f"{self.files.entries[full].dtype}, not a float: the weights are damaged")
-            stored = self.files.entries[full].dtype
+            stored = self._entry(full, t).dtype
             keep = name in narrow and stored in HALF and stored != self.dtype
             value = self.files.get(full, None if keep or not t.is_floating_point() else self.dtype)
             refuse_non_finite(full, value, self.files)
-            if tuple(value.shape) != tuple(t.shape):
-                raise FlexQuantError(f"tensor {full} in {self.files.folder} has shape {tuple(value.shape)}, the "
-                                     f"model's config.json says {tuple(t.shape)}: the weights and the config do not "
-                                     "match")
             self.reads += value.numel() * value.element_size()
             _assign(module, name, value)
             if keep:
@@ -276,9 +281,10 @@ class Streamed(Residency):
             _release(module)
 
     def ends_one_at_a_time(self):
-        """For writing the rest of the model with one end in memory at a time: (layout, stream) — the
-        (name, dtype, shape) of every tensor outside the blocks and a generator reading each end in turn — or
-        None where the ends must be read together (tied, rewritten by a transform, held, or other tensors)."""
+        """For writing the rest of the model without holding it: (layout, stream) — the (name, dtype, shape) of
+        every tensor outside the blocks and a generator of each as a `tensorio.Lazy` (read, converted and written a
+        piece at a time) — or None where the ends must be read together (tied, rewritten by a transform, held, or
+        other tensors)."""
         paths = end_paths(self.spec)
         state = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
                  if not k.startswith(self.spec.layers + ".")}
@@ -287,15 +293,14 @@ class Streamed(Residency):
             return None
         layout = [(k, self.dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for k, t in state.items()]
 
-        def stream():
+        def stream():  # each tensor read, converted and written a piece at a time (`tensorio.Lazy`)
             for path in paths:
-                mod = self.model.get_submodule(path)
-                self._read(mod, path)
-                try:
-                    for name, t in mod.state_dict().items():
-                        yield f"{path}.{name}", t
-                finally:
-                    _release(mod)
+                for name, t in self.model.get_submodule(path).state_dict(keep_vars=True).items():
+                    full = f"{path}.{name}"
+                    self._entry(full, t)
+                    lazy = self.files.lazy(full, self.dtype if t.is_floating_point() else None)
+                    self.reads += lazy.numel() * lazy.dtype.itemsize
+                    yield full, lazy
         order = {p: i for i, p in enumerate(paths)}
         layout.sort(key=lambda e: order[e[0].rpartition(".")[0]])
         return layout, stream()
