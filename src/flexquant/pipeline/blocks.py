@@ -105,8 +105,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 
     Returns ({module path: QuantResult}, [LinearRecord], [per-block notes]).
     """
-    res = residency(model, spec)
-    layers = model.get_submodule(spec.layers)
+    res, layers = residency(model, spec), model.get_submodule(spec.layers)
     store = store if store is not None else MemoryStore()
     results: dict[str, QuantResult] = {}
     records = records if records is not None else []
@@ -132,8 +131,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 finish(i, block, mine)
         return results, records, notes
 
-    if store.max_bytes is not None:
-        reserve_working_set(store, layers, res.block_weights_dtype())
+    reserve_working_set(store, layers, res.block_weights_dtype())
     if inputs is None:
         with res.ends(device, (spec.embed,)):
             inputs = capture_block_inputs(model, spec, dist.shard(calib_ids, batch_size), device, batch_size)
@@ -172,7 +170,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 def reserve_working_set(store: ActivationStore, layers, weights_dtype: str) -> int:
     """Hold the largest block's working set out of the store's budget: its weights as held, its largest Hessian
     (float32, n²) and the solve's float32 copy of its largest weight (shapes from the skeleton: nothing is read).
-    Under a budget smaller than that everything kept spills, and a warning says the peak will pass the budget."""
+    Under a budget smaller than that everything kept spills, and a warning says the peak will pass the budget.
+    Nothing without a budget."""
+    if store.max_bytes is None:
+        return 0
     held = getattr(torch, weights_dtype).itemsize
     need = 0
     for blk in layers:
