@@ -105,11 +105,15 @@ class TensorFiles:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, read into fresh memory (converted to ``dtype`` when given)."""
+    def _entry(self, name: str) -> Entry:
         e = self.entries.get(name)
         if e is None:
             raise FlexQuantError(f"tensor {name} is not in the weights of {self.folder}")
+        return e
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read into fresh memory (converted to ``dtype`` when given)."""
+        e = self._entry(name)
         if dtype is not None and dtype != e.dtype and e.nbytes > CONVERT_CHUNK:
             return self._get_converted(e, name, dtype)
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
@@ -133,9 +137,7 @@ class TensorFiles:
     def lazy(self, name: str, dtype: torch.dtype | None = None) -> Lazy:
         """One tensor to be read (and converted to ``dtype``) a chunk at a time as it is written out
         (`write_stream`): never whole in memory."""
-        e = self.entries.get(name)
-        if e is None:
-            raise FlexQuantError(f"tensor {name} is not in the weights of {self.folder}")
+        e = self._entry(name)
         return Lazy(name, e, dtype or e.dtype)
 
 
@@ -174,9 +176,7 @@ class Lazy:
         """The converted values, a flat piece at a time; NaN or inf is refused, naming the tensor."""
         for part in _read_parts(self.entry, self.name):
             part = part.to(self.dtype)
-            if not all_finite(part):
-                raise FlexQuantError(f"tensor {self.name} in {self.entry.file.parent} holds NaN or inf: the weights "
-                                     "are damaged or were saved in a dtype that overflowed")
+            refuse_non_finite(self.name, part, self.entry.file.parent)
             yield part
 
 
@@ -192,6 +192,13 @@ def all_finite(t: torch.Tensor, bound: float | None = None, chunk: int = 1 << 22
         if not bool(ok):
             return False
     return True
+
+
+def refuse_non_finite(name: str, value: torch.Tensor, folder: Path) -> None:
+    """A weight read from the files in ``folder`` that holds NaN or inf is refused, naming it."""
+    if not all_finite(value):
+        raise FlexQuantError(f"tensor {name} in {folder} holds NaN or inf: the weights are damaged or were saved in "
+                             "a dtype that overflowed")
 
 
 def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:

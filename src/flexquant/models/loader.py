@@ -105,9 +105,9 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
     refuse_packed(folder)
     from transformers import AutoConfig
 
-    from ..tensorio import TensorFiles
+    from ..tensorio import TensorFiles, refuse_non_finite
     from .discover import spec_for
-    from .stream import ATTRIBUTE, Streamed, refuse_non_finite
+    from .stream import ATTRIBUTE, Streamed
 
     if not (folder / "config.json").is_file():
         raise FlexQuantError(f"{folder} is a folder without config.json; it is not a Hugging Face model")
@@ -138,7 +138,7 @@ def load_streamed(name: str, dtype: torch.dtype | None = None, trust_remote_code
                     [k for k in wanted & present if tuple(files.entries[k].shape) != shapes[k]])  # before any work
     for name in sorted(present - {k for k in present if k.startswith(spec.layers + ".")}):
         # the ends (embedding, final norm, head) one at a time, before any block (blocks are checked as read)
-        refuse_non_finite(name, files.get(name), files)
+        refuse_non_finite(name, files.get(name), files.folder)
     res = Streamed(model, spec, files, dtype, tied=tied)
     object.__setattr__(model, ATTRIBUTE, res)
     return model.eval(), load_tokenizer(str(folder), trust_remote_code)

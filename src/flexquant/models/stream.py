@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import FlexQuantError
-from ..tensorio import TensorFiles, all_finite
+from ..tensorio import TensorFiles, refuse_non_finite
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Streamed(Residency):
             stored = self._entry(full, t).dtype
             keep = name in narrow and stored in HALF and stored != self.dtype
             value = self.files.get(full, None if keep or not t.is_floating_point() else self.dtype)
-            refuse_non_finite(full, value, self.files)
+            refuse_non_finite(full, value, self.files.folder)
             self.reads += value.numel() * value.element_size()
             _assign(module, name, value)
             if keep:
@@ -345,13 +345,6 @@ def _widen(blk: nn.Module, dtype: torch.dtype) -> None:
     for mod in blk.modules():
         if isinstance(mod, nn.Linear) and not mod.weight.is_meta and mod.weight.dtype != dtype:
             mod.weight = nn.Parameter(mod.weight.to(dtype), requires_grad=False)
-
-
-def refuse_non_finite(name: str, value: torch.Tensor, files: TensorFiles) -> None:
-    """A weight read from ``files`` that holds NaN or inf is refused, naming it."""
-    if not all_finite(value):
-        raise FlexQuantError(f"tensor {name} in {files.folder} holds NaN or inf: the weights are damaged or were "
-                             "saved in a dtype that overflowed")
 
 
 def _missing(name: str, files: TensorFiles) -> FlexQuantError:
