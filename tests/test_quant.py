@@ -159,8 +159,9 @@ def test_hessian_accumulator_running_means_and_non_finite_inputs():
         HessianAccumulator(16).add(bad)
 
 
-def test_lean_inverse_cholesky_matches_the_separate_steps():
-    from flexquant.quant.gptq import _permuted_copy, inverse_cholesky_upper
+def test_lean_inverse_cholesky_matches_the_separate_steps(monkeypatch):
+    from flexquant.quant import gptq
+    from flexquant.quant.gptq import _permuted_copy, _widened, inverse_cholesky_upper
 
     torch.manual_seed(0)
     X = torch.randn(300, 64)
@@ -173,7 +174,11 @@ def test_lean_inverse_cholesky_matches_the_separate_steps():
     U2, _ = inverse_cholesky_upper(own, 0.01, own=True)
     assert U2 is own and torch.equal(U2, ref)
     perm = torch.randperm(64)
-    assert torch.equal(_permuted_copy(H, perm, rows=7), H[perm][:, perm])
+    monkeypatch.setattr(gptq, "SLAB_BYTES", 7 * 64 * 4)  # slabs of 7 rows (the last one shorter)
+    assert torch.equal(_permuted_copy(H, perm), H[perm][:, perm])
+    W = torch.randn(30, 64).half()
+    assert torch.equal(_widened(W, perm), W.float()[:, perm])  # 7 float32 rows of 64 at a time
+    assert torch.equal(_widened(W, None), W.float())
 
 
 def test_float32_factorization_in_place_with_a_damped_retry():

@@ -14,7 +14,7 @@ from ..errors import FlexQuantError
 from ..models.experts import CALIB_TOKENS
 from ..models.spec import ModelSpec
 from ..models.stream import residency
-from ..quant.gptq import hessian_error
+from ..quant.gptq import slab_errors
 from ..quant.result import QuantResult
 from ..tensorio import all_finite
 from ..transforms.permute import fold_permutations
@@ -52,19 +52,23 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
                 results: dict, records: list) -> None:
     t0 = time.perf_counter()
     W = linear.weight.data
-    Wq = r.dequantize(W.dtype)  # (the weight written back; the error below is that of what later blocks see)
-    if not all_finite(Wq):
-        raise FlexQuantError(f"quantizing {prefix}.{name} gave non-finite values: its weights reach "
-                             f"{float(W.abs().max()):.3g}, beyond what the stored float16 scales can hold")
-    rel = None
-    if H is not None:
-        ref = hessian_error(W, None, H)
-        rel = hessian_error(W, Wq, H) / ref if ref > 0 else 0.0
-    linear.weight.data = Wq.to(W.device, W.dtype)  # later groups and blocks see the quantized weight
+    err = ref = 0.0
+    for s, q in r.row_slabs(W.dtype):  # (what later blocks see: the error is of the weight written back)
+        if not all_finite(q):
+            raise FlexQuantError(f"quantizing {prefix}.{name} gave non-finite values: its weights reach "
+                                 f"{float(W.abs().max()):.3g}, beyond what the stored float16 scales can hold")
+        if H is not None:
+            e, f = slab_errors(W[s], q.to(W.device), H)
+            err, ref = err + e, ref + f
+    rel = None if H is None else (err / ref if ref > 0 else 0.0)
+    shape, dtype, device = tuple(W.shape), W.dtype, W.device
+    del W  # the original let go before the quantized weight is made (a float16 8192-wide weight: 32 MiB)
+    linear.weight.data = torch.empty(0, dtype=dtype, device=device)
+    linear.weight.data = r.dequantize(dtype).to(device)  # later groups and blocks see the quantized weight
     full = f"{prefix}.{name}"
     results[full] = r
     tokens = getattr(linear, CALIB_TOKENS, None)  # an expert's: how many routed tokens its Hessian saw
-    records.append(LinearRecord(full, tuple(W.shape), r.mean_bits(), rel, seconds + time.perf_counter() - t0,
+    records.append(LinearRecord(full, shape, r.mean_bits(), rel, seconds + time.perf_counter() - t0,
                                 r.stats if tokens is None else {**r.stats, CALIB_TOKENS: tokens}))
 
 

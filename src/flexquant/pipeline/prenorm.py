@@ -130,11 +130,15 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
     for k, h in enumerate(inputs.hidden):  # each o_proj input freed once used
         h_mid.append(h.to(device) + sub.attn_out(wide_linear(o_proj, x_o[k].to(device))))
         _free(x_o, k)
+    # (each loop's last batch is let go before the solve: a loop variable would hold a batch read back from the
+    # store, tokens × d floats, through the widest solve of the block)
+    h = None
     acc = dist.accumulator(get(gate_up[0]).in_features, device)
     seen = getattr(get(gate_up[0]), "online_rotation", None) or (lambda x: x)  # what the matmul sees
     for hm, x_fp in zip(h_mid, fp_for(gate_up[0])):
         hm = hm.to(device)
         acc.add(seen(sub.mlp_in(hm)), None if x_fp is None else x_fp.to(device))
+    hm = x_fp = None
     dist.reduce_hessian(acc)
     quantize_group(gate_up, acc.H, acc.D)
     d_ff = get(down[0]).in_features
@@ -145,6 +149,7 @@ def quantize_prenorm_block(block: nn.Module, spec: ModelSpec, inputs: BlockInput
         for part, part_fp in mlp_chunks(hm, d_ff, x_fp, chunk_bytes=chunk_bytes):
             _stop_at(block, lambda part=part: sub.mlp(sub.mlp_in(part)), get(down[0]), acc, None, part_fp)
         acc.end_batch()
+    hm = x_fp = part = part_fp = None
     dist.reduce_hessian(acc)
     quantize_group(down, acc.H, acc.D)
     del acc

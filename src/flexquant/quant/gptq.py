@@ -26,6 +26,8 @@ FLOAT64_MAX_COLUMNS = 4096  # factor_dtype "auto": float64 up to this many input
 # A float32 factorization of a Hessian this large (bytes) is done in the caller's H itself, H parked on disk
 # meanwhile and read back into the same buffer after the solve (`_Parked`): one n×n buffer instead of two.
 PARK_MIN_BYTES = 64 * 2**20
+# Row slabs of the weight's widening and the Hessian's column permutation: the temporaries beside a solve.
+SLAB_BYTES = 8 * 2**20
 
 
 def factor_dtype(name: str, n: int) -> torch.dtype:
@@ -115,9 +117,19 @@ def hessian_error(W: torch.Tensor, Wq: torch.Tensor | None, H: torch.Tensor, row
     H = H.float()
     total = 0.0
     for r in range(0, W.shape[0], rows):
-        dW = W[r:r + rows].float() if Wq is None else W[r:r + rows].float() - Wq[r:r + rows].float()
-        total += float(((dW @ H) * dW).sum(dtype=torch.float64))
+        total += _quadratic(W[r:r + rows].float() if Wq is None else W[r:r + rows].float() - Wq[r:r + rows].float(), H)
     return total
+
+
+def slab_errors(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)) of one slab of rows: summed over a result's `QuantResult.row_slabs`, the
+    same totals as `hessian_error` without the whole dequantized weight."""
+    H, w = H.float(), W.float()
+    return _quadratic(w - Wq.float(), H), _quadratic(w, H)
+
+
+def _quadratic(D: torch.Tensor, H: torch.Tensor) -> float:
+    return float(((D @ H) * D).sum(dtype=torch.float64))
 
 
 @torch.no_grad()
@@ -156,9 +168,7 @@ def gptq_quantize(
             raise FlexQuantError(f"{kept.numel()} kept columns are not a multiple of group_size={g}")
         group_bits[ng - kept.numel() // g:] = kept_bits
     perm = order.to(W.device) if order is not None else column_order(diag, cfg.act_order, kept)
-    # our own copy of W in quantization order (one copy whatever W's dtype), dead columns zeroed
-    W = W.detach().index_select(1, perm) if perm is not None else W.detach().clone()
-    W = W.float()  # (a narrower W is widened after the permuted copy: one float32 copy at a time)
+    W = _widened(W, perm)  # our own float32 copy in quantization order, dead columns zeroed
     W[:, dead if perm is None else dead[perm]] = 0
     fdtype = factor_dtype(cfg.factor_dtype, n)
     parked = _Parked.maybe(H, fdtype)
@@ -228,7 +238,19 @@ class _Parked:
         self.file.close()
 
 
-def _permute_in_place(P: _Parked, perm: torch.Tensor | None, rows: int = 1024) -> torch.Tensor:
+def _widened(W: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """W[:, perm] as a float32 copy of our own, built SLAB_BYTES of rows at a time: no whole permuted copy in
+    W's own dtype beside it (a float16 8192-wide weight: 32 MiB less at its solve)."""
+    m, n = W.shape
+    out = torch.empty(m, n, dtype=torch.float32, device=W.device)
+    rows = max(1, SLAB_BYTES // (4 * n))
+    for r in range(0, m, rows):
+        part = W[r:r + rows].detach()
+        out[r:r + rows] = part.index_select(1, perm) if perm is not None else part
+    return out
+
+
+def _permute_in_place(P: _Parked, perm: torch.Tensor | None) -> torch.Tensor:
     """The parked H permuted to H[perm][:, perm] in its own buffer: rows moved along the cycles of perm (one
     row of scratch), then each slab of rows has its columns permuted."""
     H = P.H
@@ -250,19 +272,20 @@ def _permute_in_place(P: _Parked, perm: torch.Tensor | None, rows: int = 1024) -
                 break
             H[i] = H[j]
             i = j
-    return _permute_columns(H, perm, rows)
+    return _permute_columns(H, perm)
 
 
-def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, rows: int = 1024) -> torch.Tensor:
+def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """H[perm][:, perm] (a plain copy without ``perm``) with one n × n allocation: rows are gathered first,
     then each slab of rows has its columns permuted in place."""
     if perm is None:
         return H.clone()
-    return _permute_columns(H.index_select(0, perm), perm, rows)
+    return _permute_columns(H.index_select(0, perm), perm)
 
 
-def _permute_columns(A: torch.Tensor, perm: torch.Tensor, rows: int) -> torch.Tensor:
-    """A[:, perm] in A's own memory, a slab of ``rows`` rows at a time; returns A."""
+def _permute_columns(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """A[:, perm] in A's own memory, SLAB_BYTES of rows at a time; returns A."""
+    rows = max(1, SLAB_BYTES // (A.shape[1] * A.element_size()))
     for r in range(0, A.shape[0], rows):
         A[r:r + rows] = A[r:r + rows].index_select(1, perm)
     return A

@@ -62,12 +62,19 @@ class QuantResult:
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: int = 256) -> torch.Tensor:
         """Dense weight [m, n] in the original column order, computed in float32 ``rows`` rows at a time (only a
         slab's temporaries beside the result) and returned in ``dtype``."""
+        out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        for s, Wq in self.row_slabs(dtype, rows):
+            out[s] = Wq
+        return out
+
+    def row_slabs(self, dtype: torch.dtype = torch.float32, rows: int = 256):
+        """The dense weight ``rows`` rows at a time: (row slice, [rows, n] in the original column order, in
+        ``dtype``), computed in float32."""
         m, n = self.codes.shape
         g = self.group_size
         qmask = self.quantized_groups
         some, rest = bool(qmask.any()), bool((~qmask).any())
         zeros = self.zero_points() if some else None
-        out = torch.empty(m, n, dtype=dtype, device=self.codes.device)
         for r in range(0, m, rows):
             s = slice(r, min(r + rows, m))
             C = self.codes[s].view(-1, n // g, g).to(torch.float32)  # [rows, ng, g]
@@ -77,11 +84,9 @@ class QuantResult:
             if rest:
                 Wq[:, ~qmask] = self.fp16_cols[s].view(C.shape[0], -1, g).float()
             Wq = Wq.view(-1, n).to(dtype)
-            if self.perm is None:
-                out[s] = Wq
-            else:
-                out[s].index_copy_(1, self.perm, Wq)
-        return out
+            if self.perm is not None:
+                Wq = torch.empty_like(Wq).index_copy_(1, self.perm, Wq)
+            yield s, Wq
 
     def mean_bits(self) -> float:
         """Nominal code bits per weight (no metadata): the average of the group bit-widths."""
