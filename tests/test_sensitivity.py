@@ -9,8 +9,13 @@ from flexquant.pipeline import capture_block_inputs, run_block
 from flexquant.pipeline.sensitivity import output_fisher
 
 
-def test_blockwise_fisher_matches_whole_model_autograd(tiny):
+@pytest.mark.parametrize("chunk", ["window", "7 positions"])
+def test_blockwise_fisher_matches_whole_model_autograd(tiny, chunk, monkeypatch):
+    from flexquant.pipeline import sensitivity
+
     model, _ = tiny
+    if chunk != "window":  # the head's gradient a few positions at a time (32 = 4 chunks of 7 + 3 + the last)
+        monkeypatch.setattr(sensitivity, "HEAD_CHUNK_BYTES", 7 * 4 * model.config.vocab_size)
     spec = get_spec(model.config.model_type)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
     device = torch.device("cpu")

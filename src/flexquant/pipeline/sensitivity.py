@@ -33,28 +33,39 @@ def _output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# Positions whose logits (and log-softmax, and their gradients) exist at once in the head's gradient: this many
+# bytes of float32 logits (a 49152 vocabulary: 170 positions; 262144: 32), not a whole window's.
+HEAD_CHUNK_BYTES = 32 * 2**20
+
+
 @torch.no_grad()
 def _head_gradients(model: nn.Module, spec: ModelSpec, hidden: list[torch.Tensor], ids: list[torch.Tensor],
                     device: torch.device) -> list[torch.Tensor]:
-    """∂(summed next-token NLL)/∂(last block output) per batch."""
+    """∂(summed next-token NLL)/∂(last block output) per batch.
+
+    One window and a chunk of its positions at a time: the norm, head and loss act on each position alone, so
+    a position's gradient needs only its own logits (a whole window's, with their log-softmax and gradients, were
+    the largest tensors of a FlexibleLLM run: 3 × 96 MiB for 512 tokens of a 49152 vocabulary)."""
     grads = []
     with residency(model, spec).ends(device, (spec.final_norm, spec.lm_head)):
         head = model.get_submodule(spec.lm_head)
+        step = max(1, HEAD_CHUNK_BYTES // (4 * head.out_features))
         for hb, yb in zip(hidden, ids):
-            # one window at a time: the logits of a whole batch (windows × tokens × vocab floats, and as much
-            # again for their gradient) are the largest tensors of a run; each window's gradient is its own
-            parts = []
-            for h, y in zip(hb.split(1), yb.split(1)):
-                with torch.enable_grad():
-                    # in the head's dtype (a half-precision model on a GPU computes in it), the logits in float32
-                    h = h.to(head.weight.device, head.weight.dtype).requires_grad_(True)
-                    logits = spec.head_logits(model, h)[:, :-1]  # the family's logit transforms
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).to(device),
-                                           reduction="sum")
-                    (g,) = torch.autograd.grad(loss, h)
-                parts.append(g.to("cpu"))
-                del logits, loss
-            grads.append(torch.cat(parts))
+            g = torch.zeros(hb.shape, dtype=head.weight.dtype)
+            for w in range(hb.shape[0]):
+                last = hb.shape[1] - 1  # (the last position predicts nothing: its gradient stays 0)
+                for a in range(0, last, step):
+                    b = min(a + step, last)
+                    with torch.enable_grad():
+                        # in the head's dtype (a half-precision model on a GPU computes in it), logits in float32
+                        h = hb[w:w + 1, a:b].to(head.weight.device, head.weight.dtype).requires_grad_(True)
+                        logits = spec.head_logits(model, h)  # the family's logit transforms
+                        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               yb[w, a + 1:b + 1].to(device), reduction="sum")
+                        (gc,) = torch.autograd.grad(loss, h)
+                    g[w:w + 1, a:b] = gc.to("cpu")
+                    del logits, loss, gc
+            grads.append(g)
     return grads
 
 
