@@ -453,3 +453,35 @@ def test_blocks_held_in_the_files_half_dtype(tmp_path):
     tiny_llama()[0].save_pretrained(tmp_path / "fp32")
     tok.save_pretrained(tmp_path / "fp32")
     assert fq.quantize(str(tmp_path / "fp32"), max_memory="64MB", **run).report["memory"]["block_weights"] == "float32"
+
+
+def test_quantized_narrow_linears_compute_from_their_codes(tmp_path, monkeypatch):
+    """Under a budget a quantized float16-held linear keeps its QuantResult until the block is packed
+    (`CodedLinear`: a byte per code, not a 16-bit copy) and computes what the written-back float16 weight would:
+    the checkpoint is identical to one whose linears got their dequantized weights back."""
+    from flexquant.models import stream
+    from flexquant.models.builtin import tiny_llama
+    from flexquant.config import GridConfig
+    from flexquant.quant.rtn import rtn_quantize
+
+    lin = torch.nn.Linear(48, 40).half()
+    lin.__class__ = stream.WideLinear
+    r = rtn_quantize(lin.weight.data.float(), GridConfig(bits=3, group_size=16))
+    dense = torch.nn.Linear(48, 40).half()
+    dense.weight.data, dense.bias.data = r.dequantize(torch.float16), lin.bias.data.clone()
+    dense.__class__ = stream.WideLinear
+    x = torch.randn(3, 5, 48)
+    assert stream.hold_quantized(lin, r) and type(lin) is stream.CodedLinear and lin.weight.numel() == 0
+    monkeypatch.setattr(stream, "WIDEN_SLAB_BYTES", 7 * 48 * 4)  # slabs of 7 rows, the last one 5
+    assert torch.equal(lin(x), dense(x))
+    assert not stream.hold_quantized(torch.nn.Linear(4, 4), r)  # any other linear: its caller writes back
+    monkeypatch.undo()
+
+    model, tok = tiny_llama()
+    model.half().save_pretrained(tmp_path / "fp16")
+    tok.save_pretrained(tmp_path / "fp16")
+    run = dict(progress=False, method="gptq", bits=3, group_size=32, max_memory="64MB", **CALIB)
+    coded = fq.quantize(str(tmp_path / "fp16"), **run).model.state_dict()
+    monkeypatch.setattr("flexquant.pipeline.blocks.hold_quantized", lambda linear, result: False)
+    written = fq.quantize(str(tmp_path / "fp16"), **run).model.state_dict()
+    assert coded.keys() == written.keys() and all(torch.equal(coded[k], written[k]) for k in coded)

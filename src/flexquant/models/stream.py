@@ -137,15 +137,20 @@ WIDEN_SLAB_BYTES = 16 * 2**20
 
 def wide_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``lin``'s matmul (no hooks) in ``x``'s dtype: a weight held narrower is widened for the call only, by
-    slabs of output rows past WIDEN_SLAB_BYTES (a 8192 × 2048 float16 weight: 16 MiB widened at a time, not 64)."""
-    W, dt = lin.weight, x.dtype
+    slabs of output rows past WIDEN_SLAB_BYTES (a 8192 × 2048 float16 weight: 16 MiB widened at a time, not 64);
+    a `CodedLinear`'s rows are dequantized the same way."""
+    dt, held, coded = x.dtype, lin.weight.dtype, getattr(lin, "coded", None)
     bias = None if lin.bias is None else lin.bias.to(dt)
-    rows = max(1, WIDEN_SLAB_BYTES // (W.shape[1] * x.element_size()))
-    if W.dtype == dt or W.shape[0] <= rows:
-        return F.linear(x, W.to(dt), bias)
-    out = x.new_empty(*x.shape[:-1], W.shape[0])
-    for a in range(0, W.shape[0], rows):
-        out[..., a:a + rows] = F.linear(x, W[a:a + rows].to(dt), None if bias is None else bias[a:a + rows])
+    m, rows = lin.out_features, max(1, WIDEN_SLAB_BYTES // (lin.in_features * x.element_size()))
+
+    def weight(a: int, b: int) -> torch.Tensor:
+        return (lin.weight[a:b] if coded is None else coded.rows(a, b, held)).to(dt)
+
+    if held == dt or m <= rows:
+        return F.linear(x, weight(0, m), bias)
+    out = x.new_empty(*x.shape[:-1], m)
+    for a in range(0, m, rows):
+        out[..., a:a + rows] = F.linear(x, weight(a, a + rows), None if bias is None else bias[a:a + rows])
     return out
 
 
@@ -156,6 +161,25 @@ class WideLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return wide_linear(self, x)
+
+
+class CodedLinear(WideLinear):
+    """A quantized `WideLinear` until its block is packed: its weight is its `QuantResult` (``coded``: a byte per
+    code instead of a 16-bit copy), each call dequantizing a slab of rows at a time into the 16-bit values the
+    written-back weight would hold (the same outputs). ``weight`` is an empty tensor of the held dtype."""
+
+    coded = None
+
+
+def hold_quantized(linear: nn.Module, result) -> bool:
+    """Give a narrow-held linear (`WideLinear`) its quantized ``result`` to compute from, in place of a dequantized
+    16-bit weight; False (nothing done) for any other linear, whose caller writes the dequantized weight back."""
+    if type(linear) is not WideLinear:
+        return False
+    linear.weight.data = torch.empty(0, dtype=linear.weight.dtype, device=linear.weight.device)
+    linear.coded = result
+    linear.__class__ = CodedLinear
+    return True
 
 
 HALF = (torch.float16, torch.bfloat16)

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import FlexQuantError
 from ..models.experts import CALIB_TOKENS
 from ..models.spec import ModelSpec
-from ..models.stream import residency
+from ..models.stream import hold_quantized, residency
 from ..quant.gptq import slab_errors
 from ..quant.result import QuantResult
 from ..tensorio import all_finite
@@ -49,7 +49,7 @@ def _solve(method: Method, ctx, prefix: str, name: str, linear: nn.Linear, H: to
 
 
 def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | None, r: QuantResult, seconds: float,
-                results: dict, records: list) -> None:
+                results: dict, records: list, coded: bool = True) -> None:
     t0 = time.perf_counter()
     W = linear.weight.data
     err = ref = 0.0
@@ -64,7 +64,8 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
     shape, dtype, device = tuple(W.shape), W.dtype, W.device
     del W  # the original let go before the quantized weight is made (a float16 8192-wide weight: 32 MiB)
     linear.weight.data = torch.empty(0, dtype=dtype, device=device)
-    linear.weight.data = r.dequantize(dtype).to(device)  # later groups and blocks see the quantized weight
+    if not (coded and hold_quantized(linear, r)):  # (a narrow-held one computes from its codes until packed)
+        linear.weight.data = r.dequantize(dtype).to(device)  # later groups and blocks see the quantized weight
     full = f"{prefix}.{name}"
     results[full] = r
     tokens = getattr(linear, CALIB_TOKENS, None)  # an expert's: how many routed tokens its Hessian saw
@@ -74,7 +75,8 @@ def _write_back(prefix: str, name: str, linear: nn.Linear, H: torch.Tensor | Non
 
 def _quantize_one(method: Method, ctx, prefix: str, name: str, linear: nn.Linear,
                   H: torch.Tensor | None, results: dict, records: list) -> None:
-    _write_back(prefix, name, linear, H, *_solve(method, ctx, prefix, name, linear, H), results, records)
+    _write_back(prefix, name, linear, H, *_solve(method, ctx, prefix, name, linear, H), results, records,
+                not method.fold_sites)
 
 
 def _quantize_group(method: Method, ctx: BlockContext, group, H, results: dict, records: list) -> None:
@@ -85,7 +87,8 @@ def _quantize_group(method: Method, ctx: BlockContext, group, H, results: dict, 
               for k, name in enumerate(group) if dist.owner(k) == dist.rank}
     for k, name in enumerate(group):
         r, seconds = dist.broadcast_result(solved.get(k), dist.owner(k), ctx.device)
-        _write_back(ctx.prefix, name, ctx.block.get_submodule(name), H, r, seconds, results, records)
+        _write_back(ctx.prefix, name, ctx.block.get_submodule(name), H, r, seconds, results, records,
+                    not method.fold_sites)
 
 
 @torch.no_grad()

@@ -67,16 +67,22 @@ class QuantResult:
             out[s] = Wq
         return out
 
-    def row_slabs(self, dtype: torch.dtype = torch.float32, rows: int = 256):
-        """The dense weight ``rows`` rows at a time: (row slice, [rows, n] in the original column order, in
-        ``dtype``), computed in float32."""
+    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense weight (`dequantize`'s values) in ``dtype``."""
+        return torch.cat([q for _, q in self.row_slabs(dtype, start=start, stop=stop)])
+
+    def row_slabs(self, dtype: torch.dtype = torch.float32, rows: int = 256, start: int = 0,
+                  stop: int | None = None):
+        """The dense weight ``rows`` rows at a time (from row ``start`` to ``stop``): (row slice, [rows, n] in
+        the original column order, in ``dtype``), computed in float32."""
         m, n = self.codes.shape
         g = self.group_size
         qmask = self.quantized_groups
         some, rest = bool(qmask.any()), bool((~qmask).any())
         zeros = self.zero_points() if some else None
-        for r in range(0, m, rows):
-            s = slice(r, min(r + rows, m))
+        stop = m if stop is None else min(stop, m)
+        for r in range(start, stop, rows):
+            s = slice(r, min(r + rows, stop))
             C = self.codes[s].view(-1, n // g, g).to(torch.float32)  # [rows, ng, g]
             Wq = torch.empty_like(C)
             if some:
