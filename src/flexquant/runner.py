@@ -40,6 +40,7 @@ from .pipeline import (
     run_block,
 )
 from .pipeline.distributed import Dist
+from .pipeline.progress import trim_heap
 from .recipe import RECIPE, write_recipe
 from .report import bit_summary, build_report, plot_flexible, plot_hiratio, plot_report, summarize_bits
 
@@ -165,6 +166,7 @@ class Run:
         self.given = calib_ids is not None
         if method.needs_calibration and calib_ids is None:
             calib_ids = calibration_windows(tok, config.calib, config.nsamples, config.seqlen, config.seed)
+            trim_heap()  # (tokenizing the text leaves small freed blocks glibc would keep: ~14 MiB)
         self.calib_ids = calib_ids if method.needs_calibration else None
         self.load_seconds, self.progress = load_seconds, progress
         self.bits: dict[str, tuple[int, int]] = {}  # packed linear -> (stored bits, weights)
