@@ -459,9 +459,9 @@ def test_quantized_narrow_linears_compute_from_their_codes(tmp_path, monkeypatch
     """Under a budget a quantized float16-held linear keeps its QuantResult until the block is packed
     (`CodedLinear`: a byte per code, not a 16-bit copy) and computes what the written-back float16 weight would:
     the checkpoint is identical to one whose linears got their dequantized weights back."""
+    from flexquant.config import GridConfig
     from flexquant.models import stream
     from flexquant.models.builtin import tiny_llama
-    from flexquant.config import GridConfig
     from flexquant.quant.rtn import rtn_quantize
 
     lin = torch.nn.Linear(48, 40).half()
