@@ -138,7 +138,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 finish(i, block, mine)
         return results, records, notes
 
-    reserve_working_set(store, layers, res.block_weights_dtype())
+    reserve_working_set(store, layers, res.block_weights_dtype(), _batch_bytes(model, calib_ids, batch_size))
     if inputs is None:
         with res.ends(device, (spec.embed,)):
             inputs = capture_block_inputs(model, spec, dist.shard(calib_ids, batch_size), device, batch_size)
@@ -174,24 +174,32 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     return results, records, notes
 
 
-def reserve_working_set(store: ActivationStore, layers, weights_dtype: str) -> int:
+def _batch_bytes(model: nn.Module, calib_ids: torch.Tensor | None, batch_size: int) -> int:
+    """One batch of a block's inputs in float32."""
+    if calib_ids is None:
+        return 0
+    return min(batch_size, len(calib_ids)) * calib_ids.shape[1] * model.config.hidden_size * 4
+
+
+def reserve_working_set(store: ActivationStore, layers, weights_dtype: str, batch_bytes: int = 0) -> int:
     """Hold the largest block's working set out of the store's budget: its weights as held, its largest Hessian
-    (float32, n²) and the solve's float32 copy of its largest weight (shapes from the skeleton: nothing is read).
-    Under a budget smaller than that everything kept spills, and a warning says the peak will pass the budget.
-    Nothing without a budget."""
+    (float32, n²), the solve's float32 copy of its largest weight (shapes from the skeleton: nothing is read) and
+    ``batch_bytes``, the batch of inputs being computed on. Under a budget smaller than that everything kept spills,
+    and a warning says the peak will pass the budget. Nothing without a budget."""
     if store.max_bytes is None:
         return 0
     held = getattr(torch, weights_dtype).itemsize
-    need = 0
+    need = batch_bytes
     for blk in layers:
         params = list(blk.parameters())
         mats = [p.shape[-2:] for p in params if p.dim() >= 2]
         if mats:
-            need = max(need, sum(p.numel() for p in params) * held + 4 * max(n * n for _, n in mats)
+            need = max(need, batch_bytes + sum(p.numel() for p in params) * held + 4 * max(n * n for _, n in mats)
                        + 4 * max(m * n for m, n in mats))
     if not store.reserve(need):
         log.warning("--max-memory (%.0f MiB) is below one block's working set (%.0f MiB: its weights, largest "
-                    "Hessian and solve): every kept activation goes to disk, and the peak will pass the budget",
+                    "Hessian and solve, a batch): every kept activation goes to disk, and the peak will pass the "
+                    "budget",
                     store.max_bytes / 2**20, need / 2**20)
     return need
 
