@@ -1,16 +1,17 @@
 """The memory and time model of docs/scale.md, as code: predicted peak host memory of a streamed run from the
 model's shape, the calibration tokens, the method and the ranks; checked against the measured rows of
-bench/results/scale.json and applied to Llama-3-70B and a DeepSeek-V3-sized MoE.
+bench/results/scale*.json and applied to Llama-3-70B and a DeepSeek-V3-sized MoE.
 
     python -m bench.memory_model                # the validation table and the projections (markdown)
 
 Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activations kept in float16 (s = 2):
 
-    M = M0 + max(capture, block)
+    M = M0 + max(capture, block, statistics)
     capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
               + T·d·(B + s)                 the captured stream and its kept float16 copy
-    block   = P_b·B + kept + hess           one decoder block's weights (P_b·s for gptq under --max-memory:
-                                            --block-weights auto), what the store keeps (below)
+    block   = P_b·B + kept + hess           one decoder block's weights (for gptq under --max-memory the files'
+                                            16-bit dtype, --block-weights auto, and a byte a weight for those
+                                            already quantized: all but down_proj's), what the store keeps
               + max(solve, forward)         the two phases of a block, which do not overlap:
     solve   = F(n) + m·n·(B + 1)            the largest solve, n = d_ff: F = 16·n² up to 4096 columns (H, its
                                             permuted copy, the float64 factor), 4·n² beyond (H parked on disk,
@@ -27,7 +28,13 @@ and spills beyond it (one batch being read back stays), and the MLP runs in chun
 FlexibleLLM keeps the full-precision inputs of its first K windows for every block (kept = n_l·K·L·d·s at the
 start of the block loop) and, until its plan is made, every linear group's Hessian (hess = n_l·Σ_g n_g²·4).
 With --max-memory, kept + hess + the stream's kept copy are capped there (the rest spills to disk) and so is the
-cache. M0 is the interpreter with torch, transformers, the tokenizer and the skeleton (measured: 0.52 GB).
+cache. Its statistics phase peaks in the output Fisher's head pass:
+
+    statistics = V·d·B + kept + hess + T·d·(B + s)   the head, what the statistics keep, the stream
+                 + 3·C_h + 2·K_f·L·d·B              a chunk of positions' logits, log-softmax and gradient
+                                                    (C_h = 32 MiB), the loss gradients of K_f = 16 windows
+
+M0 is the interpreter with torch, transformers, the tokenizer and the skeleton (measured: 0.52 GB).
 Ranks: each process holds its own M, with T/ranks tokens (the exact reduction adds the largest group's inputs,
 T·n·4, on every rank).
 """
@@ -45,6 +52,7 @@ B, S = 4, 2
 CACHE_CAP = 6 * 2**30
 FLOAT64_MAX_COLUMNS = 4096  # GPTQ factor_dtype "auto" (quant/gptq.py)
 MLP_CHUNK_BYTES = 128 * 2**20  # pipeline/prenorm.py
+HEAD_CHUNK_BYTES = 32 * 2**20  # pipeline/sensitivity.py: the head's logits per chunk of positions
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ SHAPES = {
 
 def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, batch: int = 8,
          keep_windows: int = 32, max_memory: float | None = None, ends_transformed: bool = False,
-         ranks: int = 1) -> dict[str, float]:
+         ranks: int = 1, fisher_windows: int = 16) -> dict[str, float]:
     """Predicted peak bytes and its parts (see the module docstring)."""
     T, d, f = tokens / ranks, shape.d, shape.d_ff
     capture = shape.vocab * d * B * (1 + ends_transformed) + T * d * (B + S)
@@ -98,20 +106,28 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     cached = cache > 0
     # a whole block, all its experts (read together); in the files' float16 under a budget where no transform
     # computes on the blocks (--block-weights auto)
-    block_w = shape.block_params * (S if max_memory is not None and method == "gptq" else B)
+    reserve_w = block_w = shape.block_params * (S if max_memory is not None and method == "gptq" else B)
+    if max_memory is not None and method == "gptq":  # quantized linears held as their codes (a byte a weight)
+        block_w -= (shape.block_params - d * f * shape.experts) * (S - 1)
     chunk = MLP_CHUNK_BYTES if max_memory is None else min(MLP_CHUNK_BYTES, max(8 * 2**20, max_memory / 16))
     factor = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 4) + d * f * (B + 1)
     if max_memory is None:
         solve = factor + (T * d * B if cached else 0)
         forward = min(batch * window * 3 * f * B, chunk) + 4 * f * f + T * d * B
     else:  # the block's working set is reserved; what is kept (h' and the outputs too) fills the rest, then spills
-        room = max(0.0, max_memory - (block_w + 4 * f * f + 4 * d * f))
+        room = max(0.0, max_memory - (reserve_w + 4 * f * f + 4 * d * f))
         budgeted = min(budgeted + T * d * B, room) + batch * window * d * B  # + the batch being read back
         solve, forward = factor, min(batch * window * 3 * f * B, chunk) + 4 * f * f
     parts = {"base": M0, "block weights": block_w, "kept (store)": budgeted, "solve": solve, "forward": forward}
     block = parts["block weights"] + budgeted + max(solve, forward)
     parts["capture"] = capture
-    parts["peak"] = M0 + max(capture, block)
+    statistics = 0.0
+    if method == "flexible":  # the output Fisher's head pass, with every block's kept inputs and Hessians
+        held = kept + hess + T * d * (B + S)
+        statistics = (shape.vocab * d * B + (held if max_memory is None else min(held, max_memory))
+                      + 3 * HEAD_CHUNK_BYTES + 2 * fisher_windows * window * d * B)
+    parts["statistics"] = statistics
+    parts["peak"] = M0 + max(capture, block, statistics)
     if ranks > 1:
         parts["peak"] += tokens * f * 4  # the exact reduction's gathered inputs of the widest group
     return parts
@@ -132,16 +148,27 @@ def flops(shape: Shape, tokens: int, method: str = "gptq") -> float:
     return forward + solve
 
 
-def validation(rows_file: Path) -> list[str]:
-    """Predicted vs measured peak for every measured row with a known shape."""
+def measured_rows(results: Path) -> list[dict]:
+    """The newest finished flexquant row of each (size, method, flags, tokens) in the committed results
+    (``results``/scale*.json, as bench.scale writes them), oldest first."""
+    newest: dict[str, dict] = {}
+    for f in sorted(results.glob("scale*.json")):
+        data = json.loads(f.read_text())
+        for row in data.get("rows", []) if isinstance(data, dict) else []:
+            if row.get("rc") != 0 or not row.get("key") or row.get("report_peak_device_mb") is not None:
+                continue  # (failed rows; GPU rows: the model is of a CPU run's host memory)
+            if row.get("date", "") >= newest.get(row["key"], {}).get("date", ""):
+                newest[row["key"]] = {**row, "file": f.name}
+    return sorted(newest.values(), key=lambda r: r.get("date", ""))
+
+
+def validation(results: Path) -> list[str]:
+    """Predicted vs measured peak for the newest measured row of each run with a known shape."""
     from bench.synth import SIZES
 
     lines = ["| run | tokens | flags | code | measured peak (MiB) | predicted (MiB) | error | CPU s | GFLOP | "
              "GFLOP per CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    if not rows_file.is_file():
-        return lines
-    rows = json.loads(rows_file.read_text())
-    for row in rows.values() if isinstance(rows, dict) else rows:
+    for row in measured_rows(results):
         size = row.get("size")
         if row.get("kind") != "flexquant" or not row.get("peak_rss_mib") or size not in SIZES:
             continue
@@ -196,9 +223,10 @@ def projections() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=Path, default=Path("bench/results/work/scale/rows.json"))
+    ap.add_argument("--results", type=Path, default=Path("bench/results"),
+                    help="folder of bench.scale's scale*.json (the newest row of each run is checked)")
     a = ap.parse_args()
-    print("\n".join(validation(a.rows)))
+    print("\n".join(validation(a.results)))
     print()
     print("\n".join(projections()))
 
