@@ -189,13 +189,14 @@ def reserve_working_set(store: ActivationStore, layers, weights_dtype: str, batc
     if store.max_bytes is None:
         return 0
     held = getattr(torch, weights_dtype).itemsize
-    need = batch_bytes
+    block = 0
     for blk in layers:
         params = list(blk.parameters())
         mats = [p.shape[-2:] for p in params if p.dim() >= 2]
         if mats:
-            need = max(need, batch_bytes + sum(p.numel() for p in params) * held + 4 * max(n * n for _, n in mats)
-                       + 4 * max(m * n for m, n in mats))
+            block = max(block, sum(p.numel() for p in params) * held + 4 * max(n * n for _, n in mats)
+                        + 4 * max(m * n for m, n in mats))
+    need = block + batch_bytes
     if not store.reserve(need):
         log.warning("--max-memory (%.0f MiB) is below one block's working set (%.0f MiB: its weights, largest "
                     "Hessian and solve, a batch): every kept activation goes to disk, and the peak will pass the "

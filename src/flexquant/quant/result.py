@@ -62,14 +62,15 @@ class QuantResult:
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: int = 256) -> torch.Tensor:
         """Dense weight [m, n] in the original column order, computed in float32 ``rows`` rows at a time (only a
         slab's temporaries beside the result) and returned in ``dtype``."""
-        out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
-        for s, Wq in self.row_slabs(dtype, rows):
-            out[s] = Wq
-        return out
+        return self.rows(0, self.shape[0], dtype, rows)
 
-    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows ``start:stop`` of the dense weight (`dequantize`'s values) in ``dtype``."""
-        return torch.cat([q for _, q in self.row_slabs(dtype, start=start, stop=stop)])
+    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32, slab: int = 256) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense weight in ``dtype``, computed ``slab`` rows at a time into the result."""
+        stop = min(stop, self.shape[0])
+        out = torch.empty(stop - start, self.shape[1], dtype=dtype, device=self.codes.device)
+        for s, Wq in self.row_slabs(dtype, slab, start, stop):
+            out[s.start - start:s.stop - start] = Wq
+        return out
 
     def row_slabs(self, dtype: torch.dtype = torch.float32, rows: int = 256, start: int = 0,
                   stop: int | None = None):
