@@ -24,7 +24,7 @@ from .format.checkpoint import QUANT_CONFIG, load_checkpoint, save_checkpoint
 from .methods import build_method
 from .models import get_spec, load_model
 from .pipeline.distributed import Dist
-from .pipeline.progress import return_freed_memory, trim_heap
+from .pipeline.progress import FREED_THRESHOLD, MEMORY_FIRST_THRESHOLD, return_freed_memory, trim_heap
 from .report import bit_summary
 from .runner import (  # noqa: F401 - QuantizedModel, pack_results and pack_model are public here too
     QuantizedModel,
@@ -75,7 +75,8 @@ def quantize(model: str | None = None, config: QuantConfig | None = None, *, cal
         config = config.replace(**settings)
     method = build_method(config)  # validates the method's options before the model is loaded
     config = method.config  # grid settings the method filled in
-    return_freed_memory()  # depth-independent memory: freed blocks go back to the system
+    # depth-independent memory: freed blocks go back to the system (under a budget, mid-sized ones too)
+    return_freed_memory(MEMORY_FIRST_THRESHOLD if config.max_memory else FREED_THRESHOLD)
     if out is not None:  # an unusable output folder fails before the (long) run, not after it
         check_target(out, overwrite, QUANT_CONFIG, "flexquant checkpoint")
     if method.needs_calibration and calib_ids is None and config.calib not in ("pydoc", "wikitext2", "c4"):

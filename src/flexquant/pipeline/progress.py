@@ -14,24 +14,33 @@ from tqdm.auto import tqdm
 log = logging.getLogger("flexquant.progress")
 
 
-_TUNED = False
+_THRESHOLD = 0  # the mmap threshold set by return_freed_memory (0: glibc's own, or not glibc)
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+FREED_THRESHOLD = 1 << 20  # allocations from 1 MiB up get their own maps
+MEMORY_FIRST_THRESHOLD = 128 << 10  # under --max-memory: from 128 KiB up
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
+def return_freed_memory(threshold: int = FREED_THRESHOLD) -> bool:
     """Have glibc serve allocations of ``threshold`` bytes and more with their own memory maps, so that the
     memory of a freed tensor goes back to the system at once. Without this, glibc raises its threshold as large
     blocks are freed (up to 32 MB) and serves them from a heap that fragments: a run that reads and drops one
-    decoder block after another then grows with depth. Once per process; False where it does not apply."""
-    global _TUNED
-    if _TUNED or not sys.platform.startswith("linux"):
-        return _TUNED
+    decoder block after another then grows with depth. At 1 MiB the heap still grows about 1 MiB a block: a
+    block at hidden 512 allocates some 15,000 tensors of 128-512 KiB, and their freed space fragments around
+    longer-lived small allocations. `MEMORY_FIRST_THRESHOLD` stops that growth for about 30% more time at that
+    width (each such tensor is a fresh map), so a memory budget uses it (docs/scale.md).
+    The lowest threshold asked for in the process stays. False where it does not apply."""
+    global _THRESHOLD
+    if not sys.platform.startswith("linux"):
+        return False
+    if _THRESHOLD and _THRESHOLD <= threshold:
+        return True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _TUNED = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        if libc.mallopt(M_MMAP_THRESHOLD, threshold):
+            _THRESHOLD = threshold
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        _TUNED = False
-    return _TUNED
+        pass
+    return bool(_THRESHOLD)
 
 
 def trim_heap() -> bool:
