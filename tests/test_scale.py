@@ -402,10 +402,10 @@ def test_blocks_held_in_the_files_half_dtype(tmp_path):
     """--block-weights stored (auto under --max-memory): a streamed block's linear weights stay float16 and each
     linear computes on a widened copy. The codes match the float32-block run's where nothing fed them rounded
     weights (block 0's first group), and the whole is as close to the float model; methods that rotate weights keep
-    float32."""
+    float32. The embedding, read alone for the capture, keeps its float16 table and widens the rows it looks up."""
     from flexquant.models.builtin import tiny_llama
     from flexquant.models.loader import load_streamed
-    from flexquant.models.stream import residency
+    from flexquant.models.stream import WideEmbedding, residency
 
     model, tok = tiny_llama()
     model.half().save_pretrained(tmp_path / "fp16")
@@ -425,6 +425,12 @@ def test_blocks_held_in_the_files_half_dtype(tmp_path):
             assert weight() is None
     finally:
         gc.enable()
+    with res.ends("cpu", ("model.embed_tokens",)):  # the embedding read alone (capture): its float16 table
+        emb = model.get_submodule("model.embed_tokens")
+        assert type(emb) is WideEmbedding and emb.weight.dtype == torch.float16
+        ids = torch.tensor([[1, 5, 7], [0, 2, 255]])
+        assert torch.equal(emb(ids), emb.weight.float()[ids])
+    assert emb.weight.is_meta
     res.transform_blocks(lambda i, blk: None)  # a registered transform: float32 blocks from here
     with res.block(1, "cpu") as block:
         assert block.mlp.down_proj.weight.dtype == torch.float32

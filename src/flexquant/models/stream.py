@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -171,6 +171,16 @@ class CodedLinear(WideLinear):
     coded = None
 
 
+class WideEmbedding(nn.Embedding):
+    """An nn.Embedding whose table may be held narrower than the model computes (``compute_dtype``): the rows it
+    looks up are widened, to the values a table read in that dtype would give."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
 def hold_quantized(linear: nn.Module, result) -> bool:
     """Give a narrow-held linear (`WideLinear`) its quantized ``result`` to compute from, in place of a dequantized
     16-bit weight; False (nothing done) for any other linear, whose caller writes the dequantized weight back."""
@@ -241,7 +251,7 @@ class Streamed(Residency):
                                  f"config.json says {tuple(t.shape)}: the weights and the config do not match")
         return e
 
-    def _read(self, module: nn.Module, prefix: str, narrow: set[str] = frozenset()) -> None:
+    def _read(self, module: nn.Module, prefix: str, narrow: Collection[str] = ()) -> None:
         for name, t in module.state_dict(keep_vars=True).items():
             if not t.is_meta:
                 continue
@@ -252,7 +262,9 @@ class Streamed(Residency):
             refuse_non_finite(full, value, self.files.folder)
             self.reads += value.numel() * value.element_size()
             _assign(module, name, value)
-            if keep:
+            if keep and isinstance(module, nn.Embedding):
+                module.__class__, module.compute_dtype = WideEmbedding, self.dtype
+            elif keep:
                 module.get_submodule(name.rpartition(".")[0]).__class__ = WideLinear
 
     def _load_block(self, i: int) -> None:
@@ -292,8 +304,9 @@ class Streamed(Residency):
                     self._read(emb, embed)
                     mods.append(emb)
                 mod.weight = emb.weight  # tied, as the model was saved
-            else:
-                self._read(mod, path)
+            else:  # an embedding read alone (no transform) keeps the files' 16-bit table: half the bytes
+                alone = path == embed and head not in want and self.narrowing and not self.end_fns
+                self._read(mod, path, ("weight",) if alone and type(mod) in (nn.Embedding, WideEmbedding) else ())
             mods.append(mod)
         if self.reads != before:  # freshly read: transform (held ends are transformed already)
             for fn in self.end_fns:
