@@ -9,6 +9,8 @@ Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activatio
     M = M0 + max(capture, block, statistics)
     capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
               + T·d·(B + s)                 the captured stream and its kept float16 copy
+              (gptq under --max-memory: V·d·s + T·d·B + b·L·d·s, the embedding's 16-bit table, the stream and
+              the batch being converted before it spills)
     block   = P_b·B + kept + hess           one decoder block's weights (for gptq under --max-memory the files'
                                             16-bit dtype, --block-weights auto, and a byte a weight for those
                                             already quantized: all but down_proj's), what the store keeps
@@ -90,7 +92,11 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
          ranks: int = 1, fisher_windows: int = 16) -> dict[str, float]:
     """Predicted peak bytes and its parts (see the module docstring)."""
     T, d, f = tokens / ranks, shape.d, shape.d_ff
-    capture = shape.vocab * d * B * (1 + ends_transformed) + T * d * (B + S)
+    narrow = max_memory is not None and method == "gptq"  # --block-weights auto: 16-bit blocks and embedding
+    if narrow:  # the embedding's 16-bit table; the captured stream, each batch spilled as it is converted
+        capture = shape.vocab * d * S + T * d * B + batch * window * d * S
+    else:
+        capture = shape.vocab * d * B * (1 + ends_transformed) + T * d * (B + S)
     cap = CACHE_CAP if max_memory is None else min(CACHE_CAP, max_memory)
     cache = 2 * T * d * B
     cache = cache if cache <= cap else 0.0  # past the cap the block is recomputed per group instead
@@ -106,8 +112,8 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     cached = cache > 0
     # a whole block, all its experts (read together); in the files' float16 under a budget where no transform
     # computes on the blocks (--block-weights auto)
-    reserve_w = block_w = shape.block_params * (S if max_memory is not None and method == "gptq" else B)
-    if max_memory is not None and method == "gptq":  # quantized linears held as their codes (a byte a weight)
+    reserve_w = block_w = shape.block_params * (S if narrow else B)
+    if narrow:  # quantized linears held as their codes (a byte a weight)
         block_w -= (shape.block_params - d * f * shape.experts) * (S - 1)
     chunk = MLP_CHUNK_BYTES if max_memory is None else min(MLP_CHUNK_BYTES, max(8 * 2**20, max_memory / 16))
     factor = f * f * (16 if f <= FLOAT64_MAX_COLUMNS else 4) + d * f * (B + 1)
