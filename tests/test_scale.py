@@ -491,3 +491,33 @@ def test_quantized_narrow_linears_compute_from_their_codes(tmp_path, monkeypatch
     monkeypatch.setattr("flexquant.pipeline.blocks.hold_quantized", lambda linear, result: False)
     written = fq.quantize(str(tmp_path / "fp16"), **run).model.state_dict()
     assert coded.keys() == written.keys() and all(torch.equal(coded[k], written[k]) for k in coded)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mmap threshold")
+def test_a_memory_budget_maps_mid_sized_allocations(tmp_path, monkeypatch):
+    """Under --max-memory glibc maps allocations from 128 KiB up (the heap fragmented and grew ~1 MiB a block at
+    1 MiB); the lowest threshold asked for stays, and a run without a budget asks for 1 MiB."""
+    from flexquant.pipeline import progress
+
+    asked = []
+    monkeypatch.setattr(progress, "_THRESHOLD", 0)
+
+    class Libc:
+        def mallopt(self, param, value):
+            asked.append((param, value))
+            return 1
+
+    monkeypatch.setattr(progress, "_libc", Libc)
+    assert progress.return_freed_memory() and progress._THRESHOLD == 1 << 20
+    assert progress.return_freed_memory(progress.MEMORY_FIRST_THRESHOLD) and progress._THRESHOLD == 128 << 10
+    assert progress.return_freed_memory() and progress._THRESHOLD == 128 << 10  # not raised again
+    assert asked == [(progress.M_MMAP_THRESHOLD, 1 << 20), (progress.M_MMAP_THRESHOLD, 128 << 10)]
+    asked.clear()
+    monkeypatch.setattr(progress, "_THRESHOLD", 0)
+    from flexquant.models.builtin import tiny_llama
+
+    model, tok = tiny_llama()
+    model.half().save_pretrained(tmp_path / "fp16")
+    tok.save_pretrained(tmp_path / "fp16")
+    fq.quantize(str(tmp_path / "fp16"), progress=False, method="rtn", bits=4, group_size=32, max_memory="64MB")
+    assert asked == [(progress.M_MMAP_THRESHOLD, 128 << 10)]

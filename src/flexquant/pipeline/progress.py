@@ -20,13 +20,17 @@ FREED_THRESHOLD = 1 << 20  # allocations from 1 MiB up get their own maps
 MEMORY_FIRST_THRESHOLD = 128 << 10  # under --max-memory: from 128 KiB up
 
 
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def return_freed_memory(threshold: int = FREED_THRESHOLD) -> bool:
     """Have glibc serve allocations of ``threshold`` bytes and more with their own memory maps, so that the
     memory of a freed tensor goes back to the system at once. Without this, glibc raises its threshold as large
     blocks are freed (up to 32 MB) and serves them from a heap that fragments: a run that reads and drops one
     decoder block after another then grows with depth. At 1 MiB the heap still grows about 1 MiB a block: a
     block at hidden 512 allocates some 15,000 tensors of 128-512 KiB, and their freed space fragments around
-    longer-lived small allocations. `MEMORY_FIRST_THRESHOLD` stops that growth for about 30% more time at that
+    longer-lived small allocations. `MEMORY_FIRST_THRESHOLD` stops that growth for about a third more time at that
     width (each such tensor is a fresh map), so a memory budget uses it (docs/scale.md).
     The lowest threshold asked for in the process stays. False where it does not apply."""
     global _THRESHOLD
@@ -35,8 +39,7 @@ def return_freed_memory(threshold: int = FREED_THRESHOLD) -> bool:
     if _THRESHOLD and _THRESHOLD <= threshold:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if libc.mallopt(M_MMAP_THRESHOLD, threshold):
+        if _libc().mallopt(M_MMAP_THRESHOLD, threshold):
             _THRESHOLD = threshold
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         pass
@@ -50,7 +53,7 @@ def trim_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):  # not glibc
         return False
 
