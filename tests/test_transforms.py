@@ -82,3 +82,18 @@ def test_rotation_stays_on_its_inputs_device(n):
     mats = _kron_factors(factor, n // factor.shape[0])
     assert all(m.device.type == "meta" for m in mats)
     assert kron_apply(torch.zeros(2, n, device="meta"), mats).shape == (2, n)
+
+
+def test_rows_are_transformed_by_chunks_into_one_result(monkeypatch):
+    """`_by_rows` writes each float64 chunk's result into one tensor (no list of chunks and their concatenation):
+    the same values as the whole matrix at once, for a last chunk that is short, and for a transposed view."""
+    from flexquant.transforms import rotate
+
+    R = Rotation.random(48, seed=3)
+    X = torch.randn(37, 48)
+    whole = R.apply(X.double()).float()
+    monkeypatch.setattr(rotate, "ROWS", 8)
+    assert torch.equal(rotate._by_rows(R.apply, X, torch.float32), whole)
+    W = torch.randn(48, 37)
+    assert torch.equal(rotate._by_rows(R.apply, W.T, torch.float16), R.apply(W.T.double()).half())
+    assert rotate._by_rows(R.apply, X[:0], torch.float32).shape == (0, 48)

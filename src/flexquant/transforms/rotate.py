@@ -47,8 +47,12 @@ ROWS = 4096  # rows transformed at a time in float64 (an embedding at once would
 
 
 def _by_rows(fn, X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fn applied to float64 chunks of X's rows, in ``dtype`` (fn acts on each row alone: the same result)."""
-    return torch.cat([fn(c.double()).to(dtype) for c in X.split(ROWS)]) if X.shape[0] else X.to(dtype)
+    """fn applied to float64 chunks of X's rows, in ``dtype`` (fn acts on each row alone: the same result), each
+    chunk written into the result (one copy of X beside it, not a list of chunks and their concatenation)."""
+    out = torch.empty(X.shape, dtype=dtype, device=X.device)
+    for a in range(0, X.shape[0], ROWS):
+        out[a:a + ROWS] = fn(X[a:a + ROWS].double())
+    return out
 
 
 def _rotate_in(lin: nn.Linear, R: Rotation) -> None:
