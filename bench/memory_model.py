@@ -7,8 +7,10 @@ bench/results/scale*.json and applied to Llama-3-70B and a DeepSeek-V3-sized MoE
 Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activations kept in float16 (s = 2):
 
     M = M0 + max(capture, block, statistics)
-    capture = V·d·B·(1 + ends)              embedding (and head when a transform rewrites the ends)
-              + T·d·(B + s)                 the captured stream and its kept float16 copy
+    capture = V·d·B·(1 + t)                 embedding (and head when a transform rewrites the ends: t = 1 for
+                                            FlexibleLLM's rotation, which reads all the ends)
+              + max(V·d·B·t, T·d·(B + s))   the rotated copy being made, then the captured stream and its kept
+                                            float16 copy
               (gptq under --max-memory: V·d·s + T·d·B + b·L·d·s, the embedding's 16-bit table, the stream and
               the batch being converted before it spills)
     block   = P_b·B + kept + hess           one decoder block's weights (for gptq under --max-memory the files'
@@ -32,9 +34,11 @@ start of the block loop) and, until its plan is made, every linear group's Hessi
 With --max-memory, kept + hess + the stream's kept copy are capped there (the rest spills to disk) and so is the
 cache. Its statistics phase peaks in the output Fisher's head pass:
 
-    statistics = V·d·B + kept + hess + T·d·(B + s)   the head, what the statistics keep, the stream
-                 + 3·C_h + 2·K_f·L·d·B              a chunk of positions' logits, log-softmax and gradient
-                                                    (C_h = 32 MiB), the loss gradients of K_f = 16 windows
+    statistics = V·d·B·(1 + t) + kept + hess + T·d·(B + s)   the ends (read and rotated again), what the
+                                                            statistics keep, the stream
+                 + max(V·d·B·t, 3·C_h + 2·K_f·L·d·B)        the rotated copy being made; then a chunk of positions'
+                                                            logits, log-softmax and gradient (C_h = 32 MiB), the
+                                                            loss gradients of K_f = 16 windows
 
 M0 is the interpreter with torch, transformers, the tokenizer and the skeleton (measured: 0.52 GB).
 Ranks: each process holds its own M, with T/ranks tokens (the exact reduction adds the largest group's inputs,
@@ -88,15 +92,18 @@ SHAPES = {
 
 
 def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, batch: int = 8,
-         keep_windows: int = 32, max_memory: float | None = None, ends_transformed: bool = False,
+         keep_windows: int = 32, max_memory: float | None = None, ends_transformed: bool | None = None,
          ranks: int = 1, fisher_windows: int = 16) -> dict[str, float]:
     """Predicted peak bytes and its parts (see the module docstring)."""
     T, d, f = tokens / ranks, shape.d, shape.d_ff
+    t = method == "flexible" if ends_transformed is None else ends_transformed  # DOSA rotates the ends
+    ends = shape.vocab * d * B * (1 + t)  # the embedding (and the head: a transform reads all the ends)
+    rotating = shape.vocab * d * B * t  # the rotated copy of the embedding or head being made
     narrow = max_memory is not None and method == "gptq"  # --block-weights auto: 16-bit blocks and embedding
     if narrow:  # the embedding's 16-bit table; the captured stream, each batch spilled as it is converted
         capture = shape.vocab * d * S + T * d * B + batch * window * d * S
     else:
-        capture = shape.vocab * d * B * (1 + ends_transformed) + T * d * (B + S)
+        capture = ends + max(rotating, T * d * (B + S))
     cap = CACHE_CAP if max_memory is None else min(CACHE_CAP, max_memory)
     cache = 2 * T * d * B
     cache = cache if cache <= cap else 0.0  # past the cap the block is recomputed per group instead
@@ -130,8 +137,8 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     statistics = 0.0
     if method == "flexible":  # the output Fisher's head pass, with every block's kept inputs and Hessians
         held = kept + hess + T * d * (B + S)
-        statistics = (shape.vocab * d * B + (held if max_memory is None else min(held, max_memory))
-                      + 3 * HEAD_CHUNK_BYTES + 2 * fisher_windows * window * d * B)
+        statistics = (ends + (held if max_memory is None else min(held, max_memory))
+                      + max(rotating, 3 * HEAD_CHUNK_BYTES + 2 * fisher_windows * window * d * B))
     parts["statistics"] = statistics
     parts["peak"] = M0 + max(capture, block, statistics)
     if ranks > 1:
