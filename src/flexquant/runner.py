@@ -39,6 +39,7 @@ from .pipeline import (
     quantize_blocks,
     run_block,
 )
+from .pipeline.blocks import batch_bytes
 from .pipeline.distributed import Dist
 from .pipeline.progress import trim_heap
 from .recipe import RECIPE, write_recipe
@@ -131,7 +132,7 @@ def narrow_blocks(config: QuantConfig) -> bool:
 def check_budget(model: nn.Module, config: QuantConfig) -> None:
     """--max-memory must hold at least one batch of a block's inputs (float32): below that nothing fits."""
     budget = parse_bytes(config.max_memory)
-    batch = config.batch_size * config.seqlen * model.config.hidden_size * 4
+    batch = batch_bytes(config.batch_size, config.seqlen, model.config.hidden_size)
     if budget is not None and budget < batch:
         raise FlexQuantError(f"--max-memory {config.max_memory} is less than one batch of a block's inputs needs "
                              f"({batch / 2**20:.1f} MiB = {config.batch_size} windows × {config.seqlen} tokens × "

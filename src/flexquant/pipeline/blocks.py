@@ -174,11 +174,16 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     return results, records, notes
 
 
+def batch_bytes(windows: int, seqlen: int, hidden: int) -> int:
+    """One batch of a block's inputs in float32: ``windows`` × ``seqlen`` tokens × ``hidden``."""
+    return windows * seqlen * hidden * 4
+
+
 def _batch_bytes(model: nn.Module, calib_ids: torch.Tensor | None, batch_size: int) -> int:
-    """One batch of a block's inputs in float32."""
+    """One batch of this run's block inputs (0 without calibration)."""
     if calib_ids is None:
         return 0
-    return min(batch_size, len(calib_ids)) * calib_ids.shape[1] * model.config.hidden_size * 4
+    return batch_bytes(min(batch_size, len(calib_ids)), calib_ids.shape[1], model.config.hidden_size)
 
 
 def reserve_working_set(store: ActivationStore, layers, weights_dtype: str, batch_bytes: int = 0) -> int:
