@@ -5,7 +5,7 @@ import flexquant as fq
 from flexquant.alloc import error_table as _error_table
 from flexquant.cli import main
 from flexquant.errors import FlexQuantError
-from flexquant.methods.flexible import FlexibleConfig
+from flexquant.methods.flexible_config import FlexibleConfig
 from flexquant.models.builtin import tiny_llama
 from flexquant.nn import QuantLinear
 

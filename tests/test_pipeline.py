@@ -183,3 +183,28 @@ def test_statistics_pass_gives_fp_hessians_kept_inputs_and_block_calls(tiny, cal
     # fisher_windows=3 -> the first two batches (4 windows): the same as a pass over those 4 windows alone
     alone = fp_statistics(model, spec, calib_ids, dev, 2, StatsRequest(windows=4, fisher_windows=4))
     assert all(torch.allclose(stats.fisher[n], alone.fisher[n], rtol=1e-5) for n in alone.fisher)
+
+
+def test_statistics_pass_hands_hessians_to_on_hessians_with_the_fisher_known(tiny, calib_ids):
+    """With on_hessians the Fisher comes first (its own pass): each block's call has the whole Fisher and the
+    block's Hessians, which equal the kept ones bit for bit and are not kept; the Fisher and the kept inputs are
+    the same as in the one-pass order."""
+    from flexquant.pipeline import StatsRequest, fp_statistics
+
+    model, spec, dev = tiny[0], get_spec("llama"), torch.device("cpu")
+    kept = fp_statistics(model, spec, calib_ids, dev, 2, StatsRequest(windows=6, fisher_windows=3, keep_windows=6))
+    calls = []
+
+    def on_hessians(i, block, hessians, fisher):
+        assert block is model.model.layers[i] and set(fisher) == set(kept.fisher)
+        calls.append((i, dict(hessians)))
+
+    handed = fp_statistics(model, spec, calib_ids, dev, 2, StatsRequest(windows=6, fisher_windows=3, keep_windows=6,
+                                                                        on_hessians=on_hessians))
+    assert len(handed.hessians) == 0 and [c[0] for c in calls] == list(range(len(model.model.layers)))
+    for i, hessians in calls:
+        assert set(hessians) == {n for n in kept.hessians if n.startswith(f"model.layers.{i}.")}
+        assert all(torch.equal(H, kept.hessians[n]) for n, H in hessians.items())
+    assert all(torch.equal(handed.fisher[n], kept.fisher[n]) for n in kept.fisher)
+    for i in range(len(model.model.layers)):
+        assert torch.equal(torch.cat(handed.inputs.get(i).hidden), torch.cat(kept.inputs.get(i).hidden))

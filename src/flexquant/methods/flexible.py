@@ -9,9 +9,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..alloc import PROXIES, GroupTable, Layout, error_table, fixed_bits, greedy_allocate
+from ..alloc import GroupTable, Layout, error_table, fixed_bits, greedy_allocate
 from ..alloc.greedy import tie_tables, untie
-from ..config import MethodConfig, option
 from ..errors import FlexQuantError
 from ..models.stream import residency
 from ..pipeline import Method, StatsRequest
@@ -21,123 +20,10 @@ from ..quant.gptq import column_order, inverse_cholesky_upper
 from ..quant.impact import hinv_diagonal, salience
 from ..quant.targets import TARGETS, get_target
 from ..transforms.rotate import incoherence, rotate_inputs_online, rotate_model
+from .flexible_config import FlexibleConfig, refuse
 from .registry import register
 
 log = logging.getLogger(__name__)
-PROTECT = ("columns", "groups", "none")
-SENSITIVITY = ("fisher", "none")
-PROBES = ("off", "block", "linear")
-ROTATIONS = ("auto", "residual", "online")
-WIDE_BUDGET = 4.0  # bpw from which the default candidates reach above 4 bits and the rotation is off
-
-
-@dataclass(frozen=True)
-class FlexibleConfig(MethodConfig):
-    """FlexibleLLM options."""
-
-    bpw: float = option(2.5, "honest bits-per-weight budget over all quantized linears, metadata included")
-    dosa: bool | None = option(None, "DOSA Hadamard rotation (unset: on below "
-                                     f"{WIDE_BUDGET:g} bpw, off from there)")
-    dosa_rotation: str = option("auto", "'residual' = the residual stream (folded into the weights) and "
-                                        "down_proj's input online; 'online' = every linear's input online (for "
-                                        "families whose residual stream cannot be rotated: Gemma's sandwich "
-                                        "norms); 'auto' = residual where the family allows it, else online",
-                                ROTATIONS)
-    protect: str = option("groups", "attribute outliers: 'groups' orders columns by salience so SBGBS raises the "
-                                    "groups holding them; 'columns' keeps the top salient columns at "
-                                    "--protect-bits, quantized last; 'none'", PROTECT)
-    protect_groups: int = option(1, "salient column groups kept per linear (--protect columns)")
-    protect_bits: int = option(4, "bits of the protected columns (2..8, or 16 = fp16)")
-    sbgbs: bool = option(True, "greedy fractional bit search; off: the highest uniform candidate that fits")
-    candidates: tuple[int, ...] = option((), "bit-widths SBGBS may choose (unset: 2 3 4 below "
-                                             f"{WIDE_BUDGET:g} bpw, else 2 3 4 5 6 8)")
-    lfd: bool = option(True, "LFD: feedback toward full-precision targets + block noise measurement")
-    feedback_alpha: float = option(0.25, "LFD feedback weight α in W* = W + α·W·D·H⁻¹")
-    denoise: str = option("off", "LFD denoising: 'bias' folds −mean(ε) into the block's last writer where the "
-                                 "relative noise exceeds --denoise-threshold; 'off' only measures", ("bias", "off"))
-    denoise_threshold: float = option(0.05, "relative block-output noise ‖ε‖/‖h_fp‖ that triggers denoising")
-    alloc_nsamples: int = option(32, "calibration windows of the statistics pass (allocation, Fisher, LFD's "
-                                     "full-precision stream), rounded down to whole batches")
-    sensitivity: str = option("fisher", "weight the allocation's errors by the loss Fisher of each output "
-                                        "(comparable across layers), or not", SENSITIVITY)
-    fisher_nsamples: int = option(16, "windows of the Fisher backward pass, a prefix of --alloc-nsamples "
-                                      "(whole batches); 0 = all")
-    fisher_power: float = option(1.0, "the Fisher weights raised to this power (< 1 narrows their spread across "
-                                      "layers; 0 = unweighted)")
-    probe: str = option("off", "'block': measure each block's real KL to the float model with only its linears "
-                               "quantized (at the widest candidate within --bpw) and scale that block's predicted "
-                               "errors to it before the search (one streamed pass over the blocks); 'linear': the "
-                               "same for each linear alone; 'off'", PROBES)
-    probe_nsamples: int = option(8, "windows the probes measure KL on")
-    probe_seqlen: int = option(256, "tokens per probe window")
-    proxy: str = option("gptq", "SBGBS error proxy: 'block' = tr(ΔW H_kk ΔWᵀ) of the group's Hessian block; "
-                                "'gptq' = Σ ΔW²/U_jj², GPTQ's cost after compensation", PROXIES)
-    rotation_seed: int = option(0, "seed of the random Hadamard signs")
-    group_sizes: tuple[int, ...] = option((), "with a --target of one width per linear: the group sizes SBGBS may "
-                                              "choose per linear with its width (unset: --group-size only)")
-
-    def __post_init__(self) -> None:
-        if not 1.0 < self.bpw <= 16:
-            raise FlexQuantError(f"bpw={self.bpw} must be in (1, 16]")
-        if self.denoise not in ("bias", "off"):
-            raise FlexQuantError(f"denoise={self.denoise!r} must be 'bias' or 'off'")
-        if self.dosa_rotation not in ROTATIONS:
-            raise FlexQuantError(f"dosa_rotation={self.dosa_rotation!r} must be one of {ROTATIONS}")
-        if self.sensitivity not in SENSITIVITY:
-            raise FlexQuantError(f"sensitivity={self.sensitivity!r} must be one of {SENSITIVITY}")
-        if not 0 <= self.fisher_power <= 2:
-            raise FlexQuantError(f"fisher_power={self.fisher_power} must be in [0, 2]")
-        if self.fisher_nsamples < 0:
-            raise FlexQuantError(f"fisher_nsamples={self.fisher_nsamples} must be >= 0 (0 = alloc_nsamples)")
-        if self.probe not in PROBES:
-            raise FlexQuantError(f"probe={self.probe!r} must be one of {PROBES}")
-        if self.probe_nsamples < 1 or self.probe_seqlen < 2:
-            raise FlexQuantError(f"probe_nsamples={self.probe_nsamples} must be >= 1 and probe_seqlen="
-                                 f"{self.probe_seqlen} >= 2")
-        if self.proxy not in PROXIES:
-            raise FlexQuantError(f"proxy={self.proxy!r} must be one of {PROXIES}")
-        if self.protect not in PROTECT:
-            raise FlexQuantError(f"protect={self.protect!r} must be one of {PROTECT}")
-        if self.dosa is None:
-            object.__setattr__(self, "dosa", 1.0 <= self.bpw < WIDE_BUDGET)
-        if not self.candidates:
-            object.__setattr__(self, "candidates", (2, 3, 4) if self.bpw < WIDE_BUDGET else (2, 3, 4, 5, 6, 8))
-        if sorted(self.candidates) != list(self.candidates) or \
-                not all(1 <= b <= 8 for b in self.candidates):
-            raise FlexQuantError(f"candidates={self.candidates} must be increasing bit-widths in 1..8")
-        if self.protect_bits not in range(2, 9) and self.protect_bits != 16:
-            raise FlexQuantError(f"protect_bits={self.protect_bits} must be 2..8 or 16")
-        object.__setattr__(self, "candidates", tuple(self.candidates))
-        if not all(isinstance(g, int) and g >= 8 and g % 8 == 0 for g in self.group_sizes):
-            raise FlexQuantError(f"group_sizes={self.group_sizes} must be multiples of 8 (e.g. 32 64 128)")
-        object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
-
-    @property
-    def top_bits(self) -> int:
-        """The widest quantized (not fp16) group this configuration can produce."""
-        protect = (self.protect_bits,) if self.protect == "columns" and self.protect_bits < 16 else ()
-        return max(self.candidates + protect)
-
-
-def _refuse(f: FlexibleConfig, spec) -> None:
-    """The parts of FlexibleLLM the family's blocks do not allow, refused with what to use instead."""
-    if spec.discovered and (f.dosa or f.lfd):
-        raise FlexQuantError(f"FlexibleLLM's DOSA rotation and LFD feedback need a tested ModelSpec declaring the "
-                             f"norms its linears read (norm_linear_pairs, residual readers/writers, rotatable) and "
-                             f"blocks of two residual sub-layers (prenorm); {spec.family} has only a discovered one "
-                             "(linear groups): pass --no-dosa --no-lfd, or use --method gptq")
-    if f.dosa and not spec.rotatable and (f.dosa_rotation == "residual" or spec.experts):
-        why = ("its experts' router reads the residual stream and is not rotated" if spec.experts else
-               "norms on its sub-layer outputs or readers without a foldable norm")
-        fix = "pass --no-dosa" if spec.experts else "pass --dosa-rotation online or --no-dosa"
-        raise FlexQuantError(f"FlexibleLLM's residual rotation is not exact for {spec.family} ({why}): {fix}, "
-                             "or use --method gptq")
-    if f.lfd and not spec.prenorm:
-        raise FlexQuantError(f"FlexibleLLM's LFD feedback needs residual blocks of two sub-layers, which the "
-                             f"{spec.family} ModelSpec does not declare: pass --no-lfd, or use --method gptq")
-    if f.lfd and f.denoise == "bias" and not spec.direct_writers:
-        raise FlexQuantError(f"LFD's bias denoising needs residual writers that add their outputs unchanged; "
-                             f"{spec.family} norms or scales them: pass --denoise off")
 
 
 @dataclass
@@ -146,6 +32,17 @@ class _Plan:
     group_bits: torch.Tensor
     protected: int = 0  # protected columns (ordered last)
     group_size: int | None = None  # chosen per linear (a per-layer target's options); None: the grid's
+
+
+@dataclass
+class _Entry:
+    """One linear's part of the plan, built from its Hessian (which is not kept)."""
+    table: GroupTable
+    order: torch.Tensor
+    nkept: int
+    shape: tuple[int, int]
+    fixed: int  # bits stored whatever the widths (metadata; fp16 protected columns)
+    predicted: torch.Tensor | None  # --probe: the predicted cost at the probe width
 
 
 @dataclass
@@ -198,18 +95,19 @@ class FlexibleLLM(Method):
         self.spec_writer = "mlp.down_proj"  # the block's last residual writer (set from the spec)
         self.facts = _Facts()
         self._hinv: tuple = (None, None)  # (H, H⁻¹) of the last feedback group
+        self._entries: dict[str, _Entry] = {}  # plan entries built in the statistics pass
 
     # ----- whole-model preparation: rotation, then what the statistics pass must give -----
     @torch.no_grad()
     def prepare(self, model, spec) -> StatsRequest:
         f, bs = self.options, self.config.batch_size
-        _refuse(f, spec)
+        refuse(f, spec)
         if f.lfd:
             # Feedback where the residual stream enters the block (the q/k/v and gate/up inputs): that is
             # where the quantized stream's accumulated noise shows.
             self.feedback_groups = tuple(g[0] for g in spec.linear_groups if g[0] in spec.residual_readers)
         self.spec_writer = spec.residual_writers[-1] if spec.residual_writers else None  # (used by LFD only)
-        self.layers_path = spec.layers
+        self.layers_path, self._spec = spec.layers, spec
         online_only = f.dosa_rotation == "online" or (f.dosa_rotation == "auto" and not spec.rotatable)
         if f.dosa and online_only and not self.target.online_rotation:
             log.warning("--target %s cannot express online rotations and %s's residual stream cannot be rotated: "
@@ -233,9 +131,13 @@ class FlexibleLLM(Method):
             self.facts.rotation, self.online, self.facts.incoherence = rotated.facts, rotated.online, inc
         # A whole number of batches, so that the kept FP inputs are the first batches of the block loop.
         windows = max(bs, f.alloc_nsamples // bs * bs)
+        # Without probes the plan needs each Hessian only for its linear's error table: built in the pass, block
+        # by block, so the Hessians are never all held (the probes quantize with them: they keep them).
+        self._entries = {}
         return StatsRequest(windows=windows,
                             fisher_windows=(f.fisher_nsamples or windows) if f.sensitivity == "fisher" else 0,
-                            keep_windows=windows if f.lfd else 0)
+                            keep_windows=windows if f.lfd else 0,
+                            on_hessians=self._block_entries if f.probe == "off" else None)
 
     @staticmethod
     def _weights(model, spec):
@@ -252,31 +154,52 @@ class FlexibleLLM(Method):
         return [f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for n in spec.linears_in(layers[i])]
 
     # ----- allocation: salience order, error tables, the greedy search under the exact budget -----
+    def _rows(self, fisher: dict, name: str, out_features: int) -> torch.Tensor:
+        """The allocation's weights of one linear's output rows: its Fisher (to --fisher-power), or ones."""
+        f = self.options
+        if f.sensitivity != "fisher":
+            return torch.ones(out_features)
+        return fisher[name] if f.fisher_power == 1 else fisher[name].pow(f.fisher_power)
+
+    def _entry(self, name: str, W: torch.Tensor, H: torch.Tensor, fisher: dict, hinv: dict) -> _Entry:
+        """What the plan keeps of one linear: its error table, quantization order and the fixed bits it stores."""
+        f, grid = self.options, self.config.grid
+        table, order, nkept = self._linear_table(name, W, H, self._rows(fisher, name, W.shape[0]), hinv)
+        predicted = table.errors[:, table.candidates.index(self._probe_width)].sum() if f.probe != "off" else None
+        if self.target.per_layer:
+            table = self._layer_table(name, W, H, self._rows(fisher, name, W.shape[0]), order, table)
+        rot = self.online.get(name)
+        factor = 0 if rot is None or bool((rot.factor.abs() == 1).all()) else rot.factor.shape[0]
+        layout = Layout(*W.shape, grid.group_size, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None,
+                        factor)
+        fixed = fixed_bits(layout, int(table.fixed.sum()) if f.protect_bits == 16 else 0)
+        return _Entry(table, order, nkept, tuple(W.shape), fixed, predicted)
+
+    def _block_entries(self, i: int, block, hessians: dict, fisher: dict) -> None:
+        """The statistics pass's ``on_hessians``: block ``i``'s plan entries, from its Hessians and weights."""
+        hinv = {}
+        for n in self._spec.linears_in(block):
+            name = f"{self.layers_path}.{i}.{n}"
+            self._entries[name] = self._entry(name, block.get_submodule(n).weight.data.float(), hessians[name],
+                                              fisher, hinv)
+
     @torch.no_grad()
     def plan(self, model, spec, stats, calib_ids, device) -> None:
         f, g = self.options, self.config.grid.group_size
         if f.sensitivity == "fisher":
-            rows = stats.fisher if f.fisher_power == 1 else {n: r.pow(f.fisher_power) for n, r in stats.fisher.items()}
             self.facts.sensitivity = {n: float(r.mean()) for n, r in stats.fisher.items()}
-        else:
-            rows = {n: torch.ones(model.get_submodule(n).out_features) for n in stats.hessians}
         names = self._names(model, spec)
-        tables, orders, hinv, shapes, predicted = [], {}, {}, {}, {}
-        fixed_total = weights = 0
-        grid = self.config.grid
-        for name, W in self._weights(model, spec):
-            table, order, nkept = self._linear_table(name, W, stats.hessians[name], rows[name], hinv)
-            if f.probe != "off":  # the predicted cost of the linear quantized alone at the probe width
-                predicted[name] = table.errors[:, table.candidates.index(self._probe_width)].sum()
-            if self.target.per_layer:
-                table = self._layer_table(name, W, stats.hessians[name], rows[name], order, table)
-            tables.append(table)
-            orders[name], shapes[name] = (order, nkept), tuple(W.shape)
-            rot = self.online.get(name)
-            factor = 0 if rot is None or bool((rot.factor.abs() == 1).all()) else rot.factor.shape[0]
-            layout = Layout(*W.shape, g, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None, factor)
-            fixed_total += fixed_bits(layout, int(table.fixed.sum()) if f.protect_bits == 16 else 0)
-            weights += W.numel()
+        entries, hinv = self._entries, {}
+        if not entries:  # the Hessians were kept (probes): the tables from them, one block resident at a time
+            entries = {name: self._entry(name, W, stats.hessians[name], stats.fisher, hinv)
+                       for name, W in self._weights(model, spec)}
+        self._entries = {}
+        tables = [entries[n].table for n in names]
+        orders = {n: (entries[n].order, entries[n].nkept) for n in names}
+        shapes = {n: entries[n].shape for n in names}
+        predicted = {n: entries[n].predicted for n in names}
+        fixed_total = sum(entries[n].fixed for n in names)
+        weights = sum(s[0] * s[1] for s in shapes.values())
         if f.probe != "off":
             self._calibrate(model, spec, stats, calib_ids, device, orders, predicted, tables)
         if self.target.per_layer:  # each table's options cost what the target's files store, whole

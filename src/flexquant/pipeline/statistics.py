@@ -10,7 +10,11 @@ full-precision model gives, as requested:
   last block's outputs: the block loop offers them as the full-precision stream (LFD's feedback targets,
   the learned quantizers' targets);
 * a call ``on_block(index, block, inputs, outputs, device)`` with the block on the device, for per-block
-  calibration on full-precision inputs (the next block still receives the outputs computed before it).
+  calibration on full-precision inputs (the next block still receives the outputs computed before it);
+* a call ``on_hessians(index, block, {linear path: H}, fisher)`` with each block's Hessians instead of keeping
+  them, for a method that reduces them to something small at once (FlexibleLLM's error tables). With a Fisher
+  request the Fisher then comes first, in its own pass over its windows, so that it is known there: the
+  Hessians never pile up over the blocks (a Hessian of a 70B model's down_proj is 3.3 GB).
 
 Distributed (`pipeline.distributed`): each rank runs its share of the batches and the Hessians and the Fisher
 are reduced; a request with ``on_block`` (training on the windows themselves) runs all of them on every rank.
@@ -46,6 +50,7 @@ class StatsRequest:
     keep_windows: int = 0  # FP block inputs kept for the block loop (the first windows); 0 = none
     batch_size: int | None = None  # windows per forward; None = the run's
     on_block: Callable | None = None
+    on_hessians: Callable | None = None  # (index, block, {path: H}, fisher) per block; the Hessians are not kept
 
 
 @dataclass
@@ -117,30 +122,26 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
     sizes = [min(bs, calib.shape[0] - s) for s in range(0, calib.shape[0], bs)]  # all ranks' batches
     nb = dist.local_batches(batches_covering(sizes, request.fisher_windows))
     keep_windows = dist.local_windows(calib.shape[0], bs, request.keep_windows)
+    ids = local[: sum(h.shape[0] for h in inputs.hidden[:nb])]  # the Fisher pass's windows
+    fisher_first = bool(request.fisher_windows and request.on_hessians)
+    if fisher_first:  # its own pass first, so that on_hessians has it
+        stats.fisher = _fisher_pass(model, spec, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]), ids, device,
+                                    store, dist, progress)
     # the Fisher pass reads the first nb batches; when the kept inputs hold them, it reads those (no second copy)
     shared = keep_windows >= sum(h.shape[0] for h in inputs.hidden[:nb])
-    fisher_inputs = _Prefix(stats.inputs, nb) if shared else _Keyed(store, "fisher")
+    fisher_inputs = None if fisher_first or not request.fisher_windows else \
+        _Prefix(stats.inputs, nb) if shared else _Keyed(store, "fisher")
     for i in BlockProgress(nblocks, "full-precision statistics", progress, store=store):
         inputs = inputs.for_block(i)  # block i's arguments (masks and rotary tables may differ per block)
         with res.block(i, device) as block:
-            if request.hessians:
-                def keep(group, H, i=i):
-                    H = H.cpu()
-                    for n in group:  # one entry for the group
-                        stats.hessians[f"{spec.layers}.{i}.{n}"] = H
-                out = _block_hessians(block, spec, inputs, device, keep, dist, cache_limit(store.max_bytes))
-            else:
-                out = run_block(block, inputs, device)
-            if request.on_block is not None:
-                request.on_block(i, block, inputs, out, device)
-        if request.fisher_windows and not shared:
+            out = _block_statistics(i, block, spec, inputs, device, request, stats, store, dist)
+        if fisher_inputs is not None and not shared:
             fisher_inputs.put(i, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
         if request.keep_windows:
             stats.inputs.put(i, first_windows(inputs, keep_windows))
         inputs = inputs.with_hidden(out)
         del out
-    if request.fisher_windows:
-        ids = local[: sum(h.shape[0] for h in inputs.hidden[:nb])]
+    if fisher_inputs is not None:
         stats.fisher = output_fisher(model, spec, fisher_inputs, inputs.hidden[:nb], ids, device, progress=False,
                                      dist=dist)
         for i in range(nblocks):
@@ -149,6 +150,45 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
         stats.last_output = first_windows(inputs, keep_windows).hidden
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _block_statistics(i: int, block: nn.Module, spec: ModelSpec, inputs: BlockInputs, device, request: StatsRequest,
+                      stats: FPStatistics, store: ActivationStore, dist: Dist) -> list[torch.Tensor]:
+    """Block ``i``'s part of the pass (the block resident): its Hessians kept or handed to ``on_hessians``, then
+    ``on_block``; its outputs."""
+    if not request.hessians:
+        out = run_block(block, inputs, device)
+    else:
+        mine = {} if request.on_hessians is not None else stats.hessians
+
+        def keep(group, H):
+            H = H.cpu()
+            for n in group:  # one entry for the group
+                mine[f"{spec.layers}.{i}.{n}"] = H
+
+        out = _block_hessians(block, spec, inputs, device, keep, dist, cache_limit(store.max_bytes))
+        if request.on_hessians is not None:
+            request.on_hessians(i, block, mine, stats.fisher)
+    if request.on_block is not None:
+        request.on_block(i, block, inputs, out, device)
+    return out
+
+
+def _fisher_pass(model: nn.Module, spec: ModelSpec, inputs: BlockInputs, ids: torch.Tensor, device, store, dist,
+                 progress: bool) -> dict[str, torch.Tensor]:
+    """The output Fisher on its own: a forward pass over the Fisher batches keeping every block's inputs (in
+    ``store``), then `output_fisher` backwards; the kept inputs are dropped."""
+    res, nblocks, kept = residency(model, spec), len(model.get_submodule(spec.layers)), _Keyed(store, "fisher")
+    for i in BlockProgress(nblocks, "output sensitivity (forward)", progress, store=store):
+        inputs = inputs.for_block(i)
+        kept.put(i, inputs)
+        with res.block(i, device) as block:
+            inputs = inputs.with_hidden(run_block(block, inputs, device))
+    try:
+        return output_fisher(model, spec, kept, inputs.hidden, ids, device, progress=False, dist=dist)
+    finally:
+        for i in range(nblocks):
+            kept.drop(i)
 
 
 class _Keyed:
