@@ -193,12 +193,15 @@ def test_full_attention_layers_get_their_own_arguments(ids, family):
     """The statistics pass gives every block the model's own hidden states; block 0's (sliding-window) mask and
     rotary tables reused for the full-attention block 1 would give another output."""
     model, spec = tiny_model(family), get_spec(family)
-    stats = fp_statistics(model, spec, ids, CPU, 2, StatsRequest(windows=4, hessians=False, keep_windows=4))
+    seen = []
+    fp_statistics(model, spec, ids, CPU, 2, StatsRequest(windows=4, hessians=False, on_block=lambda i, blk, inp, out,
+                                                         dev: seen.append(torch.cat(inp.hidden))))
     with torch.no_grad():
         ref = model(ids, output_hidden_states=True).hidden_states
     n = model.config.num_hidden_layers
+    assert len(seen) == n
     for i in range(n):
-        assert torch.allclose(torch.cat(stats.inputs.get(i).hidden), ref[i], atol=1e-5), i
+        assert torch.allclose(seen[i], ref[i], atol=1e-5), i
     inputs = capture_block_inputs(model, spec, ids, CPU, 4)
     assert len(inputs.kwargs[0].layers.sets) == 2  # one set per layer type, not per layer
     block = model.get_submodule(spec.layers)[1]

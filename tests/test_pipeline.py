@@ -157,8 +157,8 @@ def test_run_capturing_can_stop_after_the_last_named_input(tiny, calib_ids):
 
 def test_statistics_pass_gives_fp_hessians_kept_inputs_and_block_calls(tiny, calib_ids):
     """One pass: H of every linear equals collect_hessian on the untouched model, every linear of a group
-    shares its H tensor, the kept inputs are the model's hidden states, on_block sees each block's FP inputs and
-    outputs, and the Fisher covers whole batches from the start."""
+    shares its H tensor, only the start block's inputs are kept (exact: the FP stream's beginning), on_block sees
+    each block's FP inputs and outputs, and the Fisher covers whole batches from the start."""
     from flexquant.pipeline import StatsRequest, collect_hessian, fp_statistics
 
     model, spec, dev = tiny[0], get_spec("llama"), torch.device("cpu")
@@ -174,12 +174,14 @@ def test_statistics_pass_gives_fp_hessians_kept_inputs_and_block_calls(tiny, cal
             got = [stats.hessians[f"model.layers.{i}.{n}"] for n in group]
             assert all(g is got[0] for g in got) and torch.allclose(got[0], H, rtol=1e-4, atol=1e-6)
         kept = stats.inputs.get(i)
-        assert [h.shape[0] for h in kept.hidden] == [2, 2, 1]  # the first 5 windows
-        assert torch.equal(torch.cat(kept.hidden), torch.cat(inputs.hidden)[:5])
+        if i == 0:
+            assert [h.shape[0] for h in kept.hidden] == [2, 2, 1]  # the first 5 windows
+            assert torch.equal(torch.cat(kept.hidden), torch.cat(inputs.hidden)[:5])
+        else:
+            assert kept is None
         assert calls[i][0] == i and torch.equal(torch.cat(calls[i][1].hidden), torch.cat(inputs.hidden))
         inputs = inputs.with_hidden(run_block(block, inputs, dev))
         assert torch.allclose(torch.cat(calls[i][2]), torch.cat(inputs.hidden), atol=1e-6)
-    assert torch.allclose(torch.cat(stats.last_output), torch.cat(inputs.hidden)[:5], atol=1e-6)
     # fisher_windows=3 -> the first two batches (4 windows): the same as a pass over those 4 windows alone
     alone = fp_statistics(model, spec, calib_ids, dev, 2, StatsRequest(windows=4, fisher_windows=4))
     assert all(torch.allclose(stats.fisher[n], alone.fisher[n], rtol=1e-5) for n in alone.fisher)
@@ -206,5 +208,10 @@ def test_statistics_pass_hands_hessians_to_on_hessians_with_the_fisher_known(tin
         assert set(hessians) == {n for n in kept.hessians if n.startswith(f"model.layers.{i}.")}
         assert all(torch.equal(H, kept.hessians[n]) for n, H in hessians.items())
     assert all(torch.equal(handed.fisher[n], kept.fisher[n]) for n in kept.fisher)
-    for i in range(len(model.model.layers)):
-        assert torch.equal(torch.cat(handed.inputs.get(i).hidden), torch.cat(kept.inputs.get(i).hidden))
+    assert torch.equal(torch.cat(handed.inputs.get(0).hidden), torch.cat(kept.inputs.get(0).hidden))
+    # a resumed run's stream starts at its first unfinished block
+    resumed = fp_statistics(model, spec, calib_ids, dev, 2, StatsRequest(windows=6, keep_windows=6), start=1)
+    assert resumed.inputs.get(0) is None
+    inputs = capture_block_inputs(model, spec, calib_ids[:6], dev, 2)
+    first = run_block(model.model.layers[0], inputs, dev)
+    assert torch.equal(torch.cat(resumed.inputs.get(1).hidden), torch.cat(first))

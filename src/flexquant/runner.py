@@ -200,7 +200,7 @@ class Run:
             calib = self.calib_ids
             with experts.calibration(self.model, c.moe_calibration):
                 stats = prepare_model(self.model, self.spec, self.method, calib, self.device, c.batch_size,
-                                      self.progress, store, self.dist)
+                                      self.progress, store, self.dist, start)
                 inputs = self._replay(start, store) if start and self.method.needs_calibration else None
                 quantize_blocks(self.model, self.spec, self.method, calib, self.device, c.batch_size,
                                 self.progress, stats=stats, store=store, on_block=self._on_block, start=start,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -100,9 +99,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     """Quantize every linear of every decoder block in place (fake-quant weights written back).
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
-    ``stats`` (from the statistics pass): its kept full-precision block inputs are offered to the method as
-    ``ctx.fp_inputs``; with ``method.feedback_groups`` the FP block also runs up to its last feedback input
-    to give the GPTAQ cross terms, and its outputs (the next block's kept inputs) reach ``after_block``.
+    ``stats`` (from the statistics pass): when it kept the start block's full-precision inputs, the loop carries
+    that FP stream on, each block run on it before it is quantized (one block's stream kept at a time, exact; the
+    method sees it rounded to the store's dtype): ``ctx.fp_inputs``; with ``method.feedback_groups`` the inputs
+    of those linears on it give the GPTAQ cross terms, and the block's FP outputs reach ``after_block``.
     ``store`` keeps the quantized stream between blocks. ``on_block(i, block, results)``, when given, receives
     each finished block (still resident, its fake-quant weights in place) with its {path: QuantResult}, and the
     results are not kept here. ``start``/``inputs``: resume at block ``start`` whose quantized-stream inputs
@@ -117,9 +117,6 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     results: dict[str, QuantResult] = {}
     records = records if records is not None else []
     notes = notes if notes is not None else []
-    if stats is not None:
-        for j in range(start):  # a resumed run: the finished blocks' kept inputs are not needed
-            stats.inputs.drop(j)
     bar = BlockProgress(len(layers), f"{method.name} blocks", progress, start, store)
 
     def finish(i, block, mine):
@@ -147,16 +144,24 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     for i in bar:
         # batches read as they are used (no full working copy), with this block's arguments
         inputs = store.get("stream", lazy=True).for_block(i)
-        fp_inputs = stats.inputs.get(i) if stats is not None else None
-        fp_inputs = fp_inputs.for_block(i) if fp_inputs is not None else None
+        fp_exact = stats.inputs.get(i) if stats is not None else None
+        fp_inputs = store.as_kept(fp_exact).for_block(i) if fp_exact is not None else None
         feedback = method.feedback_groups if fp_inputs is not None else ()
         if method.feedback_groups and fp_inputs is None:
             raise FlexQuantError(f"method {method.name} asks for feedback but its statistics kept no "
                                  f"full-precision inputs of block {i}")
         mine, volume = {}, dist.volume()
         with res.block(i, device) as block:
+            out_fp = None
+            if fp_exact is not None:  # the FP stream one block on, before the block is quantized
+                stats.inputs.put(i + 1, fp_exact.with_hidden(run_block(block, fp_exact.for_block(i), device)),
+                                 exact=True)
+                stats.inputs.drop(i)
+                out_fp = stats.inputs.get(i + 1).hidden
+                out_fp = out_fp if i + 1 == len(layers) else store.as_kept(fp_exact.with_hidden(out_fp)).hidden
+            del fp_exact
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
-            out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, len(layers),
+            out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, out_fp,
                                     fast, mine, records, store)
             if method.fold_sites:  # act-order for a target without g_idx: into the producers' rows
                 ctx.notes["act_order_folded"] = fold_permutations(block, spec, mine, ctx.prefix)
@@ -164,13 +169,13 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 ctx.notes.update({k: v - volume[k] for k, v in dist.volume().items()})
             notes.append({"block": i, **ctx.notes})
             finish(i, block, mine)
-        if stats is not None:
-            stats.inputs.drop(i)
         kwargs = inputs.kwargs
-        del inputs, fp_inputs, ctx
+        del inputs, fp_inputs, ctx, out_fp
         store.put("stream", BlockInputs(out_q.drain() if isinstance(out_q, KeptList) else out_q, kwargs))
         del out_q
     store.drop("stream")
+    if stats is not None:
+        stats.inputs.drop(len(layers))
     return results, records, notes
 
 
@@ -210,9 +215,10 @@ def reserve_working_set(store: ActivationStore, layers, weights_dtype: str, batc
     return need
 
 
-def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats, nblocks, fast, results, records,
+def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, out_fp, fast, results, records,
                     store: ActivationStore | None = None):
-    """One block's linear groups, then the method's after-block step; the block's quantized-stream outputs.
+    """One block's linear groups, then the method's after-block step (given the block's FP outputs ``out_fp``);
+    the block's quantized-stream outputs.
     A ``store`` with a memory budget bounds the cached activations (kept in it, spilled past the budget) and the
     MLP's row chunks."""
     max_bytes = None if store is None else store.max_bytes
@@ -223,13 +229,9 @@ def _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, stats
         _quantize_group(method, ctx, group, H, results, records)
         ctx.cross = None
 
-    out_fp, x_fp = None, None
-    if feedback:
-        # the FP block runs only up to its last feedback input: its outputs are already known
-        out_fp = stats.fp_outputs(ctx.index, nblocks)
-        fp_block = copy.deepcopy(block)
-        _, x_fp = run_capturing(fp_block, fp_inputs, device, feedback, outputs=out_fp is None)
-        del fp_block
+    x_fp = None
+    if feedback:  # the block (not quantized yet) runs on the FP stream up to its last feedback input
+        _, x_fp = run_capturing(block, fp_inputs, device, feedback, outputs=False)
     # feedback needs the cached path whatever the cap; otherwise past the cap the block is recomputed per group
     if (fast or feedback) and prenorm_applicable(spec, inputs, block, MAX_CACHE_BYTES if feedback else cap):
         out_q = quantize_prenorm_block(block, spec, inputs, device, quantize_group, x_fp, ctx.dist,

@@ -35,7 +35,7 @@ class BlockContext:
     prefix: str  # module path of the block, e.g. "model.layers.3"
     block: nn.Module  # on the compute device; its weights are replaced as linears are quantized
     inputs: BlockInputs  # quantized stream (outputs of the already-quantized blocks)
-    fp_inputs: BlockInputs | None = None  # full-precision inputs kept by the statistics pass (first windows)
+    fp_inputs: BlockInputs | None = None  # the FP stream's inputs of this block (first windows, store dtype)
     device: torch.device = torch.device("cpu")
     notes: dict = field(default_factory=dict)  # per-block facts the method wants in the report
     # D = 2(X_fp − X_q)ᵀX_q/T of the group being quantized, for the method's ``feedback_groups``
@@ -138,7 +138,7 @@ class Method:
     def after_block(self, ctx: BlockContext, out_q: list[torch.Tensor],
                     out_fp: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Hook after a block is quantized (denoising, learned quantizers); returns the quantized-stream
-        outputs. ``out_fp``: the block's full-precision outputs when the method has feedback groups."""
+        outputs. ``out_fp``: the block's full-precision outputs when the statistics pass kept an FP stream."""
         return out_q
 
     def summary(self) -> dict:

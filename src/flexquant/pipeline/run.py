@@ -17,15 +17,15 @@ from .store import ActivationStore
 
 def prepare_model(model: nn.Module, spec: ModelSpec, method: Method, calib_ids: torch.Tensor | None,
                   device: torch.device, batch_size: int = 8, progress: bool = False,
-                  store: ActivationStore | None = None, dist: Dist = SINGLE) -> FPStatistics | None:
+                  store: ActivationStore | None = None, dist: Dist = SINGLE, start: int = 0) -> FPStatistics | None:
     """The method's whole-model steps before the block loop: its transforms, the statistics pass it asks
-    for, and its plan. Returns the statistics (their kept inputs serve the block loop)."""
+    for, and its plan. Returns the statistics (their FP stream, from block ``start``, serves the block loop)."""
     if not get_target(method.config.target).permutation:
         method.fold_sites = fold_sites(spec)
     request = method.prepare(model, spec)
     stats = None
     if request is not None:
-        stats = fp_statistics(model, spec, calib_ids, device, batch_size, request, progress, store, dist)
+        stats = fp_statistics(model, spec, calib_ids, device, batch_size, request, progress, store, dist, start)
     method.plan(model, spec, stats, calib_ids, device)
     if stats is not None:
         stats.hessians.clear()  # the plan has used them; the block loop collects its own

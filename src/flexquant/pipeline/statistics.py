@@ -6,9 +6,9 @@ full-precision model gives, as requested:
 * the input Hessian H = 2XXᵀ/T of every linear (one tensor per linear group, shared by its linears);
 * the output Fisher of every linear (`pipeline.sensitivity.output_fisher`) over the first batches covering
   ``fisher_windows``;
-* the block inputs of the first ``keep_windows`` windows of every block, in an `ActivationStore`, with the
-  last block's outputs: the block loop offers them as the full-precision stream (LFD's feedback targets,
-  the learned quantizers' targets);
+* the block inputs of the first ``keep_windows`` windows of the block the block loop starts at (in float32, in
+  an `ActivationStore`): the block loop carries the full-precision stream on from there, one block at a time
+  (LFD's feedback targets, the learned quantizers' targets);
 * a call ``on_block(index, block, inputs, outputs, device)`` with the block on the device, for per-block
   calibration on full-precision inputs (the next block still receives the outputs computed before it);
 * a call ``on_hessians(index, block, {linear path: H}, fisher)`` with each block's Hessians instead of keeping
@@ -47,7 +47,7 @@ class StatsRequest:
     windows: int  # the first calibration windows the pass runs on
     hessians: bool = True
     fisher_windows: int = 0  # 0 = no Fisher; else the whole batches from the start that cover this many windows
-    keep_windows: int = 0  # FP block inputs kept for the block loop (the first windows); 0 = none
+    keep_windows: int = 0  # FP stream of the block loop (the first windows); 0 = none
     batch_size: int | None = None  # windows per forward; None = the run's
     on_block: Callable | None = None
     on_hessians: Callable | None = None  # (index, block, {path: H}, fisher) per block; the Hessians are not kept
@@ -60,14 +60,9 @@ class FPStatistics:
     windows: int
     hessians: MutableMapping[str, torch.Tensor] = field(default_factory=dict)  # a `TensorMap` in the pass
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: object = field(default_factory=lambda: _Keyed(MemoryStore(), "fp"))  # .get/.put/.drop by block
-    last_output: list[torch.Tensor] = field(default_factory=list)  # the last block's outputs, kept windows
+    # the FP stream by block (.get/.put/.drop): the start block's inputs, then the block loop's
+    inputs: object = field(default_factory=lambda: _Keyed(MemoryStore(), "fp"))
     seconds: float = 0.0  # wall time of the pass
-
-    def fp_outputs(self, index: int, blocks: int) -> list[torch.Tensor] | None:
-        """Block ``index``'s FP outputs for the kept windows: the next block's kept inputs."""
-        nxt = self.inputs.get(index + 1) if index + 1 < blocks else None
-        return nxt.hidden if nxt is not None else (self.last_output or None)
 
 
 def batches_covering(sizes: list[int], windows: int) -> int:
@@ -105,9 +100,10 @@ def _block_hessians(block: nn.Module, spec: ModelSpec, inputs: BlockInputs, devi
 @torch.no_grad()
 def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, device: torch.device,
                   batch_size: int, request: StatsRequest, progress: bool = False,
-                  store: ActivationStore | None = None, dist: Dist = SINGLE) -> FPStatistics:
+                  store: ActivationStore | None = None, dist: Dist = SINGLE, start: int = 0) -> FPStatistics:
     """Run the statistics pass of ``request`` over ``calib_ids[:request.windows]`` (this rank's batches of them);
-    what it keeps goes to ``store`` (an unbounded float32 one by default)."""
+    what it keeps goes to ``store`` (an unbounded float32 one by default). ``start``: the block the block loop
+    starts at (a resumed run's), whose inputs are the FP stream's beginning."""
     t0 = time.perf_counter()
     res = residency(model, spec)
     nblocks = len(model.get_submodule(spec.layers))
@@ -127,18 +123,15 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
     if fisher_first:  # its own pass first, so that on_hessians has it
         stats.fisher = _fisher_pass(model, spec, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]), ids, device,
                                     store, dist, progress)
-    # the Fisher pass reads the first nb batches; when the kept inputs hold them, it reads those (no second copy)
-    shared = keep_windows >= sum(h.shape[0] for h in inputs.hidden[:nb])
-    fisher_inputs = None if fisher_first or not request.fisher_windows else \
-        _Prefix(stats.inputs, nb) if shared else _Keyed(store, "fisher")
+    fisher_inputs = None if fisher_first or not request.fisher_windows else _Keyed(store, "fisher")
     for i in BlockProgress(nblocks, "full-precision statistics", progress, store=store):
         inputs = inputs.for_block(i)  # block i's arguments (masks and rotary tables may differ per block)
         with res.block(i, device) as block:
             out = _block_statistics(i, block, spec, inputs, device, request, stats, store, dist)
-        if fisher_inputs is not None and not shared:
+        if fisher_inputs is not None:
             fisher_inputs.put(i, BlockInputs(inputs.hidden[:nb], inputs.kwargs[:nb]))
-        if request.keep_windows:
-            stats.inputs.put(i, first_windows(inputs, keep_windows))
+        if request.keep_windows and i == start:
+            stats.inputs.put(i, first_windows(inputs, keep_windows), exact=True)
         inputs = inputs.with_hidden(out)
         del out
     if fisher_inputs is not None:
@@ -146,8 +139,6 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
                                      dist=dist)
         for i in range(nblocks):
             fisher_inputs.drop(i)
-    if request.keep_windows:
-        stats.last_output = first_windows(inputs, keep_windows).hidden
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -198,8 +189,8 @@ class _Keyed:
     def __init__(self, store: ActivationStore, prefix: str):
         self.store, self.prefix = store, prefix
 
-    def put(self, index: int, inputs: BlockInputs) -> None:
-        self.store.put((self.prefix, index), inputs)
+    def put(self, index: int, inputs: BlockInputs, exact: bool = False) -> None:
+        self.store.put((self.prefix, index), inputs, exact)
 
     def get(self, index: int) -> BlockInputs | None:
         return self.store.get((self.prefix, index))
@@ -209,17 +200,3 @@ class _Keyed:
 
     def drop(self, index: int) -> None:
         self.store.drop((self.prefix, index))
-
-
-class _Prefix:
-    """The first ``nb`` batches of each block's kept inputs (read-only)."""
-
-    def __init__(self, kept: _Keyed, nb: int):
-        self.kept, self.nb = kept, nb
-
-    def __getitem__(self, index: int) -> BlockInputs:
-        x = self.kept.get(index)
-        return BlockInputs(x.hidden[: self.nb], x.kwargs[: self.nb])
-
-    def drop(self, index: int) -> None:
-        """The kept inputs stay (the block loop reads them)."""

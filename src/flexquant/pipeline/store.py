@@ -114,12 +114,21 @@ class ActivationStore:
                 "offload_dir": str(self._dir or self._dir_given or "") or None}
 
     # ----- keeping one tensor -----
-    def _keep(self, h: torch.Tensor, exact: bool = False) -> _Kept:
-        h = h.detach()
+    def _stored(self, h: torch.Tensor, exact: bool = False) -> torch.dtype:
+        """The dtype ``h`` is kept in."""
         narrower = h.is_floating_point() and h.element_size() > self.dtype.itemsize
         stored = self.dtype if narrower and not exact else h.dtype
         if stored == torch.float16 and bool(h.abs().amax() > F16_MAX):
             stored = h.dtype  # would overflow float16: keep this batch as it is
+        return stored
+
+    def as_kept(self, inputs: BlockInputs) -> BlockInputs:
+        """``inputs`` as `put` and `get` would give them back (rounded to the store's dtype); nothing is kept."""
+        return inputs.with_hidden([h.to(self._stored(h)).to(h.dtype) for h in inputs.hidden])
+
+    def _keep(self, h: torch.Tensor, exact: bool = False) -> _Kept:
+        h = h.detach()
+        stored = self._stored(h, exact)
         k = _Kept(h.dtype, tuple(h.shape), stored)
         data = h.to("cpu", stored)
         if self.max_bytes is not None and self.memory_bytes + k.nbytes > self.max_bytes - self.reserved:
