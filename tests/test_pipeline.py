@@ -79,8 +79,9 @@ def test_fp_stream_is_offered_to_methods(tiny, calib_ids):
             return StatsRequest(windows=4, hessians=False, keep_windows=4)
 
         def after_block(self, ctx, out_q, out_fp):
+            out_fp = list(out_fp)  # (a sequence of batches, each read when it is used)
             seen.append(float((torch.cat(out_q) - torch.cat(out_fp)).norm() / torch.cat(out_fp).norm()))
-            fp_in.append(torch.cat(ctx.fp_inputs.hidden))
+            fp_in.append(torch.cat(list(ctx.fp_inputs.hidden)))
             fp_out.append(torch.cat(out_fp))
             return out_q
 

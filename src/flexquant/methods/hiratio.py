@@ -180,7 +180,7 @@ class HiRatio(Method):
         orig = {f"{n}.weight": self._fp[f"{ctx.prefix}.{n}"].to(dev) for n in self.linears}
         # Target: the full-precision block on full-precision inputs (OmniQuant's target), so the high-impact
         # groups also absorb error accumulated upstream; inputs: the quantized stream.
-        src = X if ctx.fp_inputs is None else torch.cat(ctx.fp_inputs.hidden).to(dev)
+        src = X if ctx.fp_inputs is None else torch.cat(list(ctx.fp_inputs.hidden)).to(dev)
         T = torch.cat([_out(functional_call(block, orig, (src[i:i + 1],), kw)) for i in range(src.shape[0])])
         lr = h.learn_lr or (0.05 if h.learner == "clip" else 1.0 / max(1, h.learn_steps))
         ctx.notes["learn"] = learn_tails(block, tails, X, T, kw, h.b_hi, h.learner, h.learn_steps, h.learn_batch, lr)

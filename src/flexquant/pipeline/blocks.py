@@ -100,9 +100,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
     ``stats`` (from the statistics pass): when it kept the start block's full-precision inputs, the loop carries
-    that FP stream on, each block run on it before it is quantized (one block's stream kept at a time, exact; the
-    method sees it rounded to the store's dtype): ``ctx.fp_inputs``; with ``method.feedback_groups`` the inputs
-    of those linears on it give the GPTAQ cross terms, and the block's FP outputs reach ``after_block``.
+    that FP stream on, each block run on it before it is quantized (a block's stream and the next one's kept,
+    exact; the method reads them batch by batch, rounded to the store's dtype): ``ctx.fp_inputs``; with
+    ``method.feedback_groups`` the inputs of those linears on it give the GPTAQ cross terms, and the block's FP
+    outputs reach ``after_block``.
     ``store`` keeps the quantized stream between blocks. ``on_block(i, block, results)``, when given, receives
     each finished block (still resident, its fake-quant weights in place) with its {path: QuantResult}, and the
     results are not kept here. ``start``/``inputs``: resume at block ``start`` whose quantized-stream inputs
@@ -144,7 +145,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     for i in bar:
         # batches read as they are used (no full working copy), with this block's arguments
         inputs = store.get("stream", lazy=True).for_block(i)
-        fp_exact = stats.inputs.get(i) if stats is not None else None
+        fp_exact = stats.inputs.get(i, lazy=True) if stats is not None else None  # read batch by batch
         fp_inputs = store.as_kept(fp_exact).for_block(i) if fp_exact is not None else None
         feedback = method.feedback_groups if fp_inputs is not None else ()
         if method.feedback_groups and fp_inputs is None:
@@ -156,10 +157,8 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
             if fp_exact is not None:  # the FP stream one block on, before the block is quantized
                 stats.inputs.put(i + 1, fp_exact.with_hidden(run_block(block, fp_exact.for_block(i), device)),
                                  exact=True)
-                stats.inputs.drop(i)
-                out_fp = stats.inputs.get(i + 1).hidden
-                out_fp = out_fp if i + 1 == len(layers) else store.as_kept(fp_exact.with_hidden(out_fp)).hidden
-            del fp_exact
+                nxt = stats.inputs.get(i + 1, lazy=True)
+                out_fp = (nxt if i + 1 == len(layers) else store.as_kept(nxt)).hidden
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, out_fp,
                                     fast, mine, records, store)
@@ -169,8 +168,10 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                 ctx.notes.update({k: v - volume[k] for k, v in dist.volume().items()})
             notes.append({"block": i, **ctx.notes})
             finish(i, block, mine)
+        if fp_exact is not None:  # (its lazy views read it until now)
+            stats.inputs.drop(i)
         kwargs = inputs.kwargs
-        del inputs, fp_inputs, ctx, out_fp
+        del inputs, fp_inputs, fp_exact, ctx, out_fp
         store.put("stream", BlockInputs(out_q.drain() if isinstance(out_q, KeptList) else out_q, kwargs))
         del out_q
     store.drop("stream")

@@ -35,7 +35,7 @@ class BlockContext:
     prefix: str  # module path of the block, e.g. "model.layers.3"
     block: nn.Module  # on the compute device; its weights are replaced as linears are quantized
     inputs: BlockInputs  # quantized stream (outputs of the already-quantized blocks)
-    fp_inputs: BlockInputs | None = None  # the FP stream's inputs of this block (first windows, store dtype)
+    fp_inputs: BlockInputs | None = None  # the FP stream into this block (first windows; batches read lazily)
     device: torch.device = torch.device("cpu")
     notes: dict = field(default_factory=dict)  # per-block facts the method wants in the report
     # D = 2(X_fp − X_q)ᵀX_q/T of the group being quantized, for the method's ``feedback_groups``

@@ -192,8 +192,8 @@ class _Keyed:
     def put(self, index: int, inputs: BlockInputs, exact: bool = False) -> None:
         self.store.put((self.prefix, index), inputs, exact)
 
-    def get(self, index: int) -> BlockInputs | None:
-        return self.store.get((self.prefix, index))
+    def get(self, index: int, lazy: bool = False) -> BlockInputs | None:
+        return self.store.get((self.prefix, index), lazy)
 
     def __getitem__(self, index: int) -> BlockInputs:
         return self.get(index)

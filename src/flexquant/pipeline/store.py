@@ -123,8 +123,14 @@ class ActivationStore:
         return stored
 
     def as_kept(self, inputs: BlockInputs) -> BlockInputs:
-        """``inputs`` as `put` and `get` would give them back (rounded to the store's dtype); nothing is kept."""
-        return inputs.with_hidden([h.to(self._stored(h)).to(h.dtype) for h in inputs.hidden])
+        """``inputs`` as `put` and `get` would give them back (rounded to the store's dtype); nothing is kept.
+        Lazy inputs (`Batches`) stay lazy: each batch is rounded when it is read."""
+        if isinstance(inputs.hidden, Batches):
+            return inputs.with_hidden(Batches(self, inputs.hidden._kept, rounded=True))
+        return inputs.with_hidden([self._rounded(h) for h in inputs.hidden])
+
+    def _rounded(self, h: torch.Tensor) -> torch.Tensor:
+        return h.to(self._stored(h)).to(h.dtype)
 
     def _keep(self, h: torch.Tensor, exact: bool = False) -> _Kept:
         h = h.detach()
@@ -184,19 +190,23 @@ def remove_stale_stores(parent: Path) -> None:
 class Batches(Sequence):
     """A read-only list of kept batches, each read from its store when it is indexed or iterated."""
 
-    def __init__(self, store: ActivationStore, kept: list[_Kept]):
-        self._store, self._kept = store, kept
+    def __init__(self, store: ActivationStore, kept: list[_Kept], rounded: bool = False):
+        self._store, self._kept, self._rounded = store, kept, rounded  # rounded: as `as_kept` gives them
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Batches(self._store, self._kept[i])
-        return self._store._load(self._kept[i])
+            return Batches(self._store, self._kept[i], self._rounded)
+        return self._read(self._kept[i])
 
     def __iter__(self):
-        return (self._store._load(k) for k in self._kept)
+        return (self._read(k) for k in self._kept)
+
+    def _read(self, k: _Kept) -> torch.Tensor:
+        h = self._store._load(k)
+        return self._store._rounded(h) if self._rounded else h
 
     def shapes(self) -> list[tuple[int, ...]]:
         return [k.shape for k in self._kept]
