@@ -29,16 +29,18 @@ Under --max-memory X the block's working set (its weights, 4·d_ff² for the lar
 solve's copy) is held out of X; what is kept (the store's, h' and the outputs of the pre-norm path) fills the rest
 and spills beyond it (one batch being read back stays), and the MLP runs in chunks of C = X/16 (8..128 MiB).
 
-FlexibleLLM keeps the full-precision inputs of its first K windows for every block (kept = n_l·K·L·d·s at the
-start of the block loop) and, until its plan is made, every linear group's Hessian (hess = n_l·Σ_g n_g²·4).
-With --max-memory, kept + hess + the stream's kept copy are capped there (the rest spills to disk) and so is the
-cache. Its statistics phase peaks in the output Fisher's head pass:
+FlexibleLLM's block loop carries the full-precision stream of its first K windows one block at a time (kept =
+2·K·L·d·B in the store, exact: the block's inputs and outputs; read a batch at a time); its plan's error tables
+are built in the statistics pass, each Hessian dropped there. With --max-memory, kept + the stream's
+kept copy are capped there (the rest spills to disk) and so is the cache. Its statistics phase peaks in the output
+Fisher's head pass, which comes first and keeps the inputs of K_f = 16 windows for every block:
 
-    statistics = V·d·B·(1 + t) + kept + hess + T·d·(B + s)   the ends (read and rotated again), what the
-                                                            statistics keep, the stream
+    statistics = V·d·B·(1 + t) + n_l·K_f·L·d·s + K·L·d·B    the ends (read and rotated again), the Fisher pass's
+                                                            kept inputs (capped by --max-memory), the pass's
+                                                            stream (its K windows)
                  + max(V·d·B·t, 3·C_h + 2·K_f·L·d·B)        the rotated copy being made; then a chunk of positions'
                                                             logits, log-softmax and gradient (C_h = 32 MiB), the
-                                                            loss gradients of K_f = 16 windows
+                                                            loss gradients of the K_f windows
 
 M0 is the interpreter with torch, transformers, the tokenizer and the skeleton (measured: 0.52 GB).
 Ranks: each process holds its own M, with T/ranks tokens (the exact reduction adds the largest group's inputs,
@@ -107,13 +109,12 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     cap = CACHE_CAP if max_memory is None else min(CACHE_CAP, max_memory)
     cache = 2 * T * d * B
     cache = cache if cache <= cap else 0.0  # past the cap the block is recomputed per group instead
-    kept = hess = 0.0
+    kept = fisher_kept = 0.0
     if method == "flexible":
-        kept = shape.layers * keep_windows * window * d * S
-        groups = [d, d, d, f]
-        hess = shape.layers * sum(n * n * 4 for n in groups)
+        kept = 2 * keep_windows / ranks * window * d * B  # the FP stream: the block's inputs and outputs, exact
+        fisher_kept = shape.layers * fisher_windows / ranks * window * d * S  # the Fisher pass's inputs, every block
     stream_kept = T * d * S
-    budgeted = kept + hess + stream_kept
+    budgeted = kept + stream_kept
     if max_memory is not None:
         budgeted = min(budgeted, max_memory)
     cached = cache > 0
@@ -135,9 +136,10 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     block = parts["block weights"] + budgeted + max(solve, forward)
     parts["capture"] = capture
     statistics = 0.0
-    if method == "flexible":  # the output Fisher's head pass, with every block's kept inputs and Hessians
-        held = kept + hess + T * d * (B + S)
-        statistics = (ends + (held if max_memory is None else min(held, max_memory))
+    if method == "flexible":  # the output Fisher's head pass, with every block's Fisher inputs and the stream
+        stream = min(T, keep_windows / ranks * window) * d * B  # the pass's own stream (float32, not stored)
+        held = (fisher_kept if max_memory is None else min(fisher_kept, max_memory)) + stream
+        statistics = (ends + held
                       + max(rotating, 3 * HEAD_CHUNK_BYTES + 2 * fisher_windows * window * d * B))
     parts["statistics"] = statistics
     parts["peak"] = M0 + max(capture, block, statistics)
