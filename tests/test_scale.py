@@ -347,6 +347,34 @@ def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
     assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)
 
 
+def test_rotated_untied_ends_are_read_in_their_groups(tmp_path, monkeypatch):
+    """FlexibleLLM's rotation of an untied model's ends: the capture reads the embedding alone and the Fisher's head
+    pass the norm and head alone, each rotated as it is read; the checkpoint equals the in-memory run's."""
+    from flexquant.models import stream
+    from flexquant.models.builtin import tiny_llama
+
+    model, tok = tiny_llama()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    folder = tmp_path / "untied"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    settings = dict(method="flexible", group_size=64, **CALIB, options=dict(bpw=2.5, dosa=True))
+    whole = fq.quantize(str(folder), progress=False, stream="off", **settings)
+    fq.save(whole, tmp_path / "whole", plot=False)
+    reads, real = [], stream.Streamed._load_ends
+
+    def spy(self, parts):
+        mods = real(self, parts)
+        reads.append((tuple(parts), len(mods)))
+        return mods
+
+    monkeypatch.setattr(stream.Streamed, "_load_ends", spy)
+    fq.quantize(str(folder), progress=False, stream="on", out=tmp_path / "streamed", plot=False, **settings)
+    assert (("model.embed_tokens",), 1) in reads and (("model.norm", "lm_head"), 2) in reads
+    assert digest(tmp_path / "whole") == digest(tmp_path / "streamed")
+
+
 def test_lazy_tensors_are_converted_in_pieces_and_refuse_non_finite_values(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 

@@ -91,8 +91,10 @@ class Residency:
         for i, blk in enumerate(self.layers):
             fn(i, blk)
 
-    def transform_ends(self, fn: Callable[[nn.Module], None]) -> None:
-        fn(self.model)
+    def transform_ends(self, fn: Callable[[nn.Module, set], None], groups: tuple | None = None) -> None:
+        """``fn(model, paths)`` rewrites the ends at ``paths`` (all of them here, once); a streamed model calls it
+        on the ends each read freshly brings in, ``groups`` the ends it must be given together (default: all)."""
+        fn(self.model, set(end_paths(self.spec)))
 
     def keep(self, i: int) -> None:
         """Block ``i``'s weights are final: keep them resident (a no-op in memory)."""
@@ -210,7 +212,7 @@ class Streamed(Residency):
         super().__init__(model, spec)
         self.files, self.dtype, self.tied = files, dtype, tied
         self.block_fns: list[Callable] = []
-        self.end_fns: list[Callable] = []
+        self.end_fns: list[tuple] = []  # (fn, groups): `transform_ends`
         self.resident: set[int] = set()  # blocks whose tensors are in memory (kept or pinned)
         self.pinned = False
         self.reads = 0  # bytes read from the files (for the report)
@@ -289,28 +291,43 @@ class Streamed(Residency):
                 if fresh and i not in self.resident and not self.pinned:
                     _release(blk)
 
+    def _wanted_ends(self, parts: tuple[str, ...]) -> set[str]:
+        """``parts`` (default: all ends) with what the transforms need read beside them (each transform's
+        groups; tied ends all three)."""
+        every = end_paths(self.spec)
+        want = set(parts or every)
+        for _, groups in self.end_fns:
+            for group in (every,) if groups is None or self.tied else groups:
+                if want & set(group):
+                    want |= set(group)
+        return want
+
     def _load_ends(self, parts: tuple[str, ...]) -> list[nn.Module]:
         embed, norm, head = end_paths(self.spec)
-        before = self.reads
-        want = set(parts) if parts and not self.end_fns else {embed, norm, head}  # transforms need all three
+        want, fresh = self._wanted_ends(parts), set()
         mods = []
         for path in (embed, norm, head):
             if path not in want:
                 continue
-            mod = self.model.get_submodule(path)
+            mod, before = self.model.get_submodule(path), self.reads
             if path == head and self.tied and f"{head}.weight" not in self.files:
                 emb = self.model.get_submodule(embed)
                 if emb.weight.is_meta:
                     self._read(emb, embed)
                     mods.append(emb)
+                    fresh.add(embed)
+                if embed in fresh:  # the head is the embedding just read
+                    fresh.add(head)
                 mod.weight = emb.weight  # tied, as the model was saved
             else:  # an embedding read alone (no transform) keeps the files' 16-bit table: half the bytes
                 alone = path == embed and head not in want and self.narrowing and not self.end_fns
                 self._read(mod, path, ("weight",) if alone and type(mod) in (nn.Embedding, WideEmbedding) else ())
+            if self.reads != before:
+                fresh.add(path)
             mods.append(mod)
-        if self.reads != before:  # freshly read: transform (held ends are transformed already)
-            for fn in self.end_fns:
-                fn(self.model)
+        if fresh:  # the transforms rewrite what was freshly read (held ends are transformed already)
+            for fn, _ in self.end_fns:
+                fn(self.model, fresh)
         return mods
 
     def _drop_end(self, module: nn.Module) -> None:
@@ -349,10 +366,10 @@ class Streamed(Residency):
             _widen(self.layers[i], self.dtype)
             fn(i, self.layers[i])
 
-    def transform_ends(self, fn: Callable[[nn.Module], None]) -> None:
-        self.end_fns.append(fn)
+    def transform_ends(self, fn: Callable[[nn.Module, set], None], groups: tuple | None = None) -> None:
+        self.end_fns.append((fn, groups))
         if self.pinned:
-            fn(self.model)
+            fn(self.model, set(end_paths(self.spec)))
 
     def keep(self, i: int) -> None:
         self.resident.add(i)

@@ -126,13 +126,17 @@ class RotatedModel:
 
 
 @torch.no_grad()
-def _rotate_ends(model: nn.Module, spec: ModelSpec, R: Rotation) -> None:
-    """Untie the head, fold the final norm into it, rotate the embedding rows and the head's input space."""
-    untie_lm_head(model, spec)
-    fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)], spec.norm_offset)
-    emb = model.get_submodule(spec.embed)
-    emb.weight.data = _by_rows(R.apply, emb.weight.data, emb.weight.dtype)
-    _rotate_in(model.get_submodule(spec.lm_head), R)
+def _rotate_ends(model: nn.Module, spec: ModelSpec, R: Rotation, paths: set) -> None:
+    """The ends at ``paths``: untie the head, fold the final norm into it, rotate the embedding rows and the
+    head's input space (the norm and the head go together; the embedding alone where it is not tied)."""
+    if spec.lm_head in paths:
+        untie_lm_head(model, spec)
+        fold_norm(model.get_submodule(spec.final_norm), [model.get_submodule(spec.lm_head)], spec.norm_offset)
+    if spec.embed in paths:
+        emb = model.get_submodule(spec.embed)
+        emb.weight.data = _by_rows(R.apply, emb.weight.data, emb.weight.dtype)
+    if spec.lm_head in paths:
+        _rotate_in(model.get_submodule(spec.lm_head), R)
 
 
 @torch.no_grad()
@@ -167,7 +171,8 @@ def rotate_model(model: nn.Module, spec: ModelSpec, seed: int = 0, online: bool 
     layers = model.get_submodule(spec.layers)
     d = model.config.hidden_size
     Rres = Rotation.random(d, seed)
-    res.transform_ends(lambda m: _rotate_ends(m, spec, Rres))
+    res.transform_ends(lambda m, paths: _rotate_ends(m, spec, Rres, paths),
+                       groups=((spec.embed,), (spec.final_norm, spec.lm_head)))
     model.config.tie_word_embeddings = False
     facts = {"residual": {"n": d, "small_factor": Rres.factor.shape[0], "hadamard": factorize(d).exact}}
     sites: dict[str, Rotation] = {}
