@@ -7,8 +7,8 @@ bench/results/scale*.json and applied to Llama-3-70B and a DeepSeek-V3-sized MoE
 Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activations kept in float16 (s = 2):
 
     M = M0 + max(capture, block, statistics)
-    capture = V·d·B·(1 + t)                 embedding (and head when a transform rewrites the ends: t = 1 for
-                                            FlexibleLLM's rotation, which reads all the ends)
+    capture = V·d·B·(1 + t·tied)            embedding (t = 1 for FlexibleLLM's rotation, which reads the
+                                            embedding alone, or all the ends of a tied model)
               + max(V·d·B·t, T·d·(B + s))   the rotated copy being made, then the captured stream and its kept
                                             float16 copy
               (gptq under --max-memory: V·d·s + T·d·B + b·L·d·s, the embedding's 16-bit table, the stream and
@@ -35,7 +35,7 @@ are built in the statistics pass, each Hessian dropped there. With --max-memory,
 kept copy are capped there (the rest spills to disk) and so is the cache. Its statistics phase peaks in the output
 Fisher's head pass, which comes first and keeps the inputs of K_f = 16 windows for every block:
 
-    statistics = V·d·B·(1 + t) + n_l·K_f·L·d·s + K·L·d·B    the ends (read and rotated again), the Fisher pass's
+    statistics = V·d·B·(1 + t·tied) + n_l·K_f·L·d·s + K·L·d·B  the head (read and rotated again), the Fisher pass's
                                                             kept inputs (capped by --max-memory), the pass's
                                                             stream (its K windows)
                  + max(V·d·B·t, 3·C_h + 2·K_f·L·d·B)        the rotated copy being made; then a chunk of positions'
@@ -73,6 +73,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     experts: int = 1  # routed experts per MoE layer (their weights are streamed with the block)
+    tied: bool = False  # the head is the embedding (a transform then reads all the ends together)
 
     @property
     def block_params(self) -> int:
@@ -85,7 +86,7 @@ class Shape:
 
 
 SHAPES = {
-    "smollm2-135m": Shape(576, 1536, 30, 49152, 9, 3, 64),
+    "smollm2-135m": Shape(576, 1536, 30, 49152, 9, 3, 64, tied=True),
     "llama-3-70b": Shape(8192, 28672, 80, 128256, 64, 8, 128),
     # DeepSeek-V3-sized: 61 layers, hidden 7168, 256 routed experts of width 2048 (+1 shared), vocab 129280;
     # multi-head latent attention approximated by 128 heads of 128
@@ -99,7 +100,7 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     """Predicted peak bytes and its parts (see the module docstring)."""
     T, d, f = tokens / ranks, shape.d, shape.d_ff
     t = method == "flexible" if ends_transformed is None else ends_transformed  # DOSA rotates the ends
-    ends = shape.vocab * d * B * (1 + t)  # the embedding (and the head: a transform reads all the ends)
+    ends = shape.vocab * d * B * (1 + t * shape.tied)  # one end (a transform of tied ends reads all of them)
     rotating = shape.vocab * d * B * t  # the rotated copy of the embedding or head being made
     narrow = max_memory is not None and method == "gptq"  # --block-weights auto: 16-bit blocks and embedding
     if narrow:  # the embedding's 16-bit table; the captured stream, each batch spilled as it is converted
