@@ -59,6 +59,26 @@ def test_gptq_proxy_is_the_compensated_cost():
     assert (gptq < block).all() and (gptq[:, 0] > gptq[:, 1]).all()
 
 
+def test_wide_error_tables_factor_in_float32_and_leave_the_hessian(monkeypatch):
+    """Past FLOAT64_MAX_COLUMNS the proxy's factor (and H⁻¹'s diagonal) are float32, as in the GPTQ solve: the same
+    table and diagonal to float32 precision, and the caller's H untouched (the factor works in its own copy)."""
+    from flexquant.quant import gptq
+    from flexquant.quant.impact import hinv_diagonal
+
+    torch.manual_seed(0)
+    W, rows, order = torch.randn(8, 128), torch.rand(8) + 0.5, torch.randperm(128)
+    X = torch.randn(128, 512)
+    X[1:] += 0.5 * X[:1]
+    H = X @ X.T / 512
+    before = H.clone()
+    f64 = _error_table(W, H, order, 64, (2, 3), rows, "gptq", damp=0.01), hinv_diagonal(H, 0.01)
+    monkeypatch.setattr(gptq, "FLOAT64_MAX_COLUMNS", 64)
+    f32 = _error_table(W, H, order, 64, (2, 3), rows, "gptq", damp=0.01), hinv_diagonal(H, 0.01)
+    assert torch.equal(H, before)
+    assert torch.allclose(f64[0], f32[0], rtol=1e-3) and torch.allclose(f64[1], f32[1], rtol=1e-3)
+    assert not torch.equal(f64[0], f32[0])  # (the float32 path did run)
+
+
 def test_flexible_checkpoint_reloads_with_online_rotation(wide, calib, tmp_path):
     path, ref = wide
     qm = fq.quantize(path, method="flexible", group_size=64, calib_ids=calib, progress=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.gptq import inverse_cholesky_upper
+from ..quant.gptq import factor_dtype, inverse_cholesky_upper
 from ..quant.grid import choose_qparams, dequantize, quantize
 
 PROXIES = ("block", "gptq")
@@ -20,9 +20,11 @@ def error_table(W: torch.Tensor, H: torch.Tensor, order: torch.Tensor, g: int, c
     Wp, Hp = W[:, order], H[order][:, order]
     ng = n // g
     Wg = Wp.reshape(m, ng, g)
-    if proxy == "gptq":
-        U, _ = inverse_cholesky_upper(Hp.float(), damp)
+    if proxy == "gptq":  # (factored in Hp's own memory, in the GPTQ solve's dtype: float32 past 4096 columns)
+        U, _ = inverse_cholesky_upper(Hp.float(), damp, own=True, dtype=factor_dtype("auto", n),
+                                      rebuild=lambda: H[order][:, order].float())
         inv_d = (1 / torch.diag(U).float() ** 2).view(ng, g)  # GPTQ's cost per unit squared error
+        del U, Hp
     else:
         Hkk = torch.stack([Hp[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)])  # [ng, g, g]
     out = torch.empty(ng, len(candidates))

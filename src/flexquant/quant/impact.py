@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import inverse_cholesky_upper
+from .gptq import factor_dtype, inverse_cholesky_upper
 from .grid import choose_qparams, dequantize, quantize
 
 OBS_QUANTILE = 0.99  # impact "obs": a column scores the per-weight OBS costs it holds above this quantile
@@ -18,9 +18,9 @@ IMPACTS = ("salience", "obs")
 
 
 def hinv_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """diag((H + λI)⁻¹) = diag(UᵀU)."""
-    U, _ = inverse_cholesky_upper(H, damp)
-    return (U * U).sum(0)
+    """diag((H + λI)⁻¹) = diag(UᵀU) (factored in the GPTQ solve's dtype: float32 past 4096 columns)."""
+    U, _ = inverse_cholesky_upper(H, damp, dtype=factor_dtype("auto", H.shape[0]))
+    return U.square_().sum(0)  # (U is this call's own copy)
 
 
 def rounding_error(W: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
