@@ -239,3 +239,27 @@ def test_parked_hessian_factorization_gives_the_same_result_and_restores_h(monke
         assert (a is None and b is None) or torch.equal(a, b), field
     assert ref.stats == got.stats and ref.stats["damp"] > cfg.damp
     assert gptq._Parked.maybe(H.double(), torch.float64) is None  # float64 factors never use H's buffer
+
+
+@pytest.mark.parametrize("kw", [dict(clip="mse"), dict(clip="mse", sym=True), dict(clip="lsq", sym=True, signed=True),
+                                dict(clip="lsq", sym=True, weights="rows"), dict(clip="mse", scale_base=True)])
+def test_the_clip_search_in_pieces_gives_the_whole_search(monkeypatch, kw):
+    """choose_qparams searches a large matrix a piece of rows at a time (its temporaries then stay in the cache):
+    bit for bit what the whole search gives, strided column slices and per-weight costs included."""
+    from flexquant.quant import grid
+
+    torch.manual_seed(0)
+    W = torch.randn(300, 7, 64) * 0.02
+    kw = dict(kw)
+    if kw.get("weights") == "rows":
+        kw["weights"] = torch.rand(300, 7, 64)
+    if kw.pop("scale_base", False):
+        kw["scale_base"] = torch.rand(300, 7, 1) + 0.5
+    strided = torch.randn(500, 384)[:, 128:256]
+    monkeypatch.setattr(grid, "MSE_CHUNK", 10**12)
+    inputs = (W,) if "weights" in kw or "scale_base" in kw else (W, strided)  # (those are W-shaped)
+    whole = [grid.choose_qparams(x, 3, **kw) for x in inputs]
+    monkeypatch.setattr(grid, "MSE_CHUNK", 1000)
+    pieces = [grid.choose_qparams(x, 3, **kw) for x in inputs]
+    for (s0, z0), (s1, z1) in zip(whole, pieces):
+        assert torch.equal(s0, s1) and torch.equal(z0, z1)

@@ -14,6 +14,7 @@ from .superblock import SCALE_BITS, snap, steps
 
 # Shrink factors tried by the "mse" clip search: the range scaled by 1.00, 0.98, ..., 0.60.
 _SHRINK = torch.linspace(1.0, 0.6, 21)
+MSE_CHUNK = 2**17  # elements per piece of the clip search: its temporaries stay in the L2 cache (~10× faster)
 # 8-bit log-coded scales: code c in [0, 255] means base·2^(−c/LOG_SCALE_STEPS) (2.2% apart, 250× range).
 LOG_SCALE_STEPS = 32
 LOG_SCALE_MAX_CODE = 255
@@ -119,6 +120,14 @@ def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str | No
         raise ValueError("signed symmetric scales are float16 scales; the log-coded scales are positive")
     if step is not None and (not sym or scale_base is not None):
         raise ValueError("super-block steps are for symmetric grids with float16 scales")
+    if clip != "minmax" and scale_base is None and step is None and W.dim() >= 2 and W.shape[0] > 1 \
+            and W.numel() > MSE_CHUNK:
+        # a piece of rows at a time: the same result (per-group arithmetic; the log grid's and the super-block's
+        # exp2/log2 are left whole, as vector and scalar lanes of those may round apart)
+        rows = max(1, MSE_CHUNK * W.shape[0] // W.numel())
+        parts = [choose_qparams(W[r:r + rows], bits, sym, clip, signed=signed, weights=_rows(weights, W, r, rows))
+                 for r in range(0, W.shape[0], rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     maxq = 2**bits - 1
     W = W.float()
     xmin = W.amin(-1, keepdim=True).clamp(max=0)
@@ -137,6 +146,13 @@ def choose_qparams(W: torch.Tensor, bits: int, sym: bool = False, clip: str | No
             scale = torch.where(better, cand, scale)
             zero = torch.where(better, z, zero)
     return scale, zero
+
+
+def _rows(t: torch.Tensor | None, W: torch.Tensor, r: int, rows: int) -> torch.Tensor | None:
+    """Rows ``r:r+rows`` of ``t`` where it has W's leading dimension (else ``t``, broadcast as it is)."""
+    if t is None or not torch.is_tensor(t) or t.dim() != W.dim() or t.shape[0] != W.shape[0]:
+        return t
+    return t[r:r + rows]
 
 
 def superblock_steps(W: torch.Tensor, bits: int, group_size: int, signed: bool = False) -> torch.Tensor:
