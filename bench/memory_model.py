@@ -33,7 +33,8 @@ FlexibleLLM's block loop carries the full-precision stream of its first K window
 2·K·L·d·B in the store, exact: the block's inputs and outputs; read a batch at a time); its plan's error tables
 are built in the statistics pass, each Hessian dropped there. With --max-memory, kept + the stream's
 kept copy are capped there (the rest spills to disk) and so is the cache. Its statistics phase peaks in the output
-Fisher's head pass, which comes first and keeps the inputs of K_f = 16 windows for every block:
+Fisher's head pass, which comes first and keeps the inputs of K_f = 16 windows for every block, or in its
+backward pass through the blocks:
 
     statistics = V·d·B·(1 + t·tied) + n_l·K_f·L·d·s + K·L·d·B  the head (read and rotated again), the Fisher pass's
                                                             kept inputs (capped by --max-memory), the pass's
@@ -41,6 +42,9 @@ Fisher's head pass, which comes first and keeps the inputs of K_f = 16 windows f
                  + max(V·d·B·t, 3·C_h + 2·K_f·L·d·B)        the rotated copy being made; then a chunk of positions'
                                                             logits, log-softmax and gradient (C_h = 32 MiB), the
                                                             loss gradients of the K_f windows
+    fisher     = P_b·B + b·L·(4·f + 2·h·L + 6·d)·B          a float32 block and one batch's autograd
+                 + n_l·K_f·L·d·s + K·L·d·B + 3·K_f·L·d·B    intermediates (h heads); what the pass keeps; the
+                                                            gradients in and out and the block's inputs
 
 M0 is the interpreter with torch, transformers, the tokenizer and the skeleton (measured: 0.52 GB).
 Ranks: each process holds its own M, with T/ranks tokens (the exact reduction adds the largest group's inputs,
@@ -136,14 +140,18 @@ def peak(shape: Shape, tokens: int, method: str = "gptq", window: int = 512, bat
     parts = {"base": M0, "block weights": block_w, "kept (store)": budgeted, "solve": solve, "forward": forward}
     block = parts["block weights"] + budgeted + max(solve, forward)
     parts["capture"] = capture
-    statistics = 0.0
+    statistics = fisher = 0.0
     if method == "flexible":  # the output Fisher's head pass, with every block's Fisher inputs and the stream
         stream = min(T, keep_windows / ranks * window) * d * B  # the pass's own stream (float32, not stored)
         held = (fisher_kept if max_memory is None else min(fisher_kept, max_memory)) + stream
         statistics = (ends + held
                       + max(rotating, 3 * HEAD_CHUNK_BYTES + 2 * fisher_windows * window * d * B))
-    parts["statistics"] = statistics
-    parts["peak"] = M0 + max(capture, block, statistics)
+        # then backwards through the blocks: a float32 block, one batch's autograd intermediates (the MLP's four
+        # b·L·f tensors, the attention scores and probabilities, ~6 of b·L·d), the gradients, the block's inputs
+        autograd = batch * window * (4 * f + 2 * shape.heads * window + 6 * d) * B
+        fisher = (shape.block_params * B + autograd + held + 3 * fisher_windows / ranks * window * d * B)
+    parts["statistics"], parts["fisher backward"] = statistics, fisher
+    parts["peak"] = M0 + max(capture, block, statistics, fisher)
     if ranks > 1:
         parts["peak"] += tokens * f * 4  # the exact reduction's gathered inputs of the widest group
     return parts
