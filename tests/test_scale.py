@@ -312,10 +312,8 @@ def test_mlp_runs_in_row_chunks_past_its_budget(monkeypatch):
     assert kl(chunked) <= 1.25 * kl(whole)
 
 
-def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
-    """A streamed model with an untied head writes its last shard reading embedding, norm and head one at a time
-    (`Streamed.ends_one_at_a_time`): the same tensors as the run on the model held whole."""
-    from flexquant.format.checkpoint import CheckpointWriter
+def _untied_folder(tmp_path):
+    """tiny-llama with an untied head (half the embedding) saved as a Hugging Face folder."""
     from flexquant.models.builtin import tiny_llama
 
     model, tok = tiny_llama()
@@ -324,6 +322,15 @@ def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
     folder = tmp_path / "untied"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def test_untied_ends_are_written_one_at_a_time(tmp_path, monkeypatch):
+    """A streamed model with an untied head writes its last shard reading embedding, norm and head one at a time
+    (`Streamed.ends_one_at_a_time`): the same tensors as the run on the model held whole."""
+    from flexquant.format.checkpoint import CheckpointWriter
+
+    folder = _untied_folder(tmp_path)
     streamed_shards = []
     real = CheckpointWriter.add_stream
 
@@ -351,14 +358,8 @@ def test_rotated_untied_ends_are_read_in_their_groups(tmp_path, monkeypatch):
     """FlexibleLLM's rotation of an untied model's ends: the capture reads the embedding alone and the Fisher's head
     pass the norm and head alone, each rotated as it is read; the checkpoint equals the in-memory run's."""
     from flexquant.models import stream
-    from flexquant.models.builtin import tiny_llama
 
-    model, tok = tiny_llama()
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
-    folder = tmp_path / "untied"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _untied_folder(tmp_path)
     settings = dict(method="flexible", group_size=64, **CALIB, options=dict(bpw=2.5, dosa=True))
     whole = fq.quantize(str(folder), progress=False, stream="off", **settings)
     fq.save(whole, tmp_path / "whole", plot=False)
