@@ -24,7 +24,7 @@ from .method import BlockContext, Method
 from .prenorm import MAX_CACHE_BYTES, cache_limit, mlp_chunk_bytes, prenorm_applicable, quantize_prenorm_block
 from .progress import BlockProgress
 from .statistics import FPStatistics
-from .store import ActivationStore, KeptList, MemoryStore
+from .store import ActivationStore, Batches, KeptList, MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,8 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
 
     ``fast`` uses the cached-activation path for pre-norm residual blocks (same result, fewer FLOPs).
     ``stats`` (from the statistics pass): when it kept the start block's full-precision inputs, the loop carries
-    that FP stream on, each block run on it before it is quantized (a block's stream and the next one's kept,
-    exact; the method reads them batch by batch, rounded to the store's dtype): ``ctx.fp_inputs``; with
-    ``method.feedback_groups`` the inputs of those linears on it give the GPTAQ cross terms, and the block's FP
-    outputs reach ``after_block``.
+    that FP stream on (`_fp_stream_on`) and offers it as ``ctx.fp_inputs``; with ``method.feedback_groups`` the
+    inputs of those linears on it give the GPTAQ cross terms. The block's FP outputs reach ``after_block``.
     ``store`` keeps the quantized stream between blocks. ``on_block(i, block, results)``, when given, receives
     each finished block (still resident, its fake-quant weights in place) with its {path: QuantResult}, and the
     results are not kept here. ``start``/``inputs``: resume at block ``start`` whose quantized-stream inputs
@@ -153,12 +151,7 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
                                  f"full-precision inputs of block {i}")
         mine, volume = {}, dist.volume()
         with res.block(i, device) as block:
-            out_fp = None
-            if fp_exact is not None:  # the FP stream one block on, before the block is quantized
-                stats.inputs.put(i + 1, fp_exact.with_hidden(run_block(block, fp_exact.for_block(i), device)),
-                                 exact=True)
-                nxt = stats.inputs.get(i + 1, lazy=True)
-                out_fp = (nxt if i + 1 == len(layers) else store.as_kept(nxt)).hidden
+            out_fp = None if fp_exact is None else _fp_stream_on(stats, store, block, i, len(layers), device)
             ctx = BlockContext(i, f"{spec.layers}.{i}", block, inputs, fp_inputs, device, dist=dist)
             out_q = _quantize_block(method, spec, block, ctx, inputs, fp_inputs, feedback, out_fp,
                                     fast, mine, records, store)
@@ -178,6 +171,17 @@ def quantize_blocks(model: nn.Module, spec: ModelSpec, method: Method, calib_ids
     if stats is not None:
         stats.inputs.drop(len(layers))
     return results, records, notes
+
+
+def _fp_stream_on(stats: FPStatistics, store: ActivationStore, block: nn.Module, i: int, nblocks: int,
+                  device) -> Batches:
+    """The FP stream one block on: block ``i`` (not quantized yet) run on it, the next block's inputs kept exact in
+    the store (a block's stream and the next one's at a time); the block's FP outputs as the method reads them,
+    batch by batch (rounded to the store's dtype, as kept activations are; the last block's exact)."""
+    fp = stats.inputs.get(i, lazy=True)
+    stats.inputs.put(i + 1, fp.with_hidden(run_block(block, fp.for_block(i), device)), exact=True)
+    nxt = stats.inputs.get(i + 1, lazy=True)
+    return (nxt if i + 1 == nblocks else store.as_kept(nxt)).hidden
 
 
 def batch_bytes(windows: int, seqlen: int, hidden: int) -> int:
