@@ -6,7 +6,7 @@ bench/results/scale*.json and applied to Llama-3-70B and a DeepSeek-V3-sized MoE
 
 Peak host memory of one process (bytes), CPU, float32 compute (B = 4), activations kept in float16 (s = 2):
 
-    M = M0 + max(capture, block, statistics)
+    M = M0 + max(capture, block, statistics, fisher)
     capture = V·d·B·(1 + t·tied)            embedding (t = 1 for FlexibleLLM's rotation, which reads the
                                             embedding alone, or all the ends of a tied model)
               + max(V·d·B·t, T·d·(B + s))   the rotated copy being made, then the captured stream and its kept
