@@ -164,10 +164,11 @@ class FlexibleLLM(Method):
     def _entry(self, name: str, W: torch.Tensor, H: torch.Tensor, fisher: dict, hinv: dict) -> _Entry:
         """What the plan keeps of one linear: its error table, quantization order and the fixed bits it stores."""
         f, grid = self.options, self.config.grid
-        table, order, nkept = self._linear_table(name, W, H, self._rows(fisher, name, W.shape[0]), hinv)
+        rows = self._rows(fisher, name, W.shape[0])
+        table, order, nkept = self._linear_table(name, W, H, rows, hinv)
         predicted = table.errors[:, table.candidates.index(self._probe_width)].sum() if f.probe != "off" else None
         if self.target.per_layer:
-            table = self._layer_table(name, W, H, self._rows(fisher, name, W.shape[0]), order, table)
+            table = self._layer_table(name, W, H, rows, order, table)
         rot = self.online.get(name)
         factor = 0 if rot is None or bool((rot.factor.abs() == 1).all()) else rot.factor.shape[0]
         layout = Layout(*W.shape, grid.group_size, grid.sym, grid.scale_bits, grid.zero_bits, True, rot is not None,

@@ -191,14 +191,14 @@ class Batches(Sequence):
     """A read-only list of kept batches, each read from its store when it is indexed or iterated."""
 
     def __init__(self, store: ActivationStore, kept: list[_Kept], rounded: bool = False):
-        self._store, self._kept, self._rounded = store, kept, rounded  # rounded: as `as_kept` gives them
+        self._store, self._kept, self._as_kept = store, kept, rounded  # rounded: as `as_kept` gives them
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Batches(self._store, self._kept[i], self._rounded)
+            return Batches(self._store, self._kept[i], self._as_kept)
         return self._read(self._kept[i])
 
     def __iter__(self):
@@ -206,7 +206,7 @@ class Batches(Sequence):
 
     def _read(self, k: _Kept) -> torch.Tensor:
         h = self._store._load(k)
-        return self._store._rounded(h) if self._rounded else h
+        return self._store._rounded(h) if self._as_kept else h
 
     def shapes(self) -> list[tuple[int, ...]]:
         return [k.shape for k in self._kept]
