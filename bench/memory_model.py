@@ -176,7 +176,7 @@ def measured_rows(results: Path) -> list[dict]:
     """The newest finished flexquant row of each (size, method, flags, tokens) in the committed results
     (``results``/scale*.json, as bench.scale writes them), oldest first."""
     newest: dict[str, dict] = {}
-    for f in sorted(results.glob("scale*.json")):
+    for f in sorted(results.glob("scale_*.json")):
         data = json.loads(f.read_text())
         for row in data.get("rows", []) if isinstance(data, dict) else []:
             if row.get("rc") != 0 or not row.get("key") or row.get("report_peak_device_mb") is not None:

@@ -27,8 +27,10 @@ present, else the sampled peak size of the offload folder; bpw from the report.
 
 Finished rows are kept in bench/results/work/scale/rows.json (rerunning skips them; ``--fresh`` redoes
 them: the key is the row, not the code, so pass it after src/ changes; each row records the commit it
-ran, ``code`` in scale.json); failed and skipped rows are retried on the next run.  Results:
-bench/results/scale.md (table, depth-independence lines) and bench/results/scale.json.  The depth pairs
+ran, ``code`` in the results); failed and skipped rows are retried on the next run.  Results:
+bench/results/NAME.md (table, depth-independence lines) and NAME.json (``--name``, default scale_run); then
+bench.scale_summary gathers the newest row of every committed scale_*.json and checks issue 21's bars in
+bench/results/scale.md.  The depth pairs
 (bench.synth.DEPTH_PAIRS: the same width at L and 2L layers) give, per method, the peak-RSS ratio
 2L / L: with layer-by-layer streaming it should stay near 1 while the weights grow ~1.3-1.6x.
 """
@@ -370,13 +372,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def depth_summary(rows: list[dict]) -> list[dict]:
-    """Per depth pair and (kind, method, flags): peak RSS of 2L over L, when both rows are done."""
+def depth_summary(rows: list[dict], pairs: tuple | None = None) -> list[dict]:
+    """Per depth pair (default bench.synth.DEPTH_PAIRS) and (kind, method, flags): peak RSS of 2L over L, when
+    both rows are done."""
     from bench.synth import DEPTH_PAIRS, SIZES
 
     ok = {(r["size"], r["kind"], r["method"], tuple(r["flags"])): r for r in rows if r.get("status") == "ok"}
     out = []
-    for short, deep in DEPTH_PAIRS:
+    for short, deep in pairs or DEPTH_PAIRS:
         for (size, kind, method, flags), a in ok.items():
             b = ok.get((deep, kind, method, flags))
             if size != short or b is None:
@@ -475,7 +478,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="kill a row after this many seconds")
     p.add_argument("--models-dir", type=Path, default=ROOT / "bench/results/work/scale/models")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results")
-    p.add_argument("--name", default="scale")
+    p.add_argument("--name", default="scale_run",
+                   help="results file stem (scale_* so that bench.scale_summary and bench.memory_model read it)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints and stores (default: deleted)")
     p.add_argument("--fresh", action="store_true", help="rerun rows kept in work/scale/rows.json")
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and commands, run nothing")
@@ -525,6 +529,11 @@ def main(argv=None) -> int:
         done.append(res)
         write_results(done, args, args.out)
     print(write_results(done, args, args.out))
+    if args.name.startswith("scale_"):
+        from bench.scale_summary import write
+
+        write(args.out)
+        log.info("summary of every run: %s", args.out / "scale.md")
     return 0
 
 

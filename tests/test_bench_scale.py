@@ -159,3 +159,35 @@ def test_measure_records_child_peak(tmp_path):
     code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.3)"
     res = scale.measure([sys.executable, "-c", code], tmp_path / "log", tmp_path, interval=0.05, timeout=60)
     assert res["rc"] == 0 and res["peak_rss_mib"] > 200 and res["tree_rss_peak_mib"] > 150
+
+
+def test_summary_takes_newest_rows_and_checks_bars(tmp_path):
+    from bench import scale_summary
+
+    def dump(name, *rows):
+        (tmp_path / name).write_text(json.dumps({"rows": list(rows)}))
+
+    def row(size, method, rss, date, code, **kw):
+        r = _row(size, method, rss=rss, date=date, code=code, **kw)
+        return {**r, "key": scale.row_key(r), "rc": 0 if r["status"] == "ok" else 1}
+
+    dump("scale_old.json", row("2b", "gptq", 1600.0, "2026-01-01", "aaa"))
+    dump("scale_new.json", row("2b", "gptq", 1300.0, "2026-01-02", "bbb"),
+         row("2b", "gptq", 1000.0, "2026-01-02", "bbb", flags=["--max-memory", "512MB"]))
+    dump("scale_d1.json", row("w512-l6", "gptq", 600.0, "2026-01-03", "ccc"))
+    dump("scale_d2.json", row("0.1b", "gptq", 700.0, "2026-01-03", "ccc"),
+         row("1.1b", "flexible", 2000.0, "2026-01-04", "ccc", status="failed"))
+    text = scale_summary.write(tmp_path)
+    assert (tmp_path / "scale.md").read_text() == text
+    data = json.loads((tmp_path / "scale.json").read_text())
+    by_bar = {b["bar"]: b for b in data["bars"]}
+    plain = by_bar["GPTQ on the 2b model (defaults): peak < 1.5 GB"]
+    assert plain["met"] is True and plain["measured"].startswith("1300 MiB") and "bbb" in plain["source"]
+    budget = by_bar["GPTQ on the 2b model with --max-memory 512MB: peak < 1 GB"]
+    assert budget["met"] is False and "1.05 GB" in budget["measured"]  # 1000 MiB is over 1 GB (decimal)
+    depth = [b for b in data["bars"] if b["bar"].startswith("Depth")]
+    assert len(depth) == 1 and depth[0]["met"] is False and "+16.7%" in depth[0]["measured"]  # across files, one code
+    assert any("1.1b flexible: no finished CPU row: failed" in m for m in data["missing"])
+    assert any(m.startswith("- 0.5b gptq") for m in data["missing"])
+    assert by_bar["When a GPU is lent: the 1.1b model on one GPU, with the device peak"]["met"] is None
+    assert len(data["rows"]) == 4 and "| **not met** |" in text
