@@ -77,6 +77,27 @@ def test_wide_error_tables_factor_in_float32_and_leave_the_hessian(monkeypatch):
     assert torch.equal(H, before)
     assert torch.allclose(f64[0], f32[0], rtol=1e-3) and torch.allclose(f64[1], f32[1], rtol=1e-3)
     assert not torch.equal(f64[0], f32[0])  # (the float32 path did run)
+    # the user's --factor-dtype decides past or below the threshold, as in the GPTQ solve
+    named = (_error_table(W, H, order, 64, (2, 3), rows, "gptq", damp=0.01, factor="float64"),
+             hinv_diagonal(H, 0.01, "float64"))
+    assert torch.equal(named[0], f64[0]) and torch.equal(named[1], f64[1])
+
+
+def test_flexible_tables_follow_the_factor_dtype(wide, calib, monkeypatch):
+    from flexquant.alloc import sensitivity
+    from flexquant.quant import impact
+
+    seen = []
+
+    def spy(name, n, real=sensitivity.factor_dtype):
+        seen.append(name)
+        return real(name, n)
+
+    monkeypatch.setattr(sensitivity, "factor_dtype", spy)
+    monkeypatch.setattr(impact, "factor_dtype", spy)
+    fq.quantize(wide[0], method="flexible", group_size=64, calib_ids=calib, progress=False, factor_dtype="float32",
+                options=dict(bpw=3.5, lfd=False, proxy="gptq"))
+    assert seen and set(seen) == {"float32"}
 
 
 def test_flexible_checkpoint_reloads_with_online_rotation(wide, calib, tmp_path):

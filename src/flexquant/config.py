@@ -210,9 +210,10 @@ class GPTQConfig:
     damp: float = option(0.01, "GPTQ Hessian damping, times the mean of its diagonal (retried upward on failure)")
     block_size: int = option(128, "GPTQ lazy-update block (columns)")
     act_order: bool = option(True, "GPTQ: quantize columns by descending Hessian diagonal (permutation stored)")
-    factor_dtype: str = option("auto", "GPTQ: dtype of the Hessian factorization; auto = float64 up to 4096 input "
-                               "columns, float32 beyond (where a float64 n×n buffer would dominate memory, as "
-                               "other GPTQ tools do throughout)", choices=("auto", "float64", "float32"))
+    factor_dtype: str = option("auto", "GPTQ: dtype of the Hessian factorization (also FlexibleLLM's error tables "
+                               "and the H⁻¹ diagonals of its salience and hiratio's impact); auto = float64 up "
+                               "to 4096 input columns, float32 beyond (where a float64 n×n buffer would dominate "
+                               "memory, as other GPTQ tools do throughout)", choices=("auto", "float64", "float32"))
 
     def __post_init__(self) -> None:
         _check(0 < self.damp < 1, f"damp={self.damp} must be in (0, 1); 0.01 is the usual value")

@@ -285,7 +285,7 @@ class FlexibleLLM(Method):
         sal = None
         if self.protect != "none":
             if hinv.get("of") is not H:  # the linears of a group share their Hessian (the last one is kept)
-                hinv["of"], hinv["diag"] = H, hinv_diagonal(H, self.config.gptq.damp)
+                hinv["of"], hinv["diag"] = H, hinv_diagonal(H, self.config.gptq.damp, self.config.gptq.factor_dtype)
             sal = salience(W, hinv["diag"], self.candidates[0], g, rows)
         kept = torch.empty(0, dtype=torch.long)
         if self.protect == "groups":
@@ -307,7 +307,8 @@ class FlexibleLLM(Method):
         ng = n // g
         fixed = torch.zeros(ng, dtype=torch.bool)
         fixed[ng - kept.numel() // g:] = kept.numel() > 0
-        errors = error_table(W, H, order, g, self.candidates, rows, f.proxy, self.config.gptq.damp)
+        errors = error_table(W, H, order, g, self.candidates, rows, f.proxy, self.config.gptq.damp,
+                             self.config.gptq.factor_dtype)
         return GroupTable(name, m, g, self.candidates, errors, fixed, f.protect_bits), order, kept.numel()
 
     def _layer_table(self, name, W, H, rows, order, table: GroupTable) -> GroupTable:
@@ -322,7 +323,8 @@ class FlexibleLLM(Method):
         for g in dict.fromkeys(g for _, g in opts):
             widths = tuple(b for b, h in opts if h == g and b not in tables.get(g, {}))
             if widths:
-                E = error_table(W, H, order, g, widths, rows, self.options.proxy, self.config.gptq.damp)
+                E = error_table(W, H, order, g, widths, rows, self.options.proxy, self.config.gptq.damp,
+                                    self.config.gptq.factor_dtype)
                 tables.setdefault(g, {}).update(zip(widths, E.T))
         for b, g in opts:
             errs.append(float(tables[g][b].sum()))

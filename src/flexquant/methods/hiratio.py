@@ -135,7 +135,7 @@ class HiRatio(Method):
         h, g = self.options, self.config.grid.group_size
         W = self._fp[name].float()
         m, n = W.shape
-        imp = column_impact(W, H, rows, h.b_lo, g, self.config.gptq.damp, h.impact)
+        imp = column_impact(W, H, rows, h.b_lo, g, self.config.gptq.damp, h.impact, self.config.gptq.factor_dtype)
         order = torch.argsort(imp, descending=True, stable=True)
         shrink = 1.0 if h.b_hi == FP16_BITS else 1 - 4.0 ** (h.b_lo - h.b_hi)  # error left at b_hi
         gain = (imp[order].reshape(n // g, g).sum(1) * shrink).double().numpy()

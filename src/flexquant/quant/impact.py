@@ -17,9 +17,10 @@ OBS_QUANTILE = 0.99  # impact "obs": a column scores the per-weight OBS costs it
 IMPACTS = ("salience", "obs")
 
 
-def hinv_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """diag((H + λI)⁻¹) = diag(UᵀU) (factored in the GPTQ solve's dtype: float32 past 4096 columns)."""
-    U, _ = inverse_cholesky_upper(H, damp, dtype=factor_dtype("auto", H.shape[0]))
+def hinv_diagonal(H: torch.Tensor, damp: float, factor: str = "auto") -> torch.Tensor:
+    """diag((H + λI)⁻¹) = diag(UᵀU) (factored in the GPTQ solve's dtype, ``--factor-dtype``: auto is float32
+    past 4096 columns)."""
+    U, _ = inverse_cholesky_upper(H, damp, dtype=factor_dtype(factor, H.shape[0]))
     return U.square_().sum(0)  # (U is this call's own copy)
 
 
@@ -39,11 +40,11 @@ def salience(W: torch.Tensor, hinv_diag: torch.Tensor, bits: int, group_size: in
 
 
 def column_impact(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, bits: int, group_size: int, damp: float,
-                  mode: str = "salience") -> torch.Tensor:
+                  mode: str = "salience", factor: str = "auto") -> torch.Tensor:
     """Impact of each input column of W [m, n] from the per-weight OBS costs: their sum ("salience"), or only
     the costs above the layer's OBS_QUANTILE ("obs": columns that hold the most damaging single weights)."""
     err = rounding_error(W.float(), bits, group_size)
-    cost = rows.float()[:, None] * err**2 / hinv_diagonal(H.float(), damp)
+    cost = rows.float()[:, None] * err**2 / hinv_diagonal(H.float(), damp, factor)
     if mode == "salience":
         return cost.sum(0)
     flat = cost.flatten()
