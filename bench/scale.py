@@ -212,9 +212,14 @@ def measure(cmd: list[str], logfile: Path, store: Path | None, interval: float, 
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         sampler = Sampler(proc.pid, store, interval)
         sampler.start()
-        timer = None
+        timer, fired = None, threading.Event()
+
+        def stop():
+            fired.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
         if timeout:
-            timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+            timer = threading.Timer(timeout, stop)
             timer.start()
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -223,7 +228,7 @@ def measure(cmd: list[str], logfile: Path, store: Path | None, interval: float, 
             timer.cancel()
         sampler.stop.set()
         sampler.join()
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mib": ru.ru_maxrss / 1024,
+    return {"rc": proc.returncode, "timed_out": fired.is_set(), "wall_s": wall, "peak_rss_mib": ru.ru_maxrss / 1024,
             "tree_rss_peak_mib": sampler.tree_kib / 1024, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
             "store_sampled_peak_bytes": sampler.store_bytes if store is not None else None}
 
@@ -262,7 +267,14 @@ def run_row(row: dict, model: Path, calib: Path | None, work: Path, args, offloa
     log.info("running %s", res["key"])
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     res.update(measure(cmd, Path(res["log"]), store, args.interval, args.timeout, env))
-    if res["rc"] != 0:
+    partial = out.parent / f".{out.name}.partial"  # a stopped run's finished blocks (flexquant --resume)
+    if res["rc"] != 0 and res.pop("timed_out", False):
+        res["status"] = "stopped"
+        res["blocks_finished"] = _blocks_finished(partial)
+        res["error"] = [f"stopped by --timeout {args.timeout:g} s after {res['blocks_finished']} of "
+                        f"{shape.layers} blocks"]
+        log.warning("%s stopped: %s (peak RSS so far %.0f MiB)", res["key"], res["error"][0], res["peak_rss_mib"])
+    elif res["rc"] != 0:
         res["status"] = "skipped" if row["kind"] == "distributed" else "failed"
         res["error"] = tail(Path(res["log"]))
         if row["kind"] == "distributed":
@@ -299,11 +311,20 @@ def run_row(row: dict, model: Path, calib: Path | None, work: Path, args, offloa
         log.info("%s: peak RSS %.0f MiB, %.0f s, bpw %s", res["key"], res["peak_rss_mib"], res["wall_s"], res["bpw"])
     res["store_bytes"] = next((res.get(k) for k in ("store_report_bytes", "store_sampled_peak_bytes")
                                if res.get(k)), None)
+    res.pop("timed_out", None)
     if not args.keep:
-        for d in (out, store):
+        for d in (out, store, partial):
             if d is not None and d.exists():
                 shutil.rmtree(d, ignore_errors=True)
     return res
+
+
+def _blocks_finished(partial: Path) -> int:
+    """How many decoder blocks a stopped flexquant run had written (its partial folder's progress.json)."""
+    try:
+        return int(json.loads((partial / "progress.json").read_text())["blocks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def skipped_row(row: dict, why: str) -> dict:

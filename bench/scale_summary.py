@@ -191,7 +191,9 @@ def grid(done: dict, unfinished: dict) -> list[str]:
                 continue
             part = [r for r in unfinished.values() if r["size"] == size and r["method"] == method]
             why = "; ".join(f"{r.get('status')} ({r['file']}, {r.get('code')}: peak so far "
-                            f"{r.get('peak_rss_mib') or 0:.0f} MiB)" for r in part)
+                            f"{r.get('peak_rss_mib') or 0:.0f} MiB after {r.get('wall_s') or 0:.0f} s"
+                            + (f", {r['blocks_finished']} of {r['layers']} blocks written"
+                               if "blocks_finished" in r else "") + ")" for r in part)
             lines.append(f"- {size} {method}: no finished CPU row{': ' + why if why else ''}")
     return lines
 

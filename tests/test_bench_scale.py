@@ -191,3 +191,13 @@ def test_summary_takes_newest_rows_and_checks_bars(tmp_path):
     assert any(m.startswith("- 0.5b gptq") for m in data["missing"])
     assert by_bar["When a GPU is lent: the 1.1b model on one GPU, with the device peak"]["met"] is None
     assert len(data["rows"]) == 4 and "| **not met** |" in text
+
+
+def test_measure_stops_at_the_timeout_and_counts_finished_blocks(tmp_path):
+    res = scale.measure([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log", None, interval=0.05,
+                        timeout=0.5)
+    assert res["timed_out"] and res["rc"] != 0 and res["wall_s"] < 10
+    assert scale._blocks_finished(tmp_path / "none") == 0
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "progress.json").write_text(json.dumps({"blocks": 7}))
+    assert scale._blocks_finished(tmp_path / "p") == 7
