@@ -178,6 +178,7 @@ def spearman_check(args, work: Path, windows: torch.Tensor, ref) -> dict:
     config = QuantConfig(model=args.model_dir, method="hiratio", nsamples=calib.shape[0], seqlen=calib.shape[1],
                          options=qp_options(args)).replace(group_size=args.group_size)
     method = build_method(config)
+    method.keep_prober = True  # other allocations are measured with it after the plan
     t0 = time.perf_counter()
     prepare_model(model, spec, method, calib, torch.device("cpu"), config.batch_size)
     prepare_seconds = time.perf_counter() - t0

@@ -60,6 +60,7 @@ log = logging.getLogger("bench.scale")
 METHODS = {  # name -> (label, flexquant quantize flags)
     "gptq": ("gptq w4 g128", ["--method", "gptq", "--bits", "4", "--group-size", "128"]),
     "flexible": ("flexible 3.5 bpw", ["--method", "flexible", "--bpw", "3.5"]),
+    "hiratio": ("hiratio 2.5 bpw", ["--method", "hiratio", "--bpw", "2.5"]),
 }
 PEERS = {"llmc-gptq": ("llm-compressor gptq w4 g128", ["--bits", "4", "--group-size", "128"])}
 KINDS = ("flexquant", "peer", "distributed")

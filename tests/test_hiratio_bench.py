@@ -79,6 +79,7 @@ def test_measure_allocation_puts_the_weights_back_and_counts_the_stored_bits():
     config = QuantConfig(model="tiny", method="hiratio", nsamples=4, seqlen=64,
                          options={"bpw": 2.6, "allocation": "equal", "stats_nsamples": 4}).replace(group_size=64)
     method = build_method(config)
+    method.keep_prober = True  # as the bench sets it
     prepare_model(model, get_spec(model.config.model_type), method, calib, torch.device("cpu"))
     fp = {n: model.get_submodule(n).weight.data for blk in method.ratio_plan.blocks for n in blk}
     before = {n: w.clone() for n, w in fp.items()}

@@ -57,6 +57,27 @@ def test_streamed_run_equals_the_in_memory_run(fp_folder, tmp_path, name, settin
     assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)
 
 
+def test_hiratio_streams_its_probes_and_keeps_them_in_the_store(fp_folder, tmp_path, monkeypatch):
+    """hiratio's plan and probes read the blocks one at a time (the model is never held whole) and keep the
+    probes' weights, inputs and reference in the store: spilled under a budget, the same checkpoint."""
+    from flexquant.models.stream import Streamed
+
+    settings = dict(method="hiratio", group_size=32, **CALIB,
+                    options=dict(bpw=3.0, stats_nsamples=8, probe_nsamples=2, probe_seqlen=32, learn_steps=3))
+    whole = fq.quantize(str(fp_folder), progress=False, stream="off", **settings)
+    fq.save(whole, tmp_path / "whole", plot=False)
+    monkeypatch.setattr(Streamed, "pin_all", lambda self, reason="": pytest.fail(f"held whole: {reason}"))
+    loads = []
+    real = Streamed._load_block
+    monkeypatch.setattr(Streamed, "_load_block", lambda self, i: (loads.append(i), real(self, i))[1])
+    streamed = fq.quantize(str(fp_folder), progress=False, stream="on", out=tmp_path / "streamed", plot=False,
+                           max_memory="200KB", offload_dir=tmp_path / "off", **settings)
+    assert digest(tmp_path / "whole") == digest(tmp_path / "streamed")
+    assert streamed.report["method"]["hiratio"]["probe"]["cost"]["probes"] > 3  # the QP's probes ran
+    assert streamed.report["memory"]["store"]["peak_disk_bytes"] > 0
+    assert loads.count(1) > 3  # block 1 read again for each probe that reached it, not held
+
+
 def test_streamed_blocks_are_released(fp_folder):
     from flexquant.models.loader import load_streamed
     from flexquant.models.stream import residency

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,6 +266,9 @@ class QuantConfig:
     format_version: int = CONFIG_FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        for name in ("model", "calib", "offload_dir"):  # a pathlib.Path from the Python API is kept as its text
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         _check(
             self.format_version == CONFIG_FORMAT_VERSION,
             f"config format_version {self.format_version} is not supported "

@@ -4,21 +4,29 @@ quantizer whose weights they install.
 
 The full-precision log-probabilities are computed once. A base configuration is run once, keeping every
 block's input; a probe that changes blocks l ≤ k only reruns blocks l..end from the stored input of block l.
-Weights are swapped by reference and the model's own weights are always restored (`ProbeEngine.close`, also on
-error through the context manager).
+Blocks are read through the model's residency, as every pass reads them: a streamed model's block is read when
+a probe reaches it and dropped after. A configuration's weights are installed in a block only while it runs
+(the block's own weights are put back after, also on error), and they are looked up per block, so a lazy
+mapping (`ProbeQuantizer.weights`) makes only that block's. The kept block inputs, the reference
+log-probabilities and the probe quantizer's weights are kept in the run's activation store (exact, float32),
+under its budget like everything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import ChainMap
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..config import GPTQConfig, GridConfig
 from ..errors import FlexQuantError
-from ..pipeline.capture import capture_block_inputs
-from ..pipeline.hooks import onload, run_blocks
+from ..models.stream import residency
+from ..pipeline.capture import BlockInputs, capture_block_inputs, run_block
+from ..pipeline.store import ActivationStore, MemoryStore, TensorMap
 from ..quant import gptq_quantize
 from ..quant.impact import latent_high_columns
 from .ratio import RatioPlan
@@ -27,23 +35,27 @@ ROWS = 256  # positions whose log-probabilities are taken at once
 
 
 class ProbeEngine:
-    """KL of weight configurations to the full-precision model on ``ids`` [P, L]."""
+    """KL of weight configurations ({linear path: weight}) to the full-precision model on ``ids`` [P, L]."""
 
-    def __init__(self, model, spec, ids: torch.Tensor, device: torch.device, batch_size: int = 8):
+    def __init__(self, model, spec, ids: torch.Tensor, device: torch.device, batch_size: int = 8,
+                 store: ActivationStore | None = None):
         self.model, self.spec, self.device = model, spec, device
+        self.res = residency(model, spec)
+        self.store = store if store is not None else MemoryStore()
         self.layers = model.get_submodule(spec.layers)
-        self.norm, self.head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
-        self.fp = {f"{spec.layers}.{i}.{n}": blk.get_submodule(n).weight.data
-                   for i, blk in enumerate(self.layers) for n in spec.linears_in(blk)}
+        self.names = [{f"{spec.layers}.{i}.{n}": n for n in spec.linears_in(blk)} for i, blk in enumerate(self.layers)]
         self.forwards = 0  # block forward passes run (the probe cost, in blocks)
         self.probes = 0
         self.seconds = 0.0
         t0 = time.perf_counter()
-        self._block0 = capture_block_inputs(model, spec, ids, device, batch_size)
+        with self.res.ends(device, (spec.embed,)):
+            self._block0 = capture_block_inputs(model, spec, ids, device, batch_size)
         self.tokens = int(ids.numel())
-        self.ref = [self._logprobs(h) for h in self._run(self._block0.hidden, 0)]
-        self.base_inputs: list[list[torch.Tensor]] = []  # per block, under the base configuration
-        self.base: dict[str, torch.Tensor] = {}
+        self.ref = TensorMap(self.store, "probe-ref")  # per batch: log-probabilities [tokens, vocab]
+        with self._head():
+            for b, h in enumerate(self._run(self._block0.hidden, 0, {})):
+                self.ref[str(b)] = self._logprobs(h)
+        self.base: Mapping[str, torch.Tensor] = {}
         self.seconds += time.perf_counter() - t0
 
     def __enter__(self):
@@ -53,21 +65,50 @@ class ProbeEngine:
         self.close()
 
     def close(self) -> None:
-        """Put the model's own (full-precision) weights back."""
-        for name, w in self.fp.items():
-            self.model.get_submodule(name).weight.data = w
+        """Drop what the engine keeps in the store (the model's own weights are never left replaced)."""
+        self.ref.clear()
+        for i in range(len(self.layers)):
+            self.store.drop(("probe-in", i))
 
-    def _run(self, hidden: list[torch.Tensor], start: int, keep: list | None = None) -> list[torch.Tensor]:
+    def _run(self, hidden: list[torch.Tensor], start: int, config: Mapping[str, torch.Tensor],
+             keep: bool = False) -> list[torch.Tensor]:
+        """Blocks ``start``.. on ``hidden`` with ``config``'s weights installed; ``keep``: each block's inputs
+        into the store (the base configuration's, which the probes start from)."""
         self.forwards += len(self.layers) - start
-        return run_blocks(self.layers, self._block0.with_hidden(hidden), self.device, start, keep)
+        inputs = self._block0.with_hidden(hidden)
+        for i in range(start, len(self.layers)):
+            inputs = inputs.for_block(i)
+            if keep:
+                self.store.put(("probe-in", i), inputs, exact=True)
+            with self.res.block(i, self.device) as blk, self._installed(blk, i, config):
+                inputs = inputs.with_hidden(run_block(blk, inputs, self.device))
+        return inputs.hidden
+
+    @contextlib.contextmanager
+    def _installed(self, blk, i: int, config: Mapping[str, torch.Tensor]):
+        """``config``'s weights for block ``i``'s linears in ``blk`` (by reference) while it runs."""
+        own = {}
+        try:
+            for full, rel in self.names[i].items():
+                if full in config:
+                    lin = blk.get_submodule(rel)
+                    own[rel] = lin.weight.data
+                    lin.weight.data = config[full].to(own[rel].device)
+            yield
+        finally:
+            for rel, w in own.items():
+                blk.get_submodule(rel).weight.data = w
+
+    def _head(self):
+        """The final norm and head on the device (a streamed model's read for the duration)."""
+        return self.res.ends(self.device, (self.spec.final_norm, self.spec.lm_head))
 
     def _chunks(self, h: torch.Tensor):
         """Log-probabilities of the last block's output ``h``, `ROWS` positions at a time (with a 262k vocabulary
-        one batch of them, and each temporary of the KL, would be GBs); norm and head onloaded meanwhile."""
+        one batch of them, and each temporary of the KL, would be GBs); within `_head`."""
         h = h.reshape(-1, h.shape[-1])
-        with onload(self.norm, self.device), onload(self.head, self.device):
-            for s in range(0, h.shape[0], ROWS):
-                yield F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1)
+        for s in range(0, h.shape[0], ROWS):
+            yield F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1)
 
     @torch.no_grad()
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
@@ -78,39 +119,29 @@ class ProbeEngine:
     def _kl(self, hidden: list[torch.Tensor]) -> float:
         """KL to the reference, `ROWS` positions at a time."""
         total = 0.0
-        for h, ref in zip(hidden, self.ref):
-            for lp, r in zip(self._chunks(h), ref.split(ROWS)):  # the generator first: it ends (offloads) itself
-                r = r.to(lp.device)
-                total += float((r.exp() * (r - lp)).sum())
+        with self._head():
+            for b, h in enumerate(hidden):
+                for lp, r in zip(self._chunks(h), self.ref[str(b)].split(ROWS)):
+                    r = r.to(lp.device)
+                    total += float((r.exp() * (r - lp)).sum())
         return total / self.tokens
 
-    def _install(self, weights: dict[str, torch.Tensor]) -> None:
-        for name, w in weights.items():
-            self.model.get_submodule(name).weight.data = w
-
-    def set_base(self, weights: dict[str, torch.Tensor]) -> float:
-        """Install the base configuration (every probed linear) and return its KL (L0)."""
+    def set_base(self, weights: Mapping[str, torch.Tensor]) -> float:
+        """The base configuration (every probed linear) and its KL (L0)."""
         t0 = time.perf_counter()
-        self.base = dict(weights)
-        self._install(self.base)
-        keep: list = []
-        hidden = self._run(self._block0.hidden, 0, keep)
-        self.base_inputs = keep
-        loss = self._kl(hidden)
+        self.base = weights
+        loss = self._kl(self._run(self._block0.hidden, 0, self.base, keep=True))
         self.probes += 1
         self.seconds += time.perf_counter() - t0
         return loss
 
-    def loss(self, changes: dict[str, torch.Tensor], first_block: int) -> float:
+    def loss(self, changes: Mapping[str, torch.Tensor], first_block: int) -> float:
         """KL with the base configuration changed by ``changes`` (linears of blocks ≥ ``first_block``)."""
-        if not self.base_inputs:
+        kept: BlockInputs | None = self.store.get(("probe-in", first_block))
+        if kept is None:
             raise RuntimeError("ProbeEngine.set_base must run before loss()")
         t0 = time.perf_counter()
-        self._install(changes)
-        try:
-            loss = self._kl(self._run(self.base_inputs[first_block], first_block))
-        finally:
-            self._install({n: self.base[n] for n in changes})
+        loss = self._kl(self._run(kept.hidden, first_block, ChainMap(changes, self.base)))
         self.probes += 1
         self.seconds += time.perf_counter() - t0
         return loss
@@ -125,37 +156,40 @@ class ProbeQuantizer:
     """The probe quantizer: GPTQ against the full-precision Hessian, without sequential propagation, so that
     results can be cached per (linear, k) and mixed freely. One GPTQ pass at b_lo (k = 0) per linear; for
     k > 0 its prefix is kept and only the last k groups are redone: the compensated latent columns
-    (`latent_high_columns`) quantized by GPTQ at b_hi on their own Hessian block (fp16 for b_hi = 16)."""
+    (`latent_high_columns`) quantized by GPTQ at b_hi on their own Hessian block (fp16 for b_hi = 16).
+    ``weights`` and ``hessians`` are mappings read one linear at a time (the run's store holds them); the
+    cached weights go to ``store`` too."""
 
-    def __init__(self, plan: RatioPlan, weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
-                 grid: GridConfig, gptq: GPTQConfig):
+    def __init__(self, plan: RatioPlan, weights: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
+                 grid: GridConfig, gptq: GPTQConfig, store: ActivationStore | None = None):
         self.plan, self.fp, self.H, self.grid, self.gptq = plan, weights, hessians, grid, gptq
-        self._cache: dict[tuple, object] = {}
+        self._cache = TensorMap(store if store is not None else MemoryStore(), "probe-w")  # "name|k", "name|q0"
+        self._perm: dict[str, tuple[torch.Tensor, float]] = {}  # the order and the damping of each linear's pass
 
     def clear(self) -> None:
         """Drop the cached weights (they are recomputed on demand)."""
         self._cache.clear()
+        self._perm.clear()
 
     def weight(self, name: str, k: int) -> torch.Tensor:
         """The probe weight of linear ``name`` with ``k`` high-impact groups."""
-        key = (name, k)
+        key = f"{name}|{k}"
         if key in self._cache:
             return self._cache[key]
         lin, g = self.plan.lins[name], self.grid.group_size
         if k > lin.kmax:
             raise FlexQuantError(f"{name}: {k} high-impact groups exceed the {lin.kmax} that r_max allows")
         W, H = self.fp[name], self.H[name]
-        if (name, "perm") not in self._cache:
+        if name not in self._perm:
             perm = self.plan.order(name, torch.diag(H))
             r = gptq_quantize(W, H, self.grid, self.gptq, group_bits=self.plan.group_bits(name, 0), order=perm)
-            self._cache[(name, "perm")] = perm
-            self._cache[(name, "q0")] = r.dequantize(torch.float32)[:, perm]
-            self._cache[(name, "damp")] = r.stats["damp"]
-        perm, Q0 = self._cache[(name, "perm")], self._cache[(name, "q0")]
+            self._perm[name] = perm, r.stats["damp"]
+            self._cache[f"{name}|q0"] = r.dequantize(torch.float32)[:, perm]
+        (perm, damp), Q0 = self._perm[name], self._cache[f"{name}|q0"]
         Qp = Q0
         if k:
             kc = k * g
-            V = latent_high_columns(W, H, Q0[:, : lin.n - kc], perm, kc, self._cache[(name, "damp")])
+            V = latent_high_columns(W, H, Q0[:, : lin.n - kc], perm, kc, damp)
             if self.plan.fp16_retention:
                 tail = V.half().float()
             else:
@@ -169,15 +203,33 @@ class ProbeQuantizer:
         self._cache[key] = out.to(W.dtype)
         return self._cache[key]
 
-    def weights(self, steps: list[int]) -> dict[str, torch.Tensor]:
-        """Probe weights of every linear for an allocation (steps per layer)."""
-        return {n: self.weight(n, k) for i, s in enumerate(steps) for n, k in self.plan.layer_groups(i, s).items()}
+    def weights(self, steps: list[int]) -> Mapping[str, torch.Tensor]:
+        """Probe weights of every linear for an allocation (steps per layer), each made when it is looked up."""
+        return _Lazy(self, {n: k for i, s in enumerate(steps) for n, k in self.plan.layer_groups(i, s).items()})
 
-    def changes(self, steps: list[int], base: list[int], only: tuple[int, ...] | None = None) -> dict:
-        """Probe weights of the linears whose k differs between allocation ``steps`` and ``base``."""
+    def changes(self, steps: list[int], base: list[int], only: tuple[int, ...] | None = None) -> Mapping:
+        """Probe weights of the linears whose k differs between allocation ``steps`` and ``base`` (lazy)."""
         out = {}
         for i in (range(len(steps)) if only is None else only):
             old = self.plan.layer_groups(i, base[i])
-            out.update({n: self.weight(n, k) for n, k in self.plan.layer_groups(i, steps[i]).items() if k != old[n]})
-        return out
+            out.update({n: k for n, k in self.plan.layer_groups(i, steps[i]).items() if k != old[n]})
+        return _Lazy(self, out)
 
+
+class _Lazy(Mapping):
+    """{linear: probe weight} for {linear: k}, each weight made (or read back) when it is looked up."""
+
+    def __init__(self, prober: ProbeQuantizer, ks: dict[str, int]):
+        self.prober, self.ks = prober, ks
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.prober.weight(name, self.ks[name])
+
+    def __contains__(self, name) -> bool:
+        return name in self.ks
+
+    def __iter__(self):
+        return iter(self.ks)
+
+    def __len__(self) -> int:
+        return len(self.ks)

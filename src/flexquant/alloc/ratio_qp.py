@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import FlexQuantError
+from ..pipeline.store import ActivationStore
 from .probe import ProbeEngine, ProbeQuantizer
 from .qp import (
     LossModel,
@@ -121,13 +122,14 @@ class RatioSearch:
                 p.pairs[(i, j)] = eng.loss(changes(both, base, (i, j)), i)
 
     def run(self, model, spec, calib_ids, device, batch_size: int, cost: np.ndarray, extra: int,
-            upper: np.ndarray, r_equal: float) -> QPAllocation:
-        """Probe, fit, solve and round: the QP's allocation (whole steps per layer) and its facts."""
+            upper: np.ndarray, r_equal: float, store: ActivationStore | None = None) -> QPAllocation:
+        """Probe, fit, solve and round: the QP's allocation (whole steps per layer) and its facts. The probes'
+        kept inputs and reference go to ``store`` (the run's)."""
         h, L, ratio = self.h, len(self.tables), self.ratio
         ids = calib_ids[: min(h.probe_nsamples, calib_ids.shape[0]), : h.probe_seqlen]
         p = self.probe_points(r_equal, extra)
         t0 = time.perf_counter()
-        with ProbeEngine(model, spec, ids, device, batch_size) as eng:
+        with ProbeEngine(model, spec, ids, device, batch_size, store) as eng:
             self._measure(eng, p)
             curve, joint = [], []
             if h.loss_model == "curve":

@@ -9,8 +9,14 @@ quantizer at b_hi for those columns, trained on the block-output error (`quant.l
 Packed in the foundation's format: a column permutation and per-group bits. docs/hiratio.md has the
 measured tables behind the defaults.
 
-After `plan`, ``ratio_plan`` (the step tables), ``prober`` (the probe quantizer) and ``loss_model`` (None
-unless the QP ran) are public, for analysis of other allocations (bench/hiratio_bench.py).
+After `plan`, ``ratio_plan`` (the step tables) and ``loss_model`` (None unless the QP ran) are public, and with
+``keep_prober = True`` set before the run so is ``prober`` (the probe quantizer, which then keeps the weights and
+Hessians it reads), for analysis of other allocations (bench/hiratio_bench.py).
+
+Like every pass, the plan reads the blocks through the model's residency: a streamed model is never held
+whole. The weights and Hessians the probes read and the weights they make are kept in the run's store (spilled
+under ``--max-memory``); the learners' targets are the block's own full-precision weights, taken as it is
+quantized.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ..errors import FlexQuantError
 from ..models.stream import residency
 from ..pipeline import Method, StatsRequest, run_block
 from ..pipeline.statistics import first_windows
+from ..pipeline.store import TensorMap
 from ..quant import gptq_quantize
 from ..quant.impact import column_impact, latent_high_columns
 from ..quant.learned import HighTail, learn_tails
@@ -72,8 +79,9 @@ class HiRatio(Method):
         self.facts = _Facts()
         self.ratio_plan: RatioPlan | None = None
         self.prober: ProbeQuantizer | None = None
+        self.keep_prober = False  # keep the prober's inputs after the plan (analysis: bench/hiratio_bench.py)
         self.loss_model: LossModel | None = None
-        self._fp: dict[str, torch.Tensor] = {}  # full-precision weights (the learners' targets)
+        self._block_fp: dict[str, torch.Tensor] = {}  # the block's full-precision weights (the learners' targets)
         self._tails: list[HighTail] = []
         # the learned b_hi quantizers train in after_block on one rank's windows, from solves made on other ranks
         self.distributed = self.options.learner not in ("clip", "round")
@@ -83,7 +91,7 @@ class HiRatio(Method):
         if spec.experts:
             raise FlexQuantError(f"hiratio does not handle mixture-of-experts blocks yet ({spec.family}); use "
                                  "--method gptq or flexible")
-        residency(model, spec).pin_all("hiratio probes the whole model")
+        residency(model, spec).hold_wide("hiratio's probes and learners compute on the block's float32 weights")
         if h.ratios and len(h.ratios) != len(layers):
             raise FlexQuantError(f"ratios has {len(h.ratios)} entries; the model has {len(layers)} layers")
         self.linears = spec.linears
@@ -96,15 +104,20 @@ class HiRatio(Method):
     def plan(self, model, spec, stats, calib_ids, device) -> None:
         h, grid = self.options, self.config.grid
         t0 = time.perf_counter()
-        layers = model.get_submodule(spec.layers)
-        blocks = [[f"{spec.layers}.{i}.{n}" for n in spec.linears] for i in range(len(layers))]
-        self._fp = {n: model.get_submodule(n).weight.data for blk in blocks for n in blk}
-        lins = {n: self._linear(i, n, stats.hessians[n], stats.fisher[n]) for i, blk in enumerate(blocks) for n in blk}
+        probing = self.keep_prober or not (h.ratios or h.allocation == "equal")
+        store = stats.store
+        fp = TensorMap(store, "hiratio-fp") if probing else None  # the probes' full-precision weights
+        blocks, lins = self._impact_orders(model, spec, stats, fp)
         cap = [max([h.r_max] + ([h.ratios[i]] if h.ratios else [])) for i in range(len(blocks))]
         rgrid = RatioGrid(h.b_lo, h.b_hi, grid.group_size, grid.sym, grid.scale_bits, grid.zero_bits,
                           self.config.gptq.act_order)
         plan = self.ratio_plan = RatioPlan(blocks, lins, rgrid, cap)
-        self.prober = ProbeQuantizer(plan, self._fp, dict(stats.hessians), grid, self.config.gptq)
+        hessians = stats.hessians
+        if self.keep_prober:  # its own references (the pipeline drops the statistics after the plan)
+            hessians = TensorMap(store, "hiratio-H")
+            for n in lins:
+                hessians[n] = stats.hessians[n]
+        self.prober = ProbeQuantizer(plan, {} if fp is None else fp, hessians, grid, self.config.gptq, store)
         N = sum(lin.m * lin.n for lin in lins.values())
         budget, base = int(h.bpw * N), plan.base_bits()
         extra = budget - base
@@ -126,14 +139,31 @@ class HiRatio(Method):
             steps = round_to_steps(np.full(len(tables), r_equal), tables, extra, None, h.r_max)
         else:
             qp = RatioSearch(plan, self.prober, h, self.config.seed).run(
-                model, spec, calib_ids, device, self.config.batch_size, cost, extra, upper, r_equal)
+                model, spec, calib_ids, device, self.config.batch_size, cost, extra, upper, r_equal, store)
             steps, self.loss_model, self.facts.probe, self.facts.qp = qp.steps, qp.loss_model, qp.probe, qp.qp
         self._apply(steps, base, N)
         self.prober.clear()
+        if not self.keep_prober and fp is not None:
+            fp.clear()
 
-    def _linear(self, block: int, name: str, H: torch.Tensor, rows: torch.Tensor) -> RatioLinear:
+    def _impact_orders(self, model, spec, stats, fp: TensorMap | None):
+        """Per block (read through the residency, one at a time): each linear's impact order and group gains;
+        ``fp`` (when given) keeps the full-precision weights for the probes. (blocks' linear paths, lins)"""
+        res, n_layers = residency(model, spec), len(model.get_submodule(spec.layers))
+        blocks = [[f"{spec.layers}.{i}.{n}" for n in spec.linears] for i in range(n_layers)]
+        lins = {}
+        for i, names in enumerate(blocks):
+            with res.block(i, "cpu") as blk:
+                for full, n in zip(names, spec.linears):
+                    W = blk.get_submodule(n).weight.data
+                    if fp is not None:
+                        fp[full] = W
+                    lins[full] = self._linear(i, full, W, stats.hessians[full], stats.fisher[full])
+        return blocks, lins
+
+    def _linear(self, block: int, name: str, W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor) -> RatioLinear:
         h, g = self.options, self.config.grid.group_size
-        W = self._fp[name].float()
+        W = W.float()
         m, n = W.shape
         imp = column_impact(W, H, rows, h.b_lo, g, self.config.gptq.damp, h.impact, self.config.gptq.factor_dtype)
         order = torch.argsort(imp, descending=True, stable=True)
@@ -161,6 +191,8 @@ class HiRatio(Method):
         lin, g = plan.lins[full], self.config.grid.group_size
         r = gptq_quantize(W, H, self.config.grid, self.config.gptq, group_bits=plan.group_bits(full, lin.k),
                           order=plan.order(full, torch.diag(H)))
+        if self.options.learner in ("clip", "round"):
+            self._block_fp[name] = W  # (W itself: the write-back puts a new tensor in the linear)
         if self.options.learner in ("clip", "round") and lin.k and self.options.b_hi != FP16_BITS:
             kc = lin.k * g
             Qp = r.dequantize(torch.float32)[:, r.perm]
@@ -172,12 +204,13 @@ class HiRatio(Method):
     @torch.no_grad()
     def after_block(self, ctx, out_q, out_fp):
         tails, self._tails = self._tails, []
+        fp, self._block_fp = self._block_fp, {}
         h, block, dev = self.options, ctx.block, ctx.device
         if not tails or h.learn_steps == 0:
             return out_q
         kw = ctx.inputs.kwargs[0]
         X = torch.cat(first_windows(ctx.inputs, h.learn_nsamples).hidden).to(dev)
-        orig = {f"{n}.weight": self._fp[f"{ctx.prefix}.{n}"].to(dev) for n in self.linears}
+        orig = {f"{n}.weight": fp[n].to(dev) for n in self.linears}
         # Target: the full-precision block on full-precision inputs (OmniQuant's target), so the high-impact
         # groups also absorb error accumulated upstream; inputs: the quantized stream.
         src = X if ctx.fp_inputs is None else torch.cat(list(ctx.fp_inputs.hidden)).to(dev)

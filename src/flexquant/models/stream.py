@@ -105,6 +105,10 @@ class Residency:
     def pin_all(self, reason: str = "") -> None:
         """Hold every block in memory from now on (for methods that need the whole model at once)."""
 
+    def hold_wide(self, reason: str = "") -> None:
+        """Blocks read from now on keep their weights in the compute dtype (no ``--block-weights`` narrowing),
+        for methods that compute on them outside the linears' own forward."""
+
     def ends_one_at_a_time(self):
         """A model held whole has its ends in memory: nothing to stream (see `Streamed`)."""
         return None
@@ -378,6 +382,11 @@ class Streamed(Residency):
         self.resident.discard(i)
         _release(self.layers[i])
         self._released = True
+
+    def hold_wide(self, reason: str = "") -> None:
+        if self.narrowing:
+            log.info("blocks held in %s%s", str(self.dtype).replace("torch.", ""), f" ({reason})" if reason else "")
+        self.narrow = False
 
     def pin_all(self, reason: str = "") -> None:
         """Read every block and the ends once and keep them (the model is then held whole)."""

@@ -63,6 +63,7 @@ class FPStatistics:
     # the FP stream by block (.get/.put/.drop): the start block's inputs, then the block loop's
     inputs: object = field(default_factory=lambda: _Keyed(MemoryStore(), "fp"))
     seconds: float = 0.0  # wall time of the pass
+    store: ActivationStore = field(default_factory=MemoryStore)  # the run's store (what a plan keeps goes there)
 
 
 def batches_covering(sizes: list[int], windows: int) -> int:
@@ -114,7 +115,8 @@ def fp_statistics(model: nn.Module, spec: ModelSpec, calib_ids: torch.Tensor, de
     local = dist.shard(calib, bs)
     with res.ends(device, (spec.embed,)):
         inputs = capture_block_inputs(model, spec, local, device, bs)
-    stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"), hessians=TensorMap(store, "H"))
+    stats = FPStatistics(windows=calib.shape[0], inputs=_Keyed(store, "fp"), hessians=TensorMap(store, "H"),
+                         store=store)
     sizes = [min(bs, calib.shape[0] - s) for s in range(0, calib.shape[0], bs)]  # all ranks' batches
     nb = dist.local_batches(batches_covering(sizes, request.fisher_windows))
     keep_windows = dist.local_windows(calib.shape[0], bs, request.keep_windows)

@@ -295,6 +295,9 @@ class TensorMap(MutableMapping):
             self._got = (key, self.store.get(key).hidden[0])
         return self._got[1]
 
+    def __contains__(self, name) -> bool:  # (without reading the tensor back)
+        return name in self._keys
+
     def __delitem__(self, name: str) -> None:
         key = self._keys.pop(name)
         if key not in self._keys.values():
