@@ -52,8 +52,9 @@ class ProbeEngine:
             self._block0 = capture_block_inputs(model, spec, ids, device, batch_size)
         self.tokens = int(ids.numel())
         self.ref = TensorMap(self.store, "probe-ref")  # per batch: log-probabilities [tokens, vocab]
-        with self._head():
-            for b, h in enumerate(self._run(self._block0.hidden, 0, {})):
+        hidden = self._run(self._block0.hidden, 0, {})
+        with self._head():  # (read after the blocks: a streamed model holds one or the other)
+            for b, h in enumerate(hidden):
                 self.ref[str(b)] = self._logprobs(h)
         self.base: Mapping[str, torch.Tensor] = {}
         self.seconds += time.perf_counter() - t0
