@@ -57,11 +57,18 @@ def test_streamed_run_equals_the_in_memory_run(fp_folder, tmp_path, name, settin
     assert torch.equal(loaded.model(ids).logits, fq.load(tmp_path / "whole").model(ids).logits)
 
 
-def test_hiratio_streams_its_probes_and_keeps_them_in_the_store(fp_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("half", [False, True])  # float16 files: the probes keep the weights in 16 bits, exactly
+def test_hiratio_streams_its_probes_and_keeps_them_in_the_store(fp_folder, tmp_path, monkeypatch, half):
     """hiratio's plan and probes read the blocks one at a time (the model is never held whole) and keep the
     probes' weights, inputs and reference in the store: spilled under a budget, the same checkpoint."""
+    from flexquant.models.builtin import tiny_llama
     from flexquant.models.stream import Streamed
 
+    if half:
+        model, tok = tiny_llama()
+        fp_folder = tmp_path / "half"
+        model.half().save_pretrained(fp_folder)
+        tok.save_pretrained(fp_folder)
     settings = dict(method="hiratio", group_size=32, **CALIB,
                     options=dict(bpw=3.0, stats_nsamples=8, probe_nsamples=2, probe_seqlen=32, learn_steps=3))
     whole = fq.quantize(str(fp_folder), progress=False, stream="off", **settings)

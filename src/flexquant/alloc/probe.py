@@ -51,11 +51,12 @@ class ProbeEngine:
         with self.res.ends(device, (spec.embed,)):
             self._block0 = capture_block_inputs(model, spec, ids, device, batch_size)
         self.tokens = int(ids.numel())
-        self.ref = TensorMap(self.store, "probe-ref")  # per batch: log-probabilities [tokens, vocab]
+        self.ref = TensorMap(self.store, "probe-ref")  # "batch.chunk": log-probabilities [ROWS positions, vocab]
         hidden = self._run(self._block0.hidden, 0, {})
-        with self._head():  # (read after the blocks: a streamed model holds one or the other)
+        with self._head(), torch.no_grad():  # (read after the blocks: a streamed model holds one or the other)
             for b, h in enumerate(hidden):
-                self.ref[str(b)] = self._logprobs(h)
+                for c, lp in enumerate(self._chunks(h)):
+                    self.ref[f"{b}.{c}"] = lp.cpu()
         self.base: Mapping[str, torch.Tensor] = {}
         self.seconds += time.perf_counter() - t0
 
@@ -94,7 +95,7 @@ class ProbeEngine:
                 if full in config:
                     lin = blk.get_submodule(rel)
                     own[rel] = lin.weight.data
-                    lin.weight.data = config[full].to(own[rel].device)
+                    lin.weight.data = config[full].to(own[rel].device, own[rel].dtype)
             yield
         finally:
             for rel, w in own.items():
@@ -112,18 +113,13 @@ class ProbeEngine:
             yield F.log_softmax(self.spec.head_logits(self.model, h[s:s + ROWS]), -1)
 
     @torch.no_grad()
-    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities [tokens, vocab] of the last block's output ``h``, on the CPU."""
-        return torch.cat([lp.cpu() for lp in self._chunks(h)])
-
-    @torch.no_grad()
     def _kl(self, hidden: list[torch.Tensor]) -> float:
         """KL to the reference, `ROWS` positions at a time."""
         total = 0.0
         with self._head():
             for b, h in enumerate(hidden):
-                for lp, r in zip(self._chunks(h), self.ref[str(b)].split(ROWS)):
-                    r = r.to(lp.device)
+                for c, lp in enumerate(self._chunks(h)):
+                    r = self.ref[f"{b}.{c}"].to(lp.device)  # (one chunk read back at a time)
                     total += float((r.exp() * (r - lp)).sum())
         return total / self.tokens
 
@@ -180,7 +176,7 @@ class ProbeQuantizer:
         lin, g = self.plan.lins[name], self.grid.group_size
         if k > lin.kmax:
             raise FlexQuantError(f"{name}: {k} high-impact groups exceed the {lin.kmax} that r_max allows")
-        W, H = self.fp[name], self.H[name]
+        W, H = self.fp[name].float(), self.H[name]  # (kept in 16 bits where that is exact)
         if name not in self._perm:
             perm = self.plan.order(name, torch.diag(H))
             r = gptq_quantize(W, H, self.grid, self.gptq, group_bits=self.plan.group_bits(name, 0), order=perm)

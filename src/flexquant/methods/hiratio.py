@@ -156,8 +156,8 @@ class HiRatio(Method):
             with res.block(i, "cpu") as blk:
                 for full, n in zip(names, spec.linears):
                     W = blk.get_submodule(n).weight.data
-                    if fp is not None:
-                        fp[full] = W
+                    if fp is not None:  # (a streamed block's own tensor goes with it: a 16-bit copy if exact)
+                        fp[full] = _exact_half(W) if res.streamed else W
                     lins[full] = self._linear(i, full, W, stats.hessians[full], stats.fisher[full])
         return blocks, lins
 
@@ -226,6 +226,15 @@ class HiRatio(Method):
 
     def summary(self) -> dict:
         return {"hiratio": {"config": asdict(self.options), **asdict(self.facts)}}
+
+
+def _exact_half(W: torch.Tensor) -> torch.Tensor:
+    """W in float16 or bfloat16 where that keeps every value (weights read from 16-bit files), else W."""
+    for dtype in (torch.float16, torch.bfloat16):
+        half = W.to(dtype)
+        if torch.equal(half.float(), W):
+            return half
+    return W
 
 
 def _out(o):
