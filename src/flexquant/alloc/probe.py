@@ -169,36 +169,39 @@ class ProbeQuantizer:
         self._perm.clear()
 
     def weight(self, name: str, k: int) -> torch.Tensor:
-        """The probe weight of linear ``name`` with ``k`` high-impact groups."""
-        key = f"{name}|{k}"
-        if key in self._cache:
-            return self._cache[key]
-        lin, g = self.plan.lins[name], self.grid.group_size
+        """The probe weight of linear ``name`` with ``k`` high-impact groups (put together from the cached b_lo
+        pass and the cached high-impact tail: only the tail's k groups are kept per k)."""
+        lin = self.plan.lins[name]
         if k > lin.kmax:
             raise FlexQuantError(f"{name}: {k} high-impact groups exceed the {lin.kmax} that r_max allows")
-        W, H = self.fp[name].float(), self.H[name]  # (kept in 16 bits where that is exact)
         if name not in self._perm:
+            W, H = self.fp[name].float(), self.H[name]  # (kept in 16 bits where that is exact)
             perm = self.plan.order(name, torch.diag(H))
             r = gptq_quantize(W, H, self.grid, self.gptq, group_bits=self.plan.group_bits(name, 0), order=perm)
             self._perm[name] = perm, r.stats["damp"]
             self._cache[f"{name}|q0"] = r.dequantize(torch.float32)[:, perm]
-        (perm, damp), Q0 = self._perm[name], self._cache[f"{name}|q0"]
+        perm, Q0 = self._perm[name][0], self._cache[f"{name}|q0"]
         Qp = Q0
         if k:
-            kc = k * g
-            V = latent_high_columns(W, H, Q0[:, : lin.n - kc], perm, kc, damp)
-            if self.plan.fp16_retention:
-                tail = V.half().float()
-            else:
-                Ht = H.float()[perm][:, perm][lin.n - kc:, lin.n - kc:]
-                tail = gptq_quantize(V, Ht, self.grid, self.gptq,
-                                     group_bits=torch.full((k,), self.plan.grid.b_hi, dtype=torch.uint8),
-                                     order=torch.arange(kc)).dequantize(torch.float32)
-            Qp = torch.cat([Q0[:, : lin.n - kc], tail], 1)
+            kc = k * self.grid.group_size
+            if f"{name}|{k}" not in self._cache:
+                self._cache[f"{name}|{k}"] = self._tail(name, k, Q0)
+            Qp = torch.cat([Q0[:, : lin.n - kc], self._cache[f"{name}|{k}"]], 1)
         out = torch.empty_like(Qp)
         out[:, perm] = Qp
-        self._cache[key] = out.to(W.dtype)
-        return self._cache[key]
+        return out
+
+    def _tail(self, name: str, k: int, Q0: torch.Tensor) -> torch.Tensor:
+        """The last k groups (in the linear's order) after GPTQ has compensated the others, at b_hi."""
+        W, H = self.fp[name].float(), self.H[name]
+        (perm, damp), n, kc = self._perm[name], self.plan.lins[name].n, k * self.grid.group_size
+        V = latent_high_columns(W, H, Q0[:, : n - kc], perm, kc, damp)
+        if self.plan.fp16_retention:
+            return V.half().float()
+        Ht = H.float()[perm][:, perm][n - kc:, n - kc:]
+        return gptq_quantize(V, Ht, self.grid, self.gptq,
+                             group_bits=torch.full((k,), self.plan.grid.b_hi, dtype=torch.uint8),
+                             order=torch.arange(kc)).dequantize(torch.float32)
 
     def weights(self, steps: list[int]) -> Mapping[str, torch.Tensor]:
         """Probe weights of every linear for an allocation (steps per layer), each made when it is looked up."""
