@@ -8,8 +8,8 @@ Blocks are read through the model's residency, as every pass reads them: a strea
 a probe reaches it and dropped after. A configuration's weights are installed in a block only while it runs
 (the block's own weights are put back after, also on error), and they are looked up per block, so a lazy
 mapping (`ProbeQuantizer.weights`) makes only that block's. The kept block inputs, the reference
-log-probabilities and the probe quantizer's weights are kept in the run's activation store (exact, float32),
-under its budget like everything else.
+log-probabilities and the probe quantizer's weights are kept in the run's activation store, exactly (no
+rounding to the store's dtype), under its budget like everything else.
 """
 
 from __future__ import annotations
