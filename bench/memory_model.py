@@ -186,6 +186,9 @@ def measured_rows(results: Path) -> list[dict]:
     return sorted(newest.values(), key=lambda r: r.get("date", ""))
 
 
+MODELLED = ("gptq", "flexible")  # the methods the formula has terms for (hiratio's probes are not modelled)
+
+
 def validation(results: Path) -> list[str]:
     """Predicted vs measured peak for the newest measured row of each run with a known shape."""
     from bench.synth import SIZES
@@ -194,7 +197,8 @@ def validation(results: Path) -> list[str]:
              "GFLOP per CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in measured_rows(results):
         size = row.get("size")
-        if row.get("kind") != "flexquant" or not row.get("peak_rss_mib") or size not in SIZES:
+        if row.get("kind") != "flexquant" or not row.get("peak_rss_mib") or size not in SIZES \
+                or row.get("method") not in MODELLED:
             continue
         s = SIZES[size]
         shape = Shape(s.hidden, s.intermediate, s.layers, s.vocab, s.heads, s.kv_heads, s.head_dim)
