@@ -263,3 +263,20 @@ def test_the_clip_search_in_pieces_gives_the_whole_search(monkeypatch, kw):
     pieces = [grid.choose_qparams(x, 3, **kw) for x in inputs]
     for (s0, z0), (s1, z1) in zip(whole, pieces):
         assert torch.equal(s0, s1) and torch.equal(z0, z1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_squared_error_in_one_buffer_is_quantize_then_dequantize(weighted):
+    """The clip search's error, computed in place, is the composition of `quantize` and `dequantize` bit for bit
+    (asymmetric and symmetric zeros, clamped codes, per-weight costs)."""
+    from flexquant.quant import grid
+
+    torch.manual_seed(0)
+    W = torch.randn(50, 6, 32) * 0.02
+    W[0, 0, 0] = 0.5  # clamped at the top of the grid
+    for bits, sym in ((2, False), (3, True), (4, False)):
+        scale, zero = grid.choose_qparams(W * 0.7, bits, sym=sym)  # a range smaller than W's: codes clamp
+        weights = torch.rand_like(W) if weighted else None
+        d = W - grid.dequantize(grid.quantize(W, scale, zero, 2**bits - 1), scale, zero)
+        ref = (d * d if weights is None else weights * d * d).sum(-1, keepdim=True)
+        assert torch.equal(grid._sq_error(W, scale, zero, 2**bits - 1, weights), ref)
