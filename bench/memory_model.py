@@ -177,6 +177,8 @@ def measured_rows(results: Path) -> list[dict]:
     (``results``/scale*.json, as bench.scale writes them), oldest first."""
     newest: dict[str, dict] = {}
     for f in sorted(results.glob("scale_*.json")):
+        if f.name.startswith("scale_before"):  # older code rerun for a comparison (bench.scale_summary)
+            continue
         data = json.loads(f.read_text())
         for row in data.get("rows", []) if isinstance(data, dict) else []:
             if row.get("rc") != 0 or not row.get("key") or row.get("report_peak_device_mb") is not None:

@@ -5,7 +5,8 @@ which calls this at its end) and bench/results/scale_smollm2_flex.json (the real
     python -m bench.scale_summary                   # writes bench/results/scale.md and scale.json
 
 Nothing here is typed in by hand: each figure is read from the row that measured it, and each row names the
-commit it ran and the file it came from. A row that did not finish is listed as such, never as a result.
+commit it ran and the file it came from. A row that did not finish is listed as such, never as a result. Files
+named scale_before*.json hold older code rerun for a comparison and are left out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ GB = 1e9  # the bars are in decimal GB
 MIB = 2**20
 SMOLLM2_PPL = 10.77  # the issue's FlexibleLLM 3.5-bpw perplexity on the developers' windows
 GRID_METHODS = ("gptq", "flexible")
+BASELINE_PREFIX = "scale_before"  # older code rerun for a before/after comparison: not a current row
 WIDE_PAIRS = (("w2048-l2", "w2048-l4"),)  # the 2b width at 2 and 4 layers (not in bench.scale's default plan)
 
 
@@ -36,6 +38,8 @@ def collect(results: Path) -> tuple[dict[str, dict], dict[str, dict], dict[str, 
     unfinished: dict[str, dict] = {}
     by_file: dict[str, list[dict]] = {}
     for f in sorted(results.glob("scale_*.json")):
+        if f.name.startswith(BASELINE_PREFIX):
+            continue
         data = json.loads(f.read_text())
         for row in data.get("rows", []) if isinstance(data, dict) else []:
             if not isinstance(row, dict) or "kind" not in row or "size" not in row:

@@ -174,6 +174,7 @@ def test_summary_takes_newest_rows_and_checks_bars(tmp_path):
     dump("scale_old.json", row("2b", "gptq", 1600.0, "2026-01-01", "aaa"))
     dump("scale_new.json", row("2b", "gptq", 1300.0, "2026-01-02", "bbb"),
          row("2b", "gptq", 1000.0, "2026-01-02", "bbb", flags=["--max-memory", "512MB"]))
+    dump("scale_before_x.json", row("2b", "gptq", 900.0, "2026-01-09", "old"))  # a baseline rerun: left out
     dump("scale_d1.json", row("w512-l6", "gptq", 600.0, "2026-01-03", "ccc"))
     dump("scale_d2.json", row("0.1b", "gptq", 700.0, "2026-01-03", "ccc"),
          row("1.1b", "flexible", 2000.0, "2026-01-04", "ccc", status="failed"))
