@@ -54,7 +54,6 @@ T·n·4, on every rank).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,19 +172,13 @@ def flops(shape: Shape, tokens: int, method: str = "gptq") -> float:
 
 
 def measured_rows(results: Path) -> list[dict]:
-    """The newest finished flexquant row of each (size, method, flags, tokens) in the committed results
-    (``results``/scale*.json, as bench.scale writes them), oldest first."""
-    newest: dict[str, dict] = {}
-    for f in sorted(results.glob("scale_*.json")):
-        if f.name.startswith("scale_before"):  # older code rerun for a comparison (bench.scale_summary)
-            continue
-        data = json.loads(f.read_text())
-        for row in data.get("rows", []) if isinstance(data, dict) else []:
-            if row.get("rc") != 0 or not row.get("key") or row.get("report_peak_device_mb") is not None:
-                continue  # (failed rows; GPU rows: the model is of a CPU run's host memory)
-            if row.get("date", "") >= newest.get(row["key"], {}).get("date", ""):
-                newest[row["key"]] = {**row, "file": f.name}
-    return sorted(newest.values(), key=lambda r: r.get("date", ""))
+    """The newest finished CPU row of each (size, method, flags, tokens) in the committed results
+    (``results``/scale_*.json, as bench.scale writes them; `bench.scale_summary.collect`), oldest first. GPU rows
+    are left out: the model is of a CPU run's host memory."""
+    from bench.scale_summary import collect
+
+    done = collect(results)[0]
+    return sorted((r for r in done.values() if not r.get("report_peak_device_mb")), key=lambda r: r.get("date", ""))
 
 
 MODELLED = ("gptq", "flexible")  # the methods the formula has terms for (hiratio's probes are not modelled)

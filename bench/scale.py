@@ -321,9 +321,11 @@ def run_row(row: dict, model: Path, calib: Path | None, work: Path, args, offloa
 
 
 def _blocks_finished(partial: Path) -> int:
-    """How many decoder blocks a stopped flexquant run had written (its partial folder's progress.json)."""
+    """How many decoder blocks a stopped flexquant run had written (its partial folder's progress file)."""
+    from flexquant.format.checkpoint import PROGRESS
+
     try:
-        return int(json.loads((partial / "progress.json").read_text())["blocks"])
+        return int(json.loads((partial / PROGRESS).read_text())["blocks"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 

@@ -14,7 +14,6 @@ rounding to the store's dtype), under its budget like everything else.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import ChainMap
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from ..config import GPTQConfig, GridConfig
 from ..errors import FlexQuantError
 from ..models.stream import residency
 from ..pipeline.capture import BlockInputs, capture_block_inputs, run_block
+from ..pipeline.hooks import swapped_weights
 from ..pipeline.store import ActivationStore, MemoryStore, TensorMap
 from ..quant import gptq_quantize
 from ..quant.impact import latent_high_columns
@@ -82,24 +82,10 @@ class ProbeEngine:
             inputs = inputs.for_block(i)
             if keep:
                 self.store.put(("probe-in", i), inputs, exact=True)
-            with self.res.block(i, self.device) as blk, self._installed(blk, i, config):
+            mine = {rel: config[full] for full, rel in self.names[i].items() if full in config}  # (made here)
+            with self.res.block(i, self.device) as blk, swapped_weights(blk, mine):
                 inputs = inputs.with_hidden(run_block(blk, inputs, self.device))
         return inputs.hidden
-
-    @contextlib.contextmanager
-    def _installed(self, blk, i: int, config: Mapping[str, torch.Tensor]):
-        """``config``'s weights for block ``i``'s linears in ``blk`` (by reference) while it runs."""
-        own = {}
-        try:
-            for full, rel in self.names[i].items():
-                if full in config:
-                    lin = blk.get_submodule(rel)
-                    own[rel] = lin.weight.data
-                    lin.weight.data = config[full].to(own[rel].device, own[rel].dtype)
-            yield
-        finally:
-            for rel, w in own.items():
-                blk.get_submodule(rel).weight.data = w
 
     def _head(self):
         """The final norm and head on the device (a streamed model's read for the duration)."""
@@ -233,3 +219,4 @@ class _Lazy(Mapping):
 
     def __len__(self) -> int:
         return len(self.ks)
+

@@ -23,6 +23,22 @@ def onload(module: nn.Module, device: torch.device):
 
 
 @contextlib.contextmanager
+def swapped_weights(module: nn.Module, new):
+    """The linears of ``module`` named in ``new`` ({relative name: weight}) compute with those weights, moved to
+    their own device and dtype, for the duration; their own weights are put back after (also on error)."""
+    own = {}
+    try:
+        for n in new:
+            lin = module.get_submodule(n)
+            own[n] = lin.weight.data
+            lin.weight.data = new[n].to(own[n].device, own[n].dtype)
+        yield module
+    finally:
+        for n, w in own.items():
+            module.get_submodule(n).weight.data = w
+
+
+@contextlib.contextmanager
 def input_hook(module: nn.Module, fn, stop: bool = True):
     """Call ``fn(input)`` on each forward input of ``module``; stop the forward there when ``stop``."""
 

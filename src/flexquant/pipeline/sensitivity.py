@@ -27,6 +27,7 @@ from ..models.spec import ModelSpec
 from ..models.stream import residency
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .distributed import SINGLE, Dist
+from .hooks import swapped_weights
 
 
 def _output(out):
@@ -147,14 +148,8 @@ def block_probe_kl(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor, d
             changes = replaced(i, block)
             counts.append(len(changes))
             for new in changes:
-                own = {n: block.get_submodule(n).weight.data for n in new}
-                try:
-                    for n, w in new.items():
-                        block.get_submodule(n).weight.data = w.to(device, own[n].dtype)
+                with swapped_weights(block, new):
                     probes.append(run_block(block, inputs, device))
-                finally:
-                    for n, w in own.items():
-                        block.get_submodule(n).weight.data = w
             fp = inputs.with_hidden(run_block(block, inputs, device))
     kl = [0.0] * len(probes)
     with res.ends(device, (spec.final_norm, spec.lm_head)):
